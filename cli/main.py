@@ -1,0 +1,216 @@
+"""``ptq`` commands. Exit codes: 0 success, 1 internal error, 2 bad input or usage, 3 accuracy gate failed."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import click
+
+from ptq import __version__
+from ptq.errors import InputError, PTQError
+
+EXIT_INTERNAL, EXIT_INPUT = 1, 2
+
+
+def _floats(text):
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in str(text).replace(",", " ").split())
+    except ValueError:
+        raise InputError(f"expected numbers like '0.5,0.5,0.5', got {text!r}") from None
+    return vals
+
+
+def preprocess_options(prefix: str = ""):
+    """Image preprocessing flags (shared by run and eval)."""
+    def deco(f):
+        opts = [
+            click.option(f"--{prefix}preset", type=click.Choice(["imagenet", "inception", "efficientnet-lite",
+                                                                  "ppocr-det"]),
+                         help="Named preprocessing; the flags below override its fields."),
+            click.option(f"--{prefix}resize", type=int, help="Resize the short side to N pixels (0: no resize)."),
+            click.option(f"--{prefix}crop", type=int, help="Center-crop N×N pixels (0: no crop)."),
+            click.option(f"--{prefix}mean", help="Per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406."),
+            click.option(f"--{prefix}std", help="Per-channel std divided by, e.g. 0.229,0.224,0.225."),
+            click.option(f"--{prefix}scale", type=float, help="Pixel scale before mean/std (default 1/255)."),
+            click.option(f"--{prefix}layout", type=click.Choice(["nchw", "nhwc"]), help="Tensor layout (nchw)."),
+            click.option(f"--{prefix}color", type=click.Choice(["rgb", "bgr"]), help="Channel order (rgb)."),
+            click.option(f"--{prefix}interp", type=click.Choice(["bilinear", "bicubic", "nearest"]),
+                         help="Resize interpolation (bilinear)."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return deco
+
+
+def build_preprocess(kw: dict, prefix: str = "", base=None):
+    from ptq.data import PRESETS, Preprocess
+    p = lambda k: kw.pop(f"{prefix}{k}", None)  # noqa: E731
+    preset = p("preset")
+    pre = PRESETS[preset] if preset else (base or Preprocess())
+    fields = {"resize": p("resize"), "crop": p("crop"), "mean": _floats(p("mean")), "std": _floats(p("std")),
+              "scale": p("scale"), "layout": p("layout"), "color": p("color"), "interp": p("interp")}
+    changed = {k: v for k, v in fields.items() if v is not None}
+    return dataclasses.replace(pre, **changed) if (changed or preset or base) else None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ptq")
+def cli():
+    """ptq — post-training quantization of ONNX models to QDQ format."""
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--calib", "calib", type=click.Path(), help="Calibration folder: images, or .npy/.npz samples.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Quantized model path (default: ./<stem>.w<W>a<A>.onnx).")
+@click.option("--recipe", type=click.Path(dir_okay=False), help="TOML recipe: settings and per-tensor overrides.")
+@click.option("--weight-bits", type=int, help="Weight bits, 2-8 (8).")
+@click.option("--act-bits", type=int, help="Activation bits, 2-8 or 16 (8).")
+@click.option("--per-channel/--per-tensor", default=None, help="Weight granularity (per-channel).")
+@click.option("--weight-range", type=click.Choice(["minmax", "mse"]), help="Weight range method (mse).")
+@click.option("--act-range", type=click.Choice(["minmax", "mse", "percentile", "bn"]),
+              help="Activation range method (mse).")
+@click.option("--logits-range", type=click.Choice(["xent", "minmax", "mse", "percentile", "bn"]),
+              help="Range method for the logits tensor (xent).")
+@click.option("--act-symmetric/--act-asymmetric", default=None, help="Activation grid (asymmetric uint8).")
+@click.option("--percentile", type=float, help="Percentile for --act-range percentile (99.99).")
+@click.option("--calib-size", type=int, help="Calibration samples used for range setting (256).")
+@click.option("--holdout", type=int, help="Further samples held back to measure fidelity (32).")
+@click.option("--batch-size", type=int, help="Batch size for onnxruntime (16).")
+@click.option("--seed", type=int, help="Seed for choosing samples (0).")
+@preprocess_options()
+@click.option("--eval", "eval_dir", type=click.Path(), help="Evaluate on this folder after quantizing.")
+@click.option("--eval-resize", type=int, help="Resize for the eval data (default: as calibration).")
+@click.option("--eval-crop", type=int, help="Crop for the eval data (default: as calibration).")
+@click.option("--max-drop", help="Fail (exit 3) when top-1 drops by more than X points, or X% relative.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def run(model, calib, output, recipe, eval_dir, eval_resize, eval_crop, max_drop, quiet, progress, debug, **kw):
+    """Quantize MODEL with calibration data and write a QDQ model plus its report."""
+    from ptq.evaluate import parse_max_drop
+    from ptq.pipeline import Config, load_recipe
+    from ptq.run import quantize
+
+    pre = build_preprocess(kw)
+    settings = load_recipe(recipe) if recipe else {}
+    settings.update({k: v for k, v in kw.items() if v is not None})
+    try:
+        config = Config(**settings)
+    except TypeError as e:
+        raise InputError(f"bad settings: {e}") from None
+    gate = parse_max_drop(max_drop)
+    if gate is not None and not eval_dir and not calib:
+        raise InputError("--max-drop needs --eval DIR (or calibration data to hold back)")
+    if not calib:
+        raise InputError("--calib DIR is required (a folder of images or .npy/.npz samples)")
+    eval_pre = None
+    if eval_dir and (eval_resize is not None or eval_crop is not None):
+        from ptq.data import Preprocess
+        base = pre or Preprocess()
+        eval_pre = dataclasses.replace(base, **{k: v for k, v in (("resize", eval_resize), ("crop", eval_crop))
+                                                if v is not None})
+    show = progress if progress is not None else sys.stderr.isatty()
+    result = quantize(model, calib, output, config, pre, eval_dir, eval_pre, gate, progress=show and not quiet)
+    if not quiet:
+        _print_run(result)
+
+
+def _print_run(result):
+    r = result.report
+    s = r["sizes"]
+    click.echo(f"wrote {result.output} ({s['quant_bytes'] / 1e6:.2f} MB, {s['ratio']:.2f}x smaller than FP32) "
+               f"in {r['timings']['total']:.1f} s")
+    click.echo(f"report: {result.report_md} and {result.report_json}")
+    if r.get("fidelity"):
+        _print_eval("fidelity on held-back calibration samples", r["fidelity"])
+    if r.get("evaluation"):
+        _print_eval("evaluation", r["evaluation"])
+    if result.gate:
+        click.echo(result.gate)
+
+
+def _print_eval(title: str, e: dict):
+    outs = "; ".join(f"{k}: SQNR {v['sqnr_db']} dB, cosine {v['cosine']}" for k, v in e["outputs"].items())
+    click.echo(f"{title} ({e['samples']} samples): {outs}")
+    if "fp32_top1" in e:
+        click.echo(f"  top-1 {e['fp32_top1']} -> {e['quant_top1']} (drop {e['top1_drop']} points), "
+                   f"top-5 {e['fp32_top5']} -> {e['quant_top5']}, top-1 agreement {e['top1_agreement']} %")
+    elif "top1_agreement" in e:
+        click.echo(f"  top-1 agreement with FP32: {e['top1_agreement']} %")
+
+
+@cli.command("eval")
+@click.argument("fp32_model", type=click.Path(dir_okay=False))
+@click.argument("quant_model", type=click.Path(dir_okay=False))
+@click.option("--data", "data", required=True, type=click.Path(), help="Folder of samples (labels optional).")
+@preprocess_options()
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--limit", type=int, default=0, help="Use at most N samples (seeded choice; 0: all).")
+@click.option("--max-drop", help="Fail (exit 3) when top-1 drops by more than X points, or X% relative.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True)
+@click.option("--progress/--no-progress", default=None)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def eval_cmd(fp32_model, quant_model, data, batch_size, limit, max_drop, as_json, quiet, progress, debug, **kw):
+    """Compare FP32_MODEL and QUANT_MODEL on a data folder: top-1/top-5 with labels, else agreement and SQNR."""
+    import json
+
+    from ptq.data import DataSource, model_inputs
+    from ptq.evaluate import check_gate, evaluate, parse_max_drop
+    from ptq.model import load_model
+
+    gate = parse_max_drop(max_drop)
+    pre = build_preprocess(kw)
+    fp, q = load_model(fp32_model), load_model(quant_model)
+    src = DataSource(data, model_inputs(fp), pre or __import__("ptq.data").data.Preprocess(), size=limit)
+    show = progress if progress is not None else sys.stderr.isatty()
+    result = evaluate(fp, q, src, batch_size, src.labels(), show and not quiet)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    elif not quiet:
+        _print_eval("evaluation", result)
+    verdict = check_gate(result, gate)
+    if verdict and not quiet:
+        click.echo(verdict)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        cli.main(args=argv, prog_name="ptq", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("ptq: aborted", err=True)
+        return 130
+    except click.UsageError as e:
+        if debug:
+            raise
+        click.echo(f"ptq: error: {e.format_message()} (see ptq {e.ctx.command.name if e.ctx else ''} --help)"
+                   .replace("  ", " "), err=True)
+        return EXIT_INPUT
+    except PTQError as e:
+        if debug:
+            raise
+        click.echo(f"ptq: error: {e}" if e.exit_code != 3 else f"ptq: {e}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("ptq: interrupted", err=True)
+        return 130
+    except Exception as e:  # a bug: say so in one line unless --debug
+        if debug:
+            raise
+        click.echo(f"ptq: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                   f"(run with --debug for the traceback)", err=True)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

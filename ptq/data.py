@@ -1,0 +1,277 @@
+"""Calibration and evaluation data: image folders with a preprocessing spec, or folders of .npy / .npz samples.
+
+A source yields samples (dict input name -> array without the batch axis), checked against the model's inputs,
+and groups them into batches; nothing is held beyond one batch, so memory does not grow with the data set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+ARRAY_SUFFIXES = {".npy", ".npz"}
+_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+           onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
+           onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT8: np.int8,
+           onnx.TensorProto.BOOL: np.bool_}
+
+
+@dataclass
+class InputInfo:
+    name: str
+    dtype: type
+    shape: list  # int for a static dimension, None for a dynamic one
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputInfo]:
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        out.append(InputInfo(i.name, _DTYPES.get(tt.elem_type, np.float32), dims))
+    return out
+
+
+@dataclass
+class Preprocess:
+    """How an image file becomes a model input: resize the short side to ``resize`` (0: no resize), center-crop
+    ``crop`` (0: none), then x = (pixel · scale − mean) / std per channel, in ``color`` order and ``layout``."""
+
+    resize: int = 0
+    crop: int = 0
+    mean: tuple = (0.0, 0.0, 0.0)
+    std: tuple = (1.0, 1.0, 1.0)
+    scale: float = 1 / 255
+    layout: str = "nchw"
+    color: str = "rgb"
+    interp: str = "bilinear"
+
+    def __post_init__(self):
+        if self.layout not in ("nchw", "nhwc"):
+            raise InputError(f"--layout must be nchw or nhwc, not {self.layout!r}")
+        if self.color not in ("rgb", "bgr"):
+            raise InputError(f"--color must be rgb or bgr, not {self.color!r}")
+        if self.interp not in ("bilinear", "bicubic", "nearest"):
+            raise InputError(f"--interp must be bilinear, bicubic or nearest, not {self.interp!r}")
+        if len(self.mean) not in (1, 3) or len(self.std) not in (1, 3) or min(self.std) <= 0:
+            raise InputError("--mean and --std take 1 or 3 numbers, and std must be > 0")
+
+
+PRESETS = {
+    "imagenet": Preprocess(resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    "inception": Preprocess(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "efficientnet-lite": Preprocess(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "ppocr-det": Preprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), color="bgr"),
+}
+
+
+def load_image(path: Path, pre: Preprocess, hw: tuple | None = None) -> np.ndarray:
+    """Read and preprocess one image -> float32 [3, H, W] (nchw) or [H, W, 3] (nhwc)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise InputError("reading image folders needs Pillow: pip install 'ptq[images]' "
+                         "(or give a folder of .npy/.npz samples)") from None
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[pre.interp]
+            resize, crop = pre.resize, pre.crop
+            if not resize and not crop and hw:  # default: fill the model's static input size
+                resize, crop = max(hw), None
+            if resize:
+                w, h = im.size
+                k = resize / min(w, h)
+                im = im.resize((max(1, round(w * k)), max(1, round(h * k))), resample)
+            if crop or (crop is None and hw):
+                ch, cw = (crop, crop) if crop else hw
+                w, h = im.size
+                if cw > w or ch > h:
+                    raise InputError(f"{path}: image {w}x{h} is smaller than the crop {cw}x{ch}")
+                left, top = int(round((w - cw) / 2.0)), int(round((h - ch) / 2.0))
+                im = im.crop((left, top, left + cw, top + ch))
+            x = np.asarray(im, dtype=np.float32)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{path}: cannot read image ({str(e).splitlines()[0][:120]})") from None
+    if pre.color == "bgr":
+        x = x[..., ::-1]
+    x = (x * np.float32(pre.scale) - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    if pre.layout == "nchw":
+        x = x.transpose(2, 0, 1)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+@dataclass
+class DataSource:
+    """Samples from a folder, checked against the model's inputs.
+
+    ``files`` is the chosen subset (a seeded random choice of ``size`` files when the folder has more), in a
+    fixed order; labels (when ``labels.txt`` or class subfolders exist) are looked up by file.
+    """
+
+    folder: Path
+    inputs: list[InputInfo]
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    size: int = 0
+    seed: int = 0
+    files: list[Path] = field(init=False)
+    kind: str = field(init=False)
+
+    def __post_init__(self):
+        self.folder = Path(self.folder)
+        if not self.folder.exists():
+            raise InputError(f"{self.folder}: no such folder")
+        if not self.folder.is_dir():
+            raise InputError(f"{self.folder}: not a folder")
+        try:
+            files = sorted(p for p in self.folder.rglob("*") if p.is_file()
+                           and p.suffix.lower() in IMAGE_SUFFIXES | ARRAY_SUFFIXES)
+        except PermissionError:
+            raise InputError(f"{self.folder}: cannot read the folder (permission denied)") from None
+        if not files:
+            raise InputError(f"{self.folder}: no samples found (expected images .jpg/.png/.bmp "
+                             f"or arrays .npy/.npz)")
+        arrays = [p for p in files if p.suffix.lower() in ARRAY_SUFFIXES]
+        self.kind = "arrays" if arrays else "images"
+        files = arrays if arrays else files
+        if self.kind == "images" and len(self.inputs) != 1:
+            raise InputError(f"{self.folder}: the model has {len(self.inputs)} inputs; image folders feed "
+                             f"single-input models, give .npz samples (one key per input) instead")
+        if self.size and self.size < len(files):
+            pick = np.random.default_rng(self.seed).choice(len(files), self.size, replace=False)
+            files = [files[i] for i in sorted(pick)]
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def split(self, holdout: int) -> tuple["DataSource", "DataSource"]:
+        """Two sources over disjoint files: (the first len - holdout files, the last holdout files)."""
+        import copy
+        a, b = copy.copy(self), copy.copy(self)
+        cut = len(self.files) - holdout
+        a.files, b.files = self.files[:cut], self.files[cut:]
+        return a, b
+
+    def read(self, path: Path) -> dict[str, np.ndarray]:
+        """One sample: input name -> array with a leading batch axis of 1, checked against the model."""
+        if self.kind == "images":
+            info = self.inputs[0]
+            hw = None
+            if len(info.shape) == 4:
+                hw = tuple(info.shape[2:4] if self.preprocess.layout == "nchw" else info.shape[1:3])
+                hw = hw if all(hw) else None
+            sample = {info.name: load_image(path, self.preprocess, hw)}
+        elif path.suffix.lower() == ".npy":
+            if len(self.inputs) != 1:
+                raise InputError(f"{path}: the model has {len(self.inputs)} inputs; use .npz files with keys "
+                                 + ", ".join(i.name for i in self.inputs))
+            sample = {self.inputs[0].name: _load_array(path)}
+        else:
+            sample = _load_npz(path, [i.name for i in self.inputs])
+        return {i.name: _fit(path, i, sample[i.name]) for i in self.inputs}
+
+    def samples(self) -> Iterator[tuple[Path, dict[str, np.ndarray]]]:
+        for p in self.files:
+            yield p, self.read(p)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[list[Path], dict[str, np.ndarray]]]:
+        """Batches of up to batch_size samples; a batch ends early where the sample shape changes."""
+        paths, group = [], []
+        for p, s in self.samples():
+            if group and any(s[k].shape != group[0][k].shape for k in s):
+                yield paths, _stack(group)
+                paths, group = [], []
+            paths.append(p)
+            group.append(s)
+            if len(group) == batch_size:
+                yield paths, _stack(group)
+                paths, group = [], []
+        if group:
+            yield paths, _stack(group)
+
+    def labels(self) -> dict[Path, int] | None:
+        """Class index per file from ``labels.txt`` (``FILE INDEX`` lines) or one subfolder per class."""
+        lf = self.folder / "labels.txt"
+        if lf.exists():
+            table = {}
+            for n, line in enumerate(lf.read_text().splitlines(), 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                    raise InputError(f"{lf}:{n}: expected 'FILE CLASS_INDEX', got {line.strip()!r}")
+                table[parts[0]] = int(parts[1])
+            out = {}
+            for p in self.files:
+                key = p.relative_to(self.folder).as_posix()
+                if key in table or p.name in table:
+                    out[p] = table.get(key, table.get(p.name))
+            return out or None
+        subdirs = sorted({p.relative_to(self.folder).parts[0] for p in self.files
+                          if len(p.relative_to(self.folder).parts) > 1})
+        if len(subdirs) > 1 and all(len(p.relative_to(self.folder).parts) > 1 for p in self.files):
+            index = {d: k for k, d in enumerate(subdirs)}
+            return {p: index[p.relative_to(self.folder).parts[0]] for p in self.files}
+        return None
+
+
+def _stack(group: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([g[k] for g in group], axis=0) for k in group[0]}
+
+
+def _load_array(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise InputError(f"{path}: cannot read .npy ({str(e).splitlines()[0][:120]})") from None
+
+
+def _load_npz(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise InputError(f"{path}: cannot read .npz ({str(e).splitlines()[0][:120]})") from None
+    if len(names) == 1 and len(data) == 1 and names[0] not in data:
+        return {names[0]: next(iter(data.values()))}
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise InputError(f"{path}: missing key(s) {', '.join(missing)} (the model's inputs are "
+                         f"{', '.join(names)}; the file has {', '.join(data) or 'none'})")
+    return data
+
+
+def _fit(path: Path, info: InputInfo, x: np.ndarray) -> np.ndarray:
+    """Check a sample against the input's rank, static dims and dtype; return it with a batch axis of 1."""
+    x = np.asarray(x)
+    rank = len(info.shape)
+    if x.ndim == rank - 1:
+        x = x[None]
+    elif not (x.ndim == rank and x.shape[0] == 1):
+        raise InputError(f"{path}: sample for input '{info.name}' has shape {list(x.shape)}, the model expects "
+                         f"{_shape_str(info.shape)} (one sample per file)")
+    for k, (d, want) in enumerate(zip(x.shape, info.shape)):
+        if k > 0 and want is not None and d != want:
+            raise InputError(f"{path}: sample for input '{info.name}' has shape {list(x.shape)}, the model "
+                             f"expects {_shape_str(info.shape)}")
+    want_kind = np.dtype(info.dtype).kind
+    if x.dtype.kind != want_kind and not (want_kind == "f" and x.dtype.kind in "iu"):
+        raise InputError(f"{path}: sample for input '{info.name}' is {x.dtype}, the model expects "
+                         f"{np.dtype(info.dtype).name}")
+    return x.astype(info.dtype, copy=False)
+
+
+def _shape_str(shape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"

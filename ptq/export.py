@@ -1,0 +1,132 @@
+"""Write the quantized model in QDQ format (QuantizeLinear / DequantizeLinear around FP32 ops).
+
+- Weights are stored quantized (int8; INT4 where the opset is >= 21 and bits <= 4) behind a DequantizeLinear
+  (per channel: ``axis`` = the output-channel axis);
+- biases are stored as int32 with scale s_in · s_w (per channel) and zero point 0, as integer kernels add them;
+- each quantized activation tensor t gets Q → DQ right after its producer: the producer now writes
+  ``t/fp``, and the DequantizeLinear writes t, so every reader (and a graph output of that name) sees the
+  quantized value. A quantized graph input is read through its DQ instead.
+This is the layout onnxruntime's QDQ transformers fuse into QLinearConv / QLinearMatMul / QGemm / QLinearAdd.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .model import default_opset, remove_unused_initializers, unique_name
+from .quant import Encoding, QuantSpec, quantize
+
+MS_DOMAIN = "com.microsoft"
+_INT_TYPES = {(8, True): (TensorProto.INT8, np.int8), (8, False): (TensorProto.UINT8, np.uint8),
+              (16, True): (TensorProto.INT16, np.int16), (16, False): (TensorProto.UINT16, np.uint16),
+              (4, True): (TensorProto.INT4, np.int8), (4, False): (TensorProto.UINT4, np.uint8),
+              (32, True): (TensorProto.INT32, np.int32)}
+
+
+def storage_bits(bits: int, opset: int) -> int:
+    """The integer type an encoding of ``bits`` is stored in."""
+    if bits <= 4 and opset >= 21:
+        return 4
+    return 8 if bits <= 8 else 16
+
+
+def _int_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> onnx.TensorProto:
+    proto_type, np_type = _INT_TYPES[(bits, signed)]
+    values = np.asarray(values)
+    if bits == 4:
+        return helper.make_tensor(name, proto_type, values.shape, values.astype(np.int32).ravel().tolist())
+    return numpy_helper.from_array(values.astype(np_type), name)
+
+
+def export_qdq(state) -> onnx.ModelProto:
+    """Build the QDQ model from the pipeline state (its FP32 model, layers, placement and encodings)."""
+    model = onnx.ModelProto.FromString(state.model.SerializeToString())
+    g = model.graph
+    opset = default_opset(model)
+    taken = {t.name for t in g.initializer} | {i.name for i in g.input} | {n.name for n in g.node}
+    for n in g.node:
+        taken.update(n.output)
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    needs_ms = False
+    layers = {l.name: l for l in state.layers}
+    act_enc = {t: state.acts[r] for t, r in state.placement.root.items() if r in state.acts}
+
+    def qparams(base: str, enc: Encoding, zp_bits: int, zp_signed: bool):
+        s_name = unique_name(taken, base + "/scale")
+        z_name = unique_name(taken, base + "/zero_point")
+        inits.append(numpy_helper.from_array(np.asarray(enc.scale, np.float32), s_name))
+        inits.append(_int_tensor(z_name, np.asarray(enc.zero_point), zp_bits, zp_signed))
+        return s_name, z_name
+
+    def qdq_act(t: str, src: str, out: str):
+        """Q(src) -> DQ -> out with t's encoding."""
+        nonlocal needs_ms
+        enc = act_enc[t]
+        bits = storage_bits(enc.spec.bits, opset)
+        domain = MS_DOMAIN if bits == 16 and opset < 21 else ""
+        needs_ms |= domain == MS_DOMAIN
+        s, z = qparams(t, enc, bits, enc.spec.signed)
+        q = unique_name(taken, t + "/q")
+        nodes.append(helper.make_node("QuantizeLinear", [src, s, z], [q], unique_name(taken, t + "/Quantize"),
+                                      domain=domain))
+        nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [out],
+                                      unique_name(taken, t + "/Dequantize"), domain=domain))
+
+    def dq_const(base: str, q_values: np.ndarray, enc: Encoding, bits: int, signed: bool, axis) -> str:
+        q_name = unique_name(taken, base + "/quantized")
+        inits.append(_int_tensor(q_name, q_values, bits, signed))
+        s_name = unique_name(taken, base + "/scale")
+        z_name = unique_name(taken, base + "/zero_point")
+        inits.append(numpy_helper.from_array(np.asarray(enc.scale, np.float32), s_name))
+        inits.append(_int_tensor(z_name, np.zeros_like(np.asarray(enc.zero_point)), bits, signed))
+        out = unique_name(taken, base + "/dequantized")
+        kw = {"axis": axis} if axis is not None and np.asarray(enc.scale).ndim else {}
+        nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out],
+                                      unique_name(taken, base + "/Dequantize"), **kw))
+        return out
+
+    graph_in_map = {}
+    for t in [i.name for i in g.input]:
+        if t in act_enc:
+            graph_in_map[t] = unique_name(taken, t + "/dequantized")
+            qdq_act(t, t, graph_in_map[t])
+    inits_by_name = {t.name: t for t in g.initializer}
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            if name in graph_in_map:
+                node.input[k] = graph_in_map[name]
+        layer = layers.get(node.name)
+        if layer is not None and layer.name in state.weights:
+            wenc = state.weights[layer.name]
+            w = numpy_helper.to_array(inits_by_name[layer.weight])
+            bits = storage_bits(wenc.spec.bits, opset)
+            node.input[1] = dq_const(layer.name + "/weight", quantize(w, wenc), wenc, bits, True, layer.w_axis)
+            x_enc = act_enc.get(layer.x)
+            if layer.bias is not None and x_enc is not None:
+                b = numpy_helper.to_array(inits_by_name[layer.bias])
+                benc = bias_encoding(wenc, x_enc)
+                node.input[2] = dq_const(layer.name + "/bias", quantize(b, benc), benc, 32, True, 0)
+        renamed = []
+        for k, t in enumerate(node.output):
+            if t in act_enc:
+                node.output[k] = unique_name(taken, t + "/fp")
+                renamed.append((t, node.output[k]))
+        nodes.append(node)
+        for t, fp in renamed:
+            qdq_act(t, fp, t)
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(inits)
+    remove_unused_initializers(model)
+    if needs_ms and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return model
+
+
+def bias_encoding(wenc: Encoding, x_enc: Encoding) -> Encoding:
+    """int32 bias quantizer: scale s_in · s_w (per output channel), zero point 0."""
+    scale = (np.asarray(wenc.scale, np.float64) * float(x_enc.scale)).astype(np.float32)
+    spec = QuantSpec(bits=32, signed=True, symmetric=True, axis=0 if scale.ndim else None)
+    return Encoding(spec, scale, np.zeros(scale.shape, np.int32), "bias")

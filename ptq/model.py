@@ -1,0 +1,231 @@
+"""ONNX graph wrapper: load / save (external data, atomic write), initializers as numpy, producers / consumers,
+topological order."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import InputError
+
+MIN_OPSET, MAX_OPSET = 11, 21
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load and check an ONNX model (external data resolved beside the file). Raises InputError with one line."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    try:
+        model = onnx.load(str(path))
+    except PermissionError:
+        raise InputError(f"{path}: cannot read (permission denied)") from None
+    except Exception as e:  # protobuf decode errors, missing external data
+        raise InputError(f"{path}: not a valid ONNX model ({_first_line(e)})") from None
+    if not model.graph.node:
+        raise InputError(f"{path}: not a valid ONNX model (the graph has no nodes)")
+    try:
+        onnx.checker.check_model(str(path) if model.ByteSize() > 2**31 - 1 else model)
+    except Exception as e:
+        raise InputError(f"{path}: invalid ONNX model ({_first_line(e)})") from None
+    opset = default_opset(model)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise InputError(f"{path}: opset {opset} is not supported (ptq reads opsets {MIN_OPSET}-{MAX_OPSET})")
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 1
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write atomically: to a temporary file beside the target, then rename. Models over 2 GB get external data."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise InputError(f"{path}: output folder {directory} does not exist")
+    large = model.ByteSize() > 2**31 - 1
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        if large:
+            data_name = path.name + ".data"
+            onnx.save_model(model, tmp, save_as_external_data=True, location=data_name + ".tmp")
+            os.replace(directory / (data_name + ".tmp"), directory / data_name)
+            m = onnx.load(tmp, load_external_data=False)
+            for t in m.graph.initializer:
+                for kv in t.external_data:
+                    if kv.key == "location":
+                        kv.value = data_name
+            onnx.save_model(m, tmp)
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail early, before any work, when the output cannot be written."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise InputError(f"{path}: output folder {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise InputError(f"{path}: output folder {directory} is not writable")
+    if path.exists() and (path.is_dir() or not os.access(path, os.W_OK)):
+        raise InputError(f"{path}: cannot overwrite")
+
+
+class Graph:
+    """A read-mostly view of a ModelProto's main graph: initializers as numpy, producers, consumers, order.
+
+    Rebuild it (``Graph(model)``) after editing the model; it holds no state of its own beyond indices.
+    """
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        g = model.graph
+        self.inits = {t.name: t for t in g.initializer}
+        self.producer = {}
+        self.consumers = defaultdict(list)
+        for node in g.node:
+            for o in node.output:
+                if o:
+                    self.producer[o] = node
+            for i in node.input:
+                if i:
+                    self.consumers[i].append(node)
+        self.inputs = [i.name for i in g.input if i.name not in self.inits]
+        self.outputs = [o.name for o in g.output]
+        self.nodes = {n.name: n for n in g.node}
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of an initializer, or None if ``name`` is not a constant."""
+        t = self.inits.get(name)
+        return None if t is None else numpy_helper.to_array(t)
+
+    def is_const(self, name: str) -> bool:
+        return name in self.inits
+
+    def only_consumer(self, name: str):
+        """The single node reading ``name``, or None when there are several, none, or it is a graph output."""
+        cons = self.consumers.get(name, [])
+        if len(cons) != 1 or name in self.outputs:
+            return None
+        return cons[0]
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    """Add or replace an initializer."""
+    t = numpy_helper.from_array(np.asarray(value), name)
+    for i, old in enumerate(model.graph.initializer):
+        if old.name == name:
+            model.graph.initializer[i].CopyFrom(t)
+            return
+    model.graph.initializer.append(t)
+
+
+def topological_sort(model: onnx.ModelProto) -> None:
+    """Reorder the main graph's nodes so that every tensor is produced before it is read (Kahn's algorithm,
+    stable in the original order)."""
+    g = model.graph
+    known = {t.name for t in g.initializer} | {i.name for i in g.input} | {""}
+    nodes = list(g.node)
+    deps = []
+    produced_by = {}
+    for idx, n in enumerate(nodes):
+        for o in n.output:
+            produced_by[o] = idx
+    for n in nodes:
+        d = {produced_by[i] for i in _all_inputs(n) if i not in known and i in produced_by}
+        deps.append(d)
+    users = defaultdict(list)
+    for idx, d in enumerate(deps):
+        for j in d:
+            users[j].append(idx)
+    remaining = [len(d) for d in deps]
+    import heapq
+    ready = [i for i, r in enumerate(remaining) if r == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            remaining[u] -= 1
+            if remaining[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise InputError("the graph has a cycle")
+    del g.node[:]
+    g.node.extend(nodes[i] for i in order)
+
+
+def _all_inputs(node: onnx.NodeProto):
+    """Inputs of a node including the outer-scope names its subgraphs read."""
+    yield from node.input
+    for a in node.attribute:
+        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            inner = {t.name for t in sub.initializer} | {i.name for i in sub.input}
+            for n in sub.node:
+                inner.update(n.output)
+            for n in sub.node:
+                for i in _all_inputs(n):
+                    if i not in inner:
+                        yield i
+
+
+def used_names(model: onnx.ModelProto) -> set[str]:
+    """Every tensor name read by some node (subgraphs included) or exposed as a graph output."""
+    names = {o.name for o in model.graph.output}
+    for n in model.graph.node:
+        names.update(_all_inputs(n))
+    return names
+
+
+def remove_unused_initializers(model: onnx.ModelProto) -> None:
+    used = used_names(model)
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def unique_name(taken: set[str], base: str) -> str:
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name

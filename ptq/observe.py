@@ -1,0 +1,114 @@
+"""Run onnxruntime with chosen intermediate tensors exposed and feed them, batch by batch, to streaming observers.
+
+Observers keep a bounded summary, never the data: a fine histogram whose range grows by doubling (so memory is
+fixed whatever the calibration size), exact min / max, and for the logits a bounded sample of rows.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+from tqdm import tqdm
+
+HALF_BINS = 8192  # bins per sign: ~32 bins per 8-bit step at full range
+
+
+class Histogram:
+    """Histogram over [-HALF_BINS·w, HALF_BINS·w) with bin width w doubled (pairs of bins merged) whenever a value
+    falls outside; also exact min, max and count."""
+
+    def __init__(self, half_bins: int = HALF_BINS):
+        self.nb = half_bins
+        self.counts = np.zeros(2 * half_bins, np.int64)
+        self.width = 0.0
+        self.min, self.max, self.n = np.inf, -np.inf, 0
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float32).ravel()
+        if x.size == 0:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        self.min, self.max, self.n = min(self.min, lo), max(self.max, hi), self.n + x.size
+        top = max(abs(lo), abs(hi))
+        if self.width == 0.0:
+            if top == 0.0:
+                self.counts[self.nb] += x.size
+                return
+            self.width = top / self.nb * (1 + 1e-6)
+        while top >= self.nb * self.width:
+            merged = self.counts.reshape(self.nb, 2).sum(1)
+            self.counts[:] = 0
+            self.counts[self.nb // 2: self.nb // 2 + self.nb] = merged
+            self.width *= 2
+        idx = np.floor(x * np.float32(1.0 / self.width)).astype(np.int64)
+        idx += self.nb
+        np.clip(idx, 0, 2 * self.nb - 1, out=idx)
+        self.counts += np.bincount(idx, minlength=2 * self.nb)
+
+    def centers_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Bin centers and counts of the non-empty bins."""
+        nz = np.nonzero(self.counts)[0]
+        return ((nz - self.nb + 0.5) * self.width).astype(np.float64), self.counts[nz].astype(np.float64)
+
+    def quantile(self, q: float) -> float:
+        c, n = self.centers_counts()
+        if n.size == 0:
+            return 0.0
+        cdf = np.cumsum(n) / n.sum()
+        return float(c[min(np.searchsorted(cdf, q), c.size - 1)])
+
+
+class RowSample:
+    """The first ``max_rows`` rows of a tensor seen as [-1, last_dim] (used for the logits)."""
+
+    def __init__(self, max_rows: int = 512):
+        self.max_rows = max_rows
+        self.rows: list[np.ndarray] = []
+        self.n = 0
+
+    def update(self, x: np.ndarray) -> None:
+        if self.n >= self.max_rows:
+            return
+        x = np.asarray(x, np.float32)
+        x = x.reshape(-1, x.shape[-1])[: self.max_rows - self.n]
+        self.rows.append(x.copy())
+        self.n += x.shape[0]
+
+    @property
+    def data(self) -> np.ndarray:
+        return np.concatenate(self.rows) if self.rows else np.zeros((0, 1), np.float32)
+
+
+def session(model: onnx.ModelProto | bytes | str, extra_outputs=(), optimize: bool = True) -> ort.InferenceSession:
+    """A CPU onnxruntime session, with ``extra_outputs`` (intermediate tensor names) exposed as outputs."""
+    if extra_outputs:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        have = {o.name for o in model.graph.output}
+        model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in extra_outputs if t not in have)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = os.cpu_count() or 1
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def observe(model: onnx.ModelProto, source, batch_size: int, observers: dict, progress: bool = False,
+            desc: str = "calibrating") -> int:
+    """Run ``source`` through the FP32 model; feed each tensor named in ``observers`` (name -> list of objects
+    with ``update``) batch by batch. Returns the number of samples seen."""
+    names = list(observers)
+    sess = session(model, names)
+    seen = 0
+    with tqdm(total=len(source), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for paths, feed in source.batches(batch_size):
+            for name, value in zip(names, sess.run(names, feed)):
+                for obs in observers[name]:
+                    obs.update(value)
+            seen += len(paths)
+            bar.update(len(paths))
+    return seen

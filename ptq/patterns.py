@@ -1,0 +1,139 @@
+"""Find the structures the stages work on: quantizable layers and where activation quantizers go.
+
+Activation quantizers are placed as int8 runtimes execute (white paper §2.3): an activation function
+(Relu, Clip) is fused into the layer before it, so the quantizer sits after the activation; the data input of
+every quantized layer is quantized; Add, Concat and average pools get output quantizers (and quantized inputs);
+MaxPool and pure data-movement ops share their input's quantizer (same scale and zero point), which is what
+lets onnxruntime run them on integers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from .model import Graph, attr
+
+FUSABLE_ACTIVATIONS = {"Relu", "Clip"}
+QUANTIZED_OUTPUT_OPS = {"Add", "Concat", "AveragePool", "GlobalAveragePool"}
+SHARED_QUANTIZER_OPS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
+FLOAT = onnx.TensorProto.FLOAT
+
+
+@dataclass
+class Layer:
+    """A layer with a constant weight. ``w_axis`` is the weight's output-channel axis (per-channel quantization);
+    ``x`` its data input, ``out`` the tensor after its fused activation (``act``, or None)."""
+
+    name: str
+    op: str
+    x: str
+    weight: str
+    bias: str | None
+    w_axis: int
+    pre_act: str  # the layer's own output, before the fused activation
+    out: str
+    act: str | None = None
+    act_node: str | None = None
+
+
+def find_layers(model: onnx.ModelProto) -> list[Layer]:
+    """Conv (any group), Gemm and MatMul whose weight is an initializer, in topological order."""
+    gr = Graph(model)
+    layers = []
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        w_axis = None
+        if node.op_type == "Conv" and len(node.input) > 1 and gr.is_const(node.input[1]) \
+                and not gr.is_const(node.input[0]):
+            w_axis = 0
+        elif node.op_type == "Gemm" and gr.is_const(node.input[1]) and not attr(node, "transA", 0) \
+                and not gr.is_const(node.input[0]) and attr(node, "alpha", 1.0) == 1.0:
+            w_axis = 0 if attr(node, "transB", 0) else 1
+            if len(node.input) > 2 and node.input[2]:
+                c = gr.const(node.input[2])
+                if c is None or c.ndim != 1 or attr(node, "beta", 1.0) != 1.0:
+                    continue
+        elif node.op_type == "MatMul" and gr.is_const(node.input[1]) and not gr.is_const(node.input[0]):
+            if gr.const(node.input[1]).ndim != 2:
+                continue
+            w_axis = 1
+        if w_axis is None or gr.const(node.input[1]).dtype.kind != "f":
+            continue
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        out, act, act_node = node.output[0], None, None
+        nxt = gr.only_consumer(out)
+        if nxt is not None and nxt.op_type in FUSABLE_ACTIVATIONS and _const_clip(gr, nxt):
+            out, act, act_node = nxt.output[0], nxt.op_type, nxt.name
+        layers.append(Layer(node.name, node.op_type, node.input[0], node.input[1], bias, w_axis, node.output[0],
+                            out, act, act_node))
+    return layers
+
+
+def _const_clip(gr: Graph, node) -> bool:
+    if node.op_type != "Clip":
+        return True
+    return all(gr.is_const(i) for i in node.input[1:] if i)
+
+
+def clip_bounds(model_graph: Graph, node) -> tuple[float, float]:
+    """The (min, max) of a Relu / Clip node (inf where unbounded)."""
+    if node.op_type == "Relu":
+        return 0.0, float("inf")
+    lo = model_graph.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    hi = model_graph.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    lo = float(lo) if lo is not None else float(attr(node, "min", -float("inf")))
+    hi = float(hi) if hi is not None else float(attr(node, "max", float("inf")))
+    return lo, hi
+
+
+@dataclass
+class Placement:
+    """Which float tensors get an activation quantizer. ``root[t]`` is the tensor whose quantizer t shares
+    (itself for an independent quantizer); observers run on the roots only."""
+
+    root: dict[str, str]
+    fp32_ops: list[str]  # op types left in floating point (for the report)
+
+    @property
+    def roots(self) -> list[str]:
+        return list(dict.fromkeys(self.root.values()))
+
+
+def place_activation_quantizers(model: onnx.ModelProto, layers: list[Layer]) -> Placement:
+    gr = Graph(model)
+    not_float = _non_float_tensors(model)
+    wanted: set[str] = set()
+    for layer in layers:
+        wanted.update((layer.x, layer.out))
+    layer_nodes = {l.name for l in layers} | {l.act_node for l in layers if l.act_node}
+    for node in model.graph.node:
+        if node.op_type in QUANTIZED_OUTPUT_OPS:
+            wanted.add(node.output[0])
+            if node.op_type in ("Add", "Concat"):
+                wanted.update(i for i in node.input if i and not gr.is_const(i))
+    root: dict[str, str] = {}
+    for node in model.graph.node:  # topological: a shared quantizer's input is decided before its output
+        for t in node.input:
+            if t in wanted and t not in root:
+                root[t] = t
+        if node.op_type in SHARED_QUANTIZER_OPS and node.input and node.input[0] in root:
+            root[node.output[0]] = root[node.input[0]]
+        for t in node.output:
+            if t in wanted and t not in root:
+                root[t] = t
+    root = {t: r for t, r in root.items() if t not in not_float and r not in not_float}
+    fp32_ops = sorted({n.op_type for n in model.graph.node
+                       if n.name not in layer_nodes and n.op_type not in QUANTIZED_OUTPUT_OPS
+                       and n.op_type not in SHARED_QUANTIZER_OPS})
+    return Placement(root, fp32_ops)
+
+
+def _non_float_tensors(model: onnx.ModelProto) -> set[str]:
+    """Names known (from the inputs, outputs and inferred value_info) not to be float32 tensors."""
+    names = {t.name for t in model.graph.initializer}
+    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type not in (0, FLOAT):
+            names.add(vi.name)
+    return names

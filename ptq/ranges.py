@@ -1,0 +1,200 @@
+"""Range setting (white paper §3.1): choose each quantizer's clipping range, hence its scale and zero point.
+
+- ``minmax``: the full observed range.
+- ``mse``: argmin over the clipping range of ||V − V̂||²_F (white paper eq. 14), by a coarse grid then
+  golden-section search; per channel and vectorized over channels for weights, on a fine histogram for
+  activations (so memory does not grow with the calibration set).
+- ``xent``: for the logits, argmin of the cross-entropy between softmax(logits) and softmax(quantized logits)
+  (white paper §3.1, "cross entropy").
+- ``bn``: β ± α·γ (α = 6) from the BatchNorm that produced the tensor (white paper §3.1 / Nagel 2019 §4.2);
+  no data needed.
+- ``percentile``: the given percentile of |x| (or of x at both ends for asymmetric quantizers).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+from .observe import Histogram
+from .quant import Encoding, QuantSpec, encoding_from_range, fake_quant_grid, sqnr_db
+
+WEIGHT_METHODS = ("minmax", "mse")
+ACT_METHODS = ("minmax", "mse", "percentile", "bn")
+GOLDEN = (np.sqrt(5) - 1) / 2
+
+
+def grid_golden_min(loss, lo: np.ndarray, hi: np.ndarray, grid: int = 20, iters: int = 16) -> np.ndarray:
+    """Minimize ``loss(t) -> [C]`` independently for each of C problems over t in [lo, hi] ([C] arrays).
+
+    A coarse grid of ``grid`` points finds the basin, then golden-section search refines inside the two grid
+    cells around the best point (robust where the loss is not unimodal over the whole range)."""
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    ts = lo[None] + (hi - lo)[None] * np.linspace(0, 1, grid)[:, None]  # [G, C]
+    losses = np.stack([loss(t) for t in ts])
+    best = np.argmin(losses, axis=0)
+    step = (hi - lo) / (grid - 1)
+    a = np.maximum(ts[best, np.arange(ts.shape[1])] - step, lo)
+    b = np.minimum(ts[best, np.arange(ts.shape[1])] + step, hi)
+    c, d = b - GOLDEN * (b - a), a + GOLDEN * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(iters):
+        left = fc < fd  # the minimum lies in [a, d]: drop (d, b]; else drop [a, c)
+        a, b = np.where(left, a, c), np.where(left, d, b)
+        new = np.where(left, b - GOLDEN * (b - a), a + GOLDEN * (b - a))
+        f_new = loss(new)
+        c, d, fc, fd = (np.where(left, new, d), np.where(left, c, new),
+                        np.where(left, f_new, fd), np.where(left, fc, f_new))
+    t_star = np.where(fc < fd, c, d)
+    # never worse than the best grid point
+    grid_best = ts[best, np.arange(ts.shape[1])]
+    return np.where(loss(t_star) <= losses[best, np.arange(ts.shape[1])], t_star, grid_best)
+
+
+# ---------------------------------------------------------------- weights
+
+def weight_encoding(w: np.ndarray, spec: QuantSpec, method: str = "mse") -> Encoding:
+    """Symmetric weight quantizer for ``w`` (per channel along spec.axis, else per tensor)."""
+    if method not in WEIGHT_METHODS:
+        raise InputError(f"unknown weight range method {method!r} (choose from {', '.join(WEIGHT_METHODS)})")
+    w2 = _rows(w, spec.axis)  # [C, K]
+    absmax = np.abs(w2).max(axis=1).astype(np.float64)  # [C]
+    if method == "mse":
+        def loss(clip):  # [C] -> [C]
+            s = np.maximum(clip / spec.qmax, 1e-12)[:, None]
+            return np.sum((w2 - fake_quant_grid(w2, s, 0, spec.qmin, spec.qmax)) ** 2, axis=1)
+        clip = grid_golden_min(loss, absmax * 0.01, absmax)
+    else:
+        clip = absmax
+    lo = -clip if spec.axis is not None else -clip[0]
+    hi = clip if spec.axis is not None else clip[0]
+    enc = encoding_from_range(spec, lo, hi, method)
+    enc.stats["sqnr_db"] = round(sqnr_db(w2, fake_quant_grid(w2, _col(enc.scale), 0, spec.qmin, spec.qmax)), 2)
+    return enc
+
+
+def _rows(w: np.ndarray, axis: int | None) -> np.ndarray:
+    w = np.asarray(w, np.float64)
+    if axis is None:
+        return w.reshape(1, -1)
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+
+
+def _col(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    return a.reshape(-1, 1) if a.ndim else a
+
+
+# ---------------------------------------------------------------- activations
+
+def _grid_of(spec: QuantSpec, lo: np.ndarray, hi: np.ndarray):
+    """Scale and zero point ([G, 1] each) of candidate ranges [lo, hi] ([G])."""
+    enc = encoding_from_range(spec, lo, hi)
+    return enc.scale.astype(np.float64)[:, None], enc.zero_point.astype(np.float64)[:, None]
+
+
+def search_range(loss, spec: QuantSpec, lo0: float, hi0: float, rounds: int = 2) -> tuple[float, float]:
+    """Minimize ``loss(lo[G], hi[G]) -> [G]`` over lo in [lo0, 0], hi in [0, hi0] by coordinate-wise
+    grid + golden-section search (one coordinate for symmetric or one-signed ranges)."""
+    lo0, hi0 = min(lo0, 0.0), max(hi0, 0.0)
+    if spec.symmetric or lo0 == 0.0 or hi0 == 0.0:
+        top = max(-lo0, hi0) if spec.symmetric or hi0 == 0.0 else hi0
+        sign_lo = -1.0 if (spec.symmetric and spec.signed) or hi0 == 0.0 else 0.0
+        sign_hi = 0.0 if hi0 == 0.0 else 1.0
+
+        def f(t):
+            return loss(sign_lo * t, sign_hi * t)
+        t = float(grid_golden_min(lambda v: f(v.ravel()), np.array([top * 0.01]), np.array([top]))[0])
+        return sign_lo * t, sign_hi * t
+    lo, hi = lo0, hi0
+    for _ in range(rounds):
+        hi = float(grid_golden_min(lambda v: loss(np.full(v.size, lo), v.ravel()),
+                                   np.array([hi0 * 0.01]), np.array([hi0]))[0])
+        lo = float(grid_golden_min(lambda v: loss(v.ravel(), np.full(v.size, hi)),
+                                   np.array([lo0]), np.array([lo0 * 0.01]))[0])
+    return lo, hi
+
+
+def hist_mse_loss(hist: Histogram, spec: QuantSpec):
+    """The squared quantization error of the histogrammed data for candidate ranges (bin-center approximation)."""
+    centers, counts = hist.centers_counts()
+
+    def loss(lo, hi):
+        s, z = _grid_of(spec, np.asarray(lo), np.asarray(hi))
+        err = centers[None] - fake_quant_grid(centers[None], s, z, spec.qmin, spec.qmax)
+        return (err**2 * counts[None]).sum(axis=1)
+    return loss
+
+
+def _hist_sqnr(hist: Histogram, enc: Encoding) -> float:
+    centers, counts = hist.centers_counts()
+    if counts.size == 0:
+        return float("inf")
+    approx = fake_quant_grid(centers, float(enc.scale), float(enc.zero_point), enc.spec.qmin, enc.spec.qmax)
+    noise = float(np.sum(counts * (centers - approx) ** 2))
+    signal = float(np.sum(counts * centers**2))
+    return round(10 * np.log10(signal / noise), 2) if noise > 0 and signal > 0 else float("inf")
+
+
+def activation_encoding(hist: Histogram, spec: QuantSpec, method: str = "mse",
+                        percentile: float = 99.99) -> Encoding:
+    """Per-tensor activation quantizer from a histogram."""
+    if hist.n == 0:
+        raise InputError("no calibration data reached this tensor")
+    lo0, hi0 = min(hist.min, 0.0), max(hist.max, 0.0)
+    if method == "mse" and spec.bits > 8:
+        method = "minmax"  # a 16-bit step is finer than the histogram's bins: min-max is the MSE optimum there
+    if method == "minmax":
+        lo, hi = lo0, hi0
+    elif method == "mse":
+        lo, hi = search_range(hist_mse_loss(hist, spec), spec, lo0, hi0)
+    elif method == "percentile":
+        q = percentile / 100.0
+        lo = min(hist.quantile(1 - q), 0.0) if lo0 < 0 else 0.0
+        hi = max(hist.quantile(q), 0.0)
+    else:
+        raise InputError(f"unknown activation range method {method!r} (choose from {', '.join(ACT_METHODS)})")
+    enc = encoding_from_range(spec, lo, hi, method, {"observed_min": round(hist.min, 6),
+                                                      "observed_max": round(hist.max, 6)})
+    enc.stats["sqnr_db"] = _hist_sqnr(hist, enc)
+    return enc
+
+
+def xent_encoding(logits: np.ndarray, spec: QuantSpec, hist: Histogram | None = None) -> Encoding:
+    """Range of the logits minimizing E[CE(softmax(z), softmax(ẑ))] − H(softmax(z)) = E[KL] over a sample."""
+    z = np.asarray(logits, np.float64)  # [R, C]
+    p = _softmax(z)
+    plogp = np.sum(p * np.log(np.maximum(p, 1e-30)), axis=1)
+
+    def loss(lo, hi):
+        out = np.empty(len(lo))
+        for g, (l, h) in enumerate(zip(lo, hi)):
+            s, zp = _grid_of(spec, np.array([l]), np.array([h]))
+            zq = fake_quant_grid(z, s[0, 0], zp[0, 0], spec.qmin, spec.qmax)
+            out[g] = np.mean(plogp - np.sum(p * _log_softmax(zq), axis=1))
+        return out
+    lo, hi = search_range(loss, spec, float(z.min(initial=0.0)), float(z.max(initial=0.0)))
+    enc = encoding_from_range(spec, lo, hi, "xent", {"observed_min": round(float(z.min()), 6),
+                                                      "observed_max": round(float(z.max()), 6),
+                                                      "kl": round(float(loss([lo], [hi])[0]), 6)})
+    enc.stats["sqnr_db"] = _hist_sqnr(hist, enc) if hist is not None else round(
+        sqnr_db(z, fake_quant_grid(z, float(enc.scale), float(enc.zero_point), spec.qmin, spec.qmax)), 2)
+    return enc
+
+
+def bn_encoding(beta: np.ndarray, gamma: np.ndarray, spec: QuantSpec, bounds=(-np.inf, np.inf),
+                alpha: float = 6.0) -> Encoding:
+    """Data-free range [min_c(β_c − α|γ_c|), max_c(β_c + α|γ_c|)], clipped to the activation's bounds."""
+    lo = float(np.min(beta - alpha * np.abs(gamma)))
+    hi = float(np.max(beta + alpha * np.abs(gamma)))
+    lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return encoding_from_range(spec, min(lo, hi), hi, "bn", {"alpha": alpha})
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _log_softmax(z):
+    m = z.max(axis=1, keepdims=True)
+    return z - m - np.log(np.sum(np.exp(z - m), axis=1, keepdims=True))

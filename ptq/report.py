@@ -1,0 +1,108 @@
+"""The run report: JSON for machines (``<out>.report.json``) and Markdown for people (``<out>.report.md``)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _clean(x):
+    """JSON has no inf / nan: write them as strings."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def report_paths(out: Path) -> tuple[Path, Path]:
+    out = Path(out)
+    stem = out.name[:-5] if out.name.endswith(".onnx") else out.name
+    return out.with_name(stem + ".report.json"), out.with_name(stem + ".report.md")
+
+
+def write_report(report: dict, out: Path) -> tuple[Path, Path]:
+    jpath, mpath = report_paths(out)
+    write_text_atomic(jpath, json.dumps(_clean(report), indent=1) + "\n")
+    write_text_atomic(mpath, to_markdown(report))
+    return jpath, mpath
+
+
+def _fmt(v, nd=4):
+    if isinstance(v, float):
+        return f"{v:.{nd}g}"
+    if isinstance(v, list):
+        if len(v) > 4:
+            return f"{len(v)} channels, {min(v):.3g}…{max(v):.3g}"
+        return ", ".join(_fmt(x, nd) for x in v)
+    return str(v)
+
+
+def to_markdown(r: dict) -> str:
+    s = r["settings"]
+    lines = [f"# ptq report: {Path(r['model']).name}", "",
+             f"- model: `{r['model']}` → `{r['output']}`",
+             f"- weights: {s['weight_bits']}-bit {'per-channel' if s['per_channel'] else 'per-tensor'}, "
+             f"range `{s['weight_range']}`; activations: {s['act_bits']}-bit "
+             f"{'symmetric' if s['act_symmetric'] else 'asymmetric'}, range `{s['act_range']}` "
+             f"(logits `{s['logits_range']}`)",
+             f"- steps: {', '.join(s['steps'])}",
+             f"- sizes: FP32 {r['sizes']['fp32_bytes'] / 1e6:.2f} MB → quantized "
+             f"{r['sizes']['quant_bytes'] / 1e6:.2f} MB ({r['sizes']['ratio']:.2f}× smaller)",
+             f"- total time: {r['timings']['total']:.1f} s", ""]
+    lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in r["timings"].items()]
+    if r.get("fidelity"):
+        f = r["fidelity"]
+        lines += ["", f"## Output fidelity (FP32 vs quantized, {f['samples']} held-back calibration samples)", "",
+                  "| output | SQNR dB | cosine |", "|---|---|---|"]
+        lines += [f"| {k} | {v['sqnr_db']} | {v['cosine']} |" for k, v in f["outputs"].items()]
+        if "top1_agreement" in f:
+            lines += ["", f"Top-1 agreement with FP32: {f['top1_agreement']} %"]
+    if r.get("evaluation"):
+        e = r["evaluation"]
+        lines += ["", f"## Evaluation ({e['samples']} samples)", ""]
+        if "fp32_top1" in e:
+            lines += ["| | top-1 | top-5 |", "|---|---|---|",
+                      f"| FP32 | {e['fp32_top1']} | {e['fp32_top5']} |",
+                      f"| quantized | {e['quant_top1']} | {e['quant_top5']} |", "",
+                      f"Top-1 drop: {e['top1_drop']} points; top-1 agreement {e['top1_agreement']} %"]
+        elif "top1_agreement" in e:
+            lines += [f"Top-1 agreement with FP32: {e['top1_agreement']} %"]
+        if r.get("gate"):
+            lines += ["", r["gate"]]
+    lines += ["", "## Weight quantizers", "",
+              "| layer | op | bits | granularity | method | scale | SQNR dB |", "|---|---|---|---|---|---|---|"]
+    for name, w in r["weights"].items():
+        lines.append(f"| {name} | {w['op']} | {w['bits']} | {'channel' if w['axis'] is not None else 'tensor'} "
+                     f"| {w['method']} | {_fmt(w['scale'])} | {w.get('sqnr_db')} |")
+    lines += ["", "## Activation quantizers", "",
+              "| tensor | bits | scale | zero point | method | range | observed | SQNR dB | shared by |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, a in r["activations"].items():
+        rng = f"[{a['lo']:.4g}, {a['hi']:.4g}]"
+        obs = f"[{_fmt(a.get('observed_min', float('nan')))}, {_fmt(a.get('observed_max', float('nan')))}]"
+        lines.append(f"| {name} | {a['bits']} | {_fmt(a['scale'])} | {a['zero_point']} | {a['method']} | {rng} "
+                     f"| {obs} | {a.get('sqnr_db')} | {', '.join(a.get('shared_by', [])) or '—'} |")
+    lines += ["", "## Left in floating point", "",
+              ", ".join(r["fp32_ops"]) if r["fp32_ops"] else "nothing"]
+    if r.get("stages"):
+        lines += ["", "## Stage details", "", "```", json.dumps(_clean(r["stages"]), indent=1), "```"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,138 @@
+"""``ptq run`` as a library call: load → prepare → steps → export → save → fidelity → evaluate → report."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import DataSource, Preprocess, model_inputs
+from .evaluate import check_gate, evaluate
+from .export import export_qdq
+from .model import check_writable, load_model, save_model
+from .pipeline import Config, Context, prepare, run_steps
+from .report import report_paths, write_report
+
+
+@dataclass
+class RunResult:
+    output: Path
+    report_json: Path
+    report_md: Path
+    report: dict
+    gate: str | None = None
+
+
+def default_output(model_path: str | Path, config: Config) -> Path:
+    """``<stem>.w<W>a<A>.onnx`` in the current folder: deterministic, so batch jobs know where it went."""
+    return Path(f"{Path(model_path).stem}.w{config.weight_bits}a{config.act_bits}.onnx")
+
+
+def calibration_sources(folder, inputs, preprocess: Preprocess, config: Config):
+    """(range-setting source, held-back source or None): ``calib_size`` samples for range setting plus up to
+    ``holdout`` others held back to measure fidelity (at most a quarter of a small folder)."""
+    full = DataSource(folder, inputs, preprocess)
+    n = len(full)
+    holdout = min(config.holdout, n // 4)
+    calib_n = min(config.calib_size, n - holdout)
+    src = DataSource(folder, inputs, preprocess, size=calib_n + holdout, seed=config.seed)
+    if holdout == 0:
+        return src, None
+    # interleave deterministically so both parts cover the folder
+    rng = np.random.default_rng(config.seed + 1)
+    order = rng.permutation(len(src.files))
+    held = set(order[:holdout].tolist())
+    a, b = src.split(0)
+    a.files = [f for k, f in enumerate(src.files) if k not in held]
+    b.files = [f for k, f in enumerate(src.files) if k in held]
+    return a, b
+
+
+def quantize(model_path, calib, output=None, config: Config | None = None, preprocess: Preprocess | None = None,
+             eval_dir=None, eval_preprocess: Preprocess | None = None, max_drop=None,
+             progress: bool = False) -> RunResult:
+    """Quantize ``model_path`` with calibration data from ``calib``; write the QDQ model and its report.
+
+    Raises InputError for bad input (before anything is written) and AccuracyGateError after writing, when the
+    evaluation on ``eval_dir`` loses more than ``max_drop`` (see ptq.evaluate.parse_max_drop)."""
+    config = (config or Config()).validate()
+    preprocess = preprocess or Preprocess()
+    output = Path(output) if output else default_output(model_path, config)
+    check_writable(output)
+    for p in report_paths(output):
+        check_writable(p)
+    t_start = time.perf_counter()
+    timings = {}
+    t0 = time.perf_counter()
+    original = load_model(model_path)
+    inputs = model_inputs(original)
+    calib_src, held = calibration_sources(calib, inputs, preprocess, config) if calib else (None, None)
+    eval_src = DataSource(eval_dir, inputs, eval_preprocess or preprocess) if eval_dir else None
+    timings["load"] = round(time.perf_counter() - t0, 3)
+
+    t0 = time.perf_counter()
+    state = prepare(original, config)
+    timings["prepare"] = round(time.perf_counter() - t0, 3)
+    state = run_steps(state, Context(calib_src, progress), timings)
+
+    t0 = time.perf_counter()
+    qmodel = export_qdq(state)
+    save_model(qmodel, output)
+    timings["export"] = round(time.perf_counter() - t0, 3)
+
+    fidelity = None
+    if held is not None:
+        t0 = time.perf_counter()
+        fidelity = evaluate(original, qmodel, held, config.batch_size, progress=progress, desc="fidelity")
+        timings["fidelity"] = round(time.perf_counter() - t0, 3)
+    evaluation = None
+    if eval_src is not None:
+        t0 = time.perf_counter()
+        evaluation = evaluate(original, qmodel, eval_src, config.batch_size, eval_src.labels(), progress)
+        timings["evaluate"] = round(time.perf_counter() - t0, 3)
+    timings["total"] = round(time.perf_counter() - t_start, 3)
+
+    report = build_report(model_path, output, state, timings, fidelity, evaluation, original, qmodel)
+    gate_error, gate = None, None
+    if max_drop is not None:
+        from .errors import AccuracyGateError
+        try:
+            gate = check_gate(evaluation or fidelity or {}, max_drop)
+        except AccuracyGateError as e:
+            gate_error, gate = e, str(e)
+        report["gate"] = gate
+    jpath, mpath = write_report(report, output)
+    if gate_error is not None:
+        raise gate_error
+    return RunResult(output, jpath, mpath, report, gate)
+
+
+def build_report(model_path, output, state, timings, fidelity, evaluation, original, qmodel) -> dict:
+    fp_bytes, q_bytes = original.ByteSize(), Path(output).stat().st_size
+    shared = {}
+    for t, r in state.placement.root.items():
+        if t != r:
+            shared.setdefault(r, []).append(t)
+    acts = {}
+    for r, enc in state.acts.items():
+        acts[r] = {**enc.to_json(), "lo": float(enc.lo), "hi": float(enc.hi), "shared_by": shared.get(r, []),
+                   "logits": r in state.logits}
+    weights = {}
+    for layer in state.layers:
+        enc = state.weights.get(layer.name)
+        if enc is not None:
+            weights[layer.name] = {"op": layer.op, "weight": layer.weight, "activation": layer.act,
+                                   **enc.to_json()}
+    return {
+        "model": str(model_path), "output": str(output),
+        "settings": state.config.to_json(),
+        "timings": timings,
+        "sizes": {"fp32_bytes": fp_bytes, "quant_bytes": q_bytes, "ratio": round(fp_bytes / max(q_bytes, 1), 3)},
+        "layers": len(state.layers),
+        "bn_folded": len(state.bn),
+        "fp32_ops": state.placement.fp32_ops,
+        "fidelity": fidelity, "evaluation": evaluation,
+        "weights": weights, "activations": acts,
+        "stages": state.report,
+    }

@@ -1,0 +1,1 @@
+"""Pipeline stages: each reads and returns the pipeline State (see ptq.pipeline)."""

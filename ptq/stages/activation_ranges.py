@@ -1,0 +1,80 @@
+"""Activation range setting (white paper §3.1): one calibration pass over the FP32 model feeds a histogram per
+quantizer (and a row sample of the logits); then each quantizer's range is chosen by its method:
+``mse`` (default), ``minmax``, ``percentile``, ``bn`` (β ± α·γ of the BatchNorm that produced the tensor; falls
+back to ``mse`` where there is none) and ``xent`` for the logits.
+
+A quantizer right after a fused Relu / Clip is kept inside the activation's bounds, so the int8 runtime can drop
+the activation (its output range already is the quantizer's)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputError
+from ..model import Graph
+from ..observe import Histogram, RowSample, observe
+from ..patterns import clip_bounds
+from ..quant import Encoding, QuantSpec
+from ..ranges import activation_encoding, bn_encoding, xent_encoding
+
+
+def act_spec(cfg, override: dict) -> QuantSpec:
+    symmetric = bool(override.get("symmetric", cfg.act_symmetric))
+    return QuantSpec(bits=int(override.get("bits", cfg.act_bits)), signed=symmetric, symmetric=symmetric)
+
+
+def set_activation_ranges(state, ctx):
+    cfg = state.config
+    roots = state.placement.roots
+    if not roots:
+        return state
+    methods = {r: cfg.override_for(r).get("range", cfg.logits_range if r in state.logits else cfg.act_range)
+               for r in roots}
+    hists = {r: Histogram() for r in roots}
+    observers = {r: [hists[r]] for r in roots}
+    samples = {}
+    for r in roots:
+        if methods[r] == "xent":
+            samples[r] = RowSample(cfg.xent_rows)
+            observers[r].append(samples[r])
+    if ctx.calib is None:
+        raise InputError("activation ranges need calibration data (--calib)")
+    n = observe(state.model, ctx.calib, cfg.batch_size, observers, ctx.progress)
+    state.report.setdefault("calibration", {})["samples"] = n
+    gr = Graph(state.model)
+    bounds = _activation_bounds(state, gr)
+    bn_by_out = {l.out: state.bn.get(l.pre_act) for l in state.layers}
+    for r in roots:
+        spec = act_spec(cfg, cfg.override_for(r))
+        method = methods[r]
+        if method == "xent":
+            enc = xent_encoding(samples[r].data, spec, hists[r])
+        elif method == "bn" and bn_by_out.get(r) is not None:
+            st = bn_by_out[r]
+            enc = bn_encoding(st.beta, st.gamma, spec, bounds.get(r, (-np.inf, np.inf)))
+        else:
+            enc = activation_encoding(hists[r], spec, "mse" if method == "bn" else method, cfg.percentile)
+            if method == "bn":
+                enc.method = "mse (no BN before it)"
+        state.acts[r] = fit_inside(enc, bounds.get(r))
+    return state
+
+
+def _activation_bounds(state, gr: Graph) -> dict[str, tuple[float, float]]:
+    out = {}
+    for layer in state.layers:
+        if layer.act_node:
+            out[layer.out] = clip_bounds(gr, gr.nodes[layer.act_node])
+    return out
+
+
+def fit_inside(enc: Encoding, bounds) -> Encoding:
+    """Shrink the scale by ulps until the grid's top s·(q_max − z) is <= the activation's upper bound."""
+    if bounds is None or not np.isfinite(bounds[1]) or enc.spec.symmetric:
+        return enc
+    scale = np.float32(enc.scale)
+    for _ in range(64):
+        if float(scale) * (enc.spec.qmax - int(enc.zero_point)) <= bounds[1]:
+            break
+        scale = np.nextafter(scale, np.float32(0))
+    enc.scale = np.asarray(scale, np.float32)
+    return enc
