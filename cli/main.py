@@ -179,6 +179,25 @@ def eval_cmd(fp32_model, quant_model, data, batch_size, limit, max_drop, as_json
         click.echo(verdict)
 
 
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the table here (default: stdout).")
+def summary(folder, output):
+    """Summarize every *.report.json in FOLDER as one Markdown table."""
+    from pathlib import Path
+
+    from ptq.report import summary_table, write_text_atomic
+
+    files = sorted(Path(folder).glob("*.report.json"))
+    if not files:
+        raise InputError(f"{folder}: no *.report.json files")
+    table = summary_table(files)
+    if output:
+        write_text_atomic(Path(output), table)
+    else:
+        click.echo(table, nl=False)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv

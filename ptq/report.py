@@ -106,3 +106,19 @@ def to_markdown(r: dict) -> str:
     if r.get("stages"):
         lines += ["", "## Stage details", "", "```", json.dumps(_clean(r["stages"]), indent=1), "```"]
     return "\n".join(lines) + "\n"
+
+
+def summary_table(report_files: list[Path]) -> str:
+    """One Markdown row per run report: the batch job's overview."""
+    rows = ["| model | output | W/A bits | granularity | size ratio | time s | output SQNR dB | "
+            "top-1 agreement % | top-1 drop |", "|---|---|---|---|---|---|---|---|---|"]
+    for f in sorted(report_files):
+        r = json.loads(Path(f).read_text())
+        s = r["settings"]
+        ev = r.get("evaluation") or r.get("fidelity") or {}
+        sqnr = ", ".join(str(v["sqnr_db"]) for v in ev.get("outputs", {}).values()) or "—"
+        rows.append(f"| {Path(r['model']).name} | {Path(r['output']).name} | {s['weight_bits']}/{s['act_bits']} "
+                    f"| {'channel' if s['per_channel'] else 'tensor'} | {r['sizes']['ratio']} "
+                    f"| {r['timings']['total']} | {sqnr} | {ev.get('top1_agreement', '—')} "
+                    f"| {ev.get('top1_drop', '—')} |")
+    return "\n".join(rows) + "\n"
