@@ -5,6 +5,7 @@ and groups them into batches; nothing is held beyond one batch, so memory does n
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -156,13 +157,11 @@ class DataSource:
     def __len__(self) -> int:
         return len(self.files)
 
-    def split(self, holdout: int) -> tuple["DataSource", "DataSource"]:
-        """Two sources over disjoint files: (the first len - holdout files, the last holdout files)."""
-        import copy
-        a, b = copy.copy(self), copy.copy(self)
-        cut = len(self.files) - holdout
-        a.files, b.files = self.files[:cut], self.files[cut:]
-        return a, b
+    def subset(self, files: list[Path]) -> "DataSource":
+        """The same source over other files (e.g. a held-back part)."""
+        other = copy.copy(self)
+        other.files = list(files)
+        return other
 
     def read(self, path: Path) -> dict[str, np.ndarray]:
         """One sample: input name -> array with a leading batch axis of 1, checked against the model."""

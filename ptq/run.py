@@ -39,14 +39,9 @@ def calibration_sources(folder, inputs, preprocess: Preprocess, config: Config):
     src = DataSource(folder, inputs, preprocess, size=calib_n + holdout, seed=config.seed)
     if holdout == 0:
         return src, None
-    # interleave deterministically so both parts cover the folder
-    rng = np.random.default_rng(config.seed + 1)
-    order = rng.permutation(len(src.files))
-    held = set(order[:holdout].tolist())
-    a, b = src.split(0)
-    a.files = [f for k, f in enumerate(src.files) if k not in held]
-    b.files = [f for k, f in enumerate(src.files) if k in held]
-    return a, b
+    held = set(np.random.default_rng(config.seed + 1).permutation(len(src.files))[:holdout].tolist())
+    return (src.subset([f for k, f in enumerate(src.files) if k not in held]),
+            src.subset([f for k, f in enumerate(src.files) if k in held]))
 
 
 def quantize(model_path, calib, output=None, config: Config | None = None, preprocess: Preprocess | None = None,

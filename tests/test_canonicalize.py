@@ -1,0 +1,76 @@
+"""Canonicalization and BN folding keep the FP32 outputs (checked against onnxruntime on the original)."""
+import numpy as np
+import onnx
+from builders import conv_bn_relu, init, make, run
+from onnx import helper
+
+from ptq.canonicalize import canonicalize
+from ptq.model import Graph, default_opset
+from ptq.stages.fold_bn import fold_batchnorm
+
+
+def ops(model):
+    return [n.op_type for n in model.graph.node]
+
+
+def test_bn_folding_keeps_outputs_and_stats(rng):
+    for act in ("Relu", "Clip"):
+        m = conv_bn_relu(rng, act=act)
+        x = rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
+        c = canonicalize(m)
+        stats = fold_batchnorm(c)
+        assert "BatchNormalization" not in ops(c)
+        np.testing.assert_allclose(run(c, {"x": x})[0], run(m, {"x": x})[0], rtol=1e-5, atol=1e-5)
+        (name, st), = stats.items()
+        gamma = Graph(m).const("gamma")
+        np.testing.assert_array_equal(st.gamma, gamma)
+        # folded bias by hand: (b - mu) * gamma / sigma + beta
+        g = Graph(c)
+        conv = next(n for n in c.graph.node if n.op_type == "Conv")
+        gr0 = Graph(m)
+        sigma = np.sqrt(gr0.const("var") + 1e-5)
+        want = (gr0.const("b1") - gr0.const("mean")) * gamma / sigma + gr0.const("beta")
+        np.testing.assert_allclose(g.const(conv.input[2]), want, rtol=1e-6)
+
+
+def same_padding_model(rng):
+    """PyTorch-style "same" padding: pads computed by Concat/Cast of constants, a dynamic flatten by Shape."""
+    w = rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["p_lo"], value=helper.make_tensor("v", 7, [4], [0, 0, 1, 0])),
+        helper.make_node("Constant", [], ["p_hi"], value=helper.make_tensor("v", 7, [4], [0, 0, 1, 2])),
+        helper.make_node("Concat", ["p_lo", "p_hi"], ["pads"], axis=0),
+        helper.make_node("Cast", ["pads"], ["pads64"], to=7),
+        helper.make_node("Pad", ["x", "pads64"], ["xp"], mode="constant"),
+        helper.make_node("Conv", ["xp", "w"], ["c"], strides=[2, 2]),
+        helper.make_node("Shape", ["c"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Unsqueeze", ["batch", "axes0"], ["batch1"]),
+        helper.make_node("Concat", ["batch1", "minus1"], ["newshape"], axis=0),
+        helper.make_node("Reshape", ["c", "newshape"], ["y"]),
+    ]
+    inits = [init("w", w), init("zero", np.array(0, np.int64)), init("axes0", np.array([0], np.int64)),
+             init("minus1", np.array([-1], np.int64))]
+    return make(nodes, [("x", [None, 3, 9, 9])], [("y", [None, None])], inits)
+
+
+def test_constant_folding_and_pad_merge_keep_outputs(rng):
+    m = same_padding_model(rng)
+    x = rng.normal(0, 1, (2, 3, 9, 9)).astype(np.float32)
+    c = canonicalize(m)
+    assert "Pad" not in ops(c) and "Cast" not in ops(c) and "Constant" not in ops(c)
+    assert "Shape" in ops(c)  # the batch size is dynamic: not foldable
+    conv = next(n for n in c.graph.node if n.op_type == "Conv")
+    assert list(helper.get_attribute_value(conv.attribute[[a.name for a in conv.attribute].index("pads")])) \
+        == [1, 0, 1, 2]
+    np.testing.assert_allclose(run(c, {"x": x})[0], run(m, {"x": x})[0], rtol=1e-6, atol=1e-6)
+
+
+def test_old_opset_is_converted(rng):
+    m = conv_bn_relu(rng)
+    m.opset_import[0].version = 11
+    m = onnx.shape_inference.infer_shapes(m)
+    x = rng.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    c = canonicalize(m)
+    assert default_opset(c) == 13
+    np.testing.assert_allclose(run(c, {"x": x})[0], run(m, {"x": x})[0], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,159 @@
+"""The command line: exit codes, one-line errors, no partial files, the accuracy gate."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from builders import save_npy_samples, two_inputs, zoo
+
+from cli.main import main
+
+
+@pytest.fixture
+def setup(rng, tmp_path):
+    model = tmp_path / "zoo.onnx"
+    onnx.save(zoo(rng), str(model))
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 16, 16), 16)
+    return model, calib, tmp_path
+
+
+def call(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, want_code, *fragments):
+    assert code == want_code
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_run_writes_model_and_reports(setup, capsys):
+    model, calib, tmp = setup
+    out = tmp / "zoo.q.onnx"
+    code, stdout, err = call(capsys, "run", model, "--calib", calib, "-o", out, "--holdout", 4)
+    assert code == 0, err
+    assert out.exists() and (tmp / "zoo.q.report.json").exists() and (tmp / "zoo.q.report.md").exists()
+    report = json.loads((tmp / "zoo.q.report.json").read_text())
+    assert report["fidelity"]["samples"] == 4
+    assert set(report["timings"]) >= {"prepare", "weight_ranges", "activation_ranges", "export", "total"}
+    assert report["activations"]["logits"]["method"] == "xent"
+    assert "wrote" in stdout and "SQNR" in stdout
+    assert "| conv1 |" in (tmp / "zoo.q.report.md").read_text()
+    leftovers = [p.name for p in tmp.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("case", ["missing", "not_onnx", "empty_calib", "bad_shape", "bad_dtype", "unwritable",
+                                  "bad_option", "no_calib", "bad_recipe", "missing_npz_key"])
+def test_bad_input_gives_one_line_exit_2_and_no_file(setup, capsys, case, rng):
+    model, calib, tmp = setup
+    out = tmp / "out" / "m.onnx"
+    out.parent.mkdir()
+    args = ["run", model, "--calib", calib, "-o", out]
+    fragment = ""
+    if case == "missing":
+        args[1], fragment = tmp / "nope.onnx", "nope.onnx: no such file"
+    elif case == "not_onnx":
+        bad = tmp / "bad.onnx"
+        bad.write_text("hello")
+        args[1], fragment = bad, "bad.onnx: not a valid ONNX model"
+    elif case == "empty_calib":
+        (tmp / "empty").mkdir()
+        args[3], fragment = tmp / "empty", "no samples found"
+    elif case == "bad_shape":
+        args[3] = save_npy_samples(tmp / "wrong", rng, (3, 8, 8), 2)
+        fragment = "s000.npy: sample for input 'x' has shape [1, 3, 8, 8]"
+    elif case == "bad_dtype":
+        d = tmp / "strings"
+        d.mkdir()
+        np.save(d / "a.npy", np.array([["x"] * 16] * 16, dtype="U1")[None].repeat(3, 0))
+        args[3], fragment = d, "a.npy"
+    elif case == "unwritable":
+        args[5], fragment = tmp / "no_such_dir" / "m.onnx", "does not exist"
+    elif case == "bad_option":
+        args += ["--act-range", "magic"]
+        fragment = "--act-range"
+    elif case == "no_calib":
+        args = ["run", model, "-o", out]
+        fragment = "--calib"
+    elif case == "bad_recipe":
+        r = tmp / "r.toml"
+        r.write_text("weight_bitz = 4\n")
+        args += ["--recipe", r]
+        fragment = "unknown setting(s) weight_bitz"
+    elif case == "missing_npz_key":
+        d = tmp / "npz"
+        d.mkdir()
+        np.savez(d / "a.npz", y=np.zeros((3, 16, 16), np.float32), z=np.zeros(1, np.float32))
+        args[3], fragment = d, "missing key(s) x"
+    code, _, err = call(capsys, *args)
+    assert_one_line_error(code, err, 2, fragment)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_accuracy_gate_exits_3_after_writing(setup, capsys, rng):
+    model, calib, tmp = setup
+    # eval data with labels: the FP32 model's own predictions, so FP32 top-1 is 100 %
+    ev = save_npy_samples(tmp / "eval", rng, (3, 16, 16), 12)
+    from builders import run as ort_run
+    preds = [int(ort_run(zoo(np.random.default_rng(0)), {"x": np.load(f)[None]})[0].argmax())
+             for f in sorted(ev.glob("*.npy"))]
+    (ev / "labels.txt").write_text("".join(f"s{k:03d}.npy {p}\n" for k, p in enumerate(preds)))
+    out = tmp / "g.onnx"
+    common = ["run", model, "--calib", calib, "-o", out, "--eval", ev, "--weight-bits", 2, "--act-bits", 2]
+    code, _, err = call(capsys, *common, "--max-drop", "0")
+    report = json.loads((tmp / "g.report.json").read_text())
+    drop = report["evaluation"]["top1_drop"]
+    assert report["evaluation"]["fp32_top1"] == 100.0
+    assert drop > 0  # 2-bit weights and activations lose accuracy
+    assert_one_line_error(code, err, 3, "accuracy gate failed", f"{drop:.2f} points > allowed 0 points")
+    assert out.exists()  # the model and report are written; only the exit code says no
+    code, out_text, err = call(capsys, *common, "--max-drop", "100")
+    assert code == 0 and "accuracy gate passed" in out_text
+    code, _, err = call(capsys, *common, "--max-drop", "abc")
+    assert_one_line_error(code, err, 2, "--max-drop")
+
+
+def test_eval_command_agreement_without_labels(setup, capsys):
+    model, calib, tmp = setup
+    assert call(capsys, "run", model, "--calib", calib, "-o", tmp / "q.onnx", "-q")[0] == 0
+    code, out, err = call(capsys, "eval", model, tmp / "q.onnx", "--data", calib, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["samples"] == 16 and 0 <= result["top1_agreement"] <= 100
+    assert "top1_drop" not in result
+
+
+def test_two_input_model_with_npz_samples(rng, tmp_path, capsys):
+    model = tmp_path / "two.onnx"
+    onnx.save(two_inputs(rng), str(model))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for k in range(12):
+        np.savez(calib / f"s{k}.npz", a=rng.normal(0, 1, 6).astype(np.float32), b=rng.normal(0, 1, (1, 6)))
+    code, _, err = call(capsys, "run", model, "--calib", calib, "-o", tmp_path / "two.q.onnx", "--holdout", 3)
+    assert code == 0, err
+    report = json.loads((tmp_path / "two.q.report.json").read_text())
+    assert {"a", "b"} <= set(report["activations"])
+    assert report["fidelity"]["outputs"]["y"]["cosine"] > 0.99
+
+
+def test_python_dash_m_entry_point(setup):
+    model, calib, tmp = setup
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    p = subprocess.run([sys.executable, "-m", "ptq", "run", str(model), "--calib", str(calib), "-o",
+                        str(tmp / "m.onnx"), "--debug", "--quiet"], capture_output=True, text=True, env=env,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == ""
+    p = subprocess.run([sys.executable, "-m", "ptq", "run", str(tmp / "nope.onnx"), "--calib", str(calib)],
+                       capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1

@@ -1,0 +1,82 @@
+"""Calibration sources: image preprocessing worked by hand, labels, sample selection."""
+import numpy as np
+import pytest
+
+from ptq.data import DataSource, InputInfo, Preprocess, load_image
+from ptq.errors import InputError
+
+PIL = pytest.importorskip("PIL.Image")
+
+
+def write_png(path, rgb):
+    PIL.fromarray(np.asarray(rgb, np.uint8)).save(path)
+
+
+def test_image_preprocessing_by_hand(tmp_path):
+    img = np.zeros((4, 6, 3), np.uint8)
+    img[..., 0] = 255  # red
+    img[:, 2:4, 2] = 51  # a blue stripe in the middle columns
+    write_png(tmp_path / "a.png", img)
+    pre = Preprocess(crop=2, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    x = load_image(tmp_path / "a.png", pre)
+    assert x.shape == (3, 2, 2)
+    np.testing.assert_allclose(x[0], 1.0)  # (1 - 0.5) / 0.5
+    np.testing.assert_allclose(x[1], -1.0)
+    np.testing.assert_allclose(x[2], (0.2 - 0.5) / 0.5, atol=1e-6)
+    x = load_image(tmp_path / "a.png", Preprocess(color="bgr", layout="nhwc"))
+    assert x.shape == (4, 6, 3) and x[0, 0, 2] == pytest.approx(1.0) and x[0, 0, 0] == 0.0
+    x = load_image(tmp_path / "a.png", Preprocess(resize=8))  # short side 4 -> 8
+    assert x.shape == (3, 8, 12)
+
+
+def test_image_folder_fits_static_model_input_and_class_subfolders_are_labels(tmp_path):
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for k in range(3):
+            write_png(tmp_path / cls / f"{k}.png", np.full((20, 30, 3), 100 * k, np.uint8))
+    src = DataSource(tmp_path, [InputInfo("x", np.float32, [None, 3, 16, 16])])
+    batches = list(src.batches(4))
+    assert [b[1]["x"].shape for b in batches] == [(4, 3, 16, 16), (2, 3, 16, 16)]
+    labels = src.labels()
+    assert sorted(labels.values()) == [0, 0, 0, 1, 1, 1]
+    assert all(labels[p] == (p.parent.name == "dog") for p in src.files)
+
+
+def test_labels_txt_and_bad_lines(tmp_path):
+    for k in range(3):
+        np.save(tmp_path / f"s{k}.npy", np.zeros(4, np.float32))
+    (tmp_path / "labels.txt").write_text("s0.npy 5\ns2.npy 7\n")
+    src = DataSource(tmp_path, [InputInfo("x", np.float32, [None, 4])])
+    assert {p.name: v for p, v in src.labels().items()} == {"s0.npy": 5, "s2.npy": 7}
+    (tmp_path / "labels.txt").write_text("s0.npy five\n")
+    with pytest.raises(InputError, match="labels.txt:1"):
+        src.labels()
+
+
+def test_seeded_subset_is_deterministic(tmp_path):
+    for k in range(20):
+        np.save(tmp_path / f"s{k:02d}.npy", np.zeros(2, np.float32))
+    info = [InputInfo("x", np.float32, [None, 2])]
+    a = DataSource(tmp_path, info, size=5, seed=3).files
+    assert a == DataSource(tmp_path, info, size=5, seed=3).files
+    assert a != DataSource(tmp_path, info, size=5, seed=4).files
+    assert len(set(a)) == 5
+
+
+def test_variable_sizes_split_batches(tmp_path):
+    for k, n in enumerate([4, 4, 6, 6, 6]):
+        np.save(tmp_path / f"s{k}.npy", np.zeros((3, n, n), np.float32))
+    src = DataSource(tmp_path, [InputInfo("x", np.float32, [None, 3, None, None])])
+    assert [b[1]["x"].shape[0] for b in src.batches(8)] == [2, 3]
+
+
+def test_held_back_samples_are_disjoint_from_calibration(tmp_path):
+    from ptq.pipeline import Config
+    from ptq.run import calibration_sources
+    for k in range(40):
+        np.save(tmp_path / f"s{k:02d}.npy", np.zeros(2, np.float32))
+    info = [InputInfo("x", np.float32, [None, 2])]
+    calib, held = calibration_sources(tmp_path, info, Preprocess(), Config(calib_size=30, holdout=8))
+    assert len(calib) == 30 and len(held) == 8 and not set(calib.files) & set(held.files)
+    calib, held = calibration_sources(tmp_path, info, Preprocess(), Config(calib_size=256, holdout=32))
+    assert len(held) == 10 and len(calib) == 30  # a small folder: at most a quarter held back

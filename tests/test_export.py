@@ -1,0 +1,162 @@
+"""The exported QDQ model: what onnxruntime makes of it, and agreement with a numpy reference of the quantized
+network built from the chosen encodings."""
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from builders import conv_bn_relu, save_npy_samples, two_inputs, zoo
+from onnx import numpy_helper
+
+from ptq.data import DataSource, model_inputs
+from ptq.export import export_qdq
+from ptq.pipeline import Config, Context, prepare, run_steps
+from ptq.quant import QuantSpec, fake_quant
+from ptq.run import quantize
+
+
+def quantized_state(model, calib, config=None):
+    config = config or Config(holdout=0, batch_size=4)
+    state = prepare(model, config)
+    src = DataSource(calib, model_inputs(model))
+    return run_steps(state, Context(src), {})
+
+
+def ort_run(model, feed, optimize=True, save_to=None):
+    o = ort.SessionOptions()
+    o.log_severity_level = 3
+    if not optimize:
+        o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if save_to:
+        o.optimized_model_filepath = str(save_to)
+    return ort.InferenceSession(model.SerializeToString(), o, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def conv2d(x, w, b=None, pad=0):
+    """Plain numpy NCHW convolution (stride 1, group 1) by im2col."""
+    n, c, h, wd = x.shape
+    co, ci, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh, ow = h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1
+    cols = np.stack([xp[:, :, i:i + oh, j:j + ow] for i in range(kh) for j in range(kw)], axis=2)  # [N,C,K,OH,OW]
+    y = np.einsum("nckhw,ock->nohw", cols, w.reshape(co, ci, kh * kw).astype(np.float64))
+    return y + (0 if b is None else b.reshape(1, -1, 1, 1))
+
+
+def test_exported_conv_net_matches_numpy_reference(rng, tmp_path):
+    model = conv_bn_relu(rng, act="Clip")
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 12)
+    state = quantized_state(model, calib)
+    q = export_qdq(state)
+    x = rng.normal(0, 1, (3, 3, 8, 8)).astype(np.float32)
+
+    fm = state.model  # canonical FP32, BN folded
+    g = {t.name: numpy_helper.to_array(t) for t in fm.graph.initializer}
+    l1, l2 = state.layers
+    act = lambda t: state.acts[state.placement.root[t]]  # noqa: E731
+    xq = fake_quant(x, act(l1.x))
+    w1 = fake_quant(g[l1.weight], state.weights[l1.name])
+    b1 = fake_quant(g[l1.bias], _bias_enc(state, l1, act))
+    h = np.clip(conv2d(xq, w1, b1, pad=1), 0, 6)
+    hq = fake_quant(h.astype(np.float32), act(l1.out))
+    w2 = fake_quant(g[l2.weight], state.weights[l2.name])
+    y = fake_quant(conv2d(hq, w2).astype(np.float32), act(l2.out))
+
+    sim = ort_run(q, {"x": x}, optimize=False)[0]  # float Q/DQ arithmetic
+    step = float(act(l2.out).scale)
+    assert np.mean(np.abs(sim - y) > 1e-3 * step) < 0.01  # equal but for float rounding at ties
+    assert np.max(np.abs(sim - y)) <= step * 1.001
+    fused = ort_run(q, {"x": x})[0]  # integer kernels
+    assert np.max(np.abs(fused - y)) <= step * 1.001
+    assert np.mean(np.abs(fused - y) < 1e-6) > 0.95
+
+
+def _bias_enc(state, layer, act):
+    from ptq.export import bias_encoding
+    return bias_encoding(state.weights[layer.name], act(layer.x))
+
+
+def test_two_input_matmul_gemm_matches_numpy_reference(rng, tmp_path):
+    model = two_inputs(rng)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for k in range(10):
+        np.savez(calib / f"s{k}.npz", a=rng.normal(0, 1, 6).astype(np.float32),
+                 b=rng.normal(0, 2, 6).astype(np.float32))
+    state = quantized_state(model, calib, Config(holdout=0, batch_size=3, per_channel=False))
+    q = export_qdq(state)
+    a, b = rng.normal(0, 1, (5, 6)).astype(np.float32), rng.normal(0, 2, (5, 6)).astype(np.float32)
+    g = {t.name: numpy_helper.to_array(t) for t in state.model.graph.initializer}
+    act = lambda t: state.acts[state.placement.root[t]]  # noqa: E731
+    mm, gm = state.layers
+    ma = fake_quant(fake_quant(a, act("a")) @ fake_quant(g["wa"], state.weights[mm.name]), act(mm.out))
+    gb = fake_quant(b, act("b")) @ fake_quant(g["wb"], state.weights[gm.name]).T \
+        if gm.w_axis == 0 else fake_quant(b, act("b")) @ fake_quant(g["wb"], state.weights[gm.name])
+    gb = fake_quant(gb + fake_quant(g["bb"], _bias_enc(state, gm, act)), act(gm.out))
+    assert "s" in state.placement.root  # the Add's output is quantized; the Relu after it stays FP32
+    y = np.maximum(fake_quant((ma + gb).astype(np.float32), act("s")), 0)
+    sim = ort_run(q, {"a": a, "b": b}, optimize=False)[0]
+    np.testing.assert_allclose(sim, y, atol=float(act("s").scale) * 1.001)
+
+
+def test_onnxruntime_fuses_integer_kernels(rng, tmp_path):
+    model = zoo(rng)
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 16, 16), 8)
+    q = export_qdq(quantized_state(model, calib))
+    opt = tmp_path / "opt.onnx"
+    ort_run(q, {"x": rng.normal(0, 1, (1, 3, 16, 16)).astype(np.float32)}, save_to=opt)
+    count = collections.Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
+    assert count["QLinearConv"] == 4  # conv1 (+Relu6), depthwise (+Relu), conv2, conv3
+    assert count["QLinearAdd"] == 1
+    assert count["QGemm"] + count["QLinearMatMul"] == 1
+    assert count["Conv"] == 0 and count["Clip"] == 0 and count["Relu"] == 0
+    assert count["QLinearGlobalAveragePool"] + count["QLinearAveragePool"] >= 1
+
+
+def test_weights_and_biases_are_stored_as_integers(rng, tmp_path):
+    model = zoo(rng)
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 16, 16), 8)
+    q = export_qdq(quantized_state(model, calib))
+    inits = {t.name: t for t in q.graph.initializer}
+    dq_inputs = [n.input[0] for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    kinds = collections.Counter(inits[n].data_type for n in dq_inputs)
+    assert kinds[onnx.TensorProto.INT8] == 5  # five weights
+    assert kinds[onnx.TensorProto.INT32] == 4  # four biases (conv3 has none)
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and t.name in ("w1", "w2", "w3", "wd", "wg")
+                   for t in q.graph.initializer)
+
+
+def test_same_seed_gives_byte_identical_model(rng, tmp_path):
+    model_path = tmp_path / "zoo.onnx"
+    onnx.save(zoo(rng), str(model_path))
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 16, 16), 20)
+    a = quantize(model_path, calib, tmp_path / "a.onnx", Config(holdout=4, calib_size=12))
+    b = quantize(model_path, calib, tmp_path / "b.onnx", Config(holdout=4, calib_size=12))
+    assert a.output.read_bytes() == b.output.read_bytes()
+
+
+def test_bias_overflow_raises_weight_scale_instead_of_clipping(rng, tmp_path):
+    model = conv_bn_relu(rng)
+    # channel 0 of the folded conv: tiny weights, big bias -> |b| / (s_in * s_w) >> 2^31
+    state = prepare(model, Config(holdout=0))
+    for t in state.model.graph.initializer:
+        if t.name == state.layers[0].weight:
+            w = numpy_helper.to_array(t).copy()
+            w[0] = 1e-9
+            t.CopyFrom(numpy_helper.from_array(w, t.name))
+        if t.name == state.layers[0].bias:
+            b = numpy_helper.to_array(t).copy()
+            b[0] = 50.0
+            t.CopyFrom(numpy_helper.from_array(b, t.name))
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8)
+    state = run_steps(state, Context(DataSource(calib, model_inputs(model))), {})
+    assert state.report["bias_overflow"]["channels_with_raised_weight_scale"] == {state.layers[0].name: 1}
+    q = export_qdq(state)
+    bias_q = next(numpy_helper.to_array(t) for t in q.graph.initializer
+                  if t.data_type == onnx.TensorProto.INT32 and t.name.startswith(state.layers[0].name))
+    x = rng.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    ref = ort_run(state.model, {"x": x})[0]
+    got = ort_run(q, {"x": x})[0]
+    assert np.abs(bias_q).max() < 2**31 - 1
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.99

@@ -1,0 +1,95 @@
+"""Range setting against brute-force searches and formulas worked by hand."""
+import numpy as np
+import pytest
+
+from ptq.observe import Histogram
+from ptq.quant import QuantSpec, encoding_from_range, fake_quant
+from ptq.ranges import (activation_encoding, bn_encoding, grid_golden_min, weight_encoding, xent_encoding)
+
+W_SPEC = QuantSpec(4, signed=True, symmetric=True, axis=0)
+
+
+def mse(x, enc):
+    return float(np.sum((x - fake_quant(x, enc)) ** 2))
+
+
+def test_weight_mse_matches_brute_force_per_channel(rng):
+    w = rng.standard_t(3, (5, 200)).astype(np.float32)  # heavy tails: clipping pays
+    enc = weight_encoding(w, W_SPEC, "mse")
+    for c in range(5):
+        row = w[c]
+        top = np.abs(row).max()
+        brute = min(mse(row, encoding_from_range(W_SPEC.with_(axis=None), -t, t))
+                    for t in np.linspace(0.01 * top, top, 4000))
+        got = mse(row, encoding_from_range(W_SPEC.with_(axis=None), -enc.hi[c], enc.hi[c]))
+        assert got <= brute * 1.01 + 1e-9
+    minmax = weight_encoding(w, W_SPEC, "minmax")
+    assert mse(w, enc) < mse(w, minmax)  # heavy tails: MSE clips
+
+
+def test_golden_section_finds_parabola_minimum():
+    target = np.array([0.3, 1.7, 2.2])
+    t = grid_golden_min(lambda x: (x - target) ** 2, np.zeros(3), np.full(3, 3.0))
+    np.testing.assert_allclose(t, target, atol=1e-4)
+
+
+def test_activation_mse_on_histogram_matches_brute_force_on_data(rng):
+    x = np.concatenate([rng.exponential(1.0, 20000), -rng.exponential(0.2, 5000)]).astype(np.float32)
+    hist = Histogram()
+    for part in np.array_split(x, 7):  # streamed; range grows
+        hist.update(part * 1.0)
+    spec = QuantSpec(8)
+    enc = activation_encoding(hist, spec, "mse")
+    best = np.inf
+    for hi in np.linspace(0.5, x.max(), 80):
+        for lo in np.linspace(x.min(), 0, 20):
+            best = min(best, mse(x, encoding_from_range(spec, lo, hi)))
+    assert mse(x, enc) <= best * 1.02
+    assert mse(x, enc) < mse(x, activation_encoding(hist, spec, "minmax"))
+
+
+def test_histogram_streaming_keeps_counts_and_extremes(rng):
+    h = Histogram(half_bins=64)
+    data = [rng.normal(0, s, 1000) for s in (0.1, 1.0, 30.0)]
+    for d in data:
+        h.update(d)
+    allx = np.concatenate(data)
+    assert h.counts.sum() == allx.size == h.n
+    assert h.min == pytest.approx(allx.min()) and h.max == pytest.approx(allx.max())
+    c, n = h.centers_counts()
+    assert np.all(np.abs(c) <= h.nb * h.width)
+
+
+def test_percentile_by_hand():
+    h = Histogram()
+    h.update(np.arange(10001, dtype=np.float32) / 100)  # 0..100
+    enc = activation_encoding(h, QuantSpec(8), "percentile", percentile=99.0)
+    assert enc.hi == pytest.approx(99.0, abs=0.05)
+    assert float(enc.lo) == 0.0
+
+
+def test_xent_matches_brute_force(rng):
+    z = rng.normal(0, 1, (64, 10)).astype(np.float32)
+    z[:, 0] += 4.0
+    z[0, 1] = 25.0  # an outlier logit
+    spec = QuantSpec(4)
+
+    def kl(enc):
+        def sm(a):
+            e = np.exp(a - a.max(1, keepdims=True))
+            return e / e.sum(1, keepdims=True)
+        p, q = sm(z.astype(np.float64)), sm(fake_quant(z, enc).astype(np.float64))
+        return float(np.mean(np.sum(p * (np.log(p) - np.log(q)), 1)))
+    enc = xent_encoding(z, spec)
+    brute = min(kl(encoding_from_range(spec, lo, hi)) for hi in np.linspace(0.3, z.max(), 120)
+                for lo in np.linspace(z.min(), 0, 15))
+    assert kl(enc) <= brute * 1.05 + 1e-6
+
+
+def test_bn_range_by_hand():
+    beta, gamma = np.array([1.0, -2.0]), np.array([0.5, -1.0])
+    enc = bn_encoding(beta, gamma, QuantSpec(8), alpha=6.0)
+    # lo = min(1 - 3, -2 - 6) = -8, hi = max(1 + 3, -2 + 6) = 4
+    assert float(enc.lo) == pytest.approx(-8, abs=0.04) and float(enc.hi) == pytest.approx(4, abs=0.04)
+    enc = bn_encoding(beta, gamma, QuantSpec(8), bounds=(0, 6))  # after a ReLU6
+    assert float(enc.lo) == 0.0 and float(enc.hi) == pytest.approx(4, abs=0.02)
