@@ -78,6 +78,12 @@ def cli():
               help="Range method for the logits tensor (xent).")
 @click.option("--act-symmetric/--act-asymmetric", default=None, help="Activation grid (asymmetric uint8).")
 @click.option("--percentile", type=float, help="Percentile for --act-range percentile (99.99).")
+@click.option("--cle/--no-cle", default=None, help="Cross-layer equalization + high-bias absorption (off).")
+@click.option("--bias-correction", type=click.Choice(["empirical", "analytic"]),
+              help="Correct the mean output shift caused by weight quantization (off).")
+@click.option("--data-free", is_flag=True, default=None,
+              help="No calibration data: CLE + BN-based activation ranges + analytic bias correction.")
+@click.option("--input-range", help="LO,HI of the preprocessed model input (data-free ranges), e.g. -1,1.")
 @click.option("--calib-size", type=int, help="Calibration samples used for range setting (256).")
 @click.option("--holdout", type=int, help="Further samples held back to measure fidelity (32).")
 @click.option("--batch-size", type=int, help="Batch size for onnxruntime (16).")
@@ -98,6 +104,8 @@ def run(model, calib, output, recipe, eval_dir, eval_resize, eval_crop, max_drop
 
     pre = build_preprocess(kw)
     settings = load_recipe(recipe) if recipe else {}
+    if kw.get("input_range") is not None:
+        kw["input_range"] = _floats(kw["input_range"])
     settings.update({k: v for k, v in kw.items() if v is not None})
     try:
         config = Config(**settings)
@@ -106,8 +114,8 @@ def run(model, calib, output, recipe, eval_dir, eval_resize, eval_crop, max_drop
     gate = parse_max_drop(max_drop)
     if gate is not None and not eval_dir and not calib:
         raise InputError("--max-drop needs --eval DIR (or calibration data to hold back)")
-    if not calib:
-        raise InputError("--calib DIR is required (a folder of images or .npy/.npz samples)")
+    if not calib and not config.data_free:
+        raise InputError("--calib DIR is required (a folder of images or .npy/.npz samples), or --data-free")
     eval_pre = None
     if eval_dir and (eval_resize is not None or eval_crop is not None):
         from ptq.data import Preprocess

@@ -35,6 +35,7 @@ class Layer:
     out: str
     act: str | None = None
     act_node: str | None = None
+    bound: str | None = None  # initializer of the per-channel upper bound CLE put after the activation (Min)
 
 
 def find_layers(model: onnx.ModelProto) -> list[Layer]:

@@ -20,7 +20,11 @@ from .patterns import Layer, Placement, find_layers, place_activation_quantizers
 from .quant import Encoding
 from .ranges import ACT_METHODS, WEIGHT_METHODS
 from .stages.activation_ranges import set_activation_ranges
+from .stages.bias_absorption import absorb_high_biases
+from .stages.bias_correction import correct_biases
 from .stages.bias_overflow import guard_bias_overflow
+from .stages.cle import equalize
+from .stages.data_free_ranges import set_data_free_ranges
 from .stages.fold_bn import BNStats, fold_batchnorm
 from .stages.weight_ranges import set_weight_ranges
 
@@ -42,7 +46,12 @@ class Config:
     batch_size: int = 16
     seed: int = 0
     xent_rows: int = 512
-    steps: list = field(default_factory=lambda: list(DEFAULT_STEPS))
+    cle: bool = False
+    cle_relu6: str = "clip"  # "clip": exact per-channel bound; "relu": replace ReLU6 by ReLU (the paper)
+    bias_correction: str | None = None  # "empirical" | "analytic"
+    data_free: bool = False
+    input_range: tuple | None = None  # (lo, hi) of the preprocessed model input, for data-free ranges
+    steps: list | None = None  # explicit order; None: derived from the flags above (white paper Fig. 8)
     overrides: dict = field(default_factory=dict)  # tensor / layer / weight name -> {bits, symmetric, range, ...}
 
     def validate(self) -> "Config":
@@ -60,10 +69,32 @@ class Config:
             raise InputError(f"percentile must be in (0, 100], not {self.percentile}")
         if self.calib_size < 1 or self.batch_size < 1 or self.holdout < 0:
             raise InputError("calibration size and batch size must be >= 1, holdout >= 0")
+        if self.data_free:
+            self.cle = True
+            self.bias_correction = self.bias_correction or "analytic"
+        if self.cle_relu6 not in ("clip", "relu"):
+            raise InputError(f"cle_relu6 must be clip or relu, not {self.cle_relu6!r}")
+        if self.bias_correction not in (None, "empirical", "analytic"):
+            raise InputError(f"unknown bias correction {self.bias_correction!r} (empirical or analytic)")
+        if self.input_range is not None:
+            if len(self.input_range) != 2 or not self.input_range[0] < self.input_range[1]:
+                raise InputError(f"input range must be LO,HI with LO < HI, not {self.input_range}")
+            self.input_range = tuple(float(v) for v in self.input_range)
+        self.steps = list(self.steps) if self.steps is not None else self.default_steps()
         unknown = [s for s in self.steps if s not in STEPS]
         if unknown:
             raise InputError(f"unknown step(s) {', '.join(unknown)} (known: {', '.join(STEPS)})")
         return self
+
+    def default_steps(self) -> list[str]:
+        """The white paper's order (Fig. 8): CLE → bias absorption → weight ranges → bias correction →
+        activation ranges; then the int32 bias guard."""
+        steps = ["cle", "bias_absorption"] if self.cle else []
+        steps.append("weight_ranges")
+        if self.bias_correction:
+            steps.append("bias_correction")
+        steps.append("data_free_ranges" if self.data_free else "activation_ranges")
+        return steps + ["bias_overflow"]
 
     def override_for(self, *names: str) -> dict:
         for n in names:
@@ -102,6 +133,7 @@ class State:
     weights: dict[str, Encoding] = field(default_factory=dict)  # by layer name
     acts: dict[str, Encoding] = field(default_factory=dict)  # by root tensor name
     report: dict = field(default_factory=dict)
+    transformed: onnx.ModelProto | None = None  # the FP32 model after CLE / bias absorption
 
 
 @dataclass
@@ -114,6 +146,7 @@ class Context:
 
 def prepare(model: onnx.ModelProto, config: Config) -> State:
     """Canonicalize, fold BN, find layers and activation quantizer placement."""
+    config.validate()
     model = canonicalize(model)
     bn = fold_batchnorm(model)
     layers = find_layers(model)
@@ -126,16 +159,26 @@ def prepare(model: onnx.ModelProto, config: Config) -> State:
 
 
 STEPS = {
+    "cle": equalize,
+    "bias_absorption": absorb_high_biases,
     "weight_ranges": set_weight_ranges,
+    "bias_correction": correct_biases,
     "activation_ranges": set_activation_ranges,
+    "data_free_ranges": set_data_free_ranges,
     "bias_overflow": guard_bias_overflow,
 }
-DEFAULT_STEPS = ("weight_ranges", "activation_ranges", "bias_overflow")
+
+
+FUNCTION_PRESERVING = {"cle", "bias_absorption"}  # transform the FP32 model, meant to keep its function
 
 
 def run_steps(state: State, ctx: Context, timings: dict) -> State:
+    """Run the configured steps in order, timing each. After the FP32-preserving transforms the model is
+    snapshotted (``state.transformed``) so the pipeline can measure how far they moved the FP32 function."""
     for name in state.config.steps:
         t0 = time.perf_counter()
         state = STEPS[name](state, ctx)
+        if name in FUNCTION_PRESERVING:
+            state.transformed = onnx.ModelProto.FromString(state.model.SerializeToString())
         timings[name] = round(time.perf_counter() - t0, 3)
     return state

@@ -77,6 +77,9 @@ def quantize(model_path, calib, output=None, config: Config | None = None, prepr
     timings["export"] = round(time.perf_counter() - t0, 3)
 
     fidelity = None
+    if held is not None and state.transformed is not None:
+        # ReLU6 -> ReLU (cle_relu6 = "relu") and bias absorption may change the FP32 function: measure by how much
+        state.report["fp32_change_from_transforms"] = evaluate(original, state.transformed, held, config.batch_size)
     if held is not None:
         t0 = time.perf_counter()
         fidelity = evaluate(original, qmodel, held, config.batch_size, progress=progress, desc="fidelity")
@@ -103,6 +106,18 @@ def quantize(model_path, calib, output=None, config: Config | None = None, prepr
     return RunResult(output, jpath, mpath, report, gate)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss where /proc is absent)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def build_report(model_path, output, state, timings, fidelity, evaluation, original, qmodel) -> dict:
     fp_bytes, q_bytes = original.ByteSize(), Path(output).stat().st_size
     shared = {}
@@ -123,6 +138,7 @@ def build_report(model_path, output, state, timings, fidelity, evaluation, origi
         "model": str(model_path), "output": str(output),
         "settings": state.config.to_json(),
         "timings": timings,
+        "peak_rss_mb": peak_rss_mb(),
         "sizes": {"fp32_bytes": fp_bytes, "quant_bytes": q_bytes, "ratio": round(fp_bytes / max(q_bytes, 1), 3)},
         "layers": len(state.layers),
         "bn_folded": len(state.bn),

@@ -1,0 +1,233 @@
+"""Benchmark: ptq against onnxruntime's quantize_static on the real models and ImageNet images of
+../shared/bench; writes bench/results.md.
+
+    python bench/run.py [--models efficientnet_lite0 ...] [--suites core,ort] [--val-limit N]
+
+Quantization runs as a subprocess (`ptq run`, or bench/ort_baseline.py) so that its wall time and peak RSS are
+measured alone; evaluation runs both models in onnxruntime on the same preprocessed validation images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "bench"
+CACHE = ROOT / "bench" / ".cache"
+sys.path.insert(0, str(ROOT))
+
+from ptq.data import Preprocess, load_image  # noqa: E402
+from ptq.evaluate import evaluate  # noqa: E402
+from ptq.model import load_model  # noqa: E402
+
+NORM_05 = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+NORM_0498 = dict(mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502))
+MODELS = {  # name: (calibration preprocessing, validation preprocessing) — from ../shared/bench/README.md
+    "efficientnet_lite0": (Preprocess(resize=256, crop=224, **NORM_05), Preprocess(crop=224, **NORM_05)),
+    "efficientnet_lite0_bn": (Preprocess(resize=256, crop=224, **NORM_05), Preprocess(crop=224, **NORM_05)),
+    "efficientnet_lite1": (Preprocess(resize=272, crop=240, interp="bicubic", **NORM_0498),
+                           Preprocess(resize=272, crop=240, interp="bicubic", **NORM_0498)),
+    "efficientnet_lite2": (Preprocess(resize=292, crop=260, interp="bicubic", **NORM_0498),
+                           Preprocess(resize=292, crop=260, interp="bicubic", **NORM_0498)),
+}
+PRESET_FLAGS = {p: [] for p in MODELS}
+
+
+def flags_for(pre: Preprocess) -> list[str]:
+    return ["--resize", str(pre.resize), "--crop", str(pre.crop), "--interp", pre.interp,
+            "--mean", ",".join(map(str, pre.mean)), "--std", ",".join(map(str, pre.std))]
+
+
+@dataclass
+class Row:
+    model: str
+    tool: str
+    config: str
+    top1: float = float("nan")
+    top5: float = float("nan")
+    drop: float = float("nan")
+    agree: float = float("nan")
+    seconds: float = float("nan")
+    rss_mb: float = float("nan")
+    size_mb: float = float("nan")
+    latency: float = float("nan")
+    note: str = ""
+
+
+class ArraySource:
+    """Preprocessed images in a memory-mapped .npy, served in batches like ptq.data.DataSource."""
+
+    def __init__(self, path: Path, names: list[str], labels: dict[str, int] | None, input_name: str):
+        self.x = np.load(path, mmap_mode="r")
+        self.names = names
+        self.input_name = input_name
+        self._labels = labels
+
+    def __len__(self):
+        return len(self.names)
+
+    def batches(self, batch_size):
+        for k in range(0, len(self.names), batch_size):
+            yield self.names[k:k + batch_size], {self.input_name: np.ascontiguousarray(self.x[k:k + batch_size])}
+
+    def labels(self):
+        return self._labels
+
+
+def cached_images(tag: str, files: list[Path], pre: Preprocess) -> Path:
+    """Preprocess once into bench/.cache/<tag>.npy (float32 [N, 3, H, W])."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"{tag}.npy"
+    if path.exists():
+        return path
+    first = load_image(files[0], pre)
+    tmp = CACHE / f".{tag}.tmp.npy"
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(files),) + first.shape)
+    for k, f in enumerate(files):
+        arr[k] = load_image(f, pre)
+    arr.flush()
+    del arr
+    os.replace(tmp, path)
+    return path
+
+
+def run_measured(cmd: list[str]) -> tuple[float, str]:
+    """Run a command; return (wall seconds, output). Peak RSS comes from the process itself (its VmHWM):
+    a forked child's ru_maxrss would count this big parent's pages."""
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}")
+    return time.perf_counter() - t0, p.stdout
+
+
+def latency_ms(model_path: Path, shape, runs: int = 50) -> float:
+    o = ort.SessionOptions()
+    o.log_severity_level = 3
+    s = ort.InferenceSession(str(model_path), o, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(0, 1, shape).astype(np.float32)
+    name = s.get_inputs()[0].name
+    for _ in range(5):
+        s.run(None, {name: x})
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        s.run(None, {name: x})
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)) * 1000
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--suites", default="core,ort")
+    ap.add_argument("--calib-size", type=int, default=256)
+    ap.add_argument("--val-limit", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
+    args = ap.parse_args()
+    if not SHARED.is_dir():
+        print(f"benchmark data not found at {SHARED}: nothing to measure")
+        return 0
+    suites = set(args.suites.split(","))
+    calib_dir = SHARED / "data" / "imagenet-calib"
+    val_dir = SHARED / "data" / "imagenet-val"
+    val_labels = {l.split()[0]: int(l.split()[1]) for l in (val_dir / "labels.txt").read_text().splitlines() if l}
+    val_files = sorted(val_dir / f for f in val_labels)
+    if args.val_limit:
+        val_files = val_files[: args.val_limit]
+    calib_files = sorted(calib_dir.glob("*.JPEG"))
+    pick = np.random.default_rng(0).choice(len(calib_files), args.calib_size, replace=False)
+    calib_pick = [calib_files[i] for i in sorted(pick)]
+    rows: list[Row] = []
+    work = Path(tempfile.mkdtemp(prefix="ptq-bench-"))
+    calib_link = work / "calib"
+    calib_link.mkdir()
+    for f in calib_pick:  # the same 256 images for every tool
+        (calib_link / f.name).symlink_to(f)
+    for name in args.models:
+        model_path = SHARED / "models" / f"{name}.onnx"
+        cal_pre, val_pre = MODELS[name]
+        fp = load_model(model_path)
+        input_name = fp.graph.input[0].name
+        val_npy = cached_images(f"{name}-val{len(val_files)}", val_files, val_pre)
+        val = ArraySource(val_npy, [f.name for f in val_files], {f.name: val_labels[f.name] for f in val_files},
+                          input_name)
+        shape = (1,) + np.load(val_npy, mmap_mode="r").shape[1:]
+        fp_lat = latency_ms(model_path, shape)
+        fp_size = model_path.stat().st_size
+        base = evaluate(fp, fp, val, 32, val.labels())  # FP32 against itself: its accuracy
+        rows.append(Row(name, "FP32", "—", base["fp32_top1"], base["fp32_top5"], 0.0, 100.0,
+                        size_mb=fp_size / 1e6, latency=1.0, note=f"{fp_lat:.2f} ms batch 1"))
+        print(f"{name}: FP32 top-1 {base['fp32_top1']} top-5 {base['fp32_top5']}", flush=True)
+
+        def score(tool, config, qpath, seconds, rss, note=""):
+            q = load_model(qpath)
+            r = evaluate(fp, q, val, 32, val.labels())
+            row = Row(name, tool, config, r["quant_top1"], r["quant_top5"], r["top1_drop"], r["top1_agreement"],
+                      seconds, rss, qpath.stat().st_size / 1e6, latency_ms(qpath, shape) / fp_lat, note)
+            rows.append(row)
+            print(f"  {tool} {config}: top-1 {row.top1} drop {row.drop} agree {row.agree} "
+                  f"{seconds:.1f}s {rss:.0f}MB lat {row.latency:.2f}", flush=True)
+            write(rows, args.out)
+
+        if "core" in suites:
+            for gran in ("per-channel", "per-tensor"):
+                for rng_name, rflags in (("minmax", ["--weight-range", "minmax", "--act-range", "minmax",
+                                                     "--logits-range", "minmax"]),
+                                         ("mse+xent", []),):
+                    out = work / f"{name}-{gran}-{rng_name}.onnx"
+                    cmd = [sys.executable, "-m", "ptq", "run", str(model_path), "--calib", str(calib_link),
+                           "-o", str(out), "--holdout", "0", "--calib-size", str(args.calib_size), "-q",
+                           f"--{gran}", *rflags, *flags_for(cal_pre)]
+                    sec, _ = run_measured(cmd)
+                    rss = json.loads(out.with_name(out.stem + ".report.json").read_text())["peak_rss_mb"]
+                    score("ptq", f"W8A8 {gran} {rng_name}", out, sec, rss)
+        if "ort" in suites:
+            calib_npy = cached_images(f"{name}-calib{args.calib_size}", calib_pick, cal_pre)
+            for method in ("MinMax", "Entropy", "Percentile"):
+                for pc in ("1", "0"):
+                    out = work / f"{name}-ort-{method}-{pc}.onnx"
+                    cmd = [sys.executable, str(ROOT / "bench" / "ort_baseline.py"), str(model_path), str(out),
+                           str(calib_npy), method, pc]
+                    try:
+                        sec, text = run_measured(cmd)
+                        rss = float(text.split("peak_rss_mb")[1].split()[0])
+                    except RuntimeError as e:
+                        rows.append(Row(name, "onnxruntime quantize_static", f"{method} pc={pc}", note=str(e)[:80]))
+                        continue
+                    score("onnxruntime quantize_static",
+                          f"W8A8 S8S8 {'per-channel' if pc == '1' else 'per-tensor'} {method}", out, sec, rss)
+    write(rows, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def write(rows: list[Row], out: str):
+    import platform
+    lines = ["# Benchmark results", "",
+             f"Written by `make bench` (bench/run.py) on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, "
+             f"onnxruntime {ort.__version__}, Python {platform.python_version()}. Calibration: 256 images of "
+             f"../shared/bench/data/imagenet-calib (the same for every tool); evaluation: imagenet-val "
+             f"(1300 images). Drop and agreement are against FP32 on the same images. Time and peak RSS are of "
+             f"the quantization process alone; latency is onnxruntime CPU, batch 1, relative to FP32.", "",
+             "| model | tool | config | top-1 | top-5 | drop | top-1 agreement % | quant time s | peak RSS MB | "
+             "size MB | latency × FP32 | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v, nd=2: "—" if isinstance(v, float) and np.isnan(v) else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r.model} | {r.tool} | {r.config} | {f(r.top1)} | {f(r.top5)} | {f(r.drop)} | {f(r.agree)} "
+                     f"| {f(r.seconds, 1)} | {f(r.rss_mb, 0)} | {f(r.size_mb)} | {f(r.latency)} | {r.note} |")
+    Path(out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

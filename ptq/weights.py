@@ -1,0 +1,51 @@
+"""Channel views of a layer's weight: which axis holds output channels and which input channels, so that CLE,
+bias absorption and bias correction treat Conv, depthwise Conv, Gemm and MatMul alike."""
+from __future__ import annotations
+
+import numpy as np
+
+from .model import Graph, attr
+
+
+def layer_kind(gr: Graph, layer) -> str | None:
+    """'conv' (group 1), 'depthwise' (one input channel per group), 'dense' (Gemm / MatMul), or None."""
+    if layer.op == "Conv":
+        w = gr.const(layer.weight)
+        group = attr(gr.nodes[layer.name], "group", 1)
+        if group == 1:
+            return "conv"
+        if w.shape[1] == 1 and group == w.shape[0]:
+            return "depthwise"
+        return None
+    return "dense"
+
+
+def in_axis(kind: str, w_axis: int) -> int:
+    """Axis of the weight that indexes input channels (for depthwise the output axis: channel i maps to i)."""
+    if kind == "conv":
+        return 1
+    if kind == "depthwise":
+        return 0
+    return 1 - w_axis  # dense: the other axis of a 2-D weight
+
+
+def per_channel_absmax(w: np.ndarray, axis: int) -> np.ndarray:
+    """max |w| over everything but ``axis`` -> [C]."""
+    return np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
+
+
+def scale_along(w: np.ndarray, axis: int, s: np.ndarray) -> np.ndarray:
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    return w * s.reshape(shape).astype(w.dtype)
+
+
+def contract_input(w: np.ndarray, kind: str, w_axis: int, v: np.ndarray) -> np.ndarray:
+    """Σ over input channels (and kernel positions) of w · v[input channel] -> [Cout]: the change of a layer's
+    output when every input of channel i is v_i (used for absorbed biases and E[x]-based bias correction)."""
+    if kind == "conv":
+        return w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2).astype(np.float64) @ v
+    if kind == "depthwise":
+        return w.reshape(w.shape[0], -1).sum(axis=1).astype(np.float64) * v
+    w2 = w if w_axis == 0 else w.T  # [Cout, Cin]
+    return w2.astype(np.float64) @ v
