@@ -181,11 +181,11 @@ def xent_encoding(logits: np.ndarray, spec: QuantSpec, hist: Histogram | None = 
     return enc
 
 
-def bn_encoding(beta: np.ndarray, gamma: np.ndarray, spec: QuantSpec, bounds=(-np.inf, np.inf),
+def bn_encoding(beta: np.ndarray, std: np.ndarray, spec: QuantSpec, bounds=(-np.inf, np.inf),
                 alpha: float = 6.0) -> Encoding:
     """Data-free range [min_c(β_c − α|γ_c|), max_c(β_c + α|γ_c|)], clipped to the activation's bounds."""
-    lo = float(np.min(beta - alpha * np.abs(gamma)))
-    hi = float(np.max(beta + alpha * np.abs(gamma)))
+    lo = float(np.min(beta - alpha * np.abs(std)))
+    hi = float(np.max(beta + alpha * np.abs(std)))
     lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
     return encoding_from_range(spec, min(lo, hi), hi, "bn", {"alpha": alpha})
 

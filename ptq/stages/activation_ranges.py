@@ -50,7 +50,7 @@ def set_activation_ranges(state, ctx):
             enc = xent_encoding(samples[r].data, spec, hists[r])
         elif method == "bn" and bn_by_out.get(r) is not None:
             st = bn_by_out[r]
-            enc = bn_encoding(st.beta, st.gamma, spec, bounds.get(r, (-np.inf, np.inf)))
+            enc = bn_encoding(st.beta, st.std, spec, bounds.get(r, (-np.inf, np.inf)))
         else:
             enc = activation_encoding(hists[r], spec, "mse" if method == "bn" else method, cfg.percentile)
             if method == "bn":

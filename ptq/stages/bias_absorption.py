@@ -26,7 +26,7 @@ def absorb_high_biases(state, ctx=None, n_sigma: float = 3.0):
         bn = state.bn.get(l1.pre_act)
         if bn is None or l1.act != "Relu" or not l1.bias or l2.op == "MatMul" or _padded(gr, l2):
             continue
-        c = np.maximum(0.0, bn.beta.astype(np.float64) - n_sigma * np.abs(bn.gamma))
+        c = np.maximum(0.0, bn.beta.astype(np.float64) - n_sigma * bn.std)
         if not np.any(c > 0):
             continue
         w2 = gr.const(l2.weight)

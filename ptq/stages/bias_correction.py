@@ -98,5 +98,5 @@ def _analytic_means(state, gr, layers) -> dict:
         if bn is None:
             continue
         lo, hi = clip_bounds(gr, gr.nodes[prev.act_node]) if prev.act_node else (-np.inf, np.inf)
-        out[layer.name] = clipped_normal_moments(bn.beta, bn.gamma, lo, hi)[0]
+        out[layer.name] = clipped_normal_moments(bn.beta, bn.std, lo, hi)[0]
     return out

@@ -3,8 +3,10 @@
 For output channel c, with sigma_c = sqrt(var_c + eps):
     W'_c = W_c * gamma_c / sigma_c,    b'_c = (b_c - mu_c) * gamma_c / sigma_c + beta_c
 The BN parameters are kept (``BNStats``, keyed by the folded layer's output tensor): after folding, the
-pre-activation of channel c is distributed as N(beta_c, gamma_c^2), which BN-based range setting, high-bias
-absorption and analytic bias correction use.
+pre-activation of channel c is taken as N(beta_c, std_c^2) with std_c = |gamma_c|·sqrt(var_c / (var_c + eps)),
+which BN-based range setting, high-bias absorption and analytic bias correction use. (The paper writes gamma_c;
+the eps factor matters for dead channels, whose running variance is far below eps: their output is the
+constant beta_c, not N(beta_c, gamma_c^2) — on efficientnet_lite0_bn one such channel has gamma = 295.)
 """
 from __future__ import annotations
 
@@ -23,6 +25,11 @@ class BNStats:
     mean: np.ndarray  # [C]
     var: np.ndarray  # [C]
     eps: float
+
+    @property
+    def std(self) -> np.ndarray:
+        """The standard deviation of the BN's output, given an input with its running variance."""
+        return (np.abs(self.gamma) * np.sqrt(self.var / (self.var + self.eps))).astype(np.float32)
 
 
 def fold_batchnorm(model: onnx.ModelProto) -> dict[str, BNStats]:
