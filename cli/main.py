@@ -133,7 +133,7 @@ def _print_run(result):
     s = r["sizes"]
     click.echo(f"wrote {result.output} ({s['quant_bytes'] / 1e6:.2f} MB, {s['ratio']:.2f}x smaller than FP32) "
                f"in {r['timings']['total']:.1f} s")
-    click.echo(f"report: {result.report_md} and {result.report_json}")
+    click.echo(f"report: {result.report_md} ({result.report_html.name}, {result.report_json.name})")
     if r.get("fidelity"):
         _print_eval("fidelity on held-back calibration samples", r["fidelity"])
     if r.get("evaluation"):

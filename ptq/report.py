@@ -32,17 +32,37 @@ def _clean(x):
     return x
 
 
-def report_paths(out: Path) -> tuple[Path, Path]:
+def report_paths(out: Path) -> tuple[Path, Path, Path]:
+    """(JSON, Markdown, HTML) report paths beside the output model."""
     out = Path(out)
     stem = out.name[:-5] if out.name.endswith(".onnx") else out.name
-    return out.with_name(stem + ".report.json"), out.with_name(stem + ".report.md")
+    return tuple(out.with_name(stem + ext) for ext in (".report.json", ".report.md", ".report.html"))
 
 
-def write_report(report: dict, out: Path) -> tuple[Path, Path]:
-    jpath, mpath = report_paths(out)
+def write_report(report: dict, out: Path) -> tuple[Path, Path, Path]:
+    jpath, mpath, hpath = report_paths(out)
     write_text_atomic(jpath, json.dumps(_clean(report), indent=1) + "\n")
-    write_text_atomic(mpath, to_markdown(report))
-    return jpath, mpath
+    md = to_markdown(report)
+    write_text_atomic(mpath, md)
+    write_text_atomic(hpath, to_html(report, md))
+    return jpath, mpath, hpath
+
+
+def charts(r: dict) -> list[str]:
+    """Inline SVG charts: per-channel weight ranges before/after CLE of the most unbalanced layers."""
+    from .charts import channel_ranges_svg
+    out = []
+    for layer, rng in ((r.get("stages") or {}).get("cle") or {}).get("channel_ranges", {}).items():
+        out.append(channel_ranges_svg(f"{layer}: per-channel weight range",
+                                      {"before CLE": rng["before"], "after CLE": rng["after"]}))
+    return out
+
+
+def to_html(r: dict, md: str) -> str:
+    from html import escape
+    body = "".join(f"<figure>{svg}</figure>" for svg in charts(r))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>ptq report: {escape(Path(r['model']).name)}"
+            f"</title></head><body>{body}<pre>{escape(md)}</pre></body></html>\n")
 
 
 def _fmt(v, nd=4):
@@ -103,6 +123,12 @@ def to_markdown(r: dict) -> str:
                      f"| {obs} | {a.get('sqnr_db')} | {', '.join(a.get('shared_by', [])) or '—'} |")
     lines += ["", "## Left in floating point", "",
               ", ".join(r["fp32_ops"]) if r["fp32_ops"] else "nothing"]
+    cle = (r.get("stages") or {}).get("cle")
+    if cle:
+        lines += ["", "## Cross-layer equalization", "", "| pair | scale min | scale max |", "|---|---|---|"]
+        lines += [f"| {k} | {v['scale_min']:.4g} | {v['scale_max']:.4g} |" for k, v in cle["pairs"].items()]
+        lines += ["", "Per-channel weight ranges of the most unbalanced layers (the white paper's Fig. 6; also in "
+                  "the .report.html):", ""] + charts(r)
     if r.get("stages"):
         lines += ["", "## Stage details", "", "```", json.dumps(_clean(r["stages"]), indent=1), "```"]
     return "\n".join(lines) + "\n"

@@ -20,6 +20,7 @@ class RunResult:
     output: Path
     report_json: Path
     report_md: Path
+    report_html: Path
     report: dict
     gate: str | None = None
 
@@ -100,10 +101,10 @@ def quantize(model_path, calib, output=None, config: Config | None = None, prepr
         except AccuracyGateError as e:
             gate_error, gate = e, str(e)
         report["gate"] = gate
-    jpath, mpath = write_report(report, output)
+    paths = write_report(report, output)
     if gate_error is not None:
         raise gate_error
-    return RunResult(output, jpath, mpath, report, gate)
+    return RunResult(output, *paths, report, gate)
 
 
 def peak_rss_mb() -> float:
