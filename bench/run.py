@@ -130,7 +130,10 @@ def latency_ms(model_path: Path, shape, runs: int = 50) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=list(MODELS))
-    ap.add_argument("--suites", default="core,ort")
+    ap.add_argument("--suites", default="core,cle,ort",
+                    help="core: W8A8 ranges; cle: CLE / bias correction / data-free; ort: onnxruntime baseline")
+    ap.add_argument("--ort-models", nargs="*", default=["efficientnet_lite0"],
+                    help="models for the onnxruntime baseline (its Entropy/Percentile take ~100 s and 16 GB each)")
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--val-limit", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
@@ -148,7 +151,7 @@ def main():
     calib_files = sorted(calib_dir.glob("*.JPEG"))
     pick = np.random.default_rng(0).choice(len(calib_files), args.calib_size, replace=False)
     calib_pick = [calib_files[i] for i in sorted(pick)]
-    rows: list[Row] = []
+    rows: dict = load_rows()
     work = Path(tempfile.mkdtemp(prefix="ptq-bench-"))
     calib_link = work / "calib"
     calib_link.mkdir()
@@ -166,8 +169,8 @@ def main():
         fp_lat = latency_ms(model_path, shape)
         fp_size = model_path.stat().st_size
         base = evaluate(fp, fp, val, 32, val.labels())  # FP32 against itself: its accuracy
-        rows.append(Row(name, "FP32", "—", base["fp32_top1"], base["fp32_top5"], 0.0, 100.0,
-                        size_mb=fp_size / 1e6, latency=1.0, note=f"{fp_lat:.2f} ms batch 1"))
+        add(rows, Row(name, "FP32", "—", base["fp32_top1"], base["fp32_top5"], 0.0, 100.0,
+                      size_mb=fp_size / 1e6, latency=1.0, note=f"{fp_lat:.2f} ms batch 1"))
         print(f"{name}: FP32 top-1 {base['fp32_top1']} top-5 {base['fp32_top5']}", flush=True)
 
         def score(tool, config, qpath, seconds, rss, note=""):
@@ -175,10 +178,21 @@ def main():
             r = evaluate(fp, q, val, 32, val.labels())
             row = Row(name, tool, config, r["quant_top1"], r["quant_top5"], r["top1_drop"], r["top1_agreement"],
                       seconds, rss, qpath.stat().st_size / 1e6, latency_ms(qpath, shape) / fp_lat, note)
-            rows.append(row)
+            add(rows, row)
             print(f"  {tool} {config}: top-1 {row.top1} drop {row.drop} agree {row.agree} "
                   f"{seconds:.1f}s {rss:.0f}MB lat {row.latency:.2f}", flush=True)
             write(rows, args.out)
+
+        def ptq_run(config, out, extra):
+            cmd = [sys.executable, "-m", "ptq", "run", str(model_path), "-o", str(out), "--holdout", "0",
+                   "--calib-size", str(args.calib_size), "-q", *extra, *flags_for(cal_pre)]
+            if "--data-free" not in extra:
+                cmd[5:5] = ["--calib", str(calib_link)]
+            sec, _ = run_measured(cmd)
+            rep = json.loads(out.with_name(out.stem + ".report.json").read_text())
+            t = rep["timings"]
+            extra_s = sum(t.get(k, 0) for k in ("cle", "bias_absorption", "bias_correction"))
+            score("ptq", config, out, sec, rep["peak_rss_mb"], f"CLE+BC stages {extra_s:.1f} s" if extra_s else "")
 
         if "core" in suites:
             for gran in ("per-channel", "per-tensor"):
@@ -186,13 +200,19 @@ def main():
                                                      "--logits-range", "minmax"]),
                                          ("mse+xent", []),):
                     out = work / f"{name}-{gran}-{rng_name}.onnx"
-                    cmd = [sys.executable, "-m", "ptq", "run", str(model_path), "--calib", str(calib_link),
-                           "-o", str(out), "--holdout", "0", "--calib-size", str(args.calib_size), "-q",
-                           f"--{gran}", *rflags, *flags_for(cal_pre)]
-                    sec, _ = run_measured(cmd)
-                    rss = json.loads(out.with_name(out.stem + ".report.json").read_text())["peak_rss_mb"]
-                    score("ptq", f"W8A8 {gran} {rng_name}", out, sec, rss)
-        if "ort" in suites:
+                    ptq_run(f"W8A8 {gran} {rng_name}", out, [f"--{gran}", *rflags])
+        if "cle" in suites:
+            lo = (0 - cal_pre.mean[0]) / cal_pre.std[0]
+            hi = (1 - cal_pre.mean[0]) / cal_pre.std[0]
+            for config, extra in (("W8A8 per-tensor mse+xent +CLE", ["--per-tensor", "--cle"]),
+                                  ("W8A8 per-tensor mse+xent +CLE+BC", ["--per-tensor", "--cle",
+                                                                        "--bias-correction", "empirical"]),
+                                  ("W8A8 per-channel mse+xent +CLE+BC", ["--per-channel", "--cle",
+                                                                         "--bias-correction", "empirical"]),
+                                  ("W8A8 per-tensor data-free", ["--per-tensor", "--data-free",
+                                                                 "--input-range", f"{lo:.4f},{hi:.4f}"])):
+                ptq_run(config, work / f"{name}-{config.replace(' ', '_').replace('+', 'p')}.onnx", extra)
+        if "ort" in suites and name in args.ort_models:
             calib_npy = cached_images(f"{name}-calib{args.calib_size}", calib_pick, cal_pre)
             for method in ("MinMax", "Entropy", "Percentile"):
                 for pc in ("1", "0"):
@@ -203,7 +223,7 @@ def main():
                         sec, text = run_measured(cmd)
                         rss = float(text.split("peak_rss_mb")[1].split()[0])
                     except RuntimeError as e:
-                        rows.append(Row(name, "onnxruntime quantize_static", f"{method} pc={pc}", note=str(e)[:80]))
+                        add(rows, Row(name, "onnxruntime quantize_static", f"{method} pc={pc}", note=str(e)[:80]))
                         continue
                     score("onnxruntime quantize_static",
                           f"W8A8 S8S8 {'per-channel' if pc == '1' else 'per-tensor'} {method}", out, sec, rss)
@@ -212,14 +232,33 @@ def main():
     return 0
 
 
-def write(rows: list[Row], out: str):
+RESULTS_JSON = ROOT / "bench" / "results.json"
+
+
+def load_rows() -> dict:
+    """Earlier results (bench/results.json): a run of some suites or models updates only its own rows."""
+    if RESULTS_JSON.exists():
+        return {tuple(k.split("|")): Row(**v) for k, v in json.loads(RESULTS_JSON.read_text()).items()}
+    return {}
+
+
+def add(rows: dict, row: Row) -> None:
+    rows[(row.model, row.tool, row.config)] = row
+
+
+def write(rows: dict, out: str):
+    import dataclasses
+    RESULTS_JSON.write_text(json.dumps({"|".join(k): dataclasses.asdict(r) for k, r in rows.items()}, indent=1))
+    rows = [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1] != "FP32", k[1], k[2]))]
     import platform
     lines = ["# Benchmark results", "",
              f"Written by `make bench` (bench/run.py) on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, "
              f"onnxruntime {ort.__version__}, Python {platform.python_version()}. Calibration: 256 images of "
              f"../shared/bench/data/imagenet-calib (the same for every tool); evaluation: imagenet-val "
              f"(1300 images). Drop and agreement are against FP32 on the same images. Time and peak RSS are of "
-             f"the quantization process alone; latency is onnxruntime CPU, batch 1, relative to FP32.", "",
+             f"the quantization process alone; latency is onnxruntime CPU, batch 1, relative to FP32. "
+             f"ptq defaults: weights per-channel MSE, activations MSE, logits cross-entropy (mse+xent); "
+             f"BC = empirical bias correction; data-free uses no calibration images.", "",
              "| model | tool | config | top-1 | top-5 | drop | top-1 agreement % | quant time s | peak RSS MB | "
              "size MB | latency × FP32 | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, nd=2: "—" if isinstance(v, float) and np.isnan(v) else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))  # noqa: E731
