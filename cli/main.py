@@ -79,6 +79,8 @@ def cli():
 @click.option("--act-symmetric/--act-asymmetric", default=None, help="Activation grid (asymmetric uint8).")
 @click.option("--percentile", type=float, help="Percentile for --act-range percentile (99.99).")
 @click.option("--cle/--no-cle", default=None, help="Cross-layer equalization + high-bias absorption (off).")
+@click.option("--adaround/--no-adaround", default=None, help="AdaRound: learned weight rounding (off).")
+@click.option("--adaround-iters", type=int, help="Adam iterations per layer (1000).")
 @click.option("--bias-correction", type=click.Choice(["empirical", "analytic"]),
               help="Correct the mean output shift caused by weight quantization (off).")
 @click.option("--data-free", is_flag=True, default=None,

@@ -14,6 +14,7 @@ from onnx import helper
 from tqdm import tqdm
 
 HALF_BINS = 8192  # bins per sign: ~32 bins per 8-bit step at full range
+CHUNK = 1 << 20
 
 
 class Histogram:
@@ -43,10 +44,13 @@ class Histogram:
             self.counts[:] = 0
             self.counts[self.nb // 2: self.nb // 2 + self.nb] = merged
             self.width *= 2
-        idx = np.floor(x * np.float32(1.0 / self.width)).astype(np.int64)
-        idx += self.nb
-        np.clip(idx, 0, 2 * self.nb - 1, out=idx)
-        self.counts += np.bincount(idx, minlength=2 * self.nb)
+        inv = np.float32(1.0 / self.width)
+        for start in range(0, x.size, CHUNK):  # bounded temporaries, whatever the tensor size
+            part = x[start:start + CHUNK] * inv
+            np.floor(part, out=part)
+            part += self.nb
+            np.clip(part, 0, 2 * self.nb - 1, out=part)
+            self.counts += np.bincount(part.astype(np.int32), minlength=2 * self.nb)
 
     def centers_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """Bin centers and counts of the non-empty bins."""

@@ -20,6 +20,7 @@ from .patterns import Layer, Placement, find_layers, place_activation_quantizers
 from .quant import Encoding
 from .ranges import ACT_METHODS, WEIGHT_METHODS
 from .stages.activation_ranges import set_activation_ranges
+from .stages.adaround import adaround
 from .stages.bias_absorption import absorb_high_biases
 from .stages.bias_correction import correct_biases
 from .stages.bias_overflow import guard_bias_overflow
@@ -47,6 +48,11 @@ class Config:
     seed: int = 0
     xent_rows: int = 512
     cle: bool = False
+    adaround: bool = False
+    adaround_iters: int = 1000
+    adaround_batch: int = 1024  # rows per Adam step (layers with an activation)
+    adaround_rows: int = 16384  # rows (output positions) kept per layer with an activation
+    adaround_passes: int = 4  # passes over the calibration data (blocks of consecutive layers)
     cle_relu6: str = "clip"  # "clip": exact per-channel bound; "relu": replace ReLU6 by ReLU (the paper)
     bias_correction: str | None = None  # "empirical" | "analytic"
     data_free: bool = False
@@ -87,10 +93,12 @@ class Config:
         return self
 
     def default_steps(self) -> list[str]:
-        """The white paper's order (Fig. 8): CLE → bias absorption → weight ranges → bias correction →
-        activation ranges; then the int32 bias guard."""
+        """The white paper's order (Fig. 8): CLE → bias absorption → weight ranges → AdaRound → bias
+        correction (of the layers AdaRound left alone) → activation ranges; then the int32 bias guard."""
         steps = ["cle", "bias_absorption"] if self.cle else []
         steps.append("weight_ranges")
+        if self.adaround:
+            steps.append("adaround")
         if self.bias_correction:
             steps.append("bias_correction")
         steps.append("data_free_ranges" if self.data_free else "activation_ranges")
@@ -162,6 +170,7 @@ STEPS = {
     "cle": equalize,
     "bias_absorption": absorb_high_biases,
     "weight_ranges": set_weight_ranges,
+    "adaround": adaround,
     "bias_correction": correct_biases,
     "activation_ranges": set_activation_ranges,
     "data_free_ranges": set_data_free_ranges,

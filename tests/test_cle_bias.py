@@ -146,3 +146,16 @@ def test_data_free_run_needs_no_calibration(rng, tmp_path, capsys):
     q = run(onnx.load(str(tmp_path / "q.onnx")), {"x": np.load(next(calib.glob("*.npy")))[None]})[0]
     f = run(onnx.load(str(path)), {"x": np.load(next(calib.glob("*.npy")))[None]})[0]
     assert np.corrcoef(q.ravel(), f.ravel())[0, 1] > 0.98
+
+
+def test_data_free_falls_back_to_synthetic_inputs_for_unreached_tensors(rng):
+    # a Sigmoid is no moment rule: the Add after it is reached only by the synthetic fallback
+    from builders import init, make
+    inits = [init("w", rng.normal(0, 1, (4, 3, 1, 1)).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Sigmoid", ["c"], ["s"]),
+             helper.make_node("Add", ["s", "c"], ["y"])]
+    model = make(nodes, [("x", [None, 3, 4, 4])], [("y", [None, 4, 4, 4])], inits)
+    state = run_steps(prepare(model, Config(data_free=True, input_range=(-1, 1))), Context(), {})
+    assert "s" in state.report["data_free_ranges"]["synthetic_fallback"]
+    assert state.acts["s"].method == "minmax (synthetic inputs)"
+    assert 0.0 <= float(state.acts["s"].lo) and float(state.acts["s"].hi) <= 1.0 + 1e-6

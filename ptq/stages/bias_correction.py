@@ -8,7 +8,8 @@ output of each layer by E[ε x]; subtracting it from the bias restores the mean:
 - ``analytic``: no data. E[x] of channel i is the mean of the clipped normal act(N(β_i, γ_i²)) from the
   BatchNorm of the layer producing x (ptq.moments); layers whose input has no BatchNorm before it are skipped
   and listed.
-Layers without a bias (Conv, Gemm) get one; MatMul layers are skipped (no bias input).
+Layers without a bias (Conv, Gemm) get one; MatMul layers are skipped (no bias input), and so are layers that
+AdaRound rounded.
 """
 from __future__ import annotations
 
@@ -53,7 +54,9 @@ def correct_biases(state, ctx, mode: str | None = None):
     """The bias-correction stage (mode from the config: 'empirical' or 'analytic')."""
     mode = mode or state.config.bias_correction
     gr = Graph(state.model)
-    todo = [l for l in state.layers if l.name in state.weights and l.op != "MatMul" and layer_kind(gr, l)]
+    rounded = state.report.get("adaround", {})  # AdaRound's layers need no correction (white paper Fig. 8)
+    todo = [l for l in state.layers if l.name in state.weights and l.op != "MatMul" and layer_kind(gr, l)
+            and l.name not in rounded]
     if mode == "empirical":
         if ctx is None or ctx.calib is None:
             raise InputError("empirical bias correction needs calibration data (--calib); use analytic without")

@@ -77,6 +77,8 @@ def propagate_moments(state) -> dict[str, tuple]:
                 out = None
         elif node.op_type in PASS_THROUGH and ins and ins[0] is not None:
             out = ins[0]
+        elif node.op_type == "ReduceMean" and ins[0] is not None and _spatial_axes(gr, node):
+            out = ins[0]  # a global average pool written as ReduceMean
         elif node.op_type == "Concat" and all(i is not None for i in ins) and attr(node, "axis") == 1:
             n = [i[0].size for i in ins]
             out = (np.concatenate([i[0] for i in ins]), np.concatenate([i[1] for i in ins]),
@@ -85,6 +87,13 @@ def propagate_moments(state) -> dict[str, tuple]:
         if out is not None:
             stats[node.output[0]] = (np.asarray(out[0], np.float64), np.asarray(out[1], np.float64), out[2], out[3])
     return stats
+
+
+def _spatial_axes(gr: Graph, node) -> bool:
+    axes = attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = gr.const(node.input[1])
+    return axes is not None and all(int(a) >= 2 for a in np.asarray(axes).ravel())
 
 
 def set_data_free_ranges(state, ctx=None):
@@ -123,7 +132,7 @@ def _synthetic_fallback(state, names, stats, samples: int = 16):
         if any(d is None for d in info.shape[1:]):
             raise InputError(f"data-free ranges for {', '.join(names[:3])} need synthetic inputs, but input "
                              f"'{info.name}' has dynamic dimensions {info.shape}: give --calib data")
-        mu, sigma = stats[info.name]
+        mu, sigma = stats[info.name][:2]
         shape = [samples] + list(info.shape[1:])
         if cfg.input_range:
             batch[info.name] = rng.uniform(*cfg.input_range, shape).astype(np.float32)

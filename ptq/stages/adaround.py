@@ -1,0 +1,274 @@
+"""AdaRound (Nagel et al. 2020, "Up or Down? Adaptive Rounding for Post-Training Quantization"; white paper §3.4).
+
+Per layer, learn whether each weight rounds up or down:
+    W̃ = s · clip(⌊W/s⌋ + h(V), n, p),   h(V) = clip(σ(V)(ζ − γ) + γ, 0, 1),  ζ = 1.1, γ = −0.1      (eq. 22-23)
+minimizing  ‖f(W x) − f(W̃ x̃)‖² + λ Σ (1 − |2h(V) − 1|^β)                                           (eq. 25)
+with λ = 0.01 and β annealed 20 → 2 after a 20 % warm start (no regularizer); then W̃ rounds up where
+h(V) >= 0.5. x is the layer's input in the FP32 network, x̃ in the network whose earlier layers carry their
+quantized (already AdaRounded) weights; f is the layer's fused Relu / Clip (and CLE's per-channel bound), else
+the identity. V starts where h(V) equals the fractional part of W/s; Adam (lr 0.01) as in the paper.
+
+Speed: where f is the identity the loss is a quadratic form in Gram matrices,
+    ‖X̃W̃ᵀ − XWᵀ‖² = tr(W̃ G̃ W̃ᵀ) − 2 tr(W̃ C Wᵀ) + const,   G̃ = X̃ᵀX̃, C = X̃ᵀX   ([D, D], D = Cin·k·k)
+accumulated while streaming the calibration set, so an iteration costs O(Cout·D²) whatever the data size. With
+an activation, rows (output positions) are sampled and each iteration uses a mini-batch of them. Depthwise
+layers are solved as one batched problem over channels ([C, k·k]). Layer inputs are streamed in
+``adaround_passes`` passes over the calibration data: each pass serves a block of consecutive layers, with the
+layers of earlier blocks AdaRounded and those of its own block rounded to nearest (so nothing of the whole
+calibration set is held per layer beyond its Gram matrices or its row sample).
+
+Output: the AdaRounded weights are written into the model as their grid values s·q, so export stores q exactly.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+
+import numpy as np
+import onnx
+
+from ..errors import InputError
+from ..model import Graph, set_initializer
+from ..observe import session
+from ..patches import conv_geometry, sample_rows
+from ..patterns import clip_bounds
+from ..quant import fake_quant
+from ..weights import layer_kind
+
+ZETA, GAMMA = 1.1, -0.1
+GRAM_POSITIONS = 4096  # output positions per image for the Gram form (its cost is O(rows·D²) once)
+
+
+def _sigmoid(v):
+    return 1.0 / (1.0 + np.exp(-v))
+
+
+def rectified_sigmoid(v):
+    return np.clip(_sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def init_v(frac):
+    """V such that h(V) = frac (the fractional part of W/s)."""
+    p = np.clip((frac - GAMMA) / (ZETA - GAMMA), 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
+
+
+class Problem:
+    """One layer's rounding problem. W: [O, D] (depthwise: [C, K]); scale broadcast to W.
+
+    Data, one of: Gram form (``gram``: G̃ [D, D] or [C, K, K], C, R) for the identity, or rows
+    (``rows``: X̃ [R, D] or [R, C, K], targets T = f(X Wᵀ + b) [R, O], bias b, bounds lo/hi)."""
+
+    def __init__(self, w, scale, qmin, qmax, depthwise=False):
+        self.w = np.asarray(w, np.float64)
+        self.s = np.broadcast_to(np.asarray(scale, np.float64), self.w.shape) if np.ndim(scale) == 0 else \
+            np.asarray(scale, np.float64).reshape(-1, *([1] * (self.w.ndim - 1)))
+        self.qmin, self.qmax = qmin, qmax
+        self.floor = np.floor(self.w / self.s)
+        self.depthwise = depthwise
+        self.gram = None
+        self.rows = None
+
+    def w_tilde(self, h):
+        return self.s * np.clip(self.floor + h, self.qmin, self.qmax)
+
+    def nearest(self):
+        return self.s * np.clip(np.rint(self.w / self.s), self.qmin, self.qmax)
+
+    # --- the reconstruction loss and its gradient with respect to W̃
+    def loss_grad(self, wt, batch=None):
+        if self.gram is not None:
+            g, c, gff, r = self.gram
+            if self.depthwise:
+                wg = np.einsum("cm,cmk->ck", wt, g)
+                wc = np.einsum("cm,ckm->ck", self.w, c)
+                loss = (np.sum(wg * wt) - 2 * np.sum(wc * wt) + np.einsum("cm,cmk,ck->", self.w, gff, self.w))
+            else:
+                wg, wc = wt @ g, self.w @ c.T
+                loss = np.sum(wg * wt) - 2 * np.sum(wc * wt) + np.sum((self.w @ gff) * self.w)
+            norm = r * wt.shape[0]
+            return loss / norm, 2 * (wg - wc) / norm
+        x, t, b, lo, hi = self.rows
+        if batch is not None:
+            x, t = x[batch], t[batch]
+        y = (np.einsum("rck,ck->rc", x, wt) if self.depthwise else x @ wt.T) + b
+        a = np.clip(y, lo, hi)
+        err = a - t
+        d = 2 * err * ((y > lo) & (y < hi)) / err.size
+        grad = np.einsum("rc,rck->ck", d, x) if self.depthwise else d.T @ x
+        return float(np.mean(err**2)), grad
+
+
+def solve(problem: Problem, iters: int = 1000, batch: int = 1024, lam: float = 0.1, warm: float = 0.2,
+          beta=(20.0, 2.0), lr: float = 0.01, seed: int = 0) -> np.ndarray:
+    """Optimize V by Adam; return the integer weights (⌊W/s⌋ + hard rounding), clipped to the grid.
+
+    The reconstruction loss is divided by its value at nearest rounding and the regularizer averaged over the
+    weights, so λ means the same for every layer size and data scale (the paper's λ = 0.01 multiplies its
+    unnormalized loss); λ = 0.1 was the best of 0.01-1 on small problems checked against brute force."""
+    rng = np.random.default_rng(seed)
+    norm = max(problem.loss_grad(problem.nearest())[0], 1e-30)
+    lam = lam / problem.w.size
+    frac = problem.w / problem.s - problem.floor
+    v = init_v(frac)
+    m, s2 = np.zeros_like(v), np.zeros_like(v)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    n_rows = problem.rows[0].shape[0] if problem.rows is not None else 0
+    free = (problem.floor >= problem.qmin) & (problem.floor + 1 <= problem.qmax)  # both roundings on the grid
+    for t in range(1, iters + 1):
+        sig = _sigmoid(v)
+        h_raw = sig * (ZETA - GAMMA) + GAMMA
+        h = np.clip(h_raw, 0, 1)
+        sel = rng.choice(n_rows, min(batch, n_rows), replace=False) if n_rows > batch else None
+        _, g_w = problem.loss_grad(problem.w_tilde(h), sel)
+        g_w = g_w / norm
+        dh_dv = sig * (1 - sig) * (ZETA - GAMMA) * ((h_raw > 0) & (h_raw < 1))
+        grad = g_w * problem.s * free * dh_dv
+        rel = (t - warm * iters) / max((1 - warm) * iters, 1)
+        if rel > 0:
+            bt = beta[0] + (beta[1] - beta[0]) * rel
+            u = 2 * h - 1
+            grad = grad + lam * (-bt * np.abs(u) ** (bt - 1) * np.sign(u) * 2) * dh_dv
+        m = b1 * m + (1 - b1) * grad
+        s2 = b2 * s2 + (1 - b2) * grad**2
+        v = v - lr * (m / (1 - b1**t)) / (np.sqrt(s2 / (1 - b2**t)) + eps)
+    q = np.clip(problem.floor + (rectified_sigmoid(v) >= 0.5), problem.qmin, problem.qmax)
+    return polish(problem, q) if problem.gram is not None and not problem.depthwise else q
+
+
+def polish(problem: Problem, q: np.ndarray, max_rounds: int = 50) -> np.ndarray:
+    """Greedy 1-flip local search on the Gram form (our addition to AdaRound): move any weight to its other
+    rounding (⌊W/s⌋ or ⌊W/s⌋ + 1) when that lowers the loss; the change of flipping w_oj by δ is
+    2δ·(W̃G̃ − WCᵀ)_oj + δ²·G̃_jj. A few rounds, each flipping the best candidate of every output channel."""
+    g, c, _, _ = problem.gram
+    q = q.copy()
+    diag = np.diag(g)
+    rows = np.arange(q.shape[0])
+    for _ in range(max_rounds):
+        wt = problem.s * q
+        grad = wt @ g - problem.w @ c.T  # half the gradient
+        other = np.where(q > problem.floor, problem.floor, problem.floor + 1)
+        valid = (other >= problem.qmin) & (other <= problem.qmax)
+        delta = problem.s * (other - q)
+        gain = 2 * delta * grad + delta**2 * diag[None]
+        gain = np.where(valid, gain, np.inf)
+        j = np.argmin(gain, axis=1)
+        better = gain[rows, j] < -1e-12
+        if not better.any():
+            break
+        q[rows[better], j[better]] = other[rows[better], j[better]]
+    return q
+
+
+# ---------------------------------------------------------------- the stage
+
+def _activation(gr: Graph, layer):
+    if not layer.act_node:
+        return None
+    lo, hi = clip_bounds(gr, gr.nodes[layer.act_node])
+    if layer.bound:
+        hi = np.minimum(hi, gr.const(layer.bound).ravel())
+    return lo, hi
+
+
+def _as_matrix(w, layer, kind):
+    """Weight as [O, D] (depthwise: [C, k·k]) and back."""
+    if kind in ("conv", "depthwise"):
+        return w.reshape(w.shape[0], -1)
+    return w if layer.w_axis == 0 else w.T
+
+
+def _from_matrix(m, w, layer, kind):
+    if kind in ("conv", "depthwise"):
+        return m.reshape(w.shape)
+    return m if layer.w_axis == 0 else m.T
+
+
+def adaround(state, ctx):
+    """The AdaRound stage: every layer with a weight encoding, in topological order (see module docstring)."""
+    cfg = state.config
+    if ctx is None or ctx.calib is None:
+        raise InputError("AdaRound needs calibration data (--calib)")
+    gr = Graph(state.model)
+    layers = [l for l in state.layers if l.name in state.weights and layer_kind(gr, l) is not None]
+    fp32 = onnx.ModelProto.FromString(state.model.SerializeToString())
+    done: dict[str, np.ndarray] = {}  # layer -> AdaRounded weight (grid values)
+    report = {}
+    blocks = [b for b in np.array_split(np.arange(len(layers)), max(1, min(cfg.adaround_passes, len(layers))))
+              if len(b)]
+    for block in blocks:
+        group = [layers[i] for i in block]
+        sim = onnx.ModelProto.FromString(fp32.SerializeToString())
+        for l in layers:
+            w = gr.const(l.weight)
+            set_initializer(sim, l.weight, done.get(l.name, fake_quant(w, state.weights[l.name])))
+        problems = _collect(state, gr, group, fp32, sim, ctx)
+        for l in group:
+            t0 = time.perf_counter()
+            p, kind = problems[l.name]
+            near = p.nearest()
+            loss_near = p.loss_grad(near)[0]
+            q = solve(p, cfg.adaround_iters, cfg.adaround_batch, seed=cfg.seed)
+            wt = p.s * q
+            loss_ada = p.loss_grad(wt)[0]
+            if loss_ada > loss_near:  # never worse than nearest on the layer's own data
+                wt, q = near, np.rint(p.w / p.s)
+            w = gr.const(l.weight)
+            done[l.name] = _from_matrix(wt, w, l, kind).astype(np.float32)
+            report[l.name] = {"loss_nearest": float(f"{loss_near:.6g}"), "loss_adaround": float(f"{min(loss_ada, loss_near):.6g}"),
+                              "changed_from_nearest": round(float(np.mean(q != np.clip(np.rint(p.w / p.s), p.qmin, p.qmax))), 4),
+                              "seconds": round(time.perf_counter() - t0, 2),
+                              "data": "gram" if p.gram is not None else f"{p.rows[0].shape[0]} rows"}
+    for l in layers:
+        set_initializer(state.model, l.weight, done[l.name])
+    state.report["adaround"] = report
+    return state
+
+
+def _collect(state, gr, group, fp32, sim, ctx) -> dict:
+    """Stream the calibration data through the FP32 and the quantized-so-far models; build each layer's problem."""
+    cfg = state.config
+    names = list(dict.fromkeys(l.x for l in group))
+    s_fp, s_q = session(fp32, names), session(sim, names)
+    probs = {}
+    for l in group:
+        kind = layer_kind(gr, l)
+        enc = state.weights[l.name]
+        w = _as_matrix(gr.const(l.weight), l, kind)
+        scale = np.asarray(enc.scale)
+        p = Problem(w, scale if scale.ndim == 0 else scale.reshape(-1), enc.spec.qmin, enc.spec.qmax,
+                    kind == "depthwise")
+        act = _activation(gr, l)
+        b = gr.const(l.bias).astype(np.float64) if l.bias else np.zeros(w.shape[0])
+        probs[l.name] = (p, kind, act, b, conv_geometry(gr, l) if l.op == "Conv" else None, [], [])
+    # Gram layers take (nearly) every output position; row-sampled layers spread their budget over the images
+    per_sample_rows = max(1, -(-cfg.adaround_rows // max(len(ctx.calib), 1)))
+    for k, (paths, feed) in enumerate(ctx.calib.batches(cfg.batch_size)):
+        xs_fp = dict(zip(names, s_fp.run(names, feed)))
+        xs_q = dict(zip(names, s_q.run(names, feed)))
+        for l in group:
+            p, kind, act, b, geom, rows_x, rows_t = probs[l.name]
+            seed = (cfg.seed, k, zlib.crc32(l.name.encode()))
+            per_sample = GRAM_POSITIONS if act is None else per_sample_rows
+            xf = sample_rows(xs_fp[l.x], l, geom, per_sample, np.random.default_rng(seed), kind == "depthwise")
+            xq = sample_rows(xs_q[l.x], l, geom, per_sample, np.random.default_rng(seed), kind == "depthwise")
+            xf, xq = xf.astype(np.float64), xq.astype(np.float64)
+            if act is None:
+                if kind == "depthwise":
+                    add = (np.einsum("rcm,rck->cmk", xq, xq), np.einsum("rcm,rck->cmk", xq, xf),
+                           np.einsum("rcm,rck->cmk", xf, xf), xq.shape[0])
+                else:
+                    add = (xq.T @ xq, xq.T @ xf, xf.T @ xf, xq.shape[0])
+                p.gram = add if p.gram is None else tuple(a + c for a, c in zip(p.gram, add))
+            elif sum(len(r) for r in rows_x) < cfg.adaround_rows:
+                y = (np.einsum("rck,ck->rc", xf, p.w) if kind == "depthwise" else xf @ p.w.T) + b
+                rows_x.append(xq.astype(np.float32))
+                rows_t.append(np.clip(y, *act).astype(np.float32))
+    for l in group:
+        p, kind, act, b, _, rows_x, rows_t = probs[l.name]
+        if act is not None:
+            x = np.concatenate(rows_x)[: cfg.adaround_rows].astype(np.float64)
+            t = np.concatenate(rows_t)[: cfg.adaround_rows].astype(np.float64)
+            p.rows = (x, t, b, act[0], act[1])
+        probs[l.name] = (p, kind)
+    return probs

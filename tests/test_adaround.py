@@ -1,0 +1,96 @@
+"""AdaRound: the Gram-form loss against the data form, the result against nearest rounding and a brute-force
+search over every rounding, determinism, and the stage end to end."""
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+from builders import conv_bn_relu, save_npy_samples
+
+from ptq.data import DataSource, model_inputs
+from ptq.model import Graph
+from ptq.pipeline import Config, Context, prepare, run_steps
+from ptq.stages.adaround import Problem, rectified_sigmoid, init_v, solve
+
+
+def gram_problem(rng, o, d, s=0.5, mix=0.5, rows=400, qmin=-8, qmax=7):
+    w = rng.normal(0, 1, (o, d))
+    x = rng.normal(0, 1, (rows, d)) @ (np.eye(d) + mix * rng.normal(0, 1, (d, d)))
+    p = Problem(w, s, qmin, qmax)
+    g = x.T @ x
+    p.gram = (g, g, g, rows)
+    return p, x
+
+
+def test_gram_loss_equals_data_loss(rng):
+    p, x = gram_problem(rng, 3, 7)
+    xq = x + rng.normal(0, 0.1, x.shape)  # the quantized network's input differs from the FP32 one
+    p.gram = (xq.T @ xq, xq.T @ x, x.T @ x, len(x))
+    wt = p.nearest()
+    data_loss = np.mean((xq @ wt.T - x @ p.w.T) ** 2)
+    loss, grad = p.loss_grad(wt)
+    assert loss == pytest.approx(data_loss, rel=1e-9)
+    num = np.zeros_like(wt)  # numeric gradient
+    for idx in np.ndindex(wt.shape):
+        e = np.zeros_like(wt)
+        e[idx] = 1e-6
+        num[idx] = (p.loss_grad(wt + e)[0] - p.loss_grad(wt - e)[0]) / 2e-6
+    np.testing.assert_allclose(grad, num, rtol=1e-4, atol=1e-8)
+    rows = Problem(p.w, 0.5, -8, 7)  # the row form with an identity activation gives the same loss
+    rows.rows = (xq, x @ p.w.T, np.zeros(3), -np.inf, np.inf)
+    assert rows.loss_grad(wt)[0] == pytest.approx(data_loss, rel=1e-9)
+
+
+def test_depthwise_gram_matches_rows(rng):
+    c, k, r = 4, 9, 300
+    w = rng.normal(0, 1, (c, k))
+    x = rng.normal(0, 1, (r, c, k))
+    p = Problem(w, 0.3, -8, 7, depthwise=True)
+    g = np.einsum("rcm,rck->cmk", x, x)
+    p.gram = (g, g, g, r)
+    q = Problem(w, 0.3, -8, 7, depthwise=True)
+    q.rows = (x, np.einsum("rck,ck->rc", x, w), np.zeros(c), -np.inf, np.inf)
+    wt = p.nearest()
+    assert p.loss_grad(wt)[0] == pytest.approx(q.loss_grad(wt)[0], rel=1e-9)
+    np.testing.assert_allclose(p.loss_grad(wt)[1], q.loss_grad(wt)[1], rtol=1e-9)
+
+
+def test_rectified_sigmoid_initialization():
+    frac = np.array([0.0, 0.25, 0.5, 0.9])
+    np.testing.assert_allclose(rectified_sigmoid(init_v(frac))[1:], frac[1:], atol=1e-6)
+
+
+def test_adaround_beats_nearest_on_a_small_layer(rng):
+    p, _ = gram_problem(rng, 6, 24, s=0.4)
+    q = solve(p, iters=1000)
+    assert p.loss_grad(p.s * q)[0] < 0.8 * p.loss_grad(p.nearest())[0]
+    assert np.all((q >= np.floor(p.w / p.s)) & (q <= np.floor(p.w / p.s) + 1))  # only up or down
+
+
+def test_adaround_near_brute_force_optimum_on_tiny_problems():
+    rng = np.random.default_rng(1)
+    ratios = []
+    for _ in range(6):
+        p, _ = gram_problem(rng, 1, 10)
+        best = min(p.loss_grad(p.s * (p.floor + np.array(b)[None]))[0] for b in itertools.product([0, 1], repeat=10))
+        q = solve(p, iters=1000)
+        ratios.append(p.loss_grad(p.s * q)[0] / best)
+        assert p.loss_grad(p.s * q)[0] <= p.loss_grad(p.nearest())[0] + 1e-12
+    assert max(ratios) <= 1.45 and np.median(ratios) <= 1.1, ratios
+
+
+def test_adaround_stage_is_deterministic_and_on_grid(rng, tmp_path):
+    model = conv_bn_relu(rng, act="Clip")
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 16)
+    cfg = dict(weight_bits=4, adaround=True, adaround_iters=200, holdout=0, batch_size=8)
+    states = [run_steps(prepare(model, Config(**cfg)), Context(DataSource(calib, model_inputs(model))), {})
+              for _ in range(2)]
+    a, b = (Graph(s.model) for s in states)
+    for layer in states[0].layers:
+        wa, wb = a.const(layer.weight), b.const(layer.weight)
+        np.testing.assert_array_equal(wa, wb)
+        scale = np.asarray(states[0].weights[layer.name].scale).reshape(-1, 1, 1, 1)
+        np.testing.assert_allclose(wa / scale, np.rint(wa / scale), atol=1e-4)  # grid values s·q
+        rep = states[0].report["adaround"][layer.name]
+        assert rep["loss_adaround"] <= rep["loss_nearest"]
+    assert onnx.ModelProto.SerializeToString(states[0].model) == onnx.ModelProto.SerializeToString(states[1].model)
