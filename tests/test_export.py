@@ -160,3 +160,25 @@ def test_bias_overflow_raises_weight_scale_instead_of_clipping(rng, tmp_path):
     got = ort_run(q, {"x": x})[0]
     assert np.abs(bias_q).max() < 2**31 - 1
     assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.99
+
+
+def test_4bit_weights_are_int4_at_opset_21_and_int8_below(rng, tmp_path):
+    from builders import make, init
+    from onnx import helper
+    w = rng.normal(0, 1, (4, 3, 3, 3)).astype(np.float32)
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 6, 6), 8)
+    x = rng.normal(0, 1, (1, 3, 6, 6)).astype(np.float32)
+    for opset, want in ((21, onnx.TensorProto.INT4), (13, onnx.TensorProto.INT8)):
+        model = make([helper.make_node("Conv", ["x", "w"], ["y"])], [("x", [None, 3, 6, 6])],
+                     [("y", [None, 4, 4, 4])], [init("w", w)], opset=opset)
+        state = quantized_state(model, calib, Config(holdout=0, weight_bits=4))
+        q = export_qdq(state)
+        (wq,) = [t for t in q.graph.initializer if t.name.endswith("weight/quantized")]
+        assert wq.data_type == want
+        ints = numpy_helper.to_array(wq).astype(np.int32)
+        assert ints.min() >= -8 and ints.max() <= 7
+        ref = fake_quant(w, state.weights[state.layers[0].name])
+        deq = ints * np.asarray(state.weights[state.layers[0].name].scale).reshape(-1, 1, 1, 1)
+        np.testing.assert_allclose(deq, ref, rtol=1e-6)
+        out = ort_run(q, {"x": x})[0]  # onnxruntime loads and runs it
+        assert out.shape == (1, 4, 4, 4) and np.isfinite(out).all()
