@@ -51,6 +51,8 @@ class Config:
     adaround: bool = False
     adaround_iters: int = 1000
     adaround_batch: int = 1024  # rows per Adam step (layers with an activation)
+    adaround_lambda: float = 0.1  # on the normalized loss (see stages/adaround.solve)
+    adaround_polish: bool = True  # greedy 1-flip search after Adam on Gram-form layers
     adaround_rows: int = 16384  # rows (output positions) kept per layer with an activation
     adaround_passes: int = 4  # passes over the calibration data (blocks of consecutive layers)
     cle_relu6: str = "clip"  # "clip": exact per-channel bound; "relu": replace ReLU6 by ReLU (the paper)

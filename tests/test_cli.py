@@ -157,3 +157,22 @@ def test_python_dash_m_entry_point(setup):
     p = subprocess.run([sys.executable, "-m", "ptq", "run", str(tmp / "nope.onnx"), "--calib", str(calib)],
                        capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     assert p.returncode == 2 and p.stderr.count("\n") == 1
+
+
+def test_recipe_overrides_and_16_bit_activations(setup, capsys):
+    model, calib, tmp = setup
+    recipe = tmp / "r.toml"
+    recipe.write_text('weight_bits = 6\nact_range = "minmax"\n[overrides."logits"]\nbits = 16\n'
+                      '[overrides."conv1"]\nbits = 3\nper_channel = false\n')
+    out = tmp / "r.onnx"
+    code, _, err = call(capsys, "run", model, "--calib", calib, "-o", out, "--recipe", recipe, "--holdout", 4)
+    assert code == 0, err
+    report = json.loads((tmp / "r.report.json").read_text())
+    assert report["activations"]["logits"]["bits"] == 16 and report["activations"]["add"]["bits"] == 8
+    assert report["activations"]["add"]["method"] == "minmax"
+    assert report["weights"]["conv1"]["bits"] == 3 and report["weights"]["conv1"]["axis"] is None
+    assert report["weights"]["conv2"]["bits"] == 6 and report["weights"]["conv2"]["axis"] == 0
+    q = onnx.load(str(out))
+    qnodes = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.output[0].startswith("logits")]
+    assert qnodes and qnodes[0].domain == "com.microsoft"  # uint16 Q/DQ below opset 21
+    assert report["fidelity"]["outputs"]["logits"]["sqnr_db"] > 10  # onnxruntime ran it

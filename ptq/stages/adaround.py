@@ -100,7 +100,7 @@ class Problem:
 
 
 def solve(problem: Problem, iters: int = 1000, batch: int = 1024, lam: float = 0.1, warm: float = 0.2,
-          beta=(20.0, 2.0), lr: float = 0.01, seed: int = 0) -> np.ndarray:
+          beta=(20.0, 2.0), lr: float = 0.01, seed: int = 0, polish_gram: bool = True) -> np.ndarray:
     """Optimize V by Adam; return the integer weights (⌊W/s⌋ + hard rounding), clipped to the grid.
 
     The reconstruction loss is divided by its value at nearest rounding and the regularizer averaged over the
@@ -133,7 +133,7 @@ def solve(problem: Problem, iters: int = 1000, batch: int = 1024, lam: float = 0
         s2 = b2 * s2 + (1 - b2) * grad**2
         v = v - lr * (m / (1 - b1**t)) / (np.sqrt(s2 / (1 - b2**t)) + eps)
     q = np.clip(problem.floor + (rectified_sigmoid(v) >= 0.5), problem.qmin, problem.qmax)
-    return polish(problem, q) if problem.gram is not None and not problem.depthwise else q
+    return polish(problem, q) if polish_gram and problem.gram is not None and not problem.depthwise else q
 
 
 def polish(problem: Problem, q: np.ndarray, max_rounds: int = 50) -> np.ndarray:
@@ -208,7 +208,8 @@ def adaround(state, ctx):
             p, kind = problems[l.name]
             near = p.nearest()
             loss_near = p.loss_grad(near)[0]
-            q = solve(p, cfg.adaround_iters, cfg.adaround_batch, seed=cfg.seed)
+            q = solve(p, cfg.adaround_iters, cfg.adaround_batch, cfg.adaround_lambda, seed=cfg.seed,
+                      polish_gram=cfg.adaround_polish)
             wt = p.s * q
             loss_ada = p.loss_grad(wt)[0]
             if loss_ada > loss_near:  # never worse than nearest on the layer's own data
