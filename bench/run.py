@@ -127,6 +127,26 @@ def latency_ms(model_path: Path, shape, runs: int = 50) -> float:
     return float(np.median(ts)) * 1000
 
 
+def cle_invariance(fp, val: ArraySource, limit: int = 256) -> float:
+    """max |y_CLE − y| / max |y| over the logits of ``limit`` validation images: CLE alone must keep FP32."""
+    from ptq.pipeline import Config, Context, prepare
+    from ptq.stages.cle import equalize
+    state = prepare(fp, Config(cle=True))
+    eq = equalize(state, Context()).model
+    o = ort.SessionOptions()
+    o.log_severity_level = 3
+    s0, s1 = (ort.InferenceSession(m.SerializeToString(), o, providers=["CPUExecutionProvider"])
+              for m in (fp, eq))
+    worst, seen = 0.0, 0
+    for _, feed in val.batches(32):
+        y0, y1 = s0.run(None, feed)[0], s1.run(None, feed)[0]
+        worst = max(worst, float(np.abs(y1 - y0).max() / np.abs(y0).max()))
+        seen += len(y0)
+        if seen >= limit:
+            break
+    return worst
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=list(MODELS))
@@ -211,6 +231,10 @@ def main():
                 ptq_run("W8A8 per-channel mse+xent, 1000 calibration images", work / f"{name}-1000.onnx",
                         ["--calib-size", "1000", "--calib", str(calib_dir)])
         if "cle" in suites:
+            change = cle_invariance(fp, val)
+            add(rows, Row(name, "ptq", "FP32 after CLE alone (invariance)", note=f"max relative logit change "
+                          f"{change:.1e} on 256 val images"))
+            print(f"  CLE invariance: {change:.1e}", flush=True)
             lo = (0 - cal_pre.mean[0]) / cal_pre.std[0]
             hi = (1 - cal_pre.mean[0]) / cal_pre.std[0]
             for config, extra in (("W8A8 per-tensor mse+xent +CLE", ["--per-tensor", "--cle"]),

@@ -126,6 +126,8 @@ def run(model, calib, output, recipe, eval_dir, eval_resize, eval_crop, max_drop
                                                 if v is not None})
     show = progress if progress is not None else sys.stderr.isatty()
     result = quantize(model, calib, output, config, pre, eval_dir, eval_pre, gate, progress=show and not quiet)
+    for w in result.report["stages"].get("warnings", []):
+        click.echo(f"ptq: warning: {w}", err=True)
     if not quiet:
         _print_run(result)
 

@@ -87,6 +87,7 @@ def to_markdown(r: dict) -> str:
              f"- sizes: FP32 {r['sizes']['fp32_bytes'] / 1e6:.2f} MB → quantized "
              f"{r['sizes']['quant_bytes'] / 1e6:.2f} MB ({r['sizes']['ratio']:.2f}× smaller)",
              f"- total time: {r['timings']['total']:.1f} s", ""]
+    lines += [f"> **Warning:** {w}\n" for w in (r.get("stages") or {}).get("warnings", [])]
     lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in r["timings"].items()]
     if r.get("fidelity"):

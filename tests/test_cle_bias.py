@@ -139,6 +139,7 @@ def test_data_free_run_needs_no_calibration(rng, tmp_path, capsys):
     report = json.loads((tmp_path / "q.report.json").read_text())
     assert report["settings"]["steps"][:2] == ["cle", "bias_absorption"]
     assert report["stages"]["bias_correction"]["mode"] == "analytic"
+    assert "warnings" not in report["stages"] and "warning" not in capsys.readouterr().err  # it has a BN
     acts = report["activations"]
     assert acts["x"]["lo"] == pytest.approx(-3, abs=0.05) and acts["x"]["hi"] == pytest.approx(3, abs=0.05)
     assert acts["y"]["method"] == "moments"  # the last conv has no BN: moments propagated through it
@@ -157,5 +158,6 @@ def test_data_free_falls_back_to_synthetic_inputs_for_unreached_tensors(rng):
     model = make(nodes, [("x", [None, 3, 4, 4])], [("y", [None, 4, 4, 4])], inits)
     state = run_steps(prepare(model, Config(data_free=True, input_range=(-1, 1))), Context(), {})
     assert "s" in state.report["data_free_ranges"]["synthetic_fallback"]
+    assert "no BatchNormalization" in state.report["warnings"][0]  # this model has none: warned
     assert state.acts["s"].method == "minmax (synthetic inputs)"
     assert 0.0 <= float(state.acts["s"].lo) and float(state.acts["s"].hi) <= 1.0 + 1e-6

@@ -230,7 +230,8 @@ def _collect(state, gr, group, fp32, sim, ctx) -> dict:
     """Stream the calibration data through the FP32 and the quantized-so-far models; build each layer's problem."""
     cfg = state.config
     names = list(dict.fromkeys(l.x for l in group))
-    s_fp, s_q = session(fp32, names), session(sim, names)
+    s_fp = session(fp32, names)
+    s_q = session(sim, names) if cfg.adaround_inputs == "quantized" else None
     probs = {}
     for l in group:
         kind = layer_kind(gr, l)
@@ -246,7 +247,7 @@ def _collect(state, gr, group, fp32, sim, ctx) -> dict:
     per_sample_rows = max(1, -(-cfg.adaround_rows // max(len(ctx.calib), 1)))
     for k, (paths, feed) in enumerate(ctx.calib.batches(cfg.batch_size)):
         xs_fp = dict(zip(names, s_fp.run(names, feed)))
-        xs_q = dict(zip(names, s_q.run(names, feed)))
+        xs_q = dict(zip(names, s_q.run(names, feed))) if s_q is not None else xs_fp
         for l in group:
             p, kind, act, b, geom, rows_x, rows_t = probs[l.name]
             seed = (cfg.seed, k, zlib.crc32(l.name.encode()))

@@ -102,6 +102,11 @@ def set_data_free_ranges(state, ctx=None):
     gr = Graph(state.model)
     stats = propagate_moments(state)
     pre = {l.out: l.pre_act for l in state.layers if l.act_node and state.bn.get(l.pre_act) is not None}
+    if not state.bn:
+        state.report.setdefault("warnings", []).append(
+            "data-free: the model has no BatchNormalization (folded at export), so every range comes from moments "
+            "propagated through the weights from the input; expect a large accuracy loss — give --calib data, "
+            "or export the model with its BatchNormalization nodes")
     fallback = []
     for r in state.placement.roots:
         spec = act_spec(cfg, cfg.override_for(r))
