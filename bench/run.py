@@ -150,8 +150,9 @@ def cle_invariance(fp, val: ArraySource, limit: int = 256) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=list(MODELS))
-    ap.add_argument("--suites", default="core,cle,ort",
-                    help="core: W8A8 ranges; cle: CLE / bias correction / data-free; ort: onnxruntime baseline")
+    ap.add_argument("--suites", default="core,cle,easyquant,ort",
+                    help="core: W8A8 ranges; cle: CLE / bias correction / data-free; easyquant: EasyQuant at W8A8 "
+                         "and W7A7 against minmax / mse; ort: onnxruntime baseline")
     ap.add_argument("--ort-models", nargs="*", default=["efficientnet_lite0"],
                     help="models for the onnxruntime baseline (its Entropy/Percentile take ~100 s and 16 GB each)")
     ap.add_argument("--calib-size", type=int, default=256)
@@ -218,7 +219,11 @@ def main():
             rep = json.loads(out.with_name(out.stem + ".report.json").read_text())
             t = rep["timings"]
             extra_s = sum(t.get(k, 0) for k in ("cle", "bias_absorption", "bias_correction"))
-            score("ptq", config, out, sec, rep["peak_rss_mb"], f"CLE+BC stages {extra_s:.1f} s" if extra_s else "")
+            note = f"CLE+BC stages {extra_s:.1f} s" if extra_s else ""
+            for stage in ("easyquant", "adaround"):
+                if stage in t:
+                    note += f"{'; ' if note else ''}{stage} {t[stage]:.0f} s"
+            score("ptq", config, out, sec, rep["peak_rss_mb"], note)
 
         if "core" in suites:
             for gran in ("per-channel", "per-tensor"):
@@ -245,6 +250,18 @@ def main():
                                   ("W8A8 per-tensor data-free", ["--per-tensor", "--data-free",
                                                                  "--input-range", f"{lo:.4f},{hi:.4f}"])):
                 ptq_run(config, work / f"{name}-{config.replace(' ', '_').replace('+', 'p')}.onnx", extra)
+        if "easyquant" in suites:
+            mm = ["--weight-range", "minmax", "--act-range", "minmax", "--logits-range", "minmax"]
+            for bits in (8, 7):
+                bflags = ["--weight-bits", str(bits), "--act-bits", str(bits)]
+                for gran in ("per-tensor", "per-channel"):
+                    runs = [("EasyQuant", ["--easyquant"])]
+                    if bits == 7:  # the 8-bit minmax / mse rows come from the core suite
+                        runs = [("minmax", mm), ("mse+xent", [])] + runs
+                    for label, extra in runs:
+                        config = f"W{bits}A{bits} {gran} {label}"
+                        ptq_run(config, work / f"{name}-{config.replace(' ', '_').replace('+', 'p')}.onnx",
+                                [f"--{gran}", *bflags, *extra])
         if "ort" in suites and name in args.ort_models:
             calib_npy = cached_images(f"{name}-calib{args.calib_size}", calib_pick, cal_pre)
             for method in ("MinMax", "Entropy", "Percentile"):

@@ -81,6 +81,8 @@ def cli():
 @click.option("--cle/--no-cle", default=None, help="Cross-layer equalization + high-bias absorption (off).")
 @click.option("--adaround/--no-adaround", default=None, help="AdaRound: learned weight rounding (off).")
 @click.option("--adaround-iters", type=int, help="Adam iterations per layer (1000).")
+@click.option("--easyquant/--no-easyquant", default=None,
+              help="EasyQuant: search weight and input scales for the best output cosine, per layer (off).")
 @click.option("--bias-correction", type=click.Choice(["empirical", "analytic"]),
               help="Correct the mean output shift caused by weight quantization (off).")
 @click.option("--data-free", is_flag=True, default=None,

@@ -3,6 +3,10 @@
 - Weights are stored quantized (int8; INT4 where the opset is >= 21 and bits <= 4) behind a DequantizeLinear
   (per channel: ``axis`` = the output-channel axis);
 - biases are stored as int32 with scale s_in · s_w (per channel) and zero point 0, as integer kernels add them;
+- an activation of fewer bits than its storage type (e.g. 7-bit in uint8) gets a Clip to its n-bit range before
+  the QuantizeLinear, so its integers stay in that range at run time (QuantizeLinear alone saturates only at the
+  type's bounds); onnxruntime does not fuse such a Clip, so those tensors run as float fake-quant
+  (``saturate_low_bits = false`` leaves the Clip out: fast, but values beyond the range use the wider type);
 - each quantized activation tensor t gets Q → DQ right after its producer: the producer now writes
   ``t/fp``, and the DequantizeLinear writes t, so every reader (and a graph output of that name) sees the
   quantized value. A quantized graph input is read through its DQ instead.
@@ -68,6 +72,15 @@ def export_qdq(state) -> onnx.ModelProto:
         domain = MS_DOMAIN if bits == 16 and opset < 21 else ""
         needs_ms |= domain == MS_DOMAIN
         s, z = qparams(t, enc, bits, enc.spec.signed)
+        if enc.spec.bits < bits and state.config.saturate_low_bits:  # e.g. 7-bit values held in uint8
+            lo, hi = (np.float32(v) for v in (enc.lo, enc.hi))
+            lo_name, hi_name = unique_name(taken, t + "/clip_lo"), unique_name(taken, t + "/clip_hi")
+            inits.extend([numpy_helper.from_array(np.asarray(lo, np.float32), lo_name),
+                          numpy_helper.from_array(np.asarray(hi, np.float32), hi_name)])
+            clipped = unique_name(taken, t + "/saturated")
+            nodes.append(helper.make_node("Clip", [src, lo_name, hi_name], [clipped],
+                                          unique_name(taken, t + "/Saturate")))
+            src = clipped
         q = unique_name(taken, t + "/q")
         nodes.append(helper.make_node("QuantizeLinear", [src, s, z], [q], unique_name(taken, t + "/Quantize"),
                                       domain=domain))
@@ -130,3 +143,21 @@ def bias_encoding(wenc: Encoding, x_enc: Encoding) -> Encoding:
     scale = (np.asarray(wenc.scale, np.float64) * float(x_enc.scale)).astype(np.float32)
     spec = QuantSpec(bits=32, signed=True, symmetric=True, axis=0 if scale.ndim else None)
     return Encoding(spec, scale, np.zeros(scale.shape, np.int32), "bias")
+
+
+def quantizer_inputs(qmodel: onnx.ModelProto) -> dict[str, str]:
+    """Activation tensor (as the FP32 model names it) -> the float tensor its QuantizeLinear reads in ``qmodel``:
+    the value before quantization, where the quantized-so-far network feeds it."""
+    producer = {o: n for n in qmodel.graph.node for o in n.output}
+    graph_inputs = {i.name for i in qmodel.graph.input}
+    out = {}
+    for n in qmodel.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in producer:
+            q = producer[n.input[0]]
+            if q.op_type == "QuantizeLinear":
+                raw = q.input[0]
+                sat = producer.get(raw)
+                if sat is not None and sat.op_type == "Clip" and "/Saturate" in sat.name:
+                    raw = sat.input[0]
+                out[raw if raw in graph_inputs else n.output[0]] = raw
+    return out

@@ -41,3 +41,32 @@ def sample_rows(x: np.ndarray, layer, geom: dict | None, per_sample: int, rng: n
     if depthwise:
         return rows.reshape(n * p, c, kh * kw)
     return rows.reshape(n * p, c * kh * kw)
+
+
+def paired_rows(fp32, sim, group, sim_inputs: dict, calib, batch_size: int, per_sample, seed: int):
+    """Stream the calibration set through the FP32 model and ``sim`` (a quantized-so-far version of it) and yield,
+    per batch and per layer of ``group``: (batch index, layer, rows of its input in the FP32 network, rows of its
+    input in ``sim``), both sampled at the same output positions. ``sim_inputs``: layer name -> the tensor of
+    ``sim`` holding that layer's input (``sim`` None: the FP32 rows twice); ``per_sample(layer)``: positions
+    per sample. Nothing is kept between batches, so memory does not grow with the calibration set."""
+    import zlib
+
+    from .observe import session
+    from .weights import layer_kind
+    gr = Graph(fp32)
+    fp_names = list(dict.fromkeys(l.x for l in group))
+    q_names = list(dict.fromkeys(sim_inputs[l.name] for l in group)) if sim is not None else []
+    s_fp = session(fp32, fp_names)
+    s_q = session(sim, q_names) if sim is not None else None
+    geoms = {l.name: conv_geometry(gr, l) if l.op == "Conv" else None for l in group}
+    dw = {l.name: layer_kind(gr, l) == "depthwise" for l in group}
+    for k, (_, feed) in enumerate(calib.batches(batch_size)):
+        xf = dict(zip(fp_names, s_fp.run(fp_names, feed)))
+        xq = dict(zip(q_names, s_q.run(q_names, feed))) if s_q is not None else None
+        for l in group:
+            key = (seed, k, zlib.crc32(l.name.encode()))
+            n = per_sample(l)
+            a = sample_rows(xf[l.x], l, geoms[l.name], n, np.random.default_rng(key), dw[l.name])
+            b = a if xq is None else sample_rows(xq[sim_inputs[l.name]], l, geoms[l.name], n,
+                                                 np.random.default_rng(key), dw[l.name])
+            yield k, l, a, b

@@ -26,6 +26,7 @@ from .stages.bias_correction import correct_biases
 from .stages.bias_overflow import guard_bias_overflow
 from .stages.cle import equalize
 from .stages.data_free_ranges import set_data_free_ranges
+from .stages.easyquant import easyquant
 from .stages.fold_bn import BNStats, fold_batchnorm
 from .stages.weight_ranges import set_weight_ranges
 
@@ -42,6 +43,7 @@ class Config:
     act_range: str = "mse"
     logits_range: str = "xent"
     percentile: float = 99.99
+    saturate_low_bits: bool = True  # activations under 8 bits: Clip to the n-bit range before QuantizeLinear
     calib_size: int = 256
     holdout: int = 32
     batch_size: int = 16
@@ -56,6 +58,12 @@ class Config:
     adaround_inputs: str = "quantized"  # x̃ from the quantized-so-far network (the paper), or "fp32" (x̃ = x)
     adaround_rows: int = 16384  # rows (output positions) kept per layer with an activation
     adaround_passes: int = 4  # passes over the calibration data (blocks of consecutive layers)
+    easyquant: bool = False
+    easyquant_steps: int = 100  # candidate scales per search (the paper: 100)
+    easyquant_range: tuple = (0.5, 2.0)  # candidates α·S₀ for α in this range (the paper: [0.5, 2])
+    easyquant_rows: int = 2048  # rows (output positions) sampled per layer
+    easyquant_rounds: int = 3  # at most this many Sᵃ / Sʷ alternations per layer
+    easyquant_passes: int = 4  # passes over the calibration data (blocks of consecutive layers)
     cle_relu6: str = "clip"  # "clip": exact per-channel bound; "relu": replace ReLU6 by ReLU (the paper)
     bias_correction: str | None = None  # "empirical" | "analytic"
     data_free: bool = False
@@ -78,6 +86,8 @@ class Config:
             raise InputError(f"percentile must be in (0, 100], not {self.percentile}")
         if self.calib_size < 1 or self.batch_size < 1 or self.holdout < 0:
             raise InputError("calibration size and batch size must be >= 1, holdout >= 0")
+        if self.data_free and (self.easyquant or self.adaround):
+            raise InputError("--data-free cannot be combined with EasyQuant or AdaRound: both need calibration data")
         if self.data_free:
             self.cle = True
             self.bias_correction = self.bias_correction or "analytic"
@@ -85,6 +95,12 @@ class Config:
             raise InputError(f"cle_relu6 must be clip or relu, not {self.cle_relu6!r}")
         if self.bias_correction not in (None, "empirical", "analytic"):
             raise InputError(f"unknown bias correction {self.bias_correction!r} (empirical or analytic)")
+        lo, hi = (tuple(self.easyquant_range) + (0, 0))[:2]
+        if not (0 < lo <= 1 <= hi) or self.easyquant_steps < 2 or self.easyquant_rows < 1 \
+                or self.easyquant_rounds < 1 or self.easyquant_passes < 1:
+            raise InputError("easyquant settings: range must be LO,HI with 0 < LO <= 1 <= HI; steps >= 2; "
+                             "rows, rounds and passes >= 1")
+        self.easyquant_range = (float(lo), float(hi))
         if self.input_range is not None:
             if len(self.input_range) != 2 or not self.input_range[0] < self.input_range[1]:
                 raise InputError(f"input range must be LO,HI with LO < HI, not {self.input_range}")
@@ -97,14 +113,20 @@ class Config:
 
     def default_steps(self) -> list[str]:
         """The white paper's order (Fig. 8): CLE → bias absorption → weight ranges → AdaRound → bias
-        correction (of the layers AdaRound left alone) → activation ranges; then the int32 bias guard."""
+        correction (of the layers AdaRound left alone) → activation ranges; then the int32 bias guard.
+        With EasyQuant the activation ranges come before it (it searches around both initial scales), and
+        AdaRound then rounds on the grids EasyQuant chose."""
         steps = ["cle", "bias_absorption"] if self.cle else []
         steps.append("weight_ranges")
+        ranges = "data_free_ranges" if self.data_free else "activation_ranges"
+        if self.easyquant:  # EasyQuant searches around both initial ranges, then AdaRound rounds on its grids
+            steps += [ranges, "easyquant"]
         if self.adaround:
             steps.append("adaround")
         if self.bias_correction:
             steps.append("bias_correction")
-        steps.append("data_free_ranges" if self.data_free else "activation_ranges")
+        if not self.easyquant:
+            steps.append(ranges)
         return steps + ["bias_overflow"]
 
     def override_for(self, *names: str) -> dict:
@@ -177,6 +199,7 @@ STEPS = {
     "bias_correction": correct_biases,
     "activation_ranges": set_activation_ranges,
     "data_free_ranges": set_data_free_ranges,
+    "easyquant": easyquant,
     "bias_overflow": guard_bias_overflow,
 }
 

@@ -22,15 +22,13 @@ Output: the AdaRounded weights are written into the model as their grid values s
 from __future__ import annotations
 
 import time
-import zlib
 
 import numpy as np
 import onnx
 
 from ..errors import InputError
 from ..model import Graph, set_initializer
-from ..observe import session
-from ..patches import conv_geometry, sample_rows
+from ..patches import paired_rows
 from ..patterns import clip_bounds
 from ..quant import fake_quant
 from ..weights import layer_kind
@@ -229,9 +227,6 @@ def adaround(state, ctx):
 def _collect(state, gr, group, fp32, sim, ctx) -> dict:
     """Stream the calibration data through the FP32 and the quantized-so-far models; build each layer's problem."""
     cfg = state.config
-    names = list(dict.fromkeys(l.x for l in group))
-    s_fp = session(fp32, names)
-    s_q = session(sim, names) if cfg.adaround_inputs == "quantized" else None
     probs = {}
     for l in group:
         kind = layer_kind(gr, l)
@@ -242,32 +237,28 @@ def _collect(state, gr, group, fp32, sim, ctx) -> dict:
                     kind == "depthwise")
         act = _activation(gr, l)
         b = gr.const(l.bias).astype(np.float64) if l.bias else np.zeros(w.shape[0])
-        probs[l.name] = (p, kind, act, b, conv_geometry(gr, l) if l.op == "Conv" else None, [], [])
+        probs[l.name] = (p, kind, act, b, [], [])
     # Gram layers take (nearly) every output position; row-sampled layers spread their budget over the images
     per_sample_rows = max(1, -(-cfg.adaround_rows // max(len(ctx.calib), 1)))
-    for k, (paths, feed) in enumerate(ctx.calib.batches(cfg.batch_size)):
-        xs_fp = dict(zip(names, s_fp.run(names, feed)))
-        xs_q = dict(zip(names, s_q.run(names, feed))) if s_q is not None else xs_fp
-        for l in group:
-            p, kind, act, b, geom, rows_x, rows_t = probs[l.name]
-            seed = (cfg.seed, k, zlib.crc32(l.name.encode()))
-            per_sample = GRAM_POSITIONS if act is None else per_sample_rows
-            xf = sample_rows(xs_fp[l.x], l, geom, per_sample, np.random.default_rng(seed), kind == "depthwise")
-            xq = sample_rows(xs_q[l.x], l, geom, per_sample, np.random.default_rng(seed), kind == "depthwise")
-            xf, xq = xf.astype(np.float64), xq.astype(np.float64)
-            if act is None:
-                if kind == "depthwise":
-                    add = (np.einsum("rcm,rck->cmk", xq, xq), np.einsum("rcm,rck->cmk", xq, xf),
-                           np.einsum("rcm,rck->cmk", xf, xf), xq.shape[0])
-                else:
-                    add = (xq.T @ xq, xq.T @ xf, xf.T @ xf, xq.shape[0])
-                p.gram = add if p.gram is None else tuple(a + c for a, c in zip(p.gram, add))
-            elif sum(len(r) for r in rows_x) < cfg.adaround_rows:
-                y = (np.einsum("rck,ck->rc", xf, p.w) if kind == "depthwise" else xf @ p.w.T) + b
-                rows_x.append(xq.astype(np.float32))
-                rows_t.append(np.clip(y, *act).astype(np.float32))
+    per_sample = lambda l: GRAM_POSITIONS if probs[l.name][2] is None else per_sample_rows  # noqa: E731
+    sim = sim if cfg.adaround_inputs == "quantized" else None
+    for _, l, xf, xq in paired_rows(fp32, sim, group, {l.name: l.x for l in group}, ctx.calib, cfg.batch_size,
+                                    per_sample, cfg.seed):
+        p, kind, act, b, rows_x, rows_t = probs[l.name]
+        xf, xq = xf.astype(np.float64), xq.astype(np.float64)
+        if act is None:
+            if kind == "depthwise":
+                add = (np.einsum("rcm,rck->cmk", xq, xq), np.einsum("rcm,rck->cmk", xq, xf),
+                       np.einsum("rcm,rck->cmk", xf, xf), xq.shape[0])
+            else:
+                add = (xq.T @ xq, xq.T @ xf, xf.T @ xf, xq.shape[0])
+            p.gram = add if p.gram is None else tuple(a + c for a, c in zip(p.gram, add))
+        elif sum(len(r) for r in rows_x) < cfg.adaround_rows:
+            y = (np.einsum("rck,ck->rc", xf, p.w) if kind == "depthwise" else xf @ p.w.T) + b
+            rows_x.append(xq.astype(np.float32))
+            rows_t.append(np.clip(y, *act).astype(np.float32))
     for l in group:
-        p, kind, act, b, _, rows_x, rows_t = probs[l.name]
+        p, kind, act, b, rows_x, rows_t = probs[l.name]
         if act is not None:
             x = np.concatenate(rows_x)[: cfg.adaround_rows].astype(np.float64)
             t = np.concatenate(rows_t)[: cfg.adaround_rows].astype(np.float64)
