@@ -27,7 +27,7 @@ CACHE = ROOT / "bench" / ".cache"
 sys.path.insert(0, str(ROOT))
 
 from ptq.data import Preprocess, load_image  # noqa: E402
-from ptq.evaluate import evaluate  # noqa: E402
+from ptq.evaluate import evaluate, latency_ms as ptq_latency_ms  # noqa: E402
 from ptq.model import load_model  # noqa: E402
 
 NORM_05 = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -112,19 +112,9 @@ def run_measured(cmd: list[str]) -> tuple[float, str]:
 
 
 def latency_ms(model_path: Path, shape, runs: int = 50) -> float:
-    o = ort.SessionOptions()
-    o.log_severity_level = 3
-    s = ort.InferenceSession(str(model_path), o, providers=["CPUExecutionProvider"])
+    name = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
     x = np.random.default_rng(0).normal(0, 1, shape).astype(np.float32)
-    name = s.get_inputs()[0].name
-    for _ in range(5):
-        s.run(None, {name: x})
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        s.run(None, {name: x})
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1000
+    return ptq_latency_ms(model_path, {name: x}, runs)
 
 
 def cle_invariance(fp, val: ArraySource, limit: int = 256) -> float:

@@ -62,50 +62,53 @@ def cli():
     """ptq — post-training quantization of ONNX models to QDQ format."""
 
 
-@cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--calib", "calib", type=click.Path(), help="Calibration folder: images, or .npy/.npz samples.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False),
-              help="Quantized model path (default: ./<stem>.w<W>a<A>.onnx).")
-@click.option("--recipe", type=click.Path(dir_okay=False), help="TOML recipe: settings and per-tensor overrides.")
-@click.option("--weight-bits", type=int, help="Weight bits, 2-8 (8).")
-@click.option("--act-bits", type=int, help="Activation bits, 2-8 or 16 (8).")
-@click.option("--per-channel/--per-tensor", default=None, help="Weight granularity (per-channel).")
-@click.option("--weight-range", type=click.Choice(["minmax", "mse"]), help="Weight range method (mse).")
-@click.option("--act-range", type=click.Choice(["minmax", "mse", "percentile", "bn"]),
-              help="Activation range method (mse).")
-@click.option("--logits-range", type=click.Choice(["xent", "minmax", "mse", "percentile", "bn"]),
-              help="Range method for the logits tensor (xent).")
-@click.option("--act-symmetric/--act-asymmetric", default=None, help="Activation grid (asymmetric uint8).")
-@click.option("--percentile", type=float, help="Percentile for --act-range percentile (99.99).")
-@click.option("--cle/--no-cle", default=None, help="Cross-layer equalization + high-bias absorption (off).")
-@click.option("--adaround/--no-adaround", default=None, help="AdaRound: learned weight rounding (off).")
-@click.option("--adaround-iters", type=int, help="Adam iterations per layer (1000).")
-@click.option("--easyquant/--no-easyquant", default=None,
-              help="EasyQuant: search weight and input scales for the best output cosine, per layer (off).")
-@click.option("--bias-correction", type=click.Choice(["empirical", "analytic"]),
-              help="Correct the mean output shift caused by weight quantization (off).")
-@click.option("--data-free", is_flag=True, default=None,
-              help="No calibration data: CLE + BN-based activation ranges + analytic bias correction.")
-@click.option("--input-range", help="LO,HI of the preprocessed model input (data-free ranges), e.g. -1,1.")
-@click.option("--calib-size", type=int, help="Calibration samples used for range setting (256).")
-@click.option("--holdout", type=int, help="Further samples held back to measure fidelity (32).")
-@click.option("--batch-size", type=int, help="Batch size for onnxruntime (16).")
-@click.option("--seed", type=int, help="Seed for choosing samples (0).")
-@preprocess_options()
-@click.option("--eval", "eval_dir", type=click.Path(), help="Evaluate on this folder after quantizing.")
-@click.option("--eval-resize", type=int, help="Resize for the eval data (default: as calibration).")
-@click.option("--eval-crop", type=int, help="Crop for the eval data (default: as calibration).")
-@click.option("--max-drop", help="Fail (exit 3) when top-1 drops by more than X points, or X% relative.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-@click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-def run(model, calib, output, recipe, eval_dir, eval_resize, eval_crop, max_drop, quiet, progress, debug, **kw):
-    """Quantize MODEL with calibration data and write a QDQ model plus its report."""
-    from ptq.evaluate import parse_max_drop
-    from ptq.pipeline import Config, load_recipe
-    from ptq.run import quantize
+def quant_options(f):
+    """The quantization settings shared by ``run`` and ``debug``."""
+    opts = [
+        click.option("--calib", "calib", type=click.Path(), help="Calibration folder: images, or .npy/.npz samples."),
+        click.option("--recipe", type=click.Path(dir_okay=False),
+                     help="TOML recipe: settings and per-tensor overrides."),
+        click.option("--weight-bits", type=int, help="Weight bits, 2-8 (8)."),
+        click.option("--act-bits", type=int, help="Activation bits, 2-8 or 16 (8)."),
+        click.option("--per-channel/--per-tensor", default=None, help="Weight granularity (per-channel)."),
+        click.option("--weight-range", type=click.Choice(["minmax", "mse"]), help="Weight range method (mse)."),
+        click.option("--act-range", type=click.Choice(["minmax", "mse", "percentile", "bn"]),
+                     help="Activation range method (mse)."),
+        click.option("--logits-range", type=click.Choice(["xent", "minmax", "mse", "percentile", "bn"]),
+                     help="Range method for the logits tensor (xent)."),
+        click.option("--act-symmetric/--act-asymmetric", default=None, help="Activation grid (asymmetric uint8)."),
+        click.option("--percentile", type=float, help="Percentile for --act-range percentile (99.99)."),
+        click.option("--cle/--no-cle", default=None, help="Cross-layer equalization + high-bias absorption (off)."),
+        click.option("--adaround/--no-adaround", default=None, help="AdaRound: learned weight rounding (off)."),
+        click.option("--adaround-iters", type=int, help="Adam iterations per layer (1000)."),
+        click.option("--easyquant/--no-easyquant", default=None,
+                     help="EasyQuant: search weight and input scales for the best output cosine, per layer (off)."),
+        click.option("--bias-correction", type=click.Choice(["empirical", "analytic"]),
+                     help="Correct the mean output shift caused by weight quantization (off)."),
+        click.option("--data-free", is_flag=True, default=None,
+                     help="No calibration data: CLE + BN-based activation ranges + analytic bias correction."),
+        click.option("--input-range", help="LO,HI of the preprocessed model input (data-free ranges), e.g. -1,1."),
+        click.option("--calib-size", type=int, help="Calibration samples used for range setting (256)."),
+        click.option("--holdout", type=int, help="Further samples held back to measure fidelity (32)."),
+        click.option("--batch-size", type=int, help="Batch size for onnxruntime (16)."),
+        click.option("--seed", type=int, help="Seed for choosing samples (0)."),
+        preprocess_options(),
+        click.option("--eval", "eval_dir", type=click.Path(), help="Evaluation data (labels optional)."),
+        click.option("--eval-resize", type=int, help="Resize for the eval data (default: as calibration)."),
+        click.option("--eval-crop", type=int, help="Crop for the eval data (default: as calibration)."),
+        click.option("--metric", help="Score models with module:function(fp32_outputs, quant_outputs, labels)."),
+        click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
+        click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal)."),
+        click.option("--debug", is_flag=True, help="Show tracebacks."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
 
+
+def build_settings(recipe, eval_dir, eval_resize, eval_crop, kw):
+    """(Config, calibration preprocessing, eval preprocessing) from a recipe file and the flags (flags win)."""
+    from ptq.pipeline import Config, load_recipe
     pre = build_preprocess(kw)
     settings = load_recipe(recipe) if recipe else {}
     if kw.get("input_range") is not None:
@@ -115,23 +118,89 @@ def run(model, calib, output, recipe, eval_dir, eval_resize, eval_crop, max_drop
         config = Config(**settings)
     except TypeError as e:
         raise InputError(f"bad settings: {e}") from None
-    gate = parse_max_drop(max_drop)
-    if gate is not None and not eval_dir and not calib:
-        raise InputError("--max-drop needs --eval DIR (or calibration data to hold back)")
-    if not calib and not config.data_free:
-        raise InputError("--calib DIR is required (a folder of images or .npy/.npz samples), or --data-free")
     eval_pre = None
     if eval_dir and (eval_resize is not None or eval_crop is not None):
         from ptq.data import Preprocess
         base = pre or Preprocess()
         eval_pre = dataclasses.replace(base, **{k: v for k, v in (("resize", eval_resize), ("crop", eval_crop))
                                                 if v is not None})
+    return config, pre, eval_pre
+
+
+def _metric(spec):
+    if not spec:
+        return None
+    from ptq.metric import load_user_metric
+    return load_user_metric(spec)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Quantized model path (default: ./<stem>.w<W>a<A>.onnx).")
+@quant_options
+@click.option("--max-drop", help="Fail (exit 3) when top-1 drops by more than X points, or X% relative.")
+@click.option("--auto-fix", is_flag=True,
+              help="With --max-drop: raise the most harmful quantizers (by per-quantizer analysis) until it holds.")
+@click.option("--auto-fix-to", type=click.Choice(["16", "fp32"]), default="16", show_default=True,
+              help="What --auto-fix raises a quantizer to: 16 bits, or floating point.")
+def run(model, calib, output, recipe, eval_dir, eval_resize, eval_crop, max_drop, auto_fix, auto_fix_to, metric,
+        quiet, progress, debug, **kw):
+    """Quantize MODEL with calibration data and write a QDQ model plus its report."""
+    from ptq.evaluate import parse_max_drop
+    from ptq.run import quantize
+
+    config, pre, eval_pre = build_settings(recipe, eval_dir, eval_resize, eval_crop, kw)
+    gate = parse_max_drop(max_drop)
+    if gate is not None and not eval_dir and not calib:
+        raise InputError("--max-drop needs --eval DIR (or calibration data to hold back)")
+    if auto_fix and gate is None:
+        raise InputError("--auto-fix needs --max-drop X (the bound it fixes the model to)")
+    if not calib and not config.data_free:
+        raise InputError("--calib DIR is required (a folder of images or .npy/.npz samples), or --data-free")
     show = progress if progress is not None else sys.stderr.isatty()
-    result = quantize(model, calib, output, config, pre, eval_dir, eval_pre, gate, progress=show and not quiet)
+    result = quantize(model, calib, output, config, pre, eval_dir, eval_pre, gate, progress=show and not quiet,
+                      auto_fix=auto_fix_to if auto_fix else None, metric=_metric(metric))
     for w in result.report["stages"].get("warnings", []):
         click.echo(f"ptq: warning: {w}", err=True)
     if not quiet:
         _print_run(result)
+
+
+@cli.command("debug")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="HTML report path (default: ./<stem>.debug.html; the JSON goes beside it).")
+@quant_options
+@click.option("--samples", type=int, help="Samples the analysis scores on (256).")
+@click.option("--worst", type=int, default=5, show_default=True, help="Quantizers to chart.")
+def debug_cmd(model, calib, output, recipe, eval_dir, eval_resize, eval_crop, metric, quiet, progress, debug,
+              samples, worst, **kw):
+    """The white paper's debugging flow: FP32 sanity, weights vs activations, per-quantizer sensitivity, charts."""
+    from ptq.debug import debug as run_debug
+
+    if samples is not None:
+        kw["debug_samples"] = samples
+    config, pre, eval_pre = build_settings(recipe, eval_dir, eval_resize, eval_crop, kw)
+    if not calib:
+        raise InputError("--calib DIR is required")
+    show = progress if progress is not None else sys.stderr.isatty()
+    html, js, r = run_debug(model, calib, output, config, pre, eval_dir, eval_pre, _metric(metric), worst,
+                            show and not quiet)
+    if quiet:
+        return
+    san = r["fp32_sanity"]
+    if not san["ok"]:
+        click.echo(f"ptq: WARNING: FP32 sanity failed: with every quantizer bypassed the outputs change by "
+                   f"{san['max_relative_change']:.2e} (relative)", err=True)
+    q = r["quantized"]
+    click.echo(f"metric: {r['metric']}; FP32 {r['fp32_score']:.4g}, quantized {q['score']:.4g}")
+    wa = r["weights_vs_activations"]
+    click.echo(f"weights only {wa['weights only']['score']:.4g}, activations only "
+               f"{wa['activations only']['score']:.4g}: {wa['dominant']} dominate")
+    for row in r["per_quantizer"][:worst]:
+        click.echo(f"  {row['id']}: {row['score']:.4g}" + ("" if row["drop"] is None else f" (drop {row['drop']:.4g})"))
+    click.echo(f"report: {html} ({js.name})")
 
 
 def _print_run(result):
@@ -144,6 +213,11 @@ def _print_run(result):
         _print_eval("fidelity on held-back calibration samples", r["fidelity"])
     if r.get("evaluation"):
         _print_eval("evaluation", r["evaluation"])
+    fix = r.get("auto_fix")
+    if fix and fix["raised"]:
+        click.echo(f"auto-fix: raised {len(fix['raised'])} of {fix['quantizers']} quantizers to {fix['to']} "
+                   f"({', '.join(fix['raised'][:5])}{', …' if len(fix['raised']) > 5 else ''}); drop "
+                   f"{fix['drop_before']} -> {fix['drop_after']}")
     if result.gate:
         click.echo(result.gate)
 

@@ -27,47 +27,69 @@ class _OutputStats:
         return {"sqnr_db": round(sqnr, 2), "cosine": round(float(cos), 6)}
 
 
+class Accumulator:
+    """Running counts of one FP32-vs-quantized comparison, batch by batch: per-output SQNR and cosine, top-1
+    agreement on the classification output ([N, C] logits, the first such output) and, with labels, top-1 /
+    top-5 of both."""
+
+    def __init__(self, names: list[str], labels: dict | None):
+        self.names, self.labels = names, labels
+        self.stats = {n: _OutputStats() for n in names}
+        self.cls = None
+        self.samples = 0
+        self.counts = {"n": 0, "agree": 0, "labelled": 0, "fp_top1": 0, "fp_top5": 0, "q_top1": 0, "q_top5": 0}
+
+    def update(self, paths, out_fp, out_q):
+        self.samples += len(paths)
+        for n, a, b in zip(self.names, out_fp, out_q):
+            self.stats[n].update(a, b)
+        if self.cls is None:
+            self.cls = next((k for k, a in enumerate(out_fp) if a.ndim == 2 and a.shape[1] > 1), -1)
+        if self.cls < 0:
+            return
+        a, b = out_fp[self.cls], out_q[self.cls]
+        c = self.counts
+        c["n"] += len(paths)
+        c["agree"] += int(np.sum(a.argmax(1) == b.argmax(1)))
+        if self.labels:
+            y = np.array([self.labels.get(p, -1) for p in paths])
+            keep = y >= 0
+            c["labelled"] += int(keep.sum())
+            for tag, z in (("fp", a), ("q", b)):
+                top5 = np.argsort(-z, axis=1)[:, :5]
+                c[f"{tag}_top1"] += int(np.sum((top5[:, 0] == y) & keep))
+                c[f"{tag}_top5"] += int(np.sum(np.any(top5 == y[:, None], axis=1) & keep))
+
+    def result(self) -> dict:
+        c = self.counts
+        result = {"samples": self.samples, "outputs": {n: s.result() for n, s in self.stats.items()}}
+        if self.cls is not None and self.cls >= 0 and c["n"]:
+            result["classification_output"] = self.names[self.cls]
+            result["top1_agreement"] = round(100.0 * c["agree"] / c["n"], 2)
+            if c["labelled"]:
+                m = c["labelled"]
+                result.update({"labelled": m,
+                               "fp32_top1": round(100.0 * c["fp_top1"] / m, 2),
+                               "fp32_top5": round(100.0 * c["fp_top5"] / m, 2),
+                               "quant_top1": round(100.0 * c["q_top1"] / m, 2),
+                               "quant_top5": round(100.0 * c["q_top5"] / m, 2)})
+                result["top1_drop"] = round(result["fp32_top1"] - result["quant_top1"], 2)
+        return result
+
+
 def evaluate(fp_model, q_model, source, batch_size: int = 16, labels: dict | None = None,
              progress: bool = False, desc: str = "evaluating") -> dict:
     """Run both models over ``source``; returns samples, per-output fidelity and, for a classification output
     ([N, C] logits, the first such output), top-1 agreement and — with labels — top-1 / top-5 of both."""
     fp, q = session(fp_model), session(q_model)
     names = [o.name for o in fp.get_outputs()]
-    stats = {n: _OutputStats() for n in names}
-    cls = None
-    counts = {"n": 0, "agree": 0, "labelled": 0, "fp_top1": 0, "fp_top5": 0, "q_top1": 0, "q_top5": 0}
+    acc = Accumulator(names, labels)
     with tqdm(total=len(source), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for paths, feed in source.batches(batch_size):
-            out_fp, out_q = fp.run(names, feed), q.run(names, feed)
-            for n, a, b in zip(names, out_fp, out_q):
-                stats[n].update(a, b)
-            if cls is None:
-                cls = next((k for k, a in enumerate(out_fp) if a.ndim == 2 and a.shape[1] > 1), -1)
-            if cls >= 0:
-                a, b = out_fp[cls], out_q[cls]
-                counts["n"] += len(paths)
-                counts["agree"] += int(np.sum(a.argmax(1) == b.argmax(1)))
-                if labels:
-                    y = np.array([labels.get(p, -1) for p in paths])
-                    keep = y >= 0
-                    counts["labelled"] += int(keep.sum())
-                    for tag, z in (("fp", a), ("q", b)):
-                        top5 = np.argsort(-z, axis=1)[:, :5]
-                        counts[f"{tag}_top1"] += int(np.sum((top5[:, 0] == y) & keep))
-                        counts[f"{tag}_top5"] += int(np.sum(np.any(top5 == y[:, None], axis=1) & keep))
+            acc.update(paths, fp.run(names, feed), q.run(names, feed))
             bar.update(len(paths))
-    result = {"samples": len(source), "outputs": {n: s.result() for n, s in stats.items()}}
-    if cls is not None and cls >= 0 and counts["n"]:
-        result["classification_output"] = names[cls]
-        result["top1_agreement"] = round(100.0 * counts["agree"] / counts["n"], 2)
-        if counts["labelled"]:
-            m = counts["labelled"]
-            result.update({"labelled": m,
-                           "fp32_top1": round(100.0 * counts["fp_top1"] / m, 2),
-                           "fp32_top5": round(100.0 * counts["fp_top5"] / m, 2),
-                           "quant_top1": round(100.0 * counts["q_top1"] / m, 2),
-                           "quant_top5": round(100.0 * counts["q_top5"] / m, 2)})
-            result["top1_drop"] = round(result["fp32_top1"] - result["quant_top1"], 2)
+    result = acc.result()
+    result["samples"] = len(source)
     return result
 
 
@@ -108,3 +130,17 @@ def check_gate(result: dict, max_drop) -> str | None:
         raise AccuracyGateError(f"accuracy gate failed: {what} {drop:.2f}{unit} > allowed {bound:g}{unit} "
                                 f"(over by {drop - bound:.2f})")
     return f"accuracy gate passed: {what} {drop:.2f}{unit} <= allowed {bound:g}{unit}"
+
+
+def latency_ms(model, feed: dict, runs: int = 50, warmup: int = 5) -> float:
+    """Median wall time of one onnxruntime CPU run of ``model`` (a ModelProto or a path) on ``feed``, in ms."""
+    import time
+    s = session(model if not hasattr(model, "__fspath__") else str(model))
+    for _ in range(warmup):
+        s.run(None, feed)
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        s.run(None, feed)
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)) * 1000

@@ -88,6 +88,9 @@ def export_qdq(state) -> onnx.ModelProto:
                                       unique_name(taken, t + "/Dequantize"), domain=domain))
 
     def dq_const(base: str, q_values: np.ndarray, enc: Encoding, bits: int, signed: bool, axis) -> str:
+        nonlocal needs_ms
+        domain = MS_DOMAIN if bits == 16 and opset < 21 else ""
+        needs_ms |= domain == MS_DOMAIN
         q_name = unique_name(taken, base + "/quantized")
         inits.append(_int_tensor(q_name, q_values, bits, signed))
         s_name = unique_name(taken, base + "/scale")
@@ -97,7 +100,7 @@ def export_qdq(state) -> onnx.ModelProto:
         out = unique_name(taken, base + "/dequantized")
         kw = {"axis": axis} if axis is not None and np.asarray(enc.scale).ndim else {}
         nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out],
-                                      unique_name(taken, base + "/Dequantize"), **kw))
+                                      unique_name(taken, base + "/Dequantize"), domain=domain, **kw))
         return out
 
     graph_in_map = {}
@@ -120,7 +123,8 @@ def export_qdq(state) -> onnx.ModelProto:
             if layer.bias is not None and x_enc is not None:
                 b = numpy_helper.to_array(inits_by_name[layer.bias])
                 benc = bias_encoding(wenc, x_enc)
-                node.input[2] = dq_const(layer.name + "/bias", quantize(b, benc), benc, 32, True, 0)
+                if np.all(np.abs(b / benc.scale) < 2**31 - 1):  # else (16-bit scales) the bias stays float
+                    node.input[2] = dq_const(layer.name + "/bias", quantize(b, benc), benc, 32, True, 0)
         renamed = []
         for k, t in enumerate(node.output):
             if t in act_enc:

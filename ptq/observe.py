@@ -65,6 +65,32 @@ class Histogram:
         return float(c[min(np.searchsorted(cdf, q), c.size - 1)])
 
 
+class ChannelStats:
+    """Per channel (axis 1; the last axis of a 2-D tensor is axis 1 too): min, max, mean and std, streamed."""
+
+    def __init__(self):
+        self.min = self.max = self.sum = self.sq = None
+        self.n = 0
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float64)
+        x = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1) if x.ndim >= 2 else x.reshape(1, -1)
+        lo, hi, s, q = x.min(1), x.max(1), x.sum(1), (x * x).sum(1)
+        if self.min is None:
+            self.min, self.max, self.sum, self.sq = lo, hi, s, q
+        else:
+            self.min, self.max = np.minimum(self.min, lo), np.maximum(self.max, hi)
+            self.sum, self.sq = self.sum + s, self.sq + q
+        self.n += x.shape[1]
+
+    def boxes(self) -> np.ndarray:
+        """[C, 5]: min, mean − std, mean, mean + std, max."""
+        mean = self.sum / max(self.n, 1)
+        std = np.sqrt(np.maximum(self.sq / max(self.n, 1) - mean**2, 0))
+        return np.stack([self.min, np.maximum(mean - std, self.min), mean, np.minimum(mean + std, self.max),
+                         self.max], axis=1)
+
+
 class RowSample:
     """The first ``max_rows`` rows of a tensor seen as [-1, last_dim] (used for the logits)."""
 

@@ -43,6 +43,7 @@ class Config:
     act_range: str = "mse"
     logits_range: str = "xent"
     percentile: float = 99.99
+    debug_samples: int = 256  # samples of the per-quantizer analysis (ptq debug, --auto-fix ranking)
     saturate_low_bits: bool = True  # activations under 8 bits: Clip to the n-bit range before QuantizeLinear
     calib_size: int = 256
     holdout: int = 32

@@ -9,6 +9,7 @@ import numpy as np
 
 from .data import DataSource, Preprocess, model_inputs
 from .evaluate import check_gate, evaluate
+from .errors import InputError
 from .export import export_qdq
 from .model import check_writable, load_model, save_model
 from .pipeline import Config, Context, prepare, run_steps
@@ -47,11 +48,12 @@ def calibration_sources(folder, inputs, preprocess: Preprocess, config: Config):
 
 def quantize(model_path, calib, output=None, config: Config | None = None, preprocess: Preprocess | None = None,
              eval_dir=None, eval_preprocess: Preprocess | None = None, max_drop=None,
-             progress: bool = False) -> RunResult:
+             progress: bool = False, auto_fix: str | None = None, metric=None) -> RunResult:
     """Quantize ``model_path`` with calibration data from ``calib``; write the QDQ model and its report.
 
     Raises InputError for bad input (before anything is written) and AccuracyGateError after writing, when the
-    evaluation on ``eval_dir`` loses more than ``max_drop`` (see ptq.evaluate.parse_max_drop)."""
+    evaluation on ``eval_dir`` loses more than ``max_drop`` (see ptq.evaluate.parse_max_drop). ``auto_fix``
+    ("16" or "fp32"): when the gate fails, raise the most harmful quantizers until it passes (ptq.debug)."""
     config = (config or Config()).validate()
     preprocess = preprocess or Preprocess()
     output = Path(output) if output else default_output(model_path, config)
@@ -77,6 +79,18 @@ def quantize(model_path, calib, output=None, config: Config | None = None, prepr
     save_model(qmodel, output)
     timings["export"] = round(time.perf_counter() - t0, 3)
 
+    fixed = None
+    if auto_fix and max_drop is not None:
+        gate_src = eval_src if eval_src is not None else held
+        if gate_src is None:
+            raise InputError("--auto-fix needs --eval DIR (or calibration data to hold back)")
+        t0 = time.perf_counter()
+        state, qmodel, fixed = _auto_fix(original, state, qmodel, gate_src, config, max_drop, auto_fix, metric,
+                                         progress)
+        if fixed["raised"]:
+            save_model(qmodel, output)
+        timings["auto_fix"] = round(time.perf_counter() - t0, 3)
+
     fidelity = None
     if held is not None and state.transformed is not None:
         # ReLU6 -> ReLU (cle_relu6 = "relu") and bias absorption may change the FP32 function: measure by how much
@@ -93,6 +107,8 @@ def quantize(model_path, calib, output=None, config: Config | None = None, prepr
     timings["total"] = round(time.perf_counter() - t_start, 3)
 
     report = build_report(model_path, output, state, timings, fidelity, evaluation, original, qmodel)
+    if fixed is not None:
+        report["auto_fix"] = fixed
     gate_error, gate = None, None
     if max_drop is not None:
         from .errors import AccuracyGateError
@@ -105,6 +121,36 @@ def quantize(model_path, calib, output=None, config: Config | None = None, prepr
     if gate_error is not None:
         raise gate_error
     return RunResult(output, *paths, report, gate)
+
+
+def _auto_fix(original, state, qmodel, gate_src, config, max_drop, to, metric, progress):
+    """Gate check on ``gate_src``; when it fails, rank the quantizers (per-quantizer analysis on up to
+    ``debug_samples`` of those samples) and raise them in that order until it passes."""
+    from .debug import auto_fix, gate_met, per_quantizer
+    from .evaluate import latency_ms
+    from .metric import Scorer
+    gate_scorer = Scorer(original, gate_src, config.batch_size, metric, progress)
+    before = gate_scorer.score(qmodel)
+    out = {"to": "16 bits" if to == "16" else "fp32", "metric": before["metric"], "drop_before": before.get("drop"),
+           "raised": [], "quantizers": len(state.weights) + len(state.acts)}
+    if gate_met(before, max_drop):
+        return state, qmodel, out
+    rank_scorer = gate_scorer
+    if len(gate_src) > config.debug_samples:
+        rank_scorer = Scorer(original, gate_src.subset(gate_src.files[: config.debug_samples]), config.batch_size,
+                             metric, progress)
+    ranking = per_quantizer(state, rank_scorer, progress)
+    fixed_state, raised, history = auto_fix(state, ranking, gate_scorer, max_drop, to, progress)
+    fixed = export_qdq(fixed_state)
+    _, feed = next(iter(gate_src.batches(1)))
+    lat0, lat1 = latency_ms(qmodel, feed, 20), latency_ms(fixed, feed, 20)
+    out.update({"raised": raised, "history": history, "drop_after": history[-1]["drop"],
+                "met": gate_met(gate_scorer.score(fixed), max_drop),
+                "raised_share": round(len(raised) / max(out["quantizers"], 1), 4),
+                "size_bytes": [qmodel.ByteSize(), fixed.ByteSize()],
+                "latency_ms_batch1": [round(lat0, 3), round(lat1, 3)],
+                "ranking": ranking[: max(len(raised), 10)]})
+    return fixed_state, fixed, out
 
 
 def peak_rss_mb() -> float:

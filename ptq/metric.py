@@ -1,0 +1,90 @@
+"""The metric that the debugging flow and auto-fix steer by, and a scorer that runs the FP32 model only once.
+
+The metric (white paper §3.7 leaves it to the user): top-1 against labels when the data has them; else top-1
+agreement with FP32 (for a classification output); else output SQNR; or a user function named
+``module:function`` called as f(fp32_outputs, quantized_outputs, labels) -> float (higher is better; the outputs
+are dicts of name -> array over all samples, labels an int array or None). Its *drop* is the FP32 model's
+score minus the quantized model's (for SQNR: none — SQNR ranks but cannot gate).
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import InputError
+from .evaluate import Accumulator
+from .observe import session
+
+CACHE_BYTES = 768 << 20  # keep decoded input batches in memory up to this size, else re-read them
+
+
+def load_user_metric(spec: str):
+    """'pkg.module:function' -> the function (errors name what is missing)."""
+    if ":" not in spec:
+        raise InputError(f"--metric takes module:function, not {spec!r}")
+    mod_name, fn_name = spec.split(":", 1)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise InputError(f"--metric {spec}: cannot import {mod_name} ({e})") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise InputError(f"--metric {spec}: {mod_name} has no function {fn_name}")
+    return fn
+
+
+class Scorer:
+    """A data source with the FP32 model's outputs on it, computed once; ``score(q_model)`` runs only the
+    quantized model. Input batches stay in memory when they fit in CACHE_BYTES (else they are re-read)."""
+
+    def __init__(self, fp_model, source, batch_size: int = 16, user_metric=None, progress: bool = False):
+        self.source, self.batch_size, self.user = source, batch_size, user_metric
+        self.labels = source.labels() if hasattr(source, "labels") else None
+        s = session(fp_model)
+        self.names = [o.name for o in s.get_outputs()]
+        self.cache, self.fp_out, size = [], [], 0
+        with tqdm(total=len(source), desc="FP32 reference", unit="img", disable=not progress, leave=False) as bar:
+            for paths, feed in source.batches(batch_size):
+                self.fp_out.append(s.run(self.names, feed))
+                size += sum(v.nbytes for v in feed.values())
+                self.cache.append((paths, feed) if size <= CACHE_BYTES else (paths, None))
+                bar.update(len(paths))
+        self.reference = self._metric(self.fp_out, self.fp_out, Accumulator(self.names, self.labels))[1]
+        self.kind = self.reference[1]
+
+    def batches(self):
+        if all(f is not None for _, f in self.cache):
+            yield from self.cache
+        else:
+            yield from self.source.batches(self.batch_size)
+
+    def score(self, q_model) -> dict:
+        """The evaluation dict of ptq.evaluate plus ``metric`` (name), ``score`` and ``drop``."""
+        s = session(q_model)
+        outs = [s.run(self.names, feed) for _, feed in self.batches()]
+        result, _ = self._metric(self.fp_out, outs, Accumulator(self.names, self.labels))
+        return result
+
+    def _metric(self, fp_out, q_out, acc):
+        for (paths, _), a, b in zip(self.cache, fp_out, q_out):
+            acc.update(paths, a, b)
+        r = acc.result()
+        if self.user is not None:
+            lab = None
+            if self.labels:
+                lab = np.array([self.labels.get(p, -1) for paths, _ in self.cache for p in paths])
+            cat = lambda outs: {n: np.concatenate([o[k] for o in outs]) for k, n in enumerate(self.names)}  # noqa
+            value, kind = float(self.user(cat(fp_out), cat(q_out), lab)), "user metric"
+        elif "quant_top1" in r:
+            value, kind = r["quant_top1"], "top-1 %"
+        elif "top1_agreement" in r:
+            value, kind = r["top1_agreement"], "top-1 agreement %"
+        else:
+            value, kind = float(np.mean([o["sqnr_db"] for o in r["outputs"].values()])), "output SQNR dB"
+        r["metric"], r["score"] = kind, value
+        if hasattr(self, "reference"):
+            ref = self.reference[0]
+            r["drop"] = None if kind == "output SQNR dB" else round(ref - value, 4)
+        return r, (value, kind)
