@@ -140,11 +140,13 @@ def cle_invariance(fp, val: ArraySource, limit: int = 256) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=list(MODELS))
-    ap.add_argument("--suites", default="core,cle,easyquant,ort",
+    ap.add_argument("--suites", default="core,cle,easyquant,debug,ort",
                     help="core: W8A8 ranges; cle: CLE / bias correction / data-free; easyquant: EasyQuant at W8A8 "
-                         "and W7A7 against minmax / mse; ort: onnxruntime baseline")
+                         "and W7A7 against minmax / mse; debug: sensitivity + auto-fix; ort: onnxruntime baseline")
     ap.add_argument("--ort-models", nargs="*", default=["efficientnet_lite0"],
                     help="models for the onnxruntime baseline (its Entropy/Percentile take ~100 s and 16 GB each)")
+    ap.add_argument("--debug-models", nargs="*", default=["efficientnet_lite0"],
+                    help="models for the debug suite (per-quantizer sensitivity and auto-fix at W4A8 per-tensor)")
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--val-limit", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
@@ -252,6 +254,45 @@ def main():
                         config = f"W{bits}A{bits} {gran} {label}"
                         ptq_run(config, work / f"{name}-{config.replace(' ', '_').replace('+', 'p')}.onnx",
                                 [f"--{gran}", *bflags, *extra])
+        if "debug" in suites and name in args.debug_models:
+            w4 = ["--per-tensor", "--weight-bits", "4"]
+            val_flags = ["--eval", str(val_dir), "--eval-resize", str(val_pre.resize), "--eval-crop",
+                         str(val_pre.crop)]
+            html = work / f"{name}-debug.html"
+            try:
+                sec, _ = run_measured([sys.executable, "-m", "ptq", "debug", str(model_path), "--calib",
+                                       str(calib_link), "-o", str(html), "-q", "--samples", "256",
+                                       *flags_for(cal_pre), *w4, *val_flags])
+                d = json.loads(html.with_suffix(".json").read_text())
+                t = d["timings"]
+                worst = ", ".join(f"{r['id'].split('/')[-2] if '/' in r['id'] else r['id']} ({r['drop']:.1f})"
+                                  for r in d["per_quantizer"][:3])
+                add(rows, Row(name, "ptq debug", "W4A8 per-tensor nearest: per-quantizer sensitivity, 256 val images",
+                              top1=d["quantized"]["score"], drop=d["quantized"]["drop"], seconds=sec,
+                              note=f"{len(d['per_quantizer'])} quantizers in {t['per_quantizer']:.0f} s "
+                                   f"(+FP32 reference {t['fp32_reference']:.0f} s); dominant: "
+                                   f"{d['weights_vs_activations']['dominant']}; worst: {worst}"))
+            except RuntimeError as e:
+                add(rows, Row(name, "ptq debug", "W4A8 per-tensor sensitivity", note="failed: " + str(e)[-100:]))
+            write(rows, args.out)
+            out = work / f"{name}-autofix.onnx"
+            cmd = [sys.executable, "-m", "ptq", "run", str(model_path), "-o", str(out), "--holdout", "0", "-q",
+                   "--calib", str(calib_link), *flags_for(cal_pre), *w4, *val_flags, "--max-drop", "1.0",
+                   "--auto-fix"]
+            t0 = time.perf_counter()
+            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               stdin=subprocess.DEVNULL)
+            sec = time.perf_counter() - t0
+            rep_path = out.with_name(out.stem + ".report.json")
+            if p.returncode in (0, 3) and rep_path.exists():
+                rep = json.loads(rep_path.read_text())
+                fix = rep.get("auto_fix", {})
+                score("ptq", "W4A8 per-tensor nearest, --max-drop 1.0 --auto-fix (16 bits)", out, sec,
+                      rep["peak_rss_mb"], f"exit {p.returncode}; raised {len(fix.get('raised', []))} of "
+                      f"{fix.get('quantizers')} quantizers ({100 * fix.get('raised_share', 0):.1f} %); drop "
+                      f"{fix.get('drop_before')} -> {fix.get('drop_after')}")
+            else:
+                add(rows, Row(name, "ptq", "W4A8 per-tensor --auto-fix", note="failed: " + p.stdout[-100:]))
         if "ort" in suites and name in args.ort_models:
             calib_npy = cached_images(f"{name}-calib{args.calib_size}", calib_pick, cal_pre)
             for method in ("MinMax", "Entropy", "Percentile"):

@@ -56,7 +56,7 @@ def raise_quantizers(state, ids, to: str = "16"):
     from .ranges import weight_encoding
     ids = set(ids)
     sub = copy.copy(state)
-    sub.weights, sub.acts = dict(state.weights), dict(state.acts)
+    sub.weights, sub.acts, sub.rounded = dict(state.weights), dict(state.acts), dict(state.rounded)
     gr = Graph(state.model)
     layers = {l.name: l for l in state.layers}
     for q in ids:
@@ -64,6 +64,7 @@ def raise_quantizers(state, ids, to: str = "16"):
         table = sub.weights if kind == "weight" else sub.acts
         if name not in table:
             continue
+        sub.rounded.pop(name, None)  # AdaRound's integers belong to the old grid
         if to == "fp32":
             del table[name]
             continue

@@ -118,7 +118,9 @@ def export_qdq(state) -> onnx.ModelProto:
             wenc = state.weights[layer.name]
             w = numpy_helper.to_array(inits_by_name[layer.weight])
             bits = storage_bits(wenc.spec.bits, opset)
-            node.input[1] = dq_const(layer.name + "/weight", quantize(w, wenc), wenc, bits, True, layer.w_axis)
+            q_w = state.rounded.get(layer.name)
+            q_w = quantize(w, wenc) if q_w is None else q_w
+            node.input[1] = dq_const(layer.name + "/weight", q_w, wenc, bits, True, layer.w_axis)
             x_enc = act_enc.get(layer.x)
             if layer.bias is not None and x_enc is not None:
                 b = numpy_helper.to_array(inits_by_name[layer.bias])

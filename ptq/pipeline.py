@@ -168,6 +168,7 @@ class State:
     acts: dict[str, Encoding] = field(default_factory=dict)  # by root tensor name
     report: dict = field(default_factory=dict)
     transformed: onnx.ModelProto | None = None  # the FP32 model after CLE / bias absorption
+    rounded: dict = field(default_factory=dict)  # layer -> integer weights chosen by AdaRound (else nearest)
 
 
 @dataclass

@@ -8,6 +8,7 @@ import pytest
 from builders import conv_bn_relu, save_npy_samples
 
 from ptq.data import DataSource, model_inputs
+from ptq.export import export_qdq
 from ptq.model import Graph
 from ptq.pipeline import Config, Context, prepare, run_steps
 from ptq.stages.adaround import Problem, rectified_sigmoid, init_v, solve
@@ -85,12 +86,18 @@ def test_adaround_stage_is_deterministic_and_on_grid(rng, tmp_path):
     cfg = dict(weight_bits=4, adaround=True, adaround_iters=200, holdout=0, batch_size=8)
     states = [run_steps(prepare(model, Config(**cfg)), Context(DataSource(calib, model_inputs(model))), {})
               for _ in range(2)]
-    a, b = (Graph(s.model) for s in states)
+    gr = Graph(prepare(model, Config(**cfg)).model)  # canonical (BN folded), before any step
     for layer in states[0].layers:
-        wa, wb = a.const(layer.weight), b.const(layer.weight)
-        np.testing.assert_array_equal(wa, wb)
-        scale = np.asarray(states[0].weights[layer.name].scale).reshape(-1, 1, 1, 1)
-        np.testing.assert_allclose(wa / scale, np.rint(wa / scale), atol=1e-4)  # grid values s·q
+        qa, qb = states[0].rounded[layer.name], states[1].rounded[layer.name]
+        np.testing.assert_array_equal(qa, qb)
+        enc = states[0].weights[layer.name]
+        assert qa.min() >= enc.spec.qmin and qa.max() <= enc.spec.qmax
+        near = np.clip(np.rint(gr.const(layer.weight) / np.asarray(enc.scale).reshape(-1, 1, 1, 1)), -8, 7)
+        assert np.all(np.abs(qa - near) <= 1)  # only up or down
+        np.testing.assert_array_equal(Graph(states[0].model).const(layer.weight), gr.const(layer.weight))  # FP32 kept
         rep = states[0].report["adaround"][layer.name]
         assert rep["loss_adaround"] <= rep["loss_nearest"]
-    assert onnx.ModelProto.SerializeToString(states[0].model) == onnx.ModelProto.SerializeToString(states[1].model)
+    a, b = (export_qdq(s).SerializeToString() for s in states)
+    assert a == b
+    exported = {t.name: onnx.numpy_helper.to_array(t) for t in export_qdq(states[0]).graph.initializer}
+    np.testing.assert_array_equal(exported["conv1/weight/quantized"], states[0].rounded["conv1"])

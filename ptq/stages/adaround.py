@@ -17,7 +17,8 @@ layers are solved as one batched problem over channels ([C, k·k]). Layer inputs
 layers of earlier blocks AdaRounded and those of its own block rounded to nearest (so nothing of the whole
 calibration set is held per layer beyond its Gram matrices or its row sample).
 
-Output: the AdaRounded weights are written into the model as their grid values s·q, so export stores q exactly.
+Output: the integers q per layer (``state.rounded``), which export stores instead of rounding to nearest; the
+FP32 model keeps its weights (so the debugging flow can still bypass the weight quantizers).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from ..errors import InputError
 from ..model import Graph, set_initializer
 from ..patches import paired_rows
 from ..patterns import clip_bounds
-from ..quant import fake_quant
+from ..quant import fake_quant, quantize
 from ..weights import layer_kind
 
 ZETA, GAMMA = 1.1, -0.1
@@ -211,15 +212,15 @@ def adaround(state, ctx):
             wt = p.s * q
             loss_ada = p.loss_grad(wt)[0]
             if loss_ada > loss_near:  # never worse than nearest on the layer's own data
-                wt, q = near, np.rint(p.w / p.s)
+                wt, q = near, np.clip(np.rint(p.w / p.s), p.qmin, p.qmax)
             w = gr.const(l.weight)
             done[l.name] = _from_matrix(wt, w, l, kind).astype(np.float32)
             report[l.name] = {"loss_nearest": float(f"{loss_near:.6g}"), "loss_adaround": float(f"{min(loss_ada, loss_near):.6g}"),
                               "changed_from_nearest": round(float(np.mean(q != np.clip(np.rint(p.w / p.s), p.qmin, p.qmax))), 4),
                               "seconds": round(time.perf_counter() - t0, 2),
                               "data": "gram" if p.gram is not None else f"{p.rows[0].shape[0]} rows"}
-    for l in layers:
-        set_initializer(state.model, l.weight, done[l.name])
+    for l in layers:  # the integers, on the weight encoding's grid; the FP32 weights stay as they are
+        state.rounded[l.name] = quantize(done[l.name], state.weights[l.name])
     state.report["adaround"] = report
     return state
 

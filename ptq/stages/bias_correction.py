@@ -21,7 +21,7 @@ from ..model import Graph, set_initializer
 from ..moments import clipped_normal_moments
 from ..observe import observe
 from ..patterns import clip_bounds
-from ..quant import fake_quant
+from ..quant import dequantize, fake_quant
 from ..weights import contract_input, layer_kind
 from .bias_absorption import _add_bias
 
@@ -82,8 +82,9 @@ def correct_biases(state, ctx, mode: str | None = None):
 
 def _empirical_means(state, gr, layers, ctx) -> dict:
     sim = onnx.ModelProto.FromString(state.model.SerializeToString())
-    for layer in layers:  # every weight quantized; activations FP32
-        set_initializer(sim, layer.weight, fake_quant(gr.const(layer.weight), state.weights[layer.name]))
+    for layer in layers:  # every weight quantized (AdaRound's integers where it ran); activations FP32
+        enc, q = state.weights[layer.name], state.rounded.get(layer.name)
+        set_initializer(sim, layer.weight, fake_quant(gr.const(layer.weight), enc) if q is None else dequantize(q, enc))
     obs, means = {}, {}
     for layer in layers:
         means[layer.name] = ChannelMean(1 if layer.op == "Conv" else -1)

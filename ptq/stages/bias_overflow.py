@@ -27,5 +27,6 @@ def guard_bias_overflow(state, ctx=None):
         if np.any(bad):
             wenc.scale = np.where(bad, need * (1 + 1e-6), s_w).astype(np.float32)
             raised[layer.name] = int(np.count_nonzero(bad))
+            state.rounded.pop(layer.name, None)  # a new grid: AdaRound's integers no longer apply
     state.report["bias_overflow"] = {"channels_with_raised_weight_scale": raised}
     return state
