@@ -164,17 +164,30 @@ def gate_met(result: dict, max_drop) -> bool:
         return False
 
 
-def auto_fix(state, ranking: list[dict], gate_scorer, max_drop, to: str = "16", progress: bool = False):
+def auto_fix(state, ranking: list[dict], gate_scorer, max_drop, to: str = "16", progress: bool = False,
+             precheck=None):
     """Raise quantizers in ``ranking`` order (most harmful first; ranked once) until ``max_drop`` is met on
-    ``gate_scorer``'s data. Returns (state, raised ids, history of {raised, score, drop})."""
+    ``gate_scorer``'s data. With ``precheck`` (a Scorer on a subset, e.g. the ranking samples) a step is scored
+    on the full gate data only once it passes there. Returns (state, raised ids, history of
+    {raised, score, drop, on})."""
     raised, history = [], []
     current = state
     with tqdm(total=len(ranking), desc="auto-fix", unit="q", disable=not progress, leave=False) as bar:
         for row in ranking:
             raised.append(row["id"])
             current = raise_quantizers(state, raised, to)
-            r = gate_scorer.score(export_qdq(current))
-            history.append({"raised": row["id"], "score": r["score"], "drop": r.get("drop")})
+            model = export_qdq(current)
+            step = {"raised": row["id"]}
+            if precheck is not None and precheck is not gate_scorer:
+                r = precheck.score(model)
+                step.update({"score": r["score"], "drop": r.get("drop"), "on": "ranking samples"})
+                if not gate_met(r, max_drop):
+                    history.append(step)
+                    bar.update(1)
+                    continue
+            r = gate_scorer.score(model)
+            step.update({"score": r["score"], "drop": r.get("drop"), "on": "gate data"})
+            history.append(step)
             bar.update(1)
             if gate_met(r, max_drop):
                 break

@@ -140,12 +140,13 @@ def _auto_fix(original, state, qmodel, gate_src, config, max_drop, to, metric, p
         rank_scorer = Scorer(original, gate_src.subset(gate_src.files[: config.debug_samples]), config.batch_size,
                              metric, progress)
     ranking = per_quantizer(state, rank_scorer, progress)
-    fixed_state, raised, history = auto_fix(state, ranking, gate_scorer, max_drop, to, progress)
+    fixed_state, raised, history = auto_fix(state, ranking, gate_scorer, max_drop, to, progress, rank_scorer)
     fixed = export_qdq(fixed_state)
     _, feed = next(iter(gate_src.batches(1)))
     lat0, lat1 = latency_ms(qmodel, feed, 20), latency_ms(fixed, feed, 20)
-    out.update({"raised": raised, "history": history, "drop_after": history[-1]["drop"],
-                "met": gate_met(gate_scorer.score(fixed), max_drop),
+    final = gate_scorer.score(fixed)
+    out.update({"raised": raised, "history": history, "drop_after": final.get("drop"),
+                "met": gate_met(final, max_drop),
                 "raised_share": round(len(raised) / max(out["quantizers"], 1), 4),
                 "size_bytes": [qmodel.ByteSize(), fixed.ByteSize()],
                 "latency_ms_batch1": [round(lat0, 3), round(lat1, 3)],

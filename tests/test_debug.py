@@ -104,6 +104,11 @@ def test_auto_fix_raises_exactly_the_broken_quantizer(crafted, tmp_path, capsys)
     int16 = {t.name for t in q.graph.initializer if t.data_type == onnx.TensorProto.INT16}
     assert int16 == {"conv1/weight/quantized", "conv1/weight/zero_point"}  # the conv weight, stored at 16 bits
     np.testing.assert_allclose(run(q, {"x": np.zeros((1, 3, 8, 8), np.float32)})[0].shape, (1, 5))  # it runs
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("debug_samples = 24\n")  # rank on 24 samples, pre-check each step there, confirm on all 64
+    assert main(args + ["--auto-fix", "--recipe", str(recipe)]) == 0
+    fix = json.loads((tmp_path / "q.report.json").read_text())["auto_fix"]
+    assert fix["raised"] == ["weight:conv1"] and fix["history"][-1]["on"] == "gate data"
 
 
 @pytest.mark.parametrize("build,cle", [(zoo, False), (zoo, True), (conv_bn_relu, True), (two_inputs, False)])
