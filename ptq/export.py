@@ -2,7 +2,8 @@
 
 - Weights are stored quantized (int8; INT4 where the opset is >= 21 and bits <= 4) behind a DequantizeLinear
   (per channel: ``axis`` = the output-channel axis);
-- biases are stored as int32 with scale s_in · s_w (per channel) and zero point 0, as integer kernels add them;
+- biases are stored as int32 with scale s_in · s_w (per channel) and zero point 0, as integer kernels add them
+  (where int32 cannot hold them, as with 16-bit grids, a float Add after the layer carries the bias);
 - an activation of fewer bits than its storage type (e.g. 7-bit in uint8) gets a Clip to its n-bit range before
   the QuantizeLinear, so its integers stay in that range at run time (QuantizeLinear alone saturates only at the
   type's bounds); onnxruntime does not fuse such a Clip, so those tensors run as float fake-quant
@@ -125,8 +126,10 @@ def export_qdq(state) -> onnx.ModelProto:
             if layer.bias is not None and x_enc is not None:
                 b = numpy_helper.to_array(inits_by_name[layer.bias])
                 benc = bias_encoding(wenc, x_enc)
-                if np.all(np.abs(b / benc.scale) < 2**31 - 1):  # else (16-bit scales) the bias stays float
+                if np.all(np.abs(b / benc.scale) < 2**31 - 1):
                     node.input[2] = dq_const(layer.name + "/bias", quantize(b, benc), benc, 32, True, 0)
+                else:
+                    node = _split_bias(node, layer, b, w.ndim, taken, inits, nodes)
         renamed = []
         for k, t in enumerate(node.output):
             if t in act_enc:
@@ -142,6 +145,20 @@ def export_qdq(state) -> onnx.ModelProto:
     if needs_ms and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model
+
+
+def _split_bias(node, layer, b, w_ndim, taken, inits, nodes):
+    """A bias that int32 at s_in·s_w cannot hold (16-bit grids): the layer loses it and a float Add after it
+    adds it back. (Left as a float bias input, onnxruntime would quantize it to int32 itself and overflow.)
+    Appends the layer to ``nodes`` and returns the Add, which now produces the layer's output."""
+    out = node.output[0]
+    node.output[0] = unique_name(taken, out + "/without_bias")
+    del node.input[2]
+    name = unique_name(taken, layer.name + "/float_bias")
+    shape = (-1,) + (1,) * (w_ndim - 2) if layer.op == "Conv" else (-1,)
+    inits.append(numpy_helper.from_array(b.reshape(shape).astype(np.float32), name))
+    nodes.append(node)
+    return helper.make_node("Add", [node.output[0], name], [out], unique_name(taken, layer.name + "/BiasAdd"))
 
 
 def bias_encoding(wenc: Encoding, x_enc: Encoding) -> Encoding:

@@ -112,8 +112,13 @@ class RowSample:
         return np.concatenate(self.rows) if self.rows else np.zeros((0, 1), np.float32)
 
 
-def session(model: onnx.ModelProto | bytes | str, extra_outputs=(), optimize: bool = True) -> ort.InferenceSession:
-    """A CPU onnxruntime session, with ``extra_outputs`` (intermediate tensor names) exposed as outputs."""
+def session(model: onnx.ModelProto | bytes | str, extra_outputs=(), optimize: bool = True,
+            exact_qdq: bool = False) -> ort.InferenceSession:
+    """A CPU onnxruntime session, with ``extra_outputs`` (intermediate tensor names) exposed as outputs.
+
+    ``exact_qdq``: run Q/DQ as written, without onnxruntime's QDQ transformers. Those fuse into integer kernels,
+    but also quantize the float weights and biases of a layer whose input is quantized — wrong for a partly
+    quantized model (a quantizer toggled alone) and, with 16-bit scales, overflowing the int32 bias."""
     if extra_outputs:
         model = onnx.ModelProto.FromString(model.SerializeToString())
         have = {o.name for o in model.graph.output}
@@ -123,6 +128,8 @@ def session(model: onnx.ModelProto | bytes | str, extra_outputs=(), optimize: bo
     opts.intra_op_num_threads = os.cpu_count() or 1
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if exact_qdq:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
