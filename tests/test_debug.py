@@ -188,3 +188,29 @@ def test_bad_metric_and_auto_fix_usage_exit_2(crafted, tmp_path, capsys):
     assert "cannot import nosuchmod" in capsys.readouterr().err
     assert main(["run", str(path), "--calib", str(calib), "--auto-fix", "-o", str(tmp_path / "x.onnx")]) == 2
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.html").exists()
+
+
+def test_16_bit_grids_keep_a_large_bias_exact_in_onnxruntime(rng, tmp_path):
+    # at 16-bit input and weight scales a bias of 50 overflows int32 (50 / (1e-4 · 3e-5)): it must not be left to
+    # onnxruntime, whose QDQ transformers would quantize a float bias to int32 themselves
+    from builders import init, make
+    from ptq.observe import session
+    w = rng.normal(0, 1, (4, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], "conv", pads=[1, 1, 1, 1])]
+    model = make(nodes, [("x", [None, 3, 6, 6])], [("y", [None, 4, 6, 6])],
+                 [init("w", w), init("b", np.full(4, 50.0, np.float32))])
+    x = rng.normal(0, 1, (8, 3, 6, 6)).astype(np.float32)
+
+    class Src:
+        def __len__(self):
+            return 8
+
+        def batches(self, bs):
+            yield list(range(8)), {"x": x}
+    state = run_steps(prepare(model, Config(holdout=0)), Context(Src()), {})
+    q = export_qdq(raise_quantizers(state, ["weight:conv", "act:x", "act:y"]))
+    assert "Add" in {n.op_type for n in q.graph.node}  # the bias moved to a float Add
+    ref = run(model, {"x": x})[0]
+    for exact in (False, True):
+        y = session(q, exact_qdq=exact).run(None, {"x": x})[0]
+        np.testing.assert_allclose(y, ref, atol=2e-2 * np.abs(ref).max())
