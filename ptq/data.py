@@ -274,3 +274,9 @@ def _fit(path: Path, info: InputInfo, x: np.ndarray) -> np.ndarray:
 
 def _shape_str(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def require_calibration(ctx, stage: str) -> None:
+    """Stop a stage that needs calibration data when the run has none."""
+    if ctx is None or ctx.calib is None:
+        raise InputError(f"{stage} needs calibration data (--calib)")

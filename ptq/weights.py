@@ -49,3 +49,23 @@ def contract_input(w: np.ndarray, kind: str, w_axis: int, v: np.ndarray) -> np.n
         return w.reshape(w.shape[0], -1).sum(axis=1).astype(np.float64) * v
     w2 = w if w_axis == 0 else w.T  # [Cout, Cin]
     return w2.astype(np.float64) @ v
+
+
+def as_matrix(w: np.ndarray, layer, kind: str) -> np.ndarray:
+    """The weight as [Cout, D] (D = Cin·k·k; depthwise [C, k·k]; Gemm / MatMul with Cout first)."""
+    if kind in ("conv", "depthwise"):
+        return w.reshape(w.shape[0], -1)
+    return w if layer.w_axis == 0 else w.T
+
+
+def from_matrix(m: np.ndarray, w: np.ndarray, layer, kind: str) -> np.ndarray:
+    """Inverse of as_matrix, back to the shape of ``w``."""
+    if kind in ("conv", "depthwise"):
+        return m.reshape(w.shape)
+    return m if layer.w_axis == 0 else m.T
+
+
+def reconstruction_layers(state, gr: Graph) -> list:
+    """The layers a per-layer reconstruction (AdaRound, EasyQuant) handles: with a weight encoding, and Conv
+    (group 1 or depthwise), Gemm or MatMul — other grouped convolutions are left alone."""
+    return [l for l in state.layers if l.name in state.weights and layer_kind(gr, l) is not None]

@@ -27,12 +27,12 @@ import time
 import numpy as np
 import onnx
 
-from ..errors import InputError
+from ..data import require_calibration
 from ..model import Graph, set_initializer
 from ..patches import paired_rows
 from ..patterns import clip_bounds
 from ..quant import fake_quant, quantize
-from ..weights import layer_kind
+from ..weights import as_matrix, from_matrix, layer_kind, reconstruction_layers
 
 ZETA, GAMMA = 1.1, -0.1
 GRAM_POSITIONS = 4096  # output positions per image for the Gram form (its cost is O(rows·D²) once)
@@ -170,26 +170,12 @@ def _activation(gr: Graph, layer):
     return lo, hi
 
 
-def _as_matrix(w, layer, kind):
-    """Weight as [O, D] (depthwise: [C, k·k]) and back."""
-    if kind in ("conv", "depthwise"):
-        return w.reshape(w.shape[0], -1)
-    return w if layer.w_axis == 0 else w.T
-
-
-def _from_matrix(m, w, layer, kind):
-    if kind in ("conv", "depthwise"):
-        return m.reshape(w.shape)
-    return m if layer.w_axis == 0 else m.T
-
-
 def adaround(state, ctx):
     """The AdaRound stage: every layer with a weight encoding, in topological order (see module docstring)."""
     cfg = state.config
-    if ctx is None or ctx.calib is None:
-        raise InputError("AdaRound needs calibration data (--calib)")
+    require_calibration(ctx, "AdaRound")
     gr = Graph(state.model)
-    layers = [l for l in state.layers if l.name in state.weights and layer_kind(gr, l) is not None]
+    layers = reconstruction_layers(state, gr)
     fp32 = onnx.ModelProto.FromString(state.model.SerializeToString())
     done: dict[str, np.ndarray] = {}  # layer -> AdaRounded weight (grid values)
     report = {}
@@ -214,7 +200,7 @@ def adaround(state, ctx):
             if loss_ada > loss_near:  # never worse than nearest on the layer's own data
                 wt, q = near, np.clip(np.rint(p.w / p.s), p.qmin, p.qmax)
             w = gr.const(l.weight)
-            done[l.name] = _from_matrix(wt, w, l, kind).astype(np.float32)
+            done[l.name] = from_matrix(wt, w, l, kind).astype(np.float32)
             report[l.name] = {"loss_nearest": float(f"{loss_near:.6g}"), "loss_adaround": float(f"{min(loss_ada, loss_near):.6g}"),
                               "changed_from_nearest": round(float(np.mean(q != np.clip(np.rint(p.w / p.s), p.qmin, p.qmax))), 4),
                               "seconds": round(time.perf_counter() - t0, 2),
@@ -232,7 +218,7 @@ def _collect(state, gr, group, fp32, sim, ctx) -> dict:
     for l in group:
         kind = layer_kind(gr, l)
         enc = state.weights[l.name]
-        w = _as_matrix(gr.const(l.weight), l, kind)
+        w = as_matrix(gr.const(l.weight), l, kind)
         scale = np.asarray(enc.scale)
         p = Problem(w, scale if scale.ndim == 0 else scale.reshape(-1), enc.spec.qmin, enc.spec.qmax,
                     kind == "depthwise")

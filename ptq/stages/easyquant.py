@@ -31,12 +31,12 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import InputError
+from ..data import require_calibration
 from ..export import export_qdq, quantizer_inputs
 from ..model import Graph
 from ..patches import paired_rows
 from ..quant import Encoding, sqnr_db
-from ..weights import layer_kind
+from ..weights import as_matrix, layer_kind, reconstruction_layers
 from .activation_ranges import _activation_bounds
 
 BUDGET = 1 << 26  # floats per candidate chunk (256 MB of float32 at most)
@@ -120,19 +120,12 @@ def search_act_scale(x, t, wq, b, s0, zp, qmin, qmax, alphas, depthwise=False, m
     return np.float32(alphas[best] * s0), float(cos[best])
 
 
-def _matrix(w, layer, kind):
-    if kind in ("conv", "depthwise"):
-        return w.reshape(w.shape[0], -1)
-    return w if layer.w_axis == 0 else w.T
-
-
 def easyquant(state, ctx):
     """The EasyQuant stage (see module docstring): updates state.weights and state.acts in place."""
     cfg = state.config
-    if ctx is None or ctx.calib is None:
-        raise InputError("EasyQuant needs calibration data (--calib)")
+    require_calibration(ctx, "EasyQuant")
     gr = Graph(state.model)
-    layers = [l for l in state.layers if l.name in state.weights and layer_kind(gr, l) is not None]
+    layers = reconstruction_layers(state, gr)
     bounds = _activation_bounds(state, gr)
     alphas = candidates(cfg.easyquant_steps, *cfg.easyquant_range)
     per_sample = max(1, -(-cfg.easyquant_rows // max(len(ctx.calib), 1)))
@@ -168,7 +161,7 @@ def _search_layer(state, gr, l, xf, xq, alphas, bounds, searched, raw) -> dict:
     kind = layer_kind(gr, l)
     dw = kind == "depthwise"
     w0 = gr.const(l.weight)
-    w = _matrix(w0, l, kind).astype(np.float32)
+    w = as_matrix(w0, l, kind).astype(np.float32)
     b = (gr.const(l.bias).astype(np.float32) if l.bias else np.zeros(w.shape[0], np.float32))
     t = (np.einsum("rck,ck->rc", xf, w) if dw else xf @ w.T) + b  # the FP32 output
     wenc = state.weights[l.name]
