@@ -5,14 +5,13 @@ import collections
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from builders import conv_bn_relu, save_npy_samples, two_inputs, zoo
 from onnx import numpy_helper
 
 from ptq.data import DataSource, model_inputs
 from ptq.export import export_qdq
 from ptq.pipeline import Config, Context, prepare, run_steps
-from ptq.quant import QuantSpec, fake_quant
+from ptq.quant import fake_quant
 from ptq.run import quantize
 
 

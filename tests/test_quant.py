@@ -1,7 +1,7 @@
 """numpy fake-quant must equal onnxruntime's QuantizeLinear / DequantizeLinear on the same scale and zero point."""
 import numpy as np
 import pytest
-from builders import init, make, run
+from builders import init, run
 from onnx import TensorProto, helper, numpy_helper
 
 from ptq.quant import QuantSpec, dequantize, encoding_from_range, fake_quant, quantize, sqnr_db

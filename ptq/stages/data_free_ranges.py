@@ -99,7 +99,6 @@ def _spatial_axes(gr: Graph, node) -> bool:
 def set_data_free_ranges(state, ctx=None):
     """The activation-range stage without data (see module docstring)."""
     cfg = state.config
-    gr = Graph(state.model)
     stats = propagate_moments(state)
     pre = {l.out: l.pre_act for l in state.layers if l.act_node and state.bn.get(l.pre_act) is not None}
     if not state.bn:
