@@ -250,6 +250,9 @@ def main():
                     runs = [("EasyQuant", ["--easyquant"])]
                     if bits == 7:  # the 8-bit minmax / mse rows come from the core suite
                         runs = [("minmax", mm), ("mse+xent", [])] + runs
+                        runs.append(("EasyQuant+BC", ["--easyquant", "--bias-correction", "empirical"])
+                                    if gran == "per-channel" else
+                                    ("CLE+EasyQuant+BC", ["--cle", "--easyquant", "--bias-correction", "empirical"]))
                     for label, extra in runs:
                         config = f"W{bits}A{bits} {gran} {label}"
                         ptq_run(config, work / f"{name}-{config.replace(' ', '_').replace('+', 'p')}.onnx",
