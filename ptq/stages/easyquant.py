@@ -128,7 +128,11 @@ def easyquant(state, ctx):
     layers = reconstruction_layers(state, gr)
     bounds = _activation_bounds(state, gr)
     alphas = candidates(cfg.easyquant_steps, *cfg.easyquant_range)
-    per_sample = max(1, -(-cfg.easyquant_rows // max(len(ctx.calib), 1)))
+    rows_of = {l.name: cfg.easyquant_rows if layer_kind(gr, l) != "depthwise" else max(cfg.easyquant_rows // 4, 1)
+               for l in layers}
+
+    def per_sample(layer):  # spread each layer's rows over the calibration samples; collect no more than used
+        return max(1, -(-rows_of[layer.name] // max(len(ctx.calib), 1)))
     searched: set[str] = set()  # activation quantizers already fixed
     report = {}
     blocks = [b for b in np.array_split(np.arange(len(layers)), max(1, min(cfg.easyquant_passes, len(layers))))
@@ -140,12 +144,12 @@ def easyquant(state, ctx):
         raw = quantizer_inputs(sim)
         rows: dict[str, list] = {l.name: [[], []] for l in group}
         for _, l, xf, xq in paired_rows(state.model, sim, group, {l.name: raw.get(l.x, l.x) for l in group},
-                                        ctx.calib, cfg.batch_size, lambda l: per_sample, cfg.seed):
+                                        ctx.calib, cfg.batch_size, per_sample, cfg.seed):
             rows[l.name][0].append(xf)
             rows[l.name][1].append(xq)
         for l in group:
             t0 = time.perf_counter()
-            n = cfg.easyquant_rows if layer_kind(gr, l) != "depthwise" else max(cfg.easyquant_rows // 4, 1)
+            n = rows_of[l.name]
             xf = np.concatenate(rows[l.name][0])[:n].astype(np.float32)
             xq = np.concatenate(rows.pop(l.name)[1])[:n].astype(np.float32)
             report[l.name] = _search_layer(state, gr, l, xf, xq, alphas, bounds, searched, raw)
