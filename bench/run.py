@@ -147,6 +147,7 @@ def main():
                     help="models for the onnxruntime baseline (its Entropy/Percentile take ~100 s and 16 GB each)")
     ap.add_argument("--debug-models", nargs="*", default=["efficientnet_lite0"],
                     help="models for the debug suite (per-quantizer sensitivity and auto-fix at W4A8 per-tensor)")
+    ap.add_argument("--only", default="", help="run only the ptq configurations whose name contains this text")
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--val-limit", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
@@ -197,6 +198,8 @@ def main():
             write(rows, args.out)
 
         def ptq_run(config, out, extra):
+            if args.only and args.only not in config:
+                return
             cmd = [sys.executable, "-m", "ptq", "run", str(model_path), "-o", str(out), "--holdout", "0",
                    "--calib-size", str(args.calib_size), "-q", *flags_for(cal_pre)]
             if "--data-free" not in extra and "--calib" not in extra:
