@@ -115,8 +115,15 @@ def fake_quant(x: np.ndarray, enc: Encoding) -> np.ndarray:
 
 
 def fake_quant_grid(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
-    """Fake-quant with already-broadcast scale / zero point arrays; the inner loop of the range searches."""
-    return (np.clip(np.rint(x / scale) + zp, qmin, qmax) - zp) * scale
+    """Fake-quant with already-broadcast scale / zero point arrays; the inner loop of the range and scale searches
+    (one result array, updated in place: x and scale may broadcast to many candidates at once)."""
+    q = np.divide(x, scale)
+    np.rint(q, out=q)
+    q += zp
+    np.clip(q, qmin, qmax, out=q)
+    q -= zp
+    q *= scale
+    return q
 
 
 def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:

@@ -35,7 +35,7 @@ from ..data import require_calibration
 from ..export import export_qdq, quantizer_inputs
 from ..model import Graph
 from ..patches import paired_rows
-from ..quant import Encoding, sqnr_db
+from ..quant import Encoding, fake_quant_grid, sqnr_db
 from ..weights import as_matrix, layer_kind, reconstruction_layers
 from .activation_ranges import _activation_bounds
 
@@ -49,19 +49,6 @@ def candidates(steps: int, lo: float, hi: float) -> np.ndarray:
 
 def cosine(dot, yy, tt):
     return dot / np.sqrt(np.maximum(yy * tt, 1e-30))
-
-
-def _fq(x, scale, zp, qmin, qmax):
-    """Fake-quant, broadcasting x against the candidate scales (float32, few temporaries)."""
-    q = np.multiply(x, np.float32(1) / np.asarray(scale, np.float32), dtype=np.float32)
-    np.rint(q, out=q)
-    if zp:
-        q += np.float32(zp)
-    np.clip(q, qmin, qmax, out=q)
-    if zp:
-        q -= np.float32(zp)
-    q *= scale
-    return q
 
 
 def _outputs(x, w, b, depthwise):
@@ -84,7 +71,7 @@ def search_weight_scales(x, t, w, b, s0, qmin, qmax, alphas, depthwise=False):
         a = alphas[k:k + chunk].astype(np.float32)
         s = (a[:, None] * s0[None, :] if per_channel else a[:, None] * np.full((1, o), s0))  # [A, O]
         sb = s.reshape(s.shape + (1,) * (w.ndim - 1))
-        y = _outputs(x, _fq(w[None], sb, 0, qmin, qmax), b, depthwise)  # [A, R, O]
+        y = _outputs(x, fake_quant_grid(w[None], sb, 0, qmin, qmax), b, depthwise)  # [A, R, O]
         dots.append(np.einsum("aro,ro->ao", y, t))
         yys.append(np.einsum("aro,aro->ao", y, y))
     dot, yy = np.concatenate(dots), np.concatenate(yys)  # [A, O]
@@ -108,7 +95,7 @@ def search_act_scale(x, t, wq, b, s0, zp, qmin, qmax, alphas, depthwise=False, m
     cos = []
     for k in range(0, len(alphas), chunk):
         a = alphas[k:k + chunk].astype(np.float32) * np.float32(s0)
-        xq = _fq(x[None], a.reshape((-1,) + (1,) * x.ndim), zp, qmin, qmax)  # [A, R, ...]
+        xq = fake_quant_grid(x[None], a.reshape((-1,) + (1,) * x.ndim), zp, qmin, qmax)  # [A, R, ...]
         if depthwise:
             xq *= wq
             y = xq.sum(-1) + b
@@ -178,11 +165,11 @@ def _search_layer(state, gr, l, xf, xq, alphas, bounds, searched, raw) -> dict:
     ws, wq_min, wq_max = ws0, wenc.spec.qmin, wenc.spec.qmax  # ws: the weight scale cos_now measures
 
     def xin(enc):
-        return xq if enc is None else _fq(xq, np.float32(enc.scale), int(enc.zero_point), enc.spec.qmin,
+        return xq if enc is None else fake_quant_grid(xq, np.float32(enc.scale), int(enc.zero_point), enc.spec.qmin,
                                           enc.spec.qmax)
 
     def wq(scale):
-        return _fq(w, scale.reshape(-1, *([1] * (w.ndim - 1))) if scale.ndim else scale, 0, wq_min, wq_max)
+        return fake_quant_grid(w, scale.reshape(-1, *([1] * (w.ndim - 1))) if scale.ndim else scale, 0, wq_min, wq_max)
 
     def cos_now(a_scale):
         enc = fixed_a if aenc is None else _with_scale(aenc, a_scale)
