@@ -169,8 +169,8 @@ def auto_fix(state, ranking: list[dict], gate_scorer, max_drop, to: str = "16", 
     """Raise quantizers in ``ranking`` order (most harmful first; ranked once) until ``max_drop`` is met on
     ``gate_scorer``'s data. With ``precheck`` (a Scorer on a subset, e.g. the ranking samples) a step is scored
     on the full gate data only once it passes there. Returns (state, raised ids, history of
-    {raised, score, drop, on})."""
-    raised, history = [], []
+    {raised, score, drop, on}, the last result on the full gate data or None)."""
+    raised, history, last = [], [], None
     current = state
     with tqdm(total=len(ranking), desc="auto-fix", unit="q", disable=not progress, leave=False) as bar:
         for row in ranking:
@@ -185,13 +185,15 @@ def auto_fix(state, ranking: list[dict], gate_scorer, max_drop, to: str = "16", 
                     history.append(step)
                     bar.update(1)
                     continue
-            r = gate_scorer.score(model)
+            r = last = gate_scorer.score(model)
             step.update({"score": r["score"], "drop": r.get("drop"), "on": "gate data"})
             history.append(step)
             bar.update(1)
             if gate_met(r, max_drop):
                 break
-    return current, raised, history
+    if history and history[-1]["on"] != "gate data":
+        last = None  # the final state was never scored on the full gate data
+    return current, raised, history, last
 
 
 def debug(model_path, calib, output=None, config=None, preprocess=None, eval_dir=None, eval_preprocess=None,

@@ -140,11 +140,11 @@ def _auto_fix(original, state, qmodel, gate_src, config, max_drop, to, metric, p
         rank_scorer = Scorer(original, gate_src.subset(gate_src.files[: config.debug_samples]), config.batch_size,
                              metric, progress)
     ranking = per_quantizer(state, rank_scorer, progress)
-    fixed_state, raised, history = auto_fix(state, ranking, gate_scorer, max_drop, to, progress, rank_scorer)
+    fixed_state, raised, history, final = auto_fix(state, ranking, gate_scorer, max_drop, to, progress, rank_scorer)
     fixed = export_qdq(fixed_state)
     _, feed = next(iter(gate_src.batches(1)))
     lat0, lat1 = latency_ms(qmodel, feed, 20), latency_ms(fixed, feed, 20)
-    final = gate_scorer.score(fixed)
+    final = final or gate_scorer.score(fixed)
     out.update({"raised": raised, "history": history, "drop_after": final.get("drop"),
                 "met": gate_met(final, max_drop),
                 "raised_share": round(len(raised) / max(out["quantizers"], 1), 4),
