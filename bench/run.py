@@ -140,13 +140,16 @@ def cle_invariance(fp, val: ArraySource, limit: int = 256) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=list(MODELS))
-    ap.add_argument("--suites", default="core,cle,easyquant,debug,ort",
+    ap.add_argument("--suites", default="core,cle,easyquant,adaround,debug,ort",
                     help="core: W8A8 ranges; cle: CLE / bias correction / data-free; easyquant: EasyQuant at W8A8 "
-                         "and W7A7 against minmax / mse; debug: sensitivity + auto-fix; ort: onnxruntime baseline")
+                         "and W7A7 against minmax / mse; adaround: W4A8 nearest vs AdaRound; debug: sensitivity + auto-fix; ort: onnxruntime baseline")
     ap.add_argument("--ort-models", nargs="*", default=["efficientnet_lite0"],
                     help="models for the onnxruntime baseline (its Entropy/Percentile take ~100 s and 16 GB each)")
     ap.add_argument("--debug-models", nargs="*", default=["efficientnet_lite0"],
                     help="models for the debug suite (per-quantizer sensitivity and auto-fix at W4A8 per-tensor)")
+    ap.add_argument("--adaround-models", nargs="*", default=["efficientnet_lite0"],
+                    help="models for the AdaRound suite (W4A8 nearest vs AdaRound, 1024 calibration images; "
+                         "each AdaRound run takes 10+ minutes)")
     ap.add_argument("--only", default="", help="run only the ptq configurations whose name contains this text")
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--val-limit", type=int, default=0)
@@ -260,6 +263,16 @@ def main():
                         config = f"W{bits}A{bits} {gran} {label}"
                         ptq_run(config, work / f"{name}-{config.replace(' ', '_').replace('+', 'p')}.onnx",
                                 [f"--{gran}", *bflags, *extra])
+        if "adaround" in suites and name in args.adaround_models:
+            images = ["--calib-size", "1024", "--calib", str(calib_dir)]
+            for config, extra in (("W4A8 per-channel nearest", ["--per-channel", "--weight-bits", "4"]),
+                                  ("W4A8 per-channel AdaRound", ["--per-channel", "--weight-bits", "4",
+                                                                 "--adaround", *images]),
+                                  ("W4A8 per-tensor CLE nearest", ["--per-tensor", "--weight-bits", "4", "--cle"]),
+                                  ("W4A8 per-tensor CLE+AdaRound", ["--per-tensor", "--weight-bits", "4", "--cle",
+                                                                    "--adaround", *images]),
+                                  ("W8A8 per-channel AdaRound", ["--per-channel", "--adaround", *images])):
+                ptq_run(config, work / f"{name}-{config.replace(' ', '_').replace('+', 'p')}.onnx", extra)
         if "debug" in suites and name in args.debug_models:
             w4 = ["--per-tensor", "--weight-bits", "4"]
             val_flags = ["--eval", str(val_dir), "--eval-resize", str(val_pre.resize), "--eval-crop",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from .errors import InputError
 
@@ -229,3 +229,28 @@ def unique_name(taken: set[str], base: str) -> str:
         name, k = f"{base}_{k}", k + 1
     taken.add(name)
     return name
+
+
+def truncate(model: onnx.ModelProto, outputs) -> onnx.ModelProto:
+    """A copy of ``model`` computing only ``outputs`` (tensor names): the nodes they depend on, nothing after."""
+    out = onnx.ModelProto.FromString(model.SerializeToString())
+    g = out.graph
+    nodes = list(g.node)
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output}
+    seen, keep, stack = set(), set(), list(outputs)
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        k = producer.get(t)
+        if k is not None and k not in keep:
+            keep.add(k)
+            stack.extend(i for i in _all_inputs(nodes[k]) if i)
+    kept = [n for k, n in enumerate(nodes) if k in keep]
+    del g.node[:]
+    g.node.extend(kept)
+    del g.output[:]
+    g.output.extend(helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(outputs))
+    remove_unused_initializers(out)
+    return out

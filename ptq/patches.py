@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .model import Graph, attr
+from .model import Graph, attr, truncate
 
 
 def conv_geometry(gr: Graph, layer) -> dict:
@@ -56,8 +56,8 @@ def paired_rows(fp32, sim, group, sim_inputs: dict, calib, batch_size: int, per_
     gr = Graph(fp32)
     fp_names = list(dict.fromkeys(l.x for l in group))
     q_names = list(dict.fromkeys(sim_inputs[l.name] for l in group)) if sim is not None else []
-    s_fp = session(fp32, fp_names)
-    s_q = session(sim, q_names) if sim is not None else None
+    s_fp = session(truncate(fp32, fp_names))  # nothing after the group's inputs is computed
+    s_q = session(truncate(sim, q_names)) if sim is not None else None
     geoms = {l.name: conv_geometry(gr, l) if l.op == "Conv" else None for l in group}
     dw = {l.name: layer_kind(gr, l) == "depthwise" for l in group}
     for k, (_, feed) in enumerate(calib.batches(batch_size)):

@@ -130,8 +130,18 @@ def to_markdown(r: dict) -> str:
         lines += [f"| {k} | {v['scale_min']:.4g} | {v['scale_max']:.4g} |" for k, v in cle["pairs"].items()]
         lines += ["", "Per-channel weight ranges of the most unbalanced layers (the white paper's Fig. 6; also in "
                   "the .report.html):", ""] + charts(r)
-    if r.get("stages"):
-        lines += ["", "## Stage details", "", "```", json.dumps(_clean(r["stages"]), indent=1), "```"]
+    ada = (r.get("stages") or {}).get("adaround")
+    if ada:
+        lines += ["", "## AdaRound", "", f"{ada['passes']} passes over the calibration data "
+                  f"({ada['collect_seconds']} s), rounding {ada['solve_seconds']} s. Error: mean squared output error "
+                  "of the layer on its calibration rows (after its activation where it has one).", "",
+                  "| layer | error, nearest | error, AdaRound | rounded away from nearest | seconds | data |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['loss_nearest']:.4g} | {v['loss_adaround']:.4g} | {100 * v['changed_from_nearest']:.1f} % "
+                  f"| {v['seconds']} | {v['data']} |" for k, v in ada["layers"].items()]
+    rest = {k: v for k, v in (r.get("stages") or {}).items() if k != "adaround"}
+    if rest:
+        lines += ["", "## Stage details", "", "```", json.dumps(_clean(rest), indent=1), "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,7 @@ from ptq.data import DataSource, model_inputs
 from ptq.export import export_qdq
 from ptq.model import Graph
 from ptq.pipeline import Config, Context, prepare, run_steps
-from ptq.stages.adaround import Problem, rectified_sigmoid, init_v, solve
+from ptq.stages.adaround import Problem, brute_force, init_v, polish, rectified_sigmoid, solve
 
 
 def gram_problem(rng, o, d, s=0.5, mix=0.5, rows=400, qmin=-8, qmax=7):
@@ -95,9 +95,62 @@ def test_adaround_stage_is_deterministic_and_on_grid(rng, tmp_path):
         near = np.clip(np.rint(gr.const(layer.weight) / np.asarray(enc.scale).reshape(-1, 1, 1, 1)), -8, 7)
         assert np.all(np.abs(qa - near) <= 1)  # only up or down
         np.testing.assert_array_equal(Graph(states[0].model).const(layer.weight), gr.const(layer.weight))  # FP32 kept
-        rep = states[0].report["adaround"][layer.name]
+        rep = states[0].report["adaround"]["layers"][layer.name]
         assert rep["loss_adaround"] <= rep["loss_nearest"]
     a, b = (export_qdq(s).SerializeToString() for s in states)
     assert a == b
     exported = {t.name: onnx.numpy_helper.to_array(t) for t in export_qdq(states[0]).graph.initializer}
     np.testing.assert_array_equal(exported["conv1/weight/quantized"], states[0].rounded["conv1"])
+
+
+def depthwise_gram_problem(rng, c=5, k=9, rows=200):
+    w = rng.normal(0, 1, (c, k))
+    x = rng.normal(0, 1, (rows, c, k))
+    xq = x + rng.normal(0, 0.2, x.shape)
+    p = Problem(w, rng.uniform(0.2, 0.5, c), -8, 7, depthwise=True)
+    p.gram = (np.einsum("rcm,rck->cmk", xq, xq), np.einsum("rcm,rck->cmk", xq, x), np.einsum("rcm,rck->cmk", x, x),
+              rows)
+    return p
+
+
+def channel_losses(p, q):
+    """Each channel's loss on its own (the depthwise problem is separable)."""
+    g, c, gff, _ = p.gram
+    wt = p.s * q
+    return (np.einsum("cm,cmk,ck->c", wt, g, wt) - 2 * np.einsum("cm,ckm,ck->c", p.w, c, wt)
+            + np.einsum("cm,cmk,ck->c", p.w, gff, p.w))
+
+
+def test_depthwise_brute_force_is_the_exact_optimum(rng):
+    p = depthwise_gram_problem(rng, k=6)
+    q = brute_force(p)
+    got = channel_losses(p, q)
+    for ch in range(p.w.shape[0]):  # an independent search: every rounding of every channel, one at a time
+        best = min(channel_losses(p, np.clip(p.floor + np.array(b)[None], -8, 7))[ch]
+                   for b in itertools.product([0, 1], repeat=6))
+        assert got[ch] == pytest.approx(best, rel=1e-9, abs=1e-9)
+    assert p.loss_grad(p.s * q)[0] <= p.loss_grad(p.nearest())[0]
+
+
+def test_polish_never_raises_the_loss(rng):
+    for p in (gram_problem(rng, 4, 12)[0], depthwise_gram_problem(rng)):
+        near = np.clip(np.rint(p.w / p.s), p.qmin, p.qmax)
+        q = polish(p, near)
+        assert p.loss_grad(p.s * q)[0] <= p.loss_grad(p.s * near)[0] + 1e-12
+        assert np.all((q >= np.clip(p.floor, -8, 7)) & (q <= np.clip(p.floor + 1, -8, 7)))  # up or down
+
+
+def test_row_order_does_not_change_the_loss(rng):
+    """Rows are shuffled once for contiguous mini-batches; the full loss and gradient do not depend on it."""
+    w = rng.normal(0, 1, (3, 7))
+    x = rng.normal(0, 1, (50, 7))
+    a, b = Problem(w, 0.4, -8, 7), Problem(w, 0.4, -8, 7)
+    t = np.clip(x @ w.T + 0.1, 0, 6)
+    a.rows = (x, t, np.full(3, 0.1), 0.0, 6.0)
+    b.rows = (x[::-1], t[::-1], np.full(3, 0.1), 0.0, 6.0)
+    la, ga = a.loss_grad(a.nearest())
+    lb, gb = b.loss_grad(b.nearest())
+    assert la == pytest.approx(lb, rel=1e-12)
+    np.testing.assert_allclose(ga, gb, rtol=1e-10)
+    y = np.clip(x @ a.nearest().T + 0.1, 0, 6)  # the loss written out by hand
+    assert la == pytest.approx(np.mean((y - t) ** 2), rel=1e-12)

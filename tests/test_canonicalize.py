@@ -1,11 +1,11 @@
 """Canonicalization and BN folding keep the FP32 outputs (checked against onnxruntime on the original)."""
 import numpy as np
 import onnx
-from builders import conv_bn_relu, init, make, run
+from builders import conv_bn_relu, init, make, run, zoo
 from onnx import helper
 
 from ptq.canonicalize import canonicalize
-from ptq.model import Graph, default_opset
+from ptq.model import Graph, default_opset, truncate
 from ptq.stages.fold_bn import fold_batchnorm
 
 
@@ -74,3 +74,17 @@ def test_old_opset_is_converted(rng):
     c = canonicalize(m)
     assert default_opset(c) == 13
     np.testing.assert_allclose(run(c, {"x": x})[0], run(m, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_truncate_keeps_only_what_the_outputs_need(rng):
+    m = zoo(rng)
+    x = rng.normal(0, 1, (2, 3, 16, 16)).astype(np.float32)
+    t = truncate(m, ["add", "rd"])
+    assert [o.name for o in t.graph.output] == ["add", "rd"]
+    assert set(ops(t)) == {"Conv", "Clip", "Relu", "Add"}  # nothing after the Add (pools, Gemm) is left
+    assert {i.name for i in t.graph.initializer} == {"w1", "b1", "wd", "bd", "w2", "b2", "lo", "hi"}
+    from ptq.observe import session
+    ref = session(m, ["add", "rd"]).run(["add", "rd"], {"x": x})
+    got = session(t).run(["add", "rd"], {"x": x})
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(a, b)

@@ -141,7 +141,7 @@ def test_easyquant_then_adaround_rounds_on_easyquant_grids(rng, tmp_path):
         s = np.asarray(both.weights[layer.name].scale).reshape(-1, 1, 1, 1)
         near = np.clip(np.rint(gr.const(layer.weight) / s), -8, 7)
         assert np.all(np.abs(both.rounded[layer.name] - near) <= 1)  # AdaRound rounds up or down on EasyQuant's grid
-        r = both.report["adaround"][layer.name]
+        r = both.report["adaround"]["layers"][layer.name]
         assert r["loss_adaround"] <= r["loss_nearest"]
     assert both.acts.keys() == eq.acts.keys()
     for k in eq.acts:

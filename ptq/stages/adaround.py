@@ -35,7 +35,8 @@ from ..quant import fake_quant, quantize
 from ..weights import as_matrix, from_matrix, layer_kind, reconstruction_layers
 
 ZETA, GAMMA = 1.1, -0.1
-GRAM_POSITIONS = 4096  # output positions per image for the Gram form (its cost is O(rows·D²) once)
+BRUTE_FORCE_WEIGHTS = 10  # depthwise kernels up to this size (3×3) get their exact best rounding
+GRAM_ROWS = 1 << 19  # output positions (over all images) a Gram matrix accumulates: its cost is O(rows·D²) once
 
 
 def _sigmoid(v):
@@ -55,8 +56,10 @@ def init_v(frac):
 class Problem:
     """One layer's rounding problem. W: [O, D] (depthwise: [C, K]); scale broadcast to W.
 
-    Data, one of: Gram form (``gram``: G̃ [D, D] or [C, K, K], C, R) for the identity, or rows
-    (``rows``: X̃ [R, D] or [R, C, K], targets T = f(X Wᵀ + b) [R, O], bias b, bounds lo/hi)."""
+    Data, one of: Gram form (``gram``: G̃ [D, D] or [C, K, K], C, Gff, R) for the identity, or rows
+    (``rows``: X̃ [R, D] or [R, C, K], targets T = f(X Wᵀ + b) [R, O], bias b, bounds lo/hi). Rows are kept
+    shuffled once (mini-batches are then contiguous slices) and depthwise ones channel-major ([C, R, K]) so that
+    both products of an Adam step are batched matrix products."""
 
     def __init__(self, w, scale, qmin, qmax, depthwise=False):
         self.w = np.asarray(w, np.float64)
@@ -66,7 +69,25 @@ class Problem:
         self.floor = np.floor(self.w / self.s)
         self.depthwise = depthwise
         self.gram = None
-        self.rows = None
+        self._rows = None
+        self._fast = None
+
+    @property
+    def rows(self):
+        return self._rows
+
+    @rows.setter
+    def rows(self, data):
+        x, t, b, lo, hi = data
+        order = np.random.default_rng(len(x)).permutation(len(x))
+        x, t = x[order], t[order]
+        if self.depthwise:  # [R, C, K] -> [C, R, K]; per-channel values as columns
+            x, t = np.ascontiguousarray(x.transpose(1, 0, 2)), np.ascontiguousarray(t.T)
+            b, lo, hi = (np.reshape(v, (-1, 1)) if np.ndim(v) else v for v in (b, lo, hi))
+        self._rows = (x, t, b, lo, hi)
+
+    def n_rows(self) -> int:
+        return 0 if self._rows is None else self._rows[0].shape[1 if self.depthwise else 0]
 
     def w_tilde(self, h):
         return self.s * np.clip(self.floor + h, self.qmin, self.qmax)
@@ -75,9 +96,19 @@ class Problem:
         return self.s * np.clip(np.rint(self.w / self.s), self.qmin, self.qmax)
 
     # --- the reconstruction loss and its gradient with respect to W̃
-    def loss_grad(self, wt, batch=None):
+    def loss_grad(self, wt, batch: slice | None = None, fast: bool = False):
+        """Mean squared output error and its gradient. ``fast``: the Gram form in float32 (Adam's steps; the
+        reported losses use float64), ``batch``: a slice of the (shuffled) rows."""
         if self.gram is not None:
             g, c, gff, r = self.gram
+            if fast:
+                if self._fast is None:
+                    wc = (np.einsum("cm,ckm->ck", self.w, c) if self.depthwise else self.w @ c.T)
+                    self._fast = (g.astype(np.float32), wc.astype(np.float32))
+                g32, wc32 = self._fast
+                wt32 = wt.astype(np.float32)
+                wg = np.matmul(wt32[:, None, :], g32)[:, 0] if self.depthwise else wt32 @ g32
+                return None, 2 * (wg - wc32).astype(np.float64) / (r * wt.shape[0])
             if self.depthwise:
                 wg = np.einsum("cm,cmk->ck", wt, g)
                 wc = np.einsum("cm,ckm->ck", self.w, c)
@@ -87,39 +118,44 @@ class Problem:
                 loss = np.sum(wg * wt) - 2 * np.sum(wc * wt) + np.sum((self.w @ gff) * self.w)
             norm = r * wt.shape[0]
             return loss / norm, 2 * (wg - wc) / norm
-        x, t, b, lo, hi = self.rows
-        if batch is not None:
-            x, t = x[batch], t[batch]
-        y = (np.einsum("rck,ck->rc", x, wt) if self.depthwise else x @ wt.T) + b
-        a = np.clip(y, lo, hi)
-        err = a - t
-        d = 2 * err * ((y > lo) & (y < hi)) / err.size
-        grad = np.einsum("rc,rck->ck", d, x) if self.depthwise else d.T @ x
-        return float(np.mean(err**2)), grad
+        x, t, b, lo, hi = self._rows
+        wt = wt.astype(x.dtype)
+        if self.depthwise:  # x [C, R, K], t [C, R]
+            if batch is not None:
+                x, t = x[:, batch], t[:, batch]
+            y = np.matmul(x, wt[:, :, None])[..., 0] + b
+        else:
+            if batch is not None:
+                x, t = x[batch], t[batch]
+            y = x @ wt.T + b
+        err = np.clip(y, lo, hi) - t
+        d = err * ((y > lo) & (y < hi)) * x.dtype.type(2.0 / err.size)
+        grad = np.matmul(d[:, None, :], x)[:, 0] if self.depthwise else d.T @ x
+        return (None if fast else float(np.mean(err.astype(np.float64) ** 2))), grad.astype(np.float64)
 
 
 def solve(problem: Problem, iters: int = 1000, batch: int = 1024, lam: float = 0.1, warm: float = 0.2,
-          beta=(20.0, 2.0), lr: float = 0.01, seed: int = 0, polish_gram: bool = True) -> np.ndarray:
+          beta=(20.0, 2.0), lr: float = 0.01, polish_gram: bool = True) -> np.ndarray:
     """Optimize V by Adam; return the integer weights (⌊W/s⌋ + hard rounding), clipped to the grid.
 
     The reconstruction loss is divided by its value at nearest rounding and the regularizer averaged over the
     weights, so λ means the same for every layer size and data scale (the paper's λ = 0.01 multiplies its
     unnormalized loss); λ = 0.1 was the best of 0.01-1 on small problems checked against brute force."""
-    rng = np.random.default_rng(seed)
     norm = max(problem.loss_grad(problem.nearest())[0], 1e-30)
     lam = lam / problem.w.size
     frac = problem.w / problem.s - problem.floor
     v = init_v(frac)
     m, s2 = np.zeros_like(v), np.zeros_like(v)
     b1, b2, eps = 0.9, 0.999, 1e-8
-    n_rows = problem.rows[0].shape[0] if problem.rows is not None else 0
+    n_rows = problem.n_rows()
     free = (problem.floor >= problem.qmin) & (problem.floor + 1 <= problem.qmax)  # both roundings on the grid
     for t in range(1, iters + 1):
         sig = _sigmoid(v)
         h_raw = sig * (ZETA - GAMMA) + GAMMA
         h = np.clip(h_raw, 0, 1)
-        sel = rng.choice(n_rows, min(batch, n_rows), replace=False) if n_rows > batch else None
-        _, g_w = problem.loss_grad(problem.w_tilde(h), sel)
+        start = ((t - 1) * batch) % n_rows if n_rows > batch else 0
+        sel = slice(start, start + batch) if n_rows > batch else None  # the rows are shuffled: contiguous batches
+        _, g_w = problem.loss_grad(problem.w_tilde(h), sel, fast=True)
         g_w = g_w / norm
         dh_dv = sig * (1 - sig) * (ZETA - GAMMA) * ((h_raw > 0) & (h_raw < 1))
         grad = g_w * problem.s * free * dh_dv
@@ -132,7 +168,20 @@ def solve(problem: Problem, iters: int = 1000, batch: int = 1024, lam: float = 0
         s2 = b2 * s2 + (1 - b2) * grad**2
         v = v - lr * (m / (1 - b1**t)) / (np.sqrt(s2 / (1 - b2**t)) + eps)
     q = np.clip(problem.floor + (rectified_sigmoid(v) >= 0.5), problem.qmin, problem.qmax)
-    return polish(problem, q) if polish_gram and problem.gram is not None and not problem.depthwise else q
+    return polish(problem, q) if polish_gram and problem.gram is not None else q
+
+
+def brute_force(problem: Problem) -> np.ndarray:
+    """The exact best rounding of a depthwise Gram-form problem with few weights per channel (3×3: 2⁹ roundings
+    of each channel, all channels at once): min over q of tr(W̃G̃W̃ᵀ) − 2 tr(W̃CWᵀ), W̃ = s·clip(⌊W/s⌋ + b)."""
+    g, c, _, _ = problem.gram
+    k = problem.w.shape[1]
+    combos = ((np.arange(1 << k)[:, None] >> np.arange(k)[None]) & 1).astype(np.float64)  # [M, K]
+    q = np.clip(problem.floor[:, None, :] + combos[None], problem.qmin, problem.qmax)  # [C, M, K]
+    wt = problem.s[:, None] * q
+    wc = np.einsum("cm,ckm->ck", problem.w, c)
+    loss = np.sum(np.matmul(wt, g) * wt, axis=2) - 2 * np.sum(wt * wc[:, None, :], axis=2)  # [C, M]
+    return q[np.arange(q.shape[0]), np.argmin(loss, axis=1)]
 
 
 def polish(problem: Problem, q: np.ndarray, max_rounds: int = 50) -> np.ndarray:
@@ -141,15 +190,20 @@ def polish(problem: Problem, q: np.ndarray, max_rounds: int = 50) -> np.ndarray:
     2δ·(W̃G̃ − WCᵀ)_oj + δ²·G̃_jj. A few rounds, each flipping the best candidate of every output channel."""
     g, c, _, _ = problem.gram
     q = q.copy()
-    diag = np.diag(g)
     rows = np.arange(q.shape[0])
+    if problem.depthwise:  # one [K, K] problem per channel
+        diag = np.diagonal(g, axis1=1, axis2=2)
+        wc = np.einsum("cm,ckm->ck", problem.w, c)
+    else:
+        diag = np.diag(g)[None]
+        wc = problem.w @ c.T
     for _ in range(max_rounds):
         wt = problem.s * q
-        grad = wt @ g - problem.w @ c.T  # half the gradient
+        grad = (np.matmul(wt[:, None, :], g)[:, 0] if problem.depthwise else wt @ g) - wc  # half the gradient
         other = np.where(q > problem.floor, problem.floor, problem.floor + 1)
         valid = (other >= problem.qmin) & (other <= problem.qmax)
         delta = problem.s * (other - q)
-        gain = 2 * delta * grad + delta**2 * diag[None]
+        gain = 2 * delta * grad + delta**2 * diag
         gain = np.where(valid, gain, np.inf)
         j = np.argmin(gain, axis=1)
         better = gain[rows, j] < -1e-12
@@ -178,7 +232,7 @@ def adaround(state, ctx):
     layers = reconstruction_layers(state, gr)
     fp32 = onnx.ModelProto.FromString(state.model.SerializeToString())
     done: dict[str, np.ndarray] = {}  # layer -> AdaRounded weight (grid values)
-    report = {}
+    report, collect_s = {}, 0.0
     blocks = [b for b in np.array_split(np.arange(len(layers)), max(1, min(cfg.adaround_passes, len(layers))))
               if len(b)]
     for block in blocks:
@@ -187,14 +241,19 @@ def adaround(state, ctx):
         for l in layers:
             w = gr.const(l.weight)
             set_initializer(sim, l.weight, done.get(l.name, fake_quant(w, state.weights[l.name])))
+        t0 = time.perf_counter()
         problems = _collect(state, gr, group, fp32, sim, ctx)
+        collect_s += time.perf_counter() - t0
         for l in group:
             t0 = time.perf_counter()
             p, kind = problems[l.name]
             near = p.nearest()
             loss_near = p.loss_grad(near)[0]
-            q = solve(p, cfg.adaround_iters, cfg.adaround_batch, cfg.adaround_lambda, seed=cfg.seed,
-                      polish_gram=cfg.adaround_polish)
+            if p.depthwise and p.gram is not None and p.w.shape[1] <= BRUTE_FORCE_WEIGHTS:
+                q = brute_force(p)
+            else:
+                q = solve(p, cfg.adaround_iters, cfg.adaround_batch, cfg.adaround_lambda,
+                          polish_gram=cfg.adaround_polish)
             wt = p.s * q
             loss_ada = p.loss_grad(wt)[0]
             if loss_ada > loss_near:  # never worse than nearest on the layer's own data
@@ -204,11 +263,24 @@ def adaround(state, ctx):
             report[l.name] = {"loss_nearest": float(f"{loss_near:.6g}"), "loss_adaround": float(f"{min(loss_ada, loss_near):.6g}"),
                               "changed_from_nearest": round(float(np.mean(q != np.clip(np.rint(p.w / p.s), p.qmin, p.qmax))), 4),
                               "seconds": round(time.perf_counter() - t0, 2),
-                              "data": "gram" if p.gram is not None else f"{p.rows[0].shape[0]} rows"}
+                              "data": "gram" if p.gram is not None else f"{p.n_rows()} rows"}
     for l in layers:  # the integers, on the weight encoding's grid; the FP32 weights stay as they are
         state.rounded[l.name] = quantize(done[l.name], state.weights[l.name])
-    state.report["adaround"] = report
+    state.report["adaround"] = {"layers": report, "collect_seconds": round(collect_s, 1),
+                                "solve_seconds": round(sum(r["seconds"] for r in report.values()), 1),
+                                "passes": len(blocks)}
     return state
+
+
+def _accumulate(p: Problem, add) -> None:
+    add = tuple(np.asarray(v, np.float64) for v in add[:3]) + add[3:]
+    p.gram = add if p.gram is None else tuple(u + v for u, v in zip(p.gram, add))
+
+
+def _output(x, w, b, kind):
+    """The layer's pre-activation output from rows of its input ([R, D] or depthwise [R, C, K]) -> [R, O]."""
+    y = np.einsum("rck,ck->rc", x, w) if kind == "depthwise" else x @ w.T
+    return (y + b).astype(np.float32)
 
 
 def _collect(state, gr, group, fp32, sim, ctx) -> dict:
@@ -225,30 +297,35 @@ def _collect(state, gr, group, fp32, sim, ctx) -> dict:
         act = _activation(gr, l)
         b = gr.const(l.bias).astype(np.float64) if l.bias else np.zeros(w.shape[0])
         probs[l.name] = (p, kind, act, b, [], [])
-    # Gram layers take (nearly) every output position; row-sampled layers spread their budget over the images
-    per_sample_rows = max(1, -(-cfg.adaround_rows // max(len(ctx.calib), 1)))
-    per_sample = lambda l: GRAM_POSITIONS if probs[l.name][2] is None else per_sample_rows  # noqa: E731
+    # Gram layers take up to GRAM_ROWS output positions, row-sampled layers spread adaround_rows over the images
+    n = max(len(ctx.calib), 1)
+    per_sample_rows = max(1, -(-cfg.adaround_rows // n))
+    per_sample = lambda l: -(-GRAM_ROWS // n) if probs[l.name][2] is None else per_sample_rows  # noqa: E731
     sim = sim if cfg.adaround_inputs == "quantized" else None
     for _, l, xf, xq in paired_rows(fp32, sim, group, {l.name: l.x for l in group}, ctx.calib, cfg.batch_size,
                                     per_sample, cfg.seed):
         p, kind, act, b, rows_x, rows_t = probs[l.name]
-        xf, xq = xf.astype(np.float64), xq.astype(np.float64)
-        if act is None:
-            if kind == "depthwise":
-                add = (np.einsum("rcm,rck->cmk", xq, xq), np.einsum("rcm,rck->cmk", xq, xf),
-                       np.einsum("rcm,rck->cmk", xf, xf), xq.shape[0])
-            else:
-                add = (xq.T @ xq, xq.T @ xf, xf.T @ xf, xq.shape[0])
-            p.gram = add if p.gram is None else tuple(a + c for a, c in zip(p.gram, add))
-        elif sum(len(r) for r in rows_x) < cfg.adaround_rows:
-            y = (np.einsum("rck,ck->rc", xf, p.w) if kind == "depthwise" else xf @ p.w.T) + b
-            rows_x.append(xq.astype(np.float32))
-            rows_t.append(np.clip(y, *act).astype(np.float32))
+        xf, xq = xf.astype(np.float32), xq.astype(np.float32)
+        kept = sum(len(r) for r in rows_x)
+        if act is None and kind == "depthwise":  # [R, C, K] -> [C, R, K]: one small Gram matrix per channel
+            a, c = xq.transpose(1, 0, 2), xf.transpose(1, 0, 2)
+            at = a.transpose(0, 2, 1)
+            _accumulate(p, (np.matmul(at, a), np.matmul(at, c), np.matmul(c.transpose(0, 2, 1), c), xq.shape[0]))
+        elif act is None:
+            _accumulate(p, (xq.T @ xq, xq.T @ xf, xf.T @ xf, xq.shape[0]))
+            if kept <= p.w.shape[-1]:  # few rows (e.g. one per image): the data form is the cheaper one
+                rows_x.append(xq)
+                rows_t.append(_output(xf, p.w, b, kind))
+        elif kept < cfg.adaround_rows:
+            rows_x.append(xq)
+            rows_t.append(np.clip(_output(xf, p.w, b, kind), *act))
     for l in group:
         p, kind, act, b, rows_x, rows_t = probs[l.name]
+        if kind != "depthwise" and act is None and sum(len(r) for r in rows_x) <= p.w.shape[-1]:
+            act, p.gram = (-np.inf, np.inf), None
         if act is not None:
-            x = np.concatenate(rows_x)[: cfg.adaround_rows].astype(np.float64)
-            t = np.concatenate(rows_t)[: cfg.adaround_rows].astype(np.float64)
+            x = np.concatenate(rows_x)[: cfg.adaround_rows]
+            t = np.concatenate(rows_t)[: cfg.adaround_rows]
             p.rows = (x, t, b, act[0], act[1])
         probs[l.name] = (p, kind)
     return probs

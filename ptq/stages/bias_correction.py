@@ -54,7 +54,7 @@ def correct_biases(state, ctx, mode: str | None = None):
     """The bias-correction stage (mode from the config: 'empirical' or 'analytic')."""
     mode = mode or state.config.bias_correction
     gr = Graph(state.model)
-    rounded = state.report.get("adaround", {})  # AdaRound's layers need no correction (white paper Fig. 8)
+    rounded = state.rounded  # AdaRound's layers need no correction (white paper Fig. 8)
     todo = [l for l in state.layers if l.name in state.weights and l.op != "MatMul" and layer_kind(gr, l)
             and l.name not in rounded]
     if mode == "empirical":
