@@ -36,6 +36,7 @@ from ..weights import as_matrix, from_matrix, layer_kind, reconstruction_layers
 
 ZETA, GAMMA = 1.1, -0.1
 BRUTE_FORCE_WEIGHTS = 10  # depthwise kernels up to this size (3×3) get their exact best rounding
+DEPTHWISE_ROW_SHARE = 2
 GRAM_ROWS = 1 << 19  # output positions (over all images) a Gram matrix accumulates: its cost is O(rows·D²) once
 
 
@@ -81,9 +82,11 @@ class Problem:
         x, t, b, lo, hi = data
         order = np.random.default_rng(len(x)).permutation(len(x))
         x, t = x[order], t[order]
+        # bias and bounds in the rows' dtype, so a float32 step stays float32
+        b, lo, hi = (np.asarray(v, x.dtype) for v in (b, lo, hi))
         if self.depthwise:  # [R, C, K] -> [C, R, K]; per-channel values as columns
             x, t = np.ascontiguousarray(x.transpose(1, 0, 2)), np.ascontiguousarray(t.T)
-            b, lo, hi = (np.reshape(v, (-1, 1)) if np.ndim(v) else v for v in (b, lo, hi))
+            b, lo, hi = (v.reshape(-1, 1) if v.ndim else v for v in (b, lo, hi))
         self._rows = (x, t, b, lo, hi)
 
     def n_rows(self) -> int:
@@ -123,15 +126,20 @@ class Problem:
         if self.depthwise:  # x [C, R, K], t [C, R]
             if batch is not None:
                 x, t = x[:, batch], t[:, batch]
-            y = np.matmul(x, wt[:, :, None])[..., 0] + b
+            y = np.matmul(x, wt[:, :, None])[..., 0]
         else:
             if batch is not None:
                 x, t = x[batch], t[batch]
-            y = x @ wt.T + b
-        err = np.clip(y, lo, hi) - t
-        d = err * ((y > lo) & (y < hi)) * x.dtype.type(2.0 / err.size)
-        grad = np.matmul(d[:, None, :], x)[:, 0] if self.depthwise else d.T @ x
-        return (None if fast else float(np.mean(err.astype(np.float64) ** 2))), grad.astype(np.float64)
+            y = x @ wt.T
+        y += b  # in place from here on: y becomes the error, then ∂loss/∂y
+        linear = (y > lo) & (y < hi)
+        np.clip(y, lo, hi, out=y)
+        y -= t
+        loss = None if fast else float(np.mean(y.astype(np.float64) ** 2))
+        y *= linear
+        y *= x.dtype.type(2.0 / y.size)
+        grad = np.matmul(y[:, None, :], x)[:, 0] if self.depthwise else y.T @ x
+        return loss, grad.astype(np.float64)
 
 
 def solve(problem: Problem, iters: int = 1000, batch: int = 1024, lam: float = 0.1, warm: float = 0.2,
@@ -246,13 +254,13 @@ def adaround(state, ctx):
         collect_s += time.perf_counter() - t0
         for l in group:
             t0 = time.perf_counter()
-            p, kind = problems[l.name]
+            p, kind = problems.pop(l.name)  # freed once solved
             near = p.nearest()
             loss_near = p.loss_grad(near)[0]
             if p.depthwise and p.gram is not None and p.w.shape[1] <= BRUTE_FORCE_WEIGHTS:
                 q = brute_force(p)
             else:
-                q = solve(p, cfg.adaround_iters, cfg.adaround_batch, cfg.adaround_lambda,
+                q = solve(p, cfg.adaround_iters, _row_budget(cfg.adaround_batch, kind), cfg.adaround_lambda,
                           polish_gram=cfg.adaround_polish)
             wt = p.s * q
             loss_ada = p.loss_grad(wt)[0]
@@ -270,6 +278,12 @@ def adaround(state, ctx):
                                 "solve_seconds": round(sum(r["seconds"] for r in report.values()), 1),
                                 "passes": len(blocks)}
     return state
+
+
+def _row_budget(rows: int, kind: str) -> int:
+    """Rows kept (or per Adam step) for a layer: a depthwise row holds every channel's k·k inputs at once, and
+    each channel has only k·k weights to fit, so half the rows serve it (and bound its memory)."""
+    return max(64, rows // DEPTHWISE_ROW_SHARE) if kind == "depthwise" else rows
 
 
 def _accumulate(p: Problem, add) -> None:
@@ -299,8 +313,9 @@ def _collect(state, gr, group, fp32, sim, ctx) -> dict:
         probs[l.name] = (p, kind, act, b, [], [])
     # Gram layers take up to GRAM_ROWS output positions, row-sampled layers spread adaround_rows over the images
     n = max(len(ctx.calib), 1)
-    per_sample_rows = max(1, -(-cfg.adaround_rows // n))
-    per_sample = lambda l: -(-GRAM_ROWS // n) if probs[l.name][2] is None else per_sample_rows  # noqa: E731
+    budget = {l.name: _row_budget(cfg.adaround_rows, probs[l.name][1]) for l in group}
+    per_sample = lambda l: (-(-GRAM_ROWS // n) if probs[l.name][2] is None  # noqa: E731
+                            else max(1, -(-budget[l.name] // n)))
     sim = sim if cfg.adaround_inputs == "quantized" else None
     for _, l, xf, xq in paired_rows(fp32, sim, group, {l.name: l.x for l in group}, ctx.calib, cfg.batch_size,
                                     per_sample, cfg.seed):
@@ -316,7 +331,7 @@ def _collect(state, gr, group, fp32, sim, ctx) -> dict:
             if kept <= p.w.shape[-1]:  # few rows (e.g. one per image): the data form is the cheaper one
                 rows_x.append(xq)
                 rows_t.append(_output(xf, p.w, b, kind))
-        elif kept < cfg.adaround_rows:
+        elif kept < budget[l.name]:
             rows_x.append(xq)
             rows_t.append(np.clip(_output(xf, p.w, b, kind), *act))
     for l in group:
@@ -324,8 +339,8 @@ def _collect(state, gr, group, fp32, sim, ctx) -> dict:
         if kind != "depthwise" and act is None and sum(len(r) for r in rows_x) <= p.w.shape[-1]:
             act, p.gram = (-np.inf, np.inf), None
         if act is not None:
-            x = np.concatenate(rows_x)[: cfg.adaround_rows]
-            t = np.concatenate(rows_t)[: cfg.adaround_rows]
+            x = np.concatenate(rows_x)[: budget[l.name]]
+            t = np.concatenate(rows_t)[: budget[l.name]]
             p.rows = (x, t, b, act[0], act[1])
         probs[l.name] = (p, kind)
     return probs
