@@ -102,6 +102,11 @@ class Config:
             raise InputError("easyquant settings: range must be LO,HI with 0 < LO <= 1 <= HI; steps >= 2; "
                              "rows, rounds and passes >= 1")
         self.easyquant_range = (float(lo), float(hi))
+        if min(self.adaround_iters, self.adaround_batch, self.adaround_rows, self.adaround_passes) < 1 \
+                or self.adaround_lambda < 0:
+            raise InputError("adaround settings: iters, batch, rows and passes must be >= 1, lambda >= 0")
+        if self.adaround_inputs not in ("quantized", "fp32"):
+            raise InputError(f"adaround_inputs must be quantized or fp32, not {self.adaround_inputs!r}")
         if self.input_range is not None:
             if len(self.input_range) != 2 or not self.input_range[0] < self.input_range[1]:
                 raise InputError(f"input range must be LO,HI with LO < HI, not {self.input_range}")

@@ -8,6 +8,7 @@ import pytest
 from builders import conv_bn_relu, save_npy_samples
 
 from ptq.data import DataSource, model_inputs
+from ptq.errors import InputError
 from ptq.export import export_qdq
 from ptq.model import Graph
 from ptq.pipeline import Config, Context, prepare, run_steps
@@ -154,3 +155,29 @@ def test_row_order_does_not_change_the_loss(rng):
     np.testing.assert_allclose(ga, gb, rtol=1e-10)
     y = np.clip(x @ a.nearest().T + 0.1, 0, 6)  # the loss written out by hand
     assert la == pytest.approx(np.mean((y - t) ** 2), rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", [dict(adaround_iters=0), dict(adaround_batch=0), dict(adaround_passes=0),
+                                 dict(adaround_lambda=-1.0), dict(adaround_inputs="float")])
+def test_adaround_settings_are_checked(bad):
+    with pytest.raises(InputError, match="adaround"):
+        Config(adaround=True, **bad).validate()
+
+
+def test_adaround_cli_flags_reach_the_report(rng, tmp_path):
+    from cli.main import main
+    model = conv_bn_relu(rng, act="Clip")
+    onnx.save(model, tmp_path / "m.onnx")
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 8)
+    out = tmp_path / "q.onnx"
+    code = main(["run", str(tmp_path / "m.onnx"), "--calib", str(calib), "-o", str(out), "-q",
+                 "--weight-bits", "4", "--adaround", "--adaround-iters", "50",
+                 "--adaround-batch", "32", "--adaround-passes", "2"])
+    assert code == 0
+    import json
+    rep = json.loads(out.with_name("q.report.json").read_text())
+    assert rep["settings"]["adaround_batch"] == 32 and rep["stages"]["adaround"]["passes"] == 2
+    assert "## AdaRound" in out.with_name("q.report.md").read_text()
+    bad = main(["run", str(tmp_path / "m.onnx"), "--calib", str(calib), "-o",
+                str(tmp_path / "r.onnx"), "--adaround", "--adaround-iters", "0"])
+    assert bad == 2 and not (tmp_path / "r.onnx").exists()

@@ -10,12 +10,17 @@ the identity. V starts where h(V) equals the fractional part of W/s; Adam (lr 0.
 
 Speed: where f is the identity the loss is a quadratic form in Gram matrices,
     ‖X̃W̃ᵀ − XWᵀ‖² = tr(W̃ G̃ W̃ᵀ) − 2 tr(W̃ C Wᵀ) + const,   G̃ = X̃ᵀX̃, C = X̃ᵀX   ([D, D], D = Cin·k·k)
-accumulated while streaming the calibration set, so an iteration costs O(Cout·D²) whatever the data size. With
-an activation, rows (output positions) are sampled and each iteration uses a mini-batch of them. Depthwise
-layers are solved as one batched problem over channels ([C, k·k]). Layer inputs are streamed in
-``adaround_passes`` passes over the calibration data: each pass serves a block of consecutive layers, with the
-layers of earlier blocks AdaRounded and those of its own block rounded to nearest (so nothing of the whole
-calibration set is held per layer beyond its Gram matrices or its row sample).
+accumulated while streaming the calibration set (up to GRAM_ROWS output positions), so an iteration costs
+O(Cout·D²) whatever the data size; where there are fewer rows than D (a classifier: one row per image) the
+data form is cheaper and used instead. With an activation, ``adaround_rows`` rows (output positions) are
+sampled, shuffled once, and each Adam step takes the next contiguous mini-batch. Depthwise layers are one
+batched problem over channels ([C, k·k], products as batched matrix products); with an activation they keep
+half the rows and half-size batches (each channel has only k·k weights), without one a 3×3 kernel gets the exact
+best of its 2⁹ roundings per channel. Adam's steps run in float32; the reported errors in float64.
+Layer inputs are streamed in ``adaround_passes`` passes over the calibration data through models truncated at
+the layers' inputs: each pass serves a block of consecutive layers, with the layers of earlier blocks
+AdaRounded and those of its own block rounded to nearest (so nothing of the whole calibration set is held per
+layer beyond its Gram matrices or its row sample).
 
 Output: the integers q per layer (``state.rounded``), which export stores instead of rounding to nearest; the
 FP32 model keeps its weights (so the debugging flow can still bypass the weight quantizers).
