@@ -86,12 +86,13 @@ class Problem:
     def rows(self, data):
         x, t, b, lo, hi = data
         order = np.random.default_rng(len(x)).permutation(len(x))
-        x, t = x[order], t[order]
         # bias and bounds in the rows' dtype, so a float32 step stays float32
         b, lo, hi = (np.asarray(v, x.dtype) for v in (b, lo, hi))
-        if self.depthwise:  # [R, C, K] -> [C, R, K]; per-channel values as columns
-            x, t = np.ascontiguousarray(x.transpose(1, 0, 2)), np.ascontiguousarray(t.T)
+        if self.depthwise:  # [R, C, K] -> [C, R, K] (one copy: shuffled and transposed); per-channel columns
+            x, t = np.take(x.transpose(1, 0, 2), order, axis=1), np.take(t.T, order, axis=1)
             b, lo, hi = (v.reshape(-1, 1) if v.ndim else v for v in (b, lo, hi))
+        else:
+            x, t = x[order], t[order]
         self._rows = (x, t, b, lo, hi)
 
     def n_rows(self) -> int:
@@ -344,8 +345,9 @@ def _collect(state, gr, group, fp32, sim, ctx) -> dict:
         if kind != "depthwise" and act is None and sum(len(r) for r in rows_x) <= p.w.shape[-1]:
             act, p.gram = (-np.inf, np.inf), None
         if act is not None:
-            x = np.concatenate(rows_x)[: budget[l.name]]
-            t = np.concatenate(rows_t)[: budget[l.name]]
+            x, t = np.concatenate(rows_x)[: budget[l.name]], np.concatenate(rows_t)[: budget[l.name]]
+            rows_x.clear(), rows_t.clear()  # the batches' copies go before the problem makes its own
             p.rows = (x, t, b, act[0], act[1])
+            del x, t
         probs[l.name] = (p, kind)
     return probs
