@@ -83,7 +83,7 @@ def quant_options(f):
         click.option("--adaround-iters", type=int, help="Adam iterations per layer (1000)."),
         click.option("--adaround-batch", type=int, help="rows per Adam step, layers with an activation (1024)."),
         click.option("--adaround-passes", type=int,
-                     help="passes over the calibration data, each serving a block of consecutive layers (4)."),
+                     help="passes over the calibration data, each serving a block of consecutive layers (16)."),
         click.option("--easyquant/--no-easyquant", default=None,
                      help="EasyQuant: search weight and input scales for the best output cosine, per layer (off)."),
         click.option("--bias-correction", type=click.Choice(["empirical", "analytic"]),

@@ -58,7 +58,7 @@ class Config:
     adaround_polish: bool = True  # greedy 1-flip search after Adam on Gram-form layers
     adaround_inputs: str = "quantized"  # x̃ from the quantized-so-far network (the paper), or "fp32" (x̃ = x)
     adaround_rows: int = 16384  # rows (output positions) kept per layer with an activation
-    adaround_passes: int = 4  # passes over the calibration data (blocks of consecutive layers)
+    adaround_passes: int = 16  # passes over the calibration data (blocks of consecutive layers)
     easyquant: bool = False
     easyquant_steps: int = 100  # candidate scales per search (the paper: 100)
     easyquant_range: tuple = (0.5, 2.0)  # candidates α·S₀ for α in this range (the paper: [0.5, 2])
