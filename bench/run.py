@@ -142,13 +142,14 @@ def main():
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--suites", default="core,cle,easyquant,adaround,debug,ort",
                     help="core: W8A8 ranges; cle: CLE / bias correction / data-free; easyquant: EasyQuant at W8A8 "
-                         "and W7A7 against minmax / mse; adaround: W4A8 nearest vs AdaRound; debug: sensitivity + auto-fix; ort: onnxruntime baseline")
+                         "and W7A7 against minmax / mse; adaround: W4A8 nearest vs AdaRound; debug: sensitivity + auto-fix; "
+                         "ort: onnxruntime baseline")
     ap.add_argument("--ort-models", nargs="*", default=["efficientnet_lite0"],
                     help="models for the onnxruntime baseline (its Entropy/Percentile take ~100 s and 16 GB each)")
     ap.add_argument("--debug-models", nargs="*", default=["efficientnet_lite0"],
                     help="models for the debug suite (per-quantizer sensitivity and auto-fix at W4A8 per-tensor)")
     ap.add_argument("--adaround-models", nargs="*", default=["efficientnet_lite0"],
-                    help="models for the AdaRound suite (W4A8 nearest vs AdaRound, 1024 calibration images; "
+                    help="models for the AdaRound suite (W4A8 nearest vs AdaRound, all 1000 calibration images; "
                          "each AdaRound run takes 10+ minutes)")
     ap.add_argument("--only", default="", help="run only the ptq configurations whose name contains this text")
     ap.add_argument("--calib-size", type=int, default=256)

@@ -43,6 +43,11 @@ def sample_rows(x: np.ndarray, layer, geom: dict | None, per_sample: int, rng: n
     return rows.reshape(n * p, c * kh * kw)
 
 
+def rows_per_sample(total: int, samples: int) -> int:
+    """Output positions to take from each sample so that ``total`` rows are spread over ``samples`` samples."""
+    return max(1, -(-total // max(samples, 1)))
+
+
 def paired_rows(fp32, sim, group, sim_inputs: dict, calib, batch_size: int, per_sample, seed: int):
     """Stream the calibration set through the FP32 model and ``sim`` (a quantized-so-far version of it) and yield,
     per batch and per layer of ``group``: (batch index, layer, rows of its input in the FP32 network, rows of its

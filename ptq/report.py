@@ -137,8 +137,9 @@ def to_markdown(r: dict) -> str:
                   "of the layer on its calibration rows (after its activation where it has one).", "",
                   "| layer | error, nearest | error, AdaRound | rounded away from nearest | seconds | data |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['loss_nearest']:.4g} | {v['loss_adaround']:.4g} | {100 * v['changed_from_nearest']:.1f} % "
-                  f"| {v['seconds']} | {v['data']} |" for k, v in ada["layers"].items()]
+        lines += [f"| {k} | {v['loss_nearest']:.4g} | {v['loss_adaround']:.4g} "
+                  f"| {100 * v['changed_from_nearest']:.1f} % | {v['seconds']} | {v['data']} |"
+                  for k, v in ada["layers"].items()]
     rest = {k: v for k, v in (r.get("stages") or {}).items() if k != "adaround"}
     if rest:
         lines += ["", "## Stage details", "", "```", json.dumps(_clean(rest), indent=1), "```"]

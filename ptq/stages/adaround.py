@@ -34,7 +34,7 @@ import onnx
 
 from ..data import require_calibration
 from ..model import Graph, set_initializer
-from ..patches import paired_rows
+from ..patches import paired_rows, rows_per_sample
 from ..patterns import clip_bounds
 from ..quant import fake_quant, quantize
 from ..weights import as_matrix, from_matrix, layer_kind, reconstruction_layers
@@ -77,6 +77,7 @@ class Problem:
         self.gram = None
         self._rows = None
         self._fast = None
+        self._wc = None
 
     @property
     def rows(self):
@@ -95,6 +96,17 @@ class Problem:
             x, t = x[order], t[order]
         self._rows = (x, t, b, lo, hi)
 
+    def times_gram(self, wt, g):
+        """W̃G̃ ([O, D]; depthwise: each channel's row times its own [K, K] matrix)."""
+        return np.matmul(wt[:, None, :], g)[:, 0] if self.depthwise else wt @ g
+
+    def w_c(self):
+        """W Cᵀ, the cross term of the Gram form (fixed for the layer, so computed once)."""
+        if self._wc is None:
+            c = self.gram[1]
+            self._wc = np.einsum("cm,ckm->ck", self.w, c) if self.depthwise else self.w @ c.T
+        return self._wc
+
     def n_rows(self) -> int:
         return 0 if self._rows is None else self._rows[0].shape[1 if self.depthwise else 0]
 
@@ -109,23 +121,15 @@ class Problem:
         """Mean squared output error and its gradient. ``fast``: the Gram form in float32 (Adam's steps; the
         reported losses use float64), ``batch``: a slice of the (shuffled) rows."""
         if self.gram is not None:
-            g, c, gff, r = self.gram
+            g, _, gff, r = self.gram
+            norm = r * wt.shape[0]
             if fast:
                 if self._fast is None:
-                    wc = (np.einsum("cm,ckm->ck", self.w, c) if self.depthwise else self.w @ c.T)
-                    self._fast = (g.astype(np.float32), wc.astype(np.float32))
+                    self._fast = (g.astype(np.float32), self.w_c().astype(np.float32))
                 g32, wc32 = self._fast
-                wt32 = wt.astype(np.float32)
-                wg = np.matmul(wt32[:, None, :], g32)[:, 0] if self.depthwise else wt32 @ g32
-                return None, 2 * (wg - wc32).astype(np.float64) / (r * wt.shape[0])
-            if self.depthwise:
-                wg = np.einsum("cm,cmk->ck", wt, g)
-                wc = np.einsum("cm,ckm->ck", self.w, c)
-                loss = (np.sum(wg * wt) - 2 * np.sum(wc * wt) + np.einsum("cm,cmk,ck->", self.w, gff, self.w))
-            else:
-                wg, wc = wt @ g, self.w @ c.T
-                loss = np.sum(wg * wt) - 2 * np.sum(wc * wt) + np.sum((self.w @ gff) * self.w)
-            norm = r * wt.shape[0]
+                return None, 2 * (self.times_gram(wt.astype(np.float32), g32) - wc32).astype(np.float64) / norm
+            wg, wc = self.times_gram(wt, g), self.w_c()
+            loss = np.sum(wg * wt) - 2 * np.sum(wc * wt) + np.sum(self.times_gram(self.w, gff) * self.w)
             return loss / norm, 2 * (wg - wc) / norm
         x, t, b, lo, hi = self._rows
         wt = wt.astype(x.dtype)
@@ -167,8 +171,10 @@ def solve(problem: Problem, iters: int = 1000, batch: int = 1024, lam: float = 0
         sig = _sigmoid(v)
         h_raw = sig * (ZETA - GAMMA) + GAMMA
         h = np.clip(h_raw, 0, 1)
-        start = ((t - 1) * batch) % n_rows if n_rows > batch else 0
-        sel = slice(start, start + batch) if n_rows > batch else None  # the rows are shuffled: contiguous batches
+        sel = None  # all rows, or (they are shuffled) the next contiguous batch
+        if n_rows > batch:
+            start = ((t - 1) * batch) % n_rows
+            sel = slice(start, start + batch)
         _, g_w = problem.loss_grad(problem.w_tilde(h), sel, fast=True)
         g_w = g_w / norm
         dh_dv = sig * (1 - sig) * (ZETA - GAMMA) * ((h_raw > 0) & (h_raw < 1))
@@ -188,13 +194,12 @@ def solve(problem: Problem, iters: int = 1000, batch: int = 1024, lam: float = 0
 def brute_force(problem: Problem) -> np.ndarray:
     """The exact best rounding of a depthwise Gram-form problem with few weights per channel (3×3: 2⁹ roundings
     of each channel, all channels at once): min over q of tr(W̃G̃W̃ᵀ) − 2 tr(W̃CWᵀ), W̃ = s·clip(⌊W/s⌋ + b)."""
-    g, c, _, _ = problem.gram
+    g = problem.gram[0]
     k = problem.w.shape[1]
     combos = ((np.arange(1 << k)[:, None] >> np.arange(k)[None]) & 1).astype(np.float64)  # [M, K]
     q = np.clip(problem.floor[:, None, :] + combos[None], problem.qmin, problem.qmax)  # [C, M, K]
     wt = problem.s[:, None] * q
-    wc = np.einsum("cm,ckm->ck", problem.w, c)
-    loss = np.sum(np.matmul(wt, g) * wt, axis=2) - 2 * np.sum(wt * wc[:, None, :], axis=2)  # [C, M]
+    loss = np.sum(np.matmul(wt, g) * wt, axis=2) - 2 * np.sum(wt * problem.w_c()[:, None, :], axis=2)  # [C, M]
     return q[np.arange(q.shape[0]), np.argmin(loss, axis=1)]
 
 
@@ -202,18 +207,12 @@ def polish(problem: Problem, q: np.ndarray, max_rounds: int = 50) -> np.ndarray:
     """Greedy 1-flip local search on the Gram form (our addition to AdaRound): move any weight to its other
     rounding (⌊W/s⌋ or ⌊W/s⌋ + 1) when that lowers the loss; the change of flipping w_oj by δ is
     2δ·(W̃G̃ − WCᵀ)_oj + δ²·G̃_jj. A few rounds, each flipping the best candidate of every output channel."""
-    g, c, _, _ = problem.gram
+    g = problem.gram[0]
     q = q.copy()
     rows = np.arange(q.shape[0])
-    if problem.depthwise:  # one [K, K] problem per channel
-        diag = np.diagonal(g, axis1=1, axis2=2)
-        wc = np.einsum("cm,ckm->ck", problem.w, c)
-    else:
-        diag = np.diag(g)[None]
-        wc = problem.w @ c.T
+    diag = np.diagonal(g, axis1=1, axis2=2) if problem.depthwise else np.diag(g)[None]  # depthwise: [K, K] each
     for _ in range(max_rounds):
-        wt = problem.s * q
-        grad = (np.matmul(wt[:, None, :], g)[:, 0] if problem.depthwise else wt @ g) - wc  # half the gradient
+        grad = problem.times_gram(problem.s * q, g) - problem.w_c()  # half the gradient
         other = np.where(q > problem.floor, problem.floor, problem.floor + 1)
         valid = (other >= problem.qmin) & (other <= problem.qmax)
         delta = problem.s * (other - q)
@@ -318,10 +317,10 @@ def _collect(state, gr, group, fp32, sim, ctx) -> dict:
         b = gr.const(l.bias).astype(np.float64) if l.bias else np.zeros(w.shape[0])
         probs[l.name] = (p, kind, act, b, [], [])
     # Gram layers take up to GRAM_ROWS output positions, row-sampled layers spread adaround_rows over the images
-    n = max(len(ctx.calib), 1)
     budget = {l.name: _row_budget(cfg.adaround_rows, probs[l.name][1]) for l in group}
-    per_sample = lambda l: (-(-GRAM_ROWS // n) if probs[l.name][2] is None  # noqa: E731
-                            else max(1, -(-budget[l.name] // n)))
+
+    def per_sample(layer):
+        return rows_per_sample(GRAM_ROWS if probs[layer.name][2] is None else budget[layer.name], len(ctx.calib))
     sim = sim if cfg.adaround_inputs == "quantized" else None
     for _, l, xf, xq in paired_rows(fp32, sim, group, {l.name: l.x for l in group}, ctx.calib, cfg.batch_size,
                                     per_sample, cfg.seed):

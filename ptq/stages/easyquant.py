@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ..data import require_calibration
 from ..export import export_qdq, quantizer_inputs
 from ..model import Graph
-from ..patches import paired_rows
+from ..patches import paired_rows, rows_per_sample
 from ..quant import Encoding, fake_quant_grid, sqnr_db
 from ..weights import as_matrix, layer_kind, reconstruction_layers
 from .activation_ranges import _activation_bounds
@@ -119,7 +119,7 @@ def easyquant(state, ctx):
                for l in layers}
 
     def per_sample(layer):  # spread each layer's rows over the calibration samples; collect no more than used
-        return max(1, -(-rows_of[layer.name] // max(len(ctx.calib), 1)))
+        return rows_per_sample(rows_of[layer.name], len(ctx.calib))
     searched: set[str] = set()  # activation quantizers already fixed
     report = {}
     blocks = [b for b in np.array_split(np.arange(len(layers)), max(1, min(cfg.easyquant_passes, len(layers))))
