@@ -181,3 +181,32 @@ def test_adaround_cli_flags_reach_the_report(rng, tmp_path):
     bad = main(["run", str(tmp_path / "m.onnx"), "--calib", str(calib), "-o",
                 str(tmp_path / "r.onnx"), "--adaround", "--adaround-iters", "0"])
     assert bad == 2 and not (tmp_path / "r.onnx").exists()
+
+
+def test_activation_ranges_follow_the_rounded_network(rng, tmp_path):
+    """After AdaRound the activation ranges are those of the network that runs, with the rounded weights (white
+    paper Fig. 8: AdaRound before activation ranges), checked against onnxruntime's outputs of that network."""
+    import onnxruntime as ort
+
+    from builders import zoo
+    from ptq.model import truncate
+    model = zoo(rng)
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 16, 16), 16)
+    cfg = Config(weight_bits=3, adaround=True, adaround_iters=100, act_range="minmax", logits_range="minmax",
+                 holdout=0, batch_size=4)
+    src = DataSource(calib, model_inputs(model))
+    st = run_steps(prepare(model, cfg), Context(src), {})
+    ran = onnx.ModelProto.FromString(st.model.SerializeToString())
+    gr = Graph(st.model)
+    for layer in st.layers:  # the rounded weights, by hand from AdaRound's integers
+        scale = np.asarray(st.weights[layer.name].scale, np.float32)
+        w = st.rounded[layer.name] * (scale.reshape(-1, *[1] * (gr.const(layer.weight).ndim - 1))
+                                      if scale.ndim else scale)
+        ran.graph.initializer.remove(next(t for t in ran.graph.initializer if t.name == layer.weight))
+        ran.graph.initializer.append(onnx.numpy_helper.from_array(w.astype(np.float32), layer.weight))
+    roots = [r for r in st.acts if r not in [i.name for i in model.graph.input]]
+    sess = ort.InferenceSession(truncate(ran, roots).SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = [sess.run(roots, feed) for _, feed in src.batches(4)]
+    for k, r in enumerate(roots):
+        assert st.acts[r].stats["observed_min"] == pytest.approx(min(o[k].min() for o in outs), abs=1e-5)
+        assert st.acts[r].stats["observed_max"] == pytest.approx(max(o[k].max() for o in outs), abs=1e-5)

@@ -15,6 +15,7 @@ from ..observe import Histogram, RowSample, observe
 from ..patterns import clip_bounds
 from ..quant import Encoding, QuantSpec
 from ..ranges import activation_encoding, bn_encoding, xent_encoding
+from .weight_ranges import weight_quantized
 
 
 def act_spec(cfg, override: dict) -> QuantSpec:
@@ -38,7 +39,10 @@ def set_activation_ranges(state, ctx):
             observers[r].append(samples[r])
     if ctx.calib is None:
         raise InputError("activation ranges need calibration data (--calib)")
-    n = observe(state.model, ctx.calib, cfg.batch_size, observers, ctx.progress)
+    # after AdaRound (white paper Fig. 8: AdaRound comes first) the ranges are those of the network with its
+    # rounded weights; otherwise of the FP32 network
+    model = weight_quantized(state) if state.rounded else state.model
+    n = observe(model, ctx.calib, cfg.batch_size, observers, ctx.progress)
     state.report.setdefault("calibration", {})["samples"] = n
     gr = Graph(state.model)
     bounds = _activation_bounds(state, gr)

@@ -14,16 +14,16 @@ AdaRound rounded.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
 from ..errors import InputError
 from ..model import Graph, set_initializer
 from ..moments import clipped_normal_moments
 from ..observe import observe
 from ..patterns import clip_bounds
-from ..quant import dequantize, fake_quant
+from ..quant import fake_quant
 from ..weights import contract_input, layer_kind
 from .bias_absorption import _add_bias
+from .weight_ranges import weight_quantized
 
 
 class ChannelMean:
@@ -81,10 +81,7 @@ def correct_biases(state, ctx, mode: str | None = None):
 
 
 def _empirical_means(state, gr, layers, ctx) -> dict:
-    sim = onnx.ModelProto.FromString(state.model.SerializeToString())
-    for layer in layers:  # every weight quantized (AdaRound's integers where it ran); activations FP32
-        enc, q = state.weights[layer.name], state.rounded.get(layer.name)
-        set_initializer(sim, layer.weight, fake_quant(gr.const(layer.weight), enc) if q is None else dequantize(q, enc))
+    sim = weight_quantized(state)  # every weight quantized (AdaRound's integers where it ran); activations FP32
     obs, means = {}, {}
     for layer in layers:
         means[layer.name] = ChannelMean(1 if layer.op == "Conv" else -1)

@@ -2,8 +2,10 @@
 (default) or per tensor, by min-max or MSE (see ptq.ranges.weight_encoding)."""
 from __future__ import annotations
 
-from ..model import Graph
-from ..quant import QuantSpec
+import onnx
+
+from ..model import Graph, set_initializer
+from ..quant import QuantSpec, dequantize, fake_quant
 
 
 def set_weight_ranges(state, ctx=None):
@@ -17,3 +19,16 @@ def set_weight_ranges(state, ctx=None):
                          axis=layer.w_axis if per_channel else None)
         state.weights[layer.name] = weight_encoding(gr.const(layer.weight), spec, o.get("range", cfg.weight_range))
     return state
+
+
+def weight_quantized(state, layers=None) -> onnx.ModelProto:
+    """A copy of the model whose layer weights (all, or ``layers``) carry their quantized values: AdaRound's
+    integers where it ran, else rounded to nearest; activations stay FP32."""
+    sim = onnx.ModelProto.FromString(state.model.SerializeToString())
+    gr = Graph(state.model)
+    for layer in state.layers if layers is None else layers:
+        enc, q = state.weights.get(layer.name), state.rounded.get(layer.name)
+        if enc is not None:
+            set_initializer(sim, layer.weight, fake_quant(gr.const(layer.weight), enc) if q is None
+                            else dequantize(q, enc))
+    return sim
