@@ -84,6 +84,11 @@ def quant_options(f):
         click.option("--adaround-batch", type=int, help="rows per Adam step, layers with an activation (1024)."),
         click.option("--adaround-passes", type=int,
                      help="passes over the calibration data, each serving a block of consecutive layers (16)."),
+        click.option("--adaround-inputs", type=click.Choice(["fp32", "quantized"]),
+                     help="each layer's input while rounding: from the FP32 network, or from the network whose "
+                          "earlier layers are already rounded (the paper's x̃)."),
+        click.option("--adaround-scale-search/--no-adaround-scale-search", default=None,
+                     help="choose each layer's weight grid by its output error before rounding (on)."),
         click.option("--easyquant/--no-easyquant", default=None,
                      help="EasyQuant: search weight and input scales for the best output cosine, per layer (off)."),
         click.option("--bias-correction", type=click.Choice(["empirical", "analytic"]),

@@ -81,10 +81,11 @@ def test_adaround_near_brute_force_optimum_on_tiny_problems():
     assert max(ratios) <= 1.45 and np.median(ratios) <= 1.1, ratios
 
 
-def test_adaround_stage_is_deterministic_and_on_grid(rng, tmp_path):
+@pytest.mark.parametrize("inputs", ["fp32", "quantized"])
+def test_adaround_stage_is_deterministic_and_on_grid(rng, tmp_path, inputs):
     model = conv_bn_relu(rng, act="Clip")
     calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 16)
-    cfg = dict(weight_bits=4, adaround=True, adaround_iters=200, holdout=0, batch_size=8)
+    cfg = dict(weight_bits=4, adaround=True, adaround_iters=200, holdout=0, batch_size=8, adaround_inputs=inputs)
     states = [run_steps(prepare(model, Config(**cfg)), Context(DataSource(calib, model_inputs(model))), {})
               for _ in range(2)]
     gr = Graph(prepare(model, Config(**cfg)).model)  # canonical (BN folded), before any step
@@ -157,7 +158,7 @@ def test_row_order_does_not_change_the_loss(rng):
     assert la == pytest.approx(np.mean((y - t) ** 2), rel=1e-12)
 
 
-@pytest.mark.parametrize("bad", [dict(adaround_iters=0), dict(adaround_batch=0), dict(adaround_passes=0),
+@pytest.mark.parametrize("bad", [dict(adaround_iters=0), dict(adaround_batch=0), dict(adaround_passes=-1),
                                  dict(adaround_lambda=-1.0), dict(adaround_inputs="float")])
 def test_adaround_settings_are_checked(bad):
     with pytest.raises(InputError, match="adaround"):
@@ -172,11 +173,13 @@ def test_adaround_cli_flags_reach_the_report(rng, tmp_path):
     out = tmp_path / "q.onnx"
     code = main(["run", str(tmp_path / "m.onnx"), "--calib", str(calib), "-o", str(out), "-q",
                  "--weight-bits", "4", "--adaround", "--adaround-iters", "50",
-                 "--adaround-batch", "32", "--adaround-passes", "2"])
+                 "--adaround-batch", "32", "--adaround-passes", "2", "--no-adaround-scale-search"])
     assert code == 0
     import json
     rep = json.loads(out.with_name("q.report.json").read_text())
     assert rep["settings"]["adaround_batch"] == 32 and rep["stages"]["adaround"]["passes"] == 2
+    assert rep["settings"]["adaround_scale_search"] is False
+    assert all(v["scale_vs_range_setting"] == 1.0 for v in rep["stages"]["adaround"]["layers"].values())
     assert "## AdaRound" in out.with_name("q.report.md").read_text()
     bad = main(["run", str(tmp_path / "m.onnx"), "--calib", str(calib), "-o",
                 str(tmp_path / "r.onnx"), "--adaround", "--adaround-iters", "0"])
@@ -210,3 +213,38 @@ def test_activation_ranges_follow_the_rounded_network(rng, tmp_path):
     for k, r in enumerate(roots):
         assert st.acts[r].stats["observed_min"] == pytest.approx(min(o[k].min() for o in outs), abs=1e-5)
         assert st.acts[r].stats["observed_max"] == pytest.approx(max(o[k].max() for o in outs), abs=1e-5)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_scale_search_picks_the_grid_with_least_output_error(rng, per_channel):
+    """A kernel with one dominant tap per channel (as in EfficientNet's first depthwise layer), starting from a
+    grid that clips it (as weight-space MSE may): the search compares each candidate grid by the output error of
+    nearest rounding, computed here by hand from the rows (ReLU6 included), and widens the grid."""
+    from ptq.stages.adaround import search_scale
+    c, k, r = 6, 9, 500
+    w = rng.normal(0, 0.15, (c, k))
+    w[:, 4] = rng.uniform(1.0, 2.0, c)  # the center tap dominates
+    x = rng.normal(0.5, 1, (r, c, k))
+    t = np.clip(np.einsum("rck,ck->rc", x, w) + 0.3, 0, 6)
+    start = 0.45 * (np.abs(w).max(axis=1) / 7 if per_channel else np.abs(w).max() / 7)
+    p = Problem(w, start, -8, 7, depthwise=True)
+    p.rows = (x, t, np.full(c, 0.3), 0.0, 6.0)
+
+    def by_hand(scale):  # [C] output error of nearest rounding on the grid
+        sc = np.reshape(scale, (-1, 1)) if per_channel else scale
+        wt = sc * np.clip(np.rint(w / sc), -8, 7)
+        return np.sum((np.clip(np.einsum("rck,ck->rc", x, wt) + 0.3, 0, 6) - t) ** 2, axis=0)
+    chosen = search_scale(p, per_channel)
+    fractions = np.linspace(0.4, 1.0, 13)
+    if per_channel:
+        cands = [start] + [f * np.abs(w).max(axis=1) / 7 for f in fractions]
+        errs = np.stack([by_hand(np.float32(s).astype(np.float64)) for s in cands])  # [M, C]
+        best = np.min(errs, axis=0)
+        np.testing.assert_allclose(by_hand(chosen.astype(np.float64)), best, rtol=1e-5)
+        assert np.all(by_hand(chosen.astype(np.float64)) < 0.5 * by_hand(start))
+        assert np.all(chosen > 1.5 * start)  # clipping the dominant tap cost more than the finer grid saved
+    else:
+        cands = [start] + [f * np.abs(w).max() / 7 for f in fractions]
+        errs = [by_hand(float(np.float32(s))).sum() for s in cands]
+        assert by_hand(float(chosen)).sum() == pytest.approx(min(errs), rel=1e-6)
+        assert chosen > 1.5 * start
