@@ -82,8 +82,6 @@ def quant_options(f):
         click.option("--adaround/--no-adaround", default=None, help="AdaRound: learned weight rounding (off)."),
         click.option("--adaround-iters", type=int, help="Adam iterations per layer (1000)."),
         click.option("--adaround-batch", type=int, help="rows per Adam step, layers with an activation (1024)."),
-        click.option("--adaround-passes", type=int,
-                     help="passes over the calibration data, each serving a block of consecutive layers (16)."),
         click.option("--adaround-inputs", type=click.Choice(["fp32", "quantized"]),
                      help="each layer's input while rounding: from the FP32 network, or from the network whose "
                           "earlier layers are already rounded (the paper's x̃)."),

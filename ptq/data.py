@@ -280,22 +280,3 @@ def require_calibration(ctx, stage: str) -> None:
     """Stop a stage that needs calibration data when the run has none."""
     if ctx is None or ctx.calib is None:
         raise InputError(f"{stage} needs calibration data (--calib)")
-
-
-class Preloaded:
-    """A source's batches read once and kept in memory, for stages that stream the same data many times
-    (AdaRound's passes): decoding images again each pass would cost more than the passes' own work."""
-
-    def __init__(self, source, batch_size: int):
-        self.batch_size = batch_size
-        self._batches = list(source.batches(batch_size))
-        self._n = len(source)
-
-    def __len__(self) -> int:
-        return self._n
-
-    def batches(self, batch_size: int):
-        if batch_size != self.batch_size:
-            raise ValueError(f"preloaded with batch size {self.batch_size}, asked for {batch_size}")
-        yield from self._batches
-

@@ -231,13 +231,15 @@ def unique_name(taken: set[str], base: str) -> str:
     return name
 
 
-def truncate(model: onnx.ModelProto, outputs) -> onnx.ModelProto:
-    """A copy of ``model`` computing only ``outputs`` (tensor names): the nodes they depend on, nothing after."""
+def truncate(model: onnx.ModelProto, outputs, inputs: dict | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` computing only ``outputs`` (tensor names): the nodes they depend on, nothing after.
+    ``inputs`` (tensor name -> numpy dtype): start from these tensors instead of the graph's inputs (a segment
+    of the network; nothing that computes them is kept)."""
     out = onnx.ModelProto.FromString(model.SerializeToString())
     g = out.graph
     nodes = list(g.node)
     producer = {o: k for k, n in enumerate(nodes) for o in n.output}
-    seen, keep, stack = set(), set(), list(outputs)
+    seen, keep, stack = set(inputs or ()), set(), list(outputs)
     while stack:
         t = stack.pop()
         if t in seen:
@@ -252,5 +254,20 @@ def truncate(model: onnx.ModelProto, outputs) -> onnx.ModelProto:
     g.node.extend(kept)
     del g.output[:]
     g.output.extend(helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(outputs))
+    if inputs is not None:
+        del g.input[:]
+        g.input.extend(helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(np.dtype(d)), None)
+                       for t, d in inputs.items())
     remove_unused_initializers(out)
     return out
+
+
+def live_tensors(model: onnx.ModelProto, index: int) -> list[str]:
+    """The tensors computed before node ``index`` (graph inputs included, initializers not) that node ``index``
+    or a later one reads, or that are graph outputs: all a run needs to go on from there."""
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    nodes = list(g.node)
+    before = [i.name for i in g.input if i.name not in inits] + [o for n in nodes[:index] for o in n.output if o]
+    needed = {o.name for o in g.output} | {i for n in nodes[index:] for i in _all_inputs(n) if i}
+    return [t for t in dict.fromkeys(before) if t in needed]

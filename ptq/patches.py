@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .model import Graph, attr, truncate
+from .model import Graph, attr
 
 
 def conv_geometry(gr: Graph, layer) -> dict:
@@ -48,26 +48,20 @@ def rows_per_sample(total: int, samples: int) -> int:
     return max(1, -(-total // max(samples, 1)))
 
 
-def paired_rows(fp32, sim, group, sim_inputs: dict, calib, batch_size: int, per_sample, seed: int):
-    """Stream the calibration set through the FP32 model and ``sim`` (a quantized-so-far version of it) and yield,
-    per batch and per layer of ``group``: (batch index, layer, rows of its input in the FP32 network, rows of its
-    input in ``sim``), both sampled at the same output positions. ``sim_inputs``: layer name -> the tensor of
-    ``sim`` holding that layer's input (``sim`` None: the FP32 rows twice); ``per_sample(layer)``: positions
-    per sample. Nothing is kept between batches, so memory does not grow with the calibration set."""
+def paired_rows(gr: Graph, group, fp_batches, q_batches, sim_inputs: dict, per_sample, seed: int):
+    """Pair, per calibration batch and per layer of ``group``, the rows of its input in the FP32 network and in a
+    quantized-so-far version of it, sampled at the same output positions: yields (batch index, layer, FP32 rows,
+    quantized rows). ``fp_batches`` / ``q_batches``: per batch, {tensor: array} holding each layer's input
+    (``l.x`` in the FP32 network, ``sim_inputs[l.name]`` in the quantized one; ``q_batches`` None: the FP32
+    rows twice); ``per_sample(layer)``: positions per sample. Nothing is kept between batches."""
     import zlib
 
-    from .observe import session
     from .weights import layer_kind
-    gr = Graph(fp32)
-    fp_names = list(dict.fromkeys(l.x for l in group))
-    q_names = list(dict.fromkeys(sim_inputs[l.name] for l in group)) if sim is not None else []
-    s_fp = session(truncate(fp32, fp_names))  # nothing after the group's inputs is computed
-    s_q = session(truncate(sim, q_names)) if sim is not None else None
     geoms = {l.name: conv_geometry(gr, l) if l.op == "Conv" else None for l in group}
     dw = {l.name: layer_kind(gr, l) == "depthwise" for l in group}
-    for k, (_, feed) in enumerate(calib.batches(batch_size)):
-        xf = dict(zip(fp_names, s_fp.run(fp_names, feed)))
-        xq = dict(zip(q_names, s_q.run(q_names, feed))) if s_q is not None else None
+    q_iter = iter(q_batches) if q_batches is not None else None
+    for k, xf in enumerate(fp_batches):
+        xq = next(q_iter) if q_iter is not None else None
         for l in group:
             key = (seed, k, zlib.crc32(l.name.encode()))
             n = per_sample(l)

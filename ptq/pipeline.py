@@ -58,7 +58,6 @@ class Config:
     adaround_polish: bool = True  # greedy 1-flip search after Adam on Gram-form layers
     adaround_inputs: str = "quantized"  # x̃ from the quantized-so-far network (the paper), or "fp32" (x̃ = x)
     adaround_rows: int = 16384  # rows (output positions) kept per layer with an activation
-    adaround_passes: int = 0  # passes over the calibration data (blocks of consecutive layers); 0: one per layer
     adaround_scale_search: bool = True  # each layer's weight grid chosen by its output error first (our addition)
     easyquant: bool = False
     easyquant_steps: int = 100  # candidate scales per search (the paper: 100)
@@ -103,9 +102,8 @@ class Config:
             raise InputError("easyquant settings: range must be LO,HI with 0 < LO <= 1 <= HI; steps >= 2; "
                              "rows, rounds and passes >= 1")
         self.easyquant_range = (float(lo), float(hi))
-        if min(self.adaround_iters, self.adaround_batch, self.adaround_rows) < 1 or self.adaround_passes < 0 \
-                or self.adaround_lambda < 0:
-            raise InputError("adaround settings: iters, batch and rows must be >= 1, passes >= 0, lambda >= 0")
+        if min(self.adaround_iters, self.adaround_batch, self.adaround_rows) < 1 or self.adaround_lambda < 0:
+            raise InputError("adaround settings: iters, batch and rows must be >= 1, lambda >= 0")
         if self.adaround_inputs not in ("quantized", "fp32"):
             raise InputError(f"adaround_inputs must be quantized or fp32, not {self.adaround_inputs!r}")
         if self.input_range is not None:

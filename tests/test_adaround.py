@@ -158,7 +158,7 @@ def test_row_order_does_not_change_the_loss(rng):
     assert la == pytest.approx(np.mean((y - t) ** 2), rel=1e-12)
 
 
-@pytest.mark.parametrize("bad", [dict(adaround_iters=0), dict(adaround_batch=0), dict(adaround_passes=-1),
+@pytest.mark.parametrize("bad", [dict(adaround_iters=0), dict(adaround_batch=0),
                                  dict(adaround_lambda=-1.0), dict(adaround_inputs="float")])
 def test_adaround_settings_are_checked(bad):
     with pytest.raises(InputError, match="adaround"):
@@ -173,11 +173,11 @@ def test_adaround_cli_flags_reach_the_report(rng, tmp_path):
     out = tmp_path / "q.onnx"
     code = main(["run", str(tmp_path / "m.onnx"), "--calib", str(calib), "-o", str(out), "-q",
                  "--weight-bits", "4", "--adaround", "--adaround-iters", "50",
-                 "--adaround-batch", "32", "--adaround-passes", "2", "--no-adaround-scale-search"])
+                 "--adaround-batch", "32", "--no-adaround-scale-search"])
     assert code == 0
     import json
     rep = json.loads(out.with_name("q.report.json").read_text())
-    assert rep["settings"]["adaround_batch"] == 32 and rep["stages"]["adaround"]["passes"] == 2
+    assert rep["settings"]["adaround_batch"] == 32
     assert rep["settings"]["adaround_scale_search"] is False
     assert all(v["scale_vs_range_setting"] == 1.0 for v in rep["stages"]["adaround"]["layers"].values())
     assert "## AdaRound" in out.with_name("q.report.md").read_text()

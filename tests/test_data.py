@@ -80,16 +80,3 @@ def test_held_back_samples_are_disjoint_from_calibration(tmp_path):
     assert len(calib) == 30 and len(held) == 8 and not set(calib.files) & set(held.files)
     calib, held = calibration_sources(tmp_path, info, Preprocess(), Config(calib_size=256, holdout=32))
     assert len(held) == 10 and len(calib) == 30  # a small folder: at most a quarter held back
-
-
-def test_preloaded_source_yields_the_same_batches(rng, tmp_path):
-    from builders import save_npy_samples
-    from ptq.data import Preloaded
-    src = DataSource(save_npy_samples(tmp_path / "c", rng, (3, 4, 4), 5), [InputInfo("x", np.float32, [None, 3, 4, 4])])
-    pre = Preloaded(src, 2)
-    assert len(pre) == 5
-    for _ in range(2):  # read once, served any number of times
-        for (pa, fa), (pb, fb) in zip(src.batches(2), pre.batches(2), strict=True):
-            assert pa == pb and fa.keys() == fb.keys()
-            for k in fa:
-                np.testing.assert_array_equal(fa[k], fb[k])

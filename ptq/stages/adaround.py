@@ -17,15 +17,15 @@ sampled, shuffled once, and each Adam step takes the next contiguous mini-batch.
 batched problem over channels ([C, k·k], products as batched matrix products); with an activation they keep
 half the rows and half-size batches (each channel has only k·k weights), without one a 3×3 kernel gets the exact
 best of its 2⁹ roundings per channel. Adam's steps run in float32; the reported errors in float64.
-Layer inputs are streamed in passes over the calibration data through models truncated at the layers' inputs,
-by default one pass per layer (``adaround_passes`` = 0), so that x̃ is exactly the input of the network whose
-earlier layers are AdaRounded; fewer passes serve blocks of consecutive layers, whose later layers then see
-their block's earlier layers rounded to nearest on the range-setting grid and learn to compensate errors the
-final network does not have (EfficientNet-Lite0 W4A8 per-channel, 256 images: 65.5 % top-1 with 16 passes and
-the searched grids, 79.5 % with one pass per layer). Nothing of the whole calibration set is held per layer
-beyond its Gram matrices or its row sample; the preprocessed calibration inputs are read once and kept while
-they fit in PRELOAD_BYTES. ``adaround_inputs = "fp32"`` takes x̃ = x instead (no compensation of earlier
-layers' errors).
+Layer inputs: the layers are visited in topological order, each solved before the next is visited, so x̃ is
+exactly the input of the network whose earlier layers are AdaRounded (with blocks of layers sharing a pass, the
+later ones saw their block's earlier layers rounded to nearest and learned to compensate errors the final network
+does not have: EfficientNet-Lite0 W4A8 per-channel, 256 images, 65.5 % top-1 with 16 passes, 79.5 % with one per
+layer). ``Walk`` (ptq/walk.py) keeps both networks' activations at the last visited layer while they fit in
+memory, so each node runs about once per network over the calibration set. Nothing of the whole calibration set
+is held per layer beyond its Gram matrices or its row sample. ``adaround_inputs = "fp32"`` takes x̃ = x instead
+(no compensation of earlier layers' errors). Each output channel keeps AdaRound's rounding only where it beats
+nearest rounding on the layer's data (channels are independent in the loss).
 
 Grid (``adaround_scale_search``, our addition, on by default): before rounding, each layer's weight scale is
 chosen again, per channel (or per tensor), among clipping ranges f·max|W| (f = 0.4 … 1) and the one range
@@ -38,23 +38,23 @@ FP32 model keeps its weights (so the debugging flow can still bypass the weight 
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import numpy as np
 import onnx
+from tqdm import tqdm
 
-from ..data import Preloaded, require_calibration
-from ..model import Graph, set_initializer
+from ..data import require_calibration
+from ..model import Graph, set_initializer, topological_sort
 from ..patches import paired_rows, rows_per_sample
 from ..patterns import clip_bounds
 from ..quant import Encoding, fake_quant, quantize
+from ..walk import Walk
 from ..weights import as_matrix, from_matrix, layer_kind, reconstruction_layers
 
 ZETA, GAMMA = 1.1, -0.1
 BRUTE_FORCE_WEIGHTS = 10  # depthwise kernels up to this size (3×3) get their exact best rounding
 DEPTHWISE_ROW_SHARE = 2
-PRELOAD_BYTES = 1 << 30  # calibration inputs up to this size are read once and kept for all passes
 GRAM_ROWS = 1 << 19  # output positions (over all images) a Gram matrix accumulates: its cost is O(rows·D²) once
 
 
@@ -299,71 +299,66 @@ def adaround(state, ctx):
     gr = Graph(state.model)
     layers = reconstruction_layers(state, gr)
     fp32 = onnx.ModelProto.FromString(state.model.SerializeToString())
+    topological_sort(fp32)
+    position = {n.name: k for k, n in enumerate(fp32.graph.node)}
     done: dict[str, np.ndarray] = {}  # layer -> AdaRounded weight (grid values)
     report, collect_s = {}, 0.0
-    n_passes = len(layers) if cfg.adaround_passes == 0 else min(cfg.adaround_passes, len(layers))
-    blocks = [b for b in np.array_split(np.arange(len(layers)), max(1, n_passes)) if len(b)]
-    if len(blocks) > 1 and len(ctx.calib) * _sample_bytes(state.model) <= PRELOAD_BYTES:
-        ctx = dataclasses.replace(ctx, calib=Preloaded(ctx.calib, cfg.batch_size))
-    for block in blocks:
-        group = [layers[i] for i in block]
-        sim = None  # inputs from the FP32 network
-        if cfg.adaround_inputs == "quantized":
-            sim = onnx.ModelProto.FromString(fp32.SerializeToString())
-            for l in layers:
-                w = gr.const(l.weight)
-                set_initializer(sim, l.weight, done.get(l.name, fake_quant(w, state.weights[l.name])))
+    fp_walk = Walk(ctx.calib, cfg.batch_size)
+    q_walk, sim = None, None  # x̃ = x (adaround_inputs "fp32")
+    if cfg.adaround_inputs == "quantized":  # earlier layers AdaRounded as they are solved, later ones nearest
+        q_walk, sim = Walk(ctx.calib, cfg.batch_size), onnx.ModelProto.FromString(fp32.SerializeToString())
+        for l in layers:
+            set_initializer(sim, l.weight, fake_quant(gr.const(l.weight), state.weights[l.name]))
+    bar = tqdm(total=len(layers), desc="adaround", unit="layer", disable=not ctx.progress, leave=False)
+    for l in layers:
         t0 = time.perf_counter()
-        problems = _collect(state, gr, group, fp32, sim, ctx)
+        at = position[l.name]
+        problems = _collect(state, gr, [l], fp_walk.batches(fp32, at, [l.x]),
+                            q_walk.batches(sim, at, [l.x]) if q_walk else None, len(ctx.calib))
         collect_s += time.perf_counter() - t0
-        for l in group:
-            t0 = time.perf_counter()
-            p, kind = problems.pop(l.name)  # freed once solved
+        t0 = time.perf_counter()
+        p, kind = problems.pop(l.name)  # freed once solved
+        near = p.nearest()
+        loss_near = p.loss_grad(near)[0]  # on the grid weight range setting chose
+        enc = state.weights[l.name]
+        scale0 = enc.scale
+        if cfg.adaround_scale_search and not cfg.easyquant:  # else: round on the grids EasyQuant chose
+            scale = search_scale(p, enc.spec.axis is not None)
+            p.rescale(scale)
+            state.weights[l.name] = enc = Encoding(enc.spec, scale, enc.zero_point, enc.method,
+                                                   {**enc.stats, "output_searched": True})
             near = p.nearest()
-            loss_near = p.loss_grad(near)[0]  # on the grid weight range setting chose
-            enc = state.weights[l.name]
-            scale0 = enc.scale
-            if cfg.adaround_scale_search and not cfg.easyquant:  # else: round on the grids EasyQuant chose
-                scale = search_scale(p, enc.spec.axis is not None)
-                p.rescale(scale)
-                state.weights[l.name] = enc = Encoding(enc.spec, scale, enc.zero_point, enc.method,
-                                                       {**enc.stats, "output_searched": True})
-                near = p.nearest()
-            if p.depthwise and p.gram is not None and p.w.shape[1] <= BRUTE_FORCE_WEIGHTS:
-                q = brute_force(p)
-            else:
-                q = solve(p, cfg.adaround_iters, _row_budget(cfg.adaround_batch, kind), cfg.adaround_lambda,
-                          polish_gram=cfg.adaround_polish)
-            wt = p.s * q
-            loss_ada = p.loss_grad(wt)[0]
-            loss_grid = p.loss_grad(near)[0]
-            if loss_ada > loss_grid:  # never worse than nearest (on the chosen grid) on the layer's own data
-                wt, q, loss_ada = near, np.clip(np.rint(p.w / p.s), p.qmin, p.qmax), loss_grid
-            w = gr.const(l.weight)
-            done[l.name] = from_matrix(wt, w, l, kind).astype(np.float32)
-            report[l.name] = {"loss_nearest": float(f"{loss_near:.6g}"), "loss_adaround": float(f"{loss_ada:.6g}"),
-                              "scale_vs_range_setting": round(float(np.mean(np.asarray(enc.scale) / np.maximum(
-                                  np.asarray(scale0), 1e-30))), 3),
-                              "changed_from_nearest": round(float(np.mean(q != np.clip(np.rint(p.w / p.s), p.qmin, p.qmax))), 4),
-                              "seconds": round(time.perf_counter() - t0, 2),
-                              "data": "gram" if p.gram is not None else f"{p.n_rows()} rows"}
+        if p.depthwise and p.gram is not None and p.w.shape[1] <= BRUTE_FORCE_WEIGHTS:
+            q = brute_force(p)
+        else:
+            q = solve(p, cfg.adaround_iters, _row_budget(cfg.adaround_batch, kind), cfg.adaround_lambda,
+                      polish_gram=cfg.adaround_polish)
+        # never worse than nearest (on the chosen grid) on the layer's own data, channel by channel (each output
+        # channel's error depends on its own weights only)
+        q_near = np.clip(np.rint(p.w / p.s), p.qmin, p.qmax)
+        kept_nearest = p.channel_losses(p.s * q) > p.channel_losses(near)
+        q = np.where(kept_nearest[:, None], q_near, q)
+        wt = p.s * q
+        loss_ada = p.loss_grad(wt)[0]
+        w = gr.const(l.weight)
+        done[l.name] = from_matrix(wt, w, l, kind).astype(np.float32)
+        if sim is not None:
+            set_initializer(sim, l.weight, done[l.name])
+        report[l.name] = {"loss_nearest": float(f"{loss_near:.6g}"), "loss_adaround": float(f"{loss_ada:.6g}"),
+                          "scale_vs_range_setting": round(float(np.mean(np.asarray(enc.scale) / np.maximum(
+                              np.asarray(scale0), 1e-30))), 3),
+                          "changed_from_nearest": round(float(np.mean(q != q_near)), 4),
+                          "channels_nearest": int(kept_nearest.sum()),
+                          "seconds": round(time.perf_counter() - t0, 2),
+                          "data": "gram" if p.gram is not None else f"{p.n_rows()} rows"}
+        bar.update(1)
+    bar.close()
     for l in layers:  # the integers, on the weight encoding's grid; the FP32 weights stay as they are
         state.rounded[l.name] = quantize(done[l.name], state.weights[l.name])
     state.report["adaround"] = {"layers": report, "collect_seconds": round(collect_s, 1),
                                 "solve_seconds": round(sum(r["seconds"] for r in report.values()), 1),
-                                "passes": len(blocks)}
+                                "checkpoint_segments": fp_walk.runs + (q_walk.runs if q_walk else 0)}
     return state
-
-
-def _sample_bytes(model) -> int:
-    """Bytes of one sample of the model's (float32) inputs, where their shapes are static; else 0."""
-    total = 0
-    for i in model.graph.input:
-        dims = [d.dim_value for d in i.type.tensor_type.shape.dim][1:]
-        if not dims or not all(dims):
-            return 0
-        total += 4 * int(np.prod(dims))
-    return total
 
 
 def _row_budget(rows: int, kind: str) -> int:
@@ -383,8 +378,9 @@ def _output(x, w, b, kind):
     return (y + b).astype(np.float32)
 
 
-def _collect(state, gr, group, fp32, sim, ctx) -> dict:
-    """Stream the calibration data through the FP32 and the quantized-so-far models; build each layer's problem."""
+def _collect(state, gr, group, fp_batches, q_batches, n_samples: int) -> dict:
+    """Pair the layers' inputs in the FP32 and the quantized-so-far networks (per batch, from ``Walk``); build
+    each layer's problem."""
     cfg = state.config
     probs = {}
     for l in group:
@@ -401,9 +397,9 @@ def _collect(state, gr, group, fp32, sim, ctx) -> dict:
     budget = {l.name: _row_budget(cfg.adaround_rows, probs[l.name][1]) for l in group}
 
     def per_sample(layer):
-        return rows_per_sample(GRAM_ROWS if probs[layer.name][2] is None else budget[layer.name], len(ctx.calib))
-    for _, l, xf, xq in paired_rows(fp32, sim, group, {l.name: l.x for l in group}, ctx.calib, cfg.batch_size,
-                                    per_sample, cfg.seed):
+        return rows_per_sample(GRAM_ROWS if probs[layer.name][2] is None else budget[layer.name], n_samples)
+    for _, l, xf, xq in paired_rows(gr, group, fp_batches, q_batches, {l.name: l.x for l in group}, per_sample,
+                                    cfg.seed):
         p, kind, act, b, rows_x, rows_t = probs[l.name]
         xf, xq = xf.astype(np.float32), xq.astype(np.float32)
         kept = sum(len(r) for r in rows_x)

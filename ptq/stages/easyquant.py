@@ -37,6 +37,7 @@ from ..model import Graph
 from ..patches import paired_rows, rows_per_sample
 from ..quant import Encoding, fake_quant_grid, sqnr_db
 from ..weights import as_matrix, layer_kind, reconstruction_layers
+from ..walk import streamed
 from .activation_ranges import _activation_bounds
 
 BUDGET = 1 << 26  # floats per candidate chunk (256 MB of float32 at most)
@@ -130,8 +131,10 @@ def easyquant(state, ctx):
         sim = export_qdq(state)
         raw = quantizer_inputs(sim)
         rows: dict[str, list] = {l.name: [[], []] for l in group}
-        for _, l, xf, xq in paired_rows(state.model, sim, group, {l.name: raw.get(l.x, l.x) for l in group},
-                                        ctx.calib, cfg.batch_size, per_sample, cfg.seed):
+        q_inputs = {l.name: raw.get(l.x, l.x) for l in group}
+        fp_batches = streamed(state.model, [l.x for l in group], ctx.calib, cfg.batch_size)
+        q_batches = streamed(sim, list(q_inputs.values()), ctx.calib, cfg.batch_size)
+        for _, l, xf, xq in paired_rows(gr, group, fp_batches, q_batches, q_inputs, per_sample, cfg.seed):
             rows[l.name][0].append(xf)
             rows[l.name][1].append(xq)
         for l in group:
