@@ -78,8 +78,7 @@ class Walk:
         if first is None:
             return
         per_batch = sum(v.nbytes for v in first.values())
-        n = len(next(iter(first.values()))) if first else 1
-        if per_batch * -(-len(self.source) // max(n, 1)) > self.budget:
+        if per_batch * -(-len(self.source) // self.batch_size) > self.budget:
             run.close()
             return
         saved = [first, *run]

@@ -12,7 +12,7 @@ from ptq.errors import InputError
 from ptq.export import export_qdq
 from ptq.model import Graph
 from ptq.pipeline import Config, Context, prepare, run_steps
-from ptq.stages.adaround import Problem, brute_force, init_v, polish, rectified_sigmoid, solve
+from ptq.stages.adaround import no_worse_than_nearest, Problem, brute_force, init_v, polish, rectified_sigmoid, solve
 
 
 def gram_problem(rng, o, d, s=0.5, mix=0.5, rows=400, qmin=-8, qmax=7):
@@ -41,6 +41,17 @@ def test_gram_loss_equals_data_loss(rng):
     rows = Problem(p.w, 0.5, -8, 7)  # the row form with an identity activation gives the same loss
     rows.rows = (xq, x @ p.w.T, np.zeros(3), -np.inf, np.inf)
     assert rows.loss_grad(wt)[0] == pytest.approx(data_loss, rel=1e-9)
+
+
+def test_damping_adds_a_weight_space_term_by_hand(rng):
+    p, x = gram_problem(rng, 3, 7, rows=5)  # fewer rows than weights per channel: a classifier's case
+    xq = x + rng.normal(0, 0.1, x.shape)
+    p.gram = (xq.T @ xq, xq.T @ x, x.T @ x, len(x))
+    p.damp()
+    eps = np.sum(xq**2) / len(x)  # tr(X̃ᵀX̃)/R: the mean squared norm of a row
+    wt = p.nearest()
+    by_hand = (np.sum((xq @ wt.T - x @ p.w.T) ** 2) + eps * np.sum((wt - p.w) ** 2)) / (len(x) * 3)
+    assert p.loss_grad(wt)[0] == pytest.approx(by_hand, rel=1e-9)
 
 
 def test_depthwise_gram_matches_rows(rng):
@@ -77,7 +88,9 @@ def test_adaround_near_brute_force_optimum_on_tiny_problems():
         best = min(p.loss_grad(p.s * (p.floor + np.array(b)[None]))[0] for b in itertools.product([0, 1], repeat=10))
         q = solve(p, iters=1000)
         ratios.append(p.loss_grad(p.s * q)[0] / best)
-        assert p.loss_grad(p.s * q)[0] <= p.loss_grad(p.nearest())[0] + 1e-12
+        kept, nearest = no_worse_than_nearest(p, q)  # what the stage keeps
+        assert p.loss_grad(p.s * kept)[0] <= min(p.loss_grad(p.nearest())[0], p.loss_grad(p.s * q)[0]) + 1e-12
+        assert nearest[0] == (p.loss_grad(p.s * q)[0] > p.loss_grad(p.nearest())[0])
     assert max(ratios) <= 1.45 and np.median(ratios) <= 1.1, ratios
 
 
