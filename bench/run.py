@@ -150,7 +150,7 @@ def main():
                     help="models for the debug suite (per-quantizer sensitivity and auto-fix at W4A8 per-tensor)")
     ap.add_argument("--adaround-models", nargs="*", default=["efficientnet_lite0"],
                     help="models for the AdaRound suite (W4A8 nearest vs AdaRound, all 1000 calibration images; "
-                         "each AdaRound run takes 10+ minutes)")
+                         "each AdaRound run takes about 8 minutes on lite0)")
     ap.add_argument("--only", default="", help="run only the ptq configurations whose name contains this text")
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--val-limit", type=int, default=0)
