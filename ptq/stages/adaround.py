@@ -113,8 +113,8 @@ class Problem:
         """Add ε‖W̃ − W‖² to the Gram-form loss, ε = tr(G̃)/R (the mean squared norm of an input row): G̃ + εI,
         C + εI, G + εI. Negligible where rows ≫ D (convolutions: many positions per image); where they are fewer
         (a classifier: one row per image, D = 1280 features on EfficientNet-Lite0) it keeps AdaRound from
-        fitting the calibration images at the expense of others: there, on 896 held-out images, the classifier's
-        error went from 1.2× nearest rounding's (undamped) to 0.86×."""
+        fitting the calibration images at the expense of others: there (384 images fitted, 384 held out), the
+        classifier's held-out error went from 1.2× nearest rounding's (undamped) to 0.86×."""
         g, c, gff, r = self.gram
         eye = np.eye(g.shape[-1])
         eps = np.trace(g, axis1=-2, axis2=-1)[..., None, None] / r if g.ndim == 3 else np.trace(g) / r
