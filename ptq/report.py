@@ -134,12 +134,14 @@ def to_markdown(r: dict) -> str:
     if ada:
         lines += ["", "## AdaRound", "", f"Layer inputs {ada['collect_seconds']} s ({ada['checkpoint_segments']} "
                   f"network segments run), rounding {ada['solve_seconds']} s. Error: mean squared output error "
-                  "of the layer on its calibration rows (after its activation where it has one).", "",
-                  "| layer | error, nearest | error, AdaRound | grid scale ÷ range setting's | rounded away from nearest "
-                  "| channels left at nearest | seconds | data |", "|---|---|---|---|---|---|---|---|"]
+                  "of the layer on its calibration rows (after its activation where it has one; Gram-form layers "
+                  "include the damping term).", "",
+                  "| layer | error, nearest | error, AdaRound | grid scale ÷ range setting's "
+                  "| rounded away from nearest | channels left at nearest | seconds | data |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {k} | {v['loss_nearest']:.4g} | {v['loss_adaround']:.4g} | {v['scale_vs_range_setting']} "
-                  f"| {100 * v['changed_from_nearest']:.1f} % | {v['channels_nearest']} | {v['seconds']} | {v['data']} |"
-                  for k, v in ada["layers"].items()]
+                  f"| {100 * v['changed_from_nearest']:.1f} % | {v['channels_nearest']} | {v['seconds']} "
+                  f"| {v['data']} |" for k, v in ada["layers"].items()]
     rest = {k: v for k, v in (r.get("stages") or {}).items() if k != "adaround"}
     if rest:
         lines += ["", "## Stage details", "", "```", json.dumps(_clean(rest), indent=1), "```"]
