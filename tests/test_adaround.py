@@ -12,7 +12,8 @@ from ptq.errors import InputError
 from ptq.export import export_qdq
 from ptq.model import Graph
 from ptq.pipeline import Config, Context, prepare, run_steps
-from ptq.stages.adaround import no_worse_than_nearest, Problem, brute_force, init_v, polish, rectified_sigmoid, solve
+from ptq.stages.adaround import (Problem, brute_force, init_v, no_worse_than_nearest, polish, rectified_sigmoid,
+                                 solve)
 
 
 def gram_problem(rng, o, d, s=0.5, mix=0.5, rows=400, qmin=-8, qmax=7):

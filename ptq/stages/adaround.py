@@ -158,8 +158,12 @@ class Problem:
     def w_tilde(self, h):
         return self.s * np.clip(self.floor + h, self.qmin, self.qmax)
 
+    def nearest_q(self):
+        """The integers of nearest rounding on the problem's grid."""
+        return np.clip(np.rint(self.w / self.s), self.qmin, self.qmax)
+
     def nearest(self):
-        return self.s * np.clip(np.rint(self.w / self.s), self.qmin, self.qmax)
+        return self.s * self.nearest_q()
 
     # --- the reconstruction loss and its gradient with respect to W̃
     def loss_grad(self, wt, batch: slice | None = None, fast: bool = False):
@@ -243,7 +247,7 @@ def solve(problem: Problem, iters: int = 1000, batch: int = 1024, lam: float = 0
 def no_worse_than_nearest(problem: Problem, q: np.ndarray):
     """Per output channel, the better of ``q`` and nearest rounding on the problem's data (a channel's error depends
     on its own weights only). Returns (integers, mask of the channels left at nearest)."""
-    q_near = np.clip(np.rint(problem.w / problem.s), problem.qmin, problem.qmax)
+    q_near = problem.nearest_q()
     worse = problem.channel_losses(problem.s * q) > problem.channel_losses(problem.s * q_near)
     return np.where(worse[:, None], q_near, q), worse
 
@@ -342,8 +346,7 @@ def adaround(state, ctx):
         collect_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         p, kind = problems.pop(l.name)  # freed once solved
-        near = p.nearest()
-        loss_near = p.loss_grad(near)[0]  # on the grid weight range setting chose
+        loss_near = p.loss_grad(p.nearest())[0]  # on the grid weight range setting chose
         enc = state.weights[l.name]
         scale0 = enc.scale
         if cfg.adaround_scale_search and not cfg.easyquant:  # else: round on the grids EasyQuant chose
@@ -351,14 +354,12 @@ def adaround(state, ctx):
             p.rescale(scale)
             state.weights[l.name] = enc = Encoding(enc.spec, scale, enc.zero_point, enc.method,
                                                    {**enc.stats, "output_searched": True})
-            near = p.nearest()
         if p.depthwise and p.gram is not None and p.w.shape[1] <= BRUTE_FORCE_WEIGHTS:
             q = brute_force(p)
         else:
             q = solve(p, cfg.adaround_iters, _row_budget(cfg.adaround_batch, kind), cfg.adaround_lambda,
                       polish_gram=cfg.adaround_polish)
         q, kept_nearest = no_worse_than_nearest(p, q)
-        q_near = np.clip(np.rint(p.w / p.s), p.qmin, p.qmax)
         wt = p.s * q
         loss_ada = p.loss_grad(wt)[0]
         w = gr.const(l.weight)
@@ -368,7 +369,7 @@ def adaround(state, ctx):
         report[l.name] = {"loss_nearest": float(f"{loss_near:.6g}"), "loss_adaround": float(f"{loss_ada:.6g}"),
                           "scale_vs_range_setting": round(float(np.mean(np.asarray(enc.scale) / np.maximum(
                               np.asarray(scale0), 1e-30))), 3),
-                          "changed_from_nearest": round(float(np.mean(q != q_near)), 4),
+                          "changed_from_nearest": round(float(np.mean(q != p.nearest_q())), 4),
                           "channels_nearest": int(kept_nearest.sum()),
                           "seconds": round(time.perf_counter() - t0, 2),
                           "data": "gram" if p.gram is not None else f"{p.n_rows()} rows"}

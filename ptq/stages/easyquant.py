@@ -36,8 +36,8 @@ from ..export import export_qdq, quantizer_inputs
 from ..model import Graph
 from ..patches import paired_rows, rows_per_sample
 from ..quant import Encoding, fake_quant_grid, sqnr_db
-from ..weights import as_matrix, layer_kind, reconstruction_layers
 from ..walk import streamed
+from ..weights import as_matrix, layer_kind, reconstruction_layers
 from .activation_ranges import _activation_bounds
 
 BUDGET = 1 << 26  # floats per candidate chunk (256 MB of float32 at most)
