@@ -87,6 +87,8 @@ def quant_options(f):
                           "earlier layers are already rounded (the paper's x̃)."),
         click.option("--adaround-scale-search/--no-adaround-scale-search", default=None,
                      help="choose each layer's weight grid by its output error before rounding (on)."),
+        click.option("--adaround-bias/--no-adaround-bias", default=None,
+                     help="re-fit each layer's bias to the mean output error left after rounding (on)."),
         click.option("--easyquant/--no-easyquant", default=None,
                      help="EasyQuant: search weight and input scales for the best output cosine, per layer (off)."),
         click.option("--bias-correction", type=click.Choice(["empirical", "analytic"]),

@@ -23,11 +23,8 @@ def sample_rows(x: np.ndarray, layer, geom: dict | None, per_sample: int, rng: n
     """Rows of the layer's input matrix, ``per_sample`` random output positions per sample (all if fewer).
 
     Conv: [N·P, Cin·kh·kw] (depthwise: [N·P, C, kh·kw]); dense: [N·P, D] from x [..., D]."""
-    if geom is None:  # Gemm / MatMul
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] > per_sample * max(1, x.shape[0]):
-            rows = rows[rng.choice(rows.shape[0], per_sample * x.shape[0], replace=False)]
-        return rows
+    if geom is None:  # Gemm / MatMul: rows of the last axis, like the output's
+        return output_rows(x, None, per_sample, rng)
     if len(geom["kernel"]) != 2:
         raise NotImplementedError("only 2-D convolutions")
     (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = geom["kernel"], geom["strides"], geom["pads"], geom["dilations"]
@@ -35,12 +32,30 @@ def sample_rows(x: np.ndarray, layer, geom: dict | None, per_sample: int, rng: n
     win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))[..., ::dh, ::dw]
     win = win[:, :, ::sh, ::sw]  # [N, C, OH, OW, kh, kw]
     n, c, oh, ow = win.shape[:4]
-    p = min(per_sample, oh * ow)
-    pos = np.stack([rng.choice(oh * ow, p, replace=False) for _ in range(n)])  # [N, P]
+    pos = _positions(n, oh * ow, per_sample, rng)
+    p = pos.shape[1]
     rows = win[np.arange(n)[:, None], :, pos // ow, pos % ow]  # [N, P, C, kh, kw]
     if depthwise:
         return rows.reshape(n * p, c, kh * kw)
     return rows.reshape(n * p, c * kh * kw)
+
+
+def _positions(n: int, size: int, per_sample: int, rng: np.random.Generator) -> np.ndarray:
+    """[N, P] random output positions (flat indices into OH·OW) per sample, P = min(per_sample, size)."""
+    return np.stack([rng.choice(size, min(per_sample, size), replace=False) for _ in range(n)])
+
+
+def output_rows(y: np.ndarray, geom: dict | None, per_sample: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows of a tensor shaped like the layer's output ([N, O, OH, OW], dense [..., O]) at the positions that
+    ``sample_rows`` draws for the layer's input from the same generator state: [N·P, O]."""
+    if geom is None:
+        rows = y.reshape(-1, y.shape[-1])
+        if rows.shape[0] > per_sample * max(1, y.shape[0]):
+            rows = rows[rng.choice(rows.shape[0], per_sample * y.shape[0], replace=False)]
+        return rows
+    n, o, oh, ow = y.shape
+    pos = _positions(n, oh * ow, per_sample, rng)
+    return y[np.arange(n)[:, None], :, pos // ow, pos % ow].reshape(-1, o)
 
 
 def rows_per_sample(total: int, samples: int) -> int:
@@ -48,12 +63,16 @@ def rows_per_sample(total: int, samples: int) -> int:
     return max(1, -(-total // max(samples, 1)))
 
 
-def paired_rows(gr: Graph, group, fp_batches, q_batches, sim_inputs: dict, per_sample, seed: int):
+def paired_rows(gr: Graph, group, fp_batches, q_batches, sim_inputs: dict, per_sample, seed: int,
+                skips: dict | None = None):
     """Pair, per calibration batch and per layer of ``group``, the rows of its input in the FP32 network and in a
     quantized-so-far version of it, sampled at the same output positions: yields (batch index, layer, FP32 rows,
-    quantized rows). ``fp_batches`` / ``q_batches``: per batch, {tensor: array} holding each layer's input
-    (``l.x`` in the FP32 network, ``sim_inputs[l.name]`` in the quantized one; ``q_batches`` None: the FP32
-    rows twice); ``per_sample(layer)``: positions per sample. Nothing is kept between batches."""
+    quantized rows, skip error). ``fp_batches`` / ``q_batches``: per batch, {tensor: array} holding each layer's
+    input (``l.x`` in the FP32 network, ``sim_inputs[l.name]`` in the quantized one; ``q_batches`` None: the FP32
+    rows twice); ``per_sample(layer)``: positions per sample. ``skips`` {layer: tensor}: a tensor shaped like the
+    layer's output (the other input of the residual Add it feeds), present in both networks' batches; the skip
+    error is its FP32 minus its quantized rows at the same output positions ([R, O]; None for other layers).
+    Nothing is kept between batches."""
     import zlib
 
     from .weights import layer_kind
@@ -68,4 +87,8 @@ def paired_rows(gr: Graph, group, fp_batches, q_batches, sim_inputs: dict, per_s
             a = sample_rows(xf[l.x], l, geoms[l.name], n, np.random.default_rng(key), dw[l.name])
             b = a if xq is None else sample_rows(xq[sim_inputs[l.name]], l, geoms[l.name], n,
                                                  np.random.default_rng(key), dw[l.name])
-            yield k, l, a, b
+            e, skip = None, (skips or {}).get(l.name)
+            if skip is not None and xq is not None:
+                e = (output_rows(xf[skip], geoms[l.name], n, np.random.default_rng(key))
+                     - output_rows(xq[skip], geoms[l.name], n, np.random.default_rng(key)))
+            yield k, l, a, b, e

@@ -58,6 +58,7 @@ class Config:
     adaround_polish: bool = True  # greedy 1-flip search after Adam on Gram-form layers
     adaround_inputs: str = "quantized"  # x̃ from the quantized-so-far network (the paper), or "fp32" (x̃ = x)
     adaround_rows: int = 16384  # rows (output positions) kept per layer with an activation
+    adaround_bias: bool = True  # each layer's bias re-fit to its mean output error after rounding (our addition)
     adaround_scale_search: bool = True  # each layer's weight grid chosen by its output error first (our addition)
     easyquant: bool = False
     easyquant_steps: int = 100  # candidate scales per search (the paper: 100)

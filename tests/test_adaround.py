@@ -5,13 +5,17 @@ import itertools
 import numpy as np
 import onnx
 import pytest
-from builders import conv_bn_relu, save_npy_samples
+from onnx import helper
+from builders import conv_bn_relu, init, make, run, save_npy_samples
 
 from ptq.data import DataSource, model_inputs
 from ptq.errors import InputError
 from ptq.export import export_qdq
 from ptq.model import Graph
 from ptq.pipeline import Config, Context, prepare, run_steps
+import ptq.stages.adaround as adaround_stage
+from ptq.quant import dequantize
+from ptq.stages.weight_ranges import weight_quantized
 from ptq.stages.adaround import (Problem, brute_force, init_v, no_worse_than_nearest, polish, rectified_sigmoid,
                                  solve)
 
@@ -67,6 +71,60 @@ def test_depthwise_gram_matches_rows(rng):
     wt = p.nearest()
     assert p.loss_grad(wt)[0] == pytest.approx(q.loss_grad(wt)[0], rel=1e-9)
     np.testing.assert_allclose(p.loss_grad(wt)[1], q.loss_grad(wt)[1], rtol=1e-9)
+
+
+def test_skip_error_joins_the_gram_target_by_hand(rng):
+    """With a residual skip error E the Gram form is ‖X̃W̃ᵀ − (XWᵀ + E)‖², dense and depthwise."""
+    p, x = gram_problem(rng, 3, 7)
+    xq = x + rng.normal(0, 0.1, x.shape)
+    e = rng.normal(0, 0.5, (len(x), 3))
+    p.gram = (xq.T @ xq, xq.T @ x, x.T @ x, len(x))
+    p.skip = (e.T @ xq, e.T @ x, np.sum(e**2, axis=0))
+    wt = p.nearest()
+    by_hand = np.sum((xq @ wt.T - x @ p.w.T - e) ** 2, axis=0)
+    np.testing.assert_allclose(p.channel_losses(wt), by_hand, rtol=1e-9)
+    assert p.loss_grad(wt)[0] == pytest.approx(by_hand.sum() / e.size, rel=1e-9)
+    np.testing.assert_allclose(p.loss_grad(wt)[1], 2 * (xq @ wt.T - x @ p.w.T - e).T @ xq / e.size, rtol=1e-9)
+    c, k, r = 4, 9, 300  # depthwise: each channel its own k·k inputs
+    w = rng.normal(0, 1, (c, k))
+    x, e = rng.normal(0, 1, (r, c, k)), rng.normal(0, 1, (r, c))
+    xq = x + rng.normal(0, 0.1, x.shape)
+    d = Problem(w, 0.3, -8, 7, depthwise=True)
+    d.gram = (np.einsum("rcm,rck->cmk", xq, xq), np.einsum("rcm,rck->cmk", xq, x), np.einsum("rcm,rck->cmk", x, x),
+              r)
+    d.skip = (np.einsum("rc,rck->ck", e, xq), np.einsum("rc,rck->ck", e, x), np.sum(e**2, axis=0))
+    wt = d.nearest()
+    by_hand = np.sum((np.einsum("rck,ck->rc", xq, wt) - np.einsum("rck,ck->rc", x, w) - e) ** 2, axis=0)
+    np.testing.assert_allclose(d.channel_losses(wt), by_hand, rtol=1e-9)
+
+
+def test_centred_gram_is_the_loss_after_the_best_bias_by_hand(rng):
+    """After ``center`` the Gram form equals min over δ of ‖X̃W̃ᵀ + δ − XWᵀ − E‖², reached at ``bias_shift``."""
+    p, x = gram_problem(rng, 3, 7)
+    xq = x + rng.normal(0.2, 0.1, x.shape)  # the quantized network's input, shifted in mean
+    e = rng.normal(0.3, 0.5, (len(x), 3))
+    p.gram = (xq.T @ xq, xq.T @ x, x.T @ x, len(x))
+    p.skip = (e.T @ xq, e.T @ x, np.sum(e**2, axis=0))
+    p.center((xq.sum(0), x.sum(0), e.sum(0)))
+    wt = p.nearest()
+    resid = x @ p.w.T + e - xq @ wt.T
+    best = resid.mean(axis=0)  # least squares: the mean residual per channel
+    np.testing.assert_allclose(p.bias_shift(wt), best, rtol=1e-9)
+    np.testing.assert_allclose(p.channel_losses(wt), np.sum((resid - best) ** 2, axis=0), rtol=1e-8)
+
+
+def test_bias_fit_on_a_clipped_output_matches_a_grid_search(rng):
+    """Rows form with ReLU6: the Gauss-Newton bias is the best δ of a fine grid, per channel."""
+    x = rng.normal(0, 1, (500, 6))
+    w = rng.normal(0, 1, (4, 6))
+    b = rng.normal(1, 1, 4)
+    p = Problem(w, 0.5, -8, 7)
+    p.rows = (x + rng.normal(0.3, 0.2, x.shape), np.clip(x @ w.T + b, 0, 6), b, 0.0, 6.0)
+    wt = p.nearest()
+    xs, t, *_ = p.rows
+    grid = np.linspace(-3, 3, 6001)
+    losses = [np.sum((np.clip(xs @ wt.T + b + d, 0, 6) - t) ** 2, axis=0) for d in grid]
+    np.testing.assert_allclose(p.bias_shift(wt), grid[np.argmin(losses, axis=0)], atol=2e-3)
 
 
 def test_rectified_sigmoid_initialization():
@@ -187,12 +245,13 @@ def test_adaround_cli_flags_reach_the_report(rng, tmp_path):
     out = tmp_path / "q.onnx"
     code = main(["run", str(tmp_path / "m.onnx"), "--calib", str(calib), "-o", str(out), "-q",
                  "--weight-bits", "4", "--adaround", "--adaround-iters", "50",
-                 "--adaround-batch", "32", "--no-adaround-scale-search"])
+                 "--adaround-batch", "32", "--no-adaround-scale-search", "--no-adaround-bias"])
     assert code == 0
     import json
     rep = json.loads(out.with_name("q.report.json").read_text())
     assert rep["settings"]["adaround_batch"] == 32
     assert rep["settings"]["adaround_scale_search"] is False
+    assert rep["settings"]["adaround_bias"] is False
     assert all(v["scale_vs_range_setting"] == 1.0 for v in rep["stages"]["adaround"]["layers"].values())
     assert "## AdaRound" in out.with_name("q.report.md").read_text()
     bad = main(["run", str(tmp_path / "m.onnx"), "--calib", str(calib), "-o",
@@ -262,3 +321,52 @@ def test_scale_search_picks_the_grid_with_least_output_error(rng, per_channel):
         errs = [by_hand(float(np.float32(s))).sum() for s in cands]
         assert by_hand(float(chosen)).sum() == pytest.approx(min(errs), rel=1e-6)
         assert chosen > 1.5 * start
+
+
+def test_residual_skip_error_is_the_quantized_skip_by_onnxruntime(rng, tmp_path, monkeypatch):
+    """x → conv1 → c1; conv2(c1) + c1 → y. conv2's target includes E = c1 − c̃1 (c̃1: conv1 with its AdaRounded
+    weights): its ‖E‖² and Eᵀ X̃ must equal onnxruntime's c1 of both networks over every position."""
+    w1 = rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, (8, 8, 1, 1)).astype(np.float32)
+    model = make([helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+                  helper.make_node("Conv", ["c1", "w2"], ["c2"], "conv2"),
+                  helper.make_node("Add", ["c2", "c1"], ["y"], "add")],
+                 [("x", [None, 3, 8, 8])], [("y", [None, 8, 8, 8])], [init("w1", w1), init("w2", w2)])
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 12)
+    seen = []
+    keep = adaround_stage.no_worse_than_nearest
+
+    def record(problem, q):
+        seen.append(problem)
+        return keep(problem, q)
+    monkeypatch.setattr(adaround_stage, "no_worse_than_nearest", record)
+    cfg = Config(weight_bits=3, adaround=True, adaround_iters=50, holdout=0, batch_size=5, adaround_bias=False)
+    state = run_steps(prepare(model, cfg), Context(DataSource(calib, model_inputs(model))), {})
+    assert [state.report["adaround"]["layers"][n]["skip_error"] for n in ("conv1", "conv2")] == [False, True]
+
+    def c1_of(w):
+        conv = make([helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1", pads=[1, 1, 1, 1])],
+                    [("x", [None, 3, 8, 8])], [("c1", [None, 8, 8, 8])], [init("w1", w)])
+        return run(conv, {"x": x})[0].transpose(0, 2, 3, 1).reshape(-1, 8).astype(np.float64)  # [positions, C]
+    x = np.stack([np.load(f) for f in sorted(calib.glob("*.npy"))])
+    xq = c1_of(dequantize(state.rounded["conv1"], state.weights["conv1"]).astype(np.float32))
+    e = c1_of(w1) - xq
+    p = seen[1]
+    np.testing.assert_allclose(p.skip[2], np.sum(e**2, axis=0), rtol=1e-4)
+    np.testing.assert_allclose(p.skip[0], e.T @ xq, rtol=1e-4, atol=1e-6)
+
+
+def test_bias_refit_restores_the_mean_output_by_onnxruntime(rng, tmp_path):
+    """The last layer has no activation: after AdaRound re-fits its bias, the weight-quantized network's mean
+    output per channel over the calibration set equals the FP32 network's (onnxruntime, every position)."""
+    model = conv_bn_relu(rng, act="Clip")
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 12)
+    x = np.stack([np.load(f) for f in sorted(calib.glob("*.npy"))])
+    means = {}
+    for refit in (False, True):
+        cfg = Config(weight_bits=3, adaround=True, adaround_iters=50, holdout=0, batch_size=5, adaround_bias=refit)
+        state = run_steps(prepare(model, cfg), Context(DataSource(calib, model_inputs(model))), {})
+        means[refit] = run(weight_quantized(state), {"x": x})[0].mean(axis=(0, 2, 3))
+    fp = run(model, {"x": x})[0].mean(axis=(0, 2, 3))
+    np.testing.assert_allclose(means[True], fp, atol=1e-5)
+    assert np.max(np.abs(means[False] - fp)) > 1e-3  # without the re-fit the mean is off

@@ -134,7 +134,7 @@ def easyquant(state, ctx):
         q_inputs = {l.name: raw.get(l.x, l.x) for l in group}
         fp_batches = streamed(state.model, [l.x for l in group], ctx.calib, cfg.batch_size)
         q_batches = streamed(sim, list(q_inputs.values()), ctx.calib, cfg.batch_size)
-        for _, l, xf, xq in paired_rows(gr, group, fp_batches, q_batches, q_inputs, per_sample, cfg.seed):
+        for _, l, xf, xq, _ in paired_rows(gr, group, fp_batches, q_batches, q_inputs, per_sample, cfg.seed):
             rows[l.name][0].append(xf)
             rows[l.name][1].append(xq)
         for l in group:
