@@ -135,12 +135,15 @@ def to_markdown(r: dict) -> str:
         lines += ["", "## AdaRound", "", f"Layer inputs {ada['collect_seconds']} s ({ada['checkpoint_segments']} "
                   f"network segments run), rounding {ada['solve_seconds']} s. Error: mean squared output error "
                   "of the layer on its calibration rows (after its activation where it has one; Gram-form layers "
-                  "include the damping term).", "",
+                  "include the damping term and, with the bias re-fit, the best bias for each rounding; residual "
+                  "layers: against the FP32 block output).", "",
                   "| layer | error, nearest | error, AdaRound | grid scale ÷ range setting's "
-                  "| rounded away from nearest | channels left at nearest | seconds | data |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| rounded away from nearest | channels left at nearest | bias re-fit, max | residual | seconds "
+                  "| data |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {k} | {v['loss_nearest']:.4g} | {v['loss_adaround']:.4g} | {v['scale_vs_range_setting']} "
-                  f"| {100 * v['changed_from_nearest']:.1f} % | {v['channels_nearest']} | {v['seconds']} "
+                  f"| {100 * v['changed_from_nearest']:.1f} % | {v['channels_nearest']} "
+                  f"| {v.get('bias_shift_max', 0):.3g} | {'yes' if v.get('skip_error') else ''} | {v['seconds']} "
                   f"| {v['data']} |" for k, v in ada["layers"].items()]
     rest = {k: v for k, v in (r.get("stages") or {}).items() if k != "adaround"}
     if rest:
