@@ -16,8 +16,8 @@ from ptq.pipeline import Config, Context, prepare, run_steps
 import ptq.stages.adaround as adaround_stage
 from ptq.quant import dequantize
 from ptq.stages.weight_ranges import weight_quantized
-from ptq.stages.adaround import (Problem, brute_force, init_v, no_worse_than_nearest, polish, rectified_sigmoid,
-                                 solve)
+from ptq.rounding import (Problem, brute_force, init_v, no_worse_than_nearest, polish, rectified_sigmoid,
+                          solve)
 
 
 def gram_problem(rng, o, d, s=0.5, mix=0.5, rows=400, qmin=-8, qmax=7):
@@ -293,7 +293,7 @@ def test_scale_search_picks_the_grid_with_least_output_error(rng, per_channel):
     """A kernel with one dominant tap per channel (as in EfficientNet's first depthwise layer), starting from a
     grid that clips it (as weight-space MSE may): the search compares each candidate grid by the output error of
     nearest rounding, computed here by hand from the rows (ReLU6 included), and widens the grid."""
-    from ptq.stages.adaround import search_scale
+    from ptq.rounding import search_scale
     c, k, r = 6, 9, 500
     w = rng.normal(0, 0.15, (c, k))
     w[:, 4] = rng.uniform(1.0, 2.0, c)  # the center tap dominates
