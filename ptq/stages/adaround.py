@@ -44,7 +44,8 @@ Re-fitting the weight scales too (least squares per channel) lowered every layer
 points of top-1, so the scales stay as chosen.
 
 Output: the integers q per layer (``state.rounded``), which export stores instead of rounding to nearest; the
-FP32 model keeps its weights (so the debugging flow can still bypass the weight quantizers).
+FP32 model keeps its weights (so the debugging flow can still bypass the weight quantizers) and carries the
+re-fitted biases (as bias correction's).
 """
 from __future__ import annotations
 
