@@ -143,7 +143,7 @@ def to_markdown(r: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {k} | {v['loss_nearest']:.4g} | {v['loss_adaround']:.4g} | {v['scale_vs_range_setting']} "
                   f"| {100 * v['changed_from_nearest']:.1f} % | {v['channels_nearest']} "
-                  f"| {v.get('bias_shift_max', 0):.3g} | {'yes' if v.get('skip_error') else ''} | {v['seconds']} "
+                  f"| {v['bias_shift_max']:.3g} | {'yes' if v['skip_error'] else ''} | {v['seconds']} "
                   f"| {v['data']} |" for k, v in ada["layers"].items()]
     rest = {k: v for k, v in (r.get("stages") or {}).items() if k != "adaround"}
     if rest:

@@ -45,10 +45,8 @@ class Problem:
 
     def __init__(self, w, scale, qmin, qmax, depthwise=False):
         self.w = np.asarray(w, np.float64)
-        self.s = np.broadcast_to(np.asarray(scale, np.float64), self.w.shape) if np.ndim(scale) == 0 else \
-            np.asarray(scale, np.float64).reshape(-1, *([1] * (self.w.ndim - 1)))
         self.qmin, self.qmax = qmin, qmax
-        self.floor = np.floor(self.w / self.s)
+        self.rescale(scale)  # sets s and floor
         self.depthwise = depthwise
         self.gram = None
         self.skip = None  # Gram form with a residual skip error E: (Eᵀ X̃, Eᵀ X, ‖E‖² per channel)

@@ -136,8 +136,9 @@ def adaround(state, ctx):
             delta = p.bias_shift(wt)
             shift = float(np.max(np.abs(delta)))
             bias = (gr.const(l.bias).astype(np.float64) + delta).astype(np.float32)
-            for m in (state.model, sim) if sim is not None else (state.model,):
-                set_initializer(m, l.bias, bias)
+            for m in (state.model, sim):
+                if m is not None:
+                    set_initializer(m, l.bias, bias)
             if p.gram is None:
                 p.shift_bias(delta)
         loss_ada = p.loss_grad(wt)[0]
@@ -168,20 +169,14 @@ def _row_budget(rows: int, kind: str) -> int:
     return max(64, rows // DEPTHWISE_ROW_SHARE) if kind == "depthwise" else rows
 
 
-def _accumulate(p: Problem, add) -> None:
-    add = tuple(np.asarray(v, np.float64) for v in add[:3]) + add[3:]
-    p.gram = add if p.gram is None else tuple(u + v for u, v in zip(p.gram, add))
+def _summed(old, add: tuple) -> tuple:
+    """Running sums over the calibration batches, term by term (``old`` None: the first batch; a None term stays
+    None: it is absent, as the mean skip error of a layer without a skip)."""
+    return add if old is None else tuple(None if v is None else u + v for u, v in zip(old, add))
 
 
-def _sum_rows(sums: dict, name: str, xq, xf, e) -> None:
-    add = [np.sum(v, axis=0, dtype=np.float64) if v is not None else None for v in (xq, xf, e)]
-    old = sums.get(name)
-    sums[name] = add if old is None else [u + v if v is not None else None for u, v in zip(old, add)]
-
-
-def _accumulate_skip(p: Problem, add) -> None:
-    add = tuple(np.asarray(v, np.float64) for v in add)
-    p.skip = add if p.skip is None else tuple(u + v for u, v in zip(p.skip, add))
+def _f64(*arrays) -> tuple:
+    return tuple(np.asarray(a, np.float64) for a in arrays)
 
 
 def _output(x, w, b, kind):
@@ -232,19 +227,21 @@ def _collect(state, gr, group, fp_batches, q_batches, n_samples: int, skips: dic
         p, kind, act, b, rows_x, rows_t = probs[l.name]
         xf, xq = xf.astype(np.float32), xq.astype(np.float32)
         kept = sum(len(r) for r in rows_x)
-        if act is None and kind == "depthwise":  # [R, C, K] -> [C, R, K]: one small Gram matrix per channel
-            a, c = xq.transpose(1, 0, 2), xf.transpose(1, 0, 2)
-            at = a.transpose(0, 2, 1)
-            _accumulate(p, (np.matmul(at, a), np.matmul(at, c), np.matmul(c.transpose(0, 2, 1), c), xq.shape[0]))
-            _sum_rows(sums, l.name, xq, xf, e)
-            if e is not None:  # per channel: Eᵀ X̃, Eᵀ X over its own k·k inputs
-                _accumulate_skip(p, (np.einsum("rc,rck->ck", e, xq), np.einsum("rc,rck->ck", e, xf),
-                                     np.sum(e.astype(np.float64) ** 2, axis=0)))
-        elif act is None:
-            _accumulate(p, (xq.T @ xq, xq.T @ xf, xf.T @ xf, xq.shape[0]))
-            _sum_rows(sums, l.name, xq, xf, e)
-            if e is not None:
-                _accumulate_skip(p, (e.T @ xq, e.T @ xf, np.sum(e.astype(np.float64) ** 2, axis=0)))
+        if act is None:
+            sums[l.name] = _summed(sums.get(l.name), tuple(None if v is None else np.sum(v, axis=0, dtype=np.float64)
+                                                           for v in (xq, xf, e)))
+            if kind == "depthwise":  # [R, C, K] -> [C, R, K]: one small Gram matrix per channel
+                a, c = xq.transpose(1, 0, 2), xf.transpose(1, 0, 2)
+                at = a.transpose(0, 2, 1)
+                p.gram = _summed(p.gram, (*_f64(np.matmul(at, a), np.matmul(at, c),
+                                                np.matmul(c.transpose(0, 2, 1), c)), xq.shape[0]))
+                if e is not None:  # per channel: Eᵀ X̃, Eᵀ X over its own k·k inputs
+                    p.skip = _summed(p.skip, _f64(np.einsum("rc,rck->ck", e, xq), np.einsum("rc,rck->ck", e, xf),
+                                                  np.sum(e.astype(np.float64) ** 2, axis=0)))
+            else:
+                p.gram = _summed(p.gram, (*_f64(xq.T @ xq, xq.T @ xf, xf.T @ xf), xq.shape[0]))
+                if e is not None:
+                    p.skip = _summed(p.skip, _f64(e.T @ xq, e.T @ xf, np.sum(e.astype(np.float64) ** 2, axis=0)))
         elif kept < budget[l.name]:
             rows_x.append(xq)
             t = np.clip(_output(xf, p.w, b, kind), *act)
