@@ -272,6 +272,11 @@ def main():
                                   ("W4A8 per-tensor CLE nearest", ["--per-tensor", "--weight-bits", "4", "--cle"]),
                                   ("W4A8 per-tensor CLE+AdaRound", ["--per-tensor", "--weight-bits", "4", "--cle",
                                                                     "--adaround", *images]),
+                                  ("W4A8 per-channel CLE+AdaRound", ["--per-channel", "--weight-bits", "4", "--cle",
+                                                                     "--adaround", *images]),
+                                  ("W4A8 per-channel asymmetric CLE+AdaRound",
+                                   ["--per-channel", "--weight-asymmetric", "--weight-bits", "4", "--cle",
+                                    "--adaround", *images]),
                                   ("W8A8 per-channel AdaRound", ["--per-channel", "--adaround", *images])):
                 ptq_run(config, work / f"{name}-{config.replace(' ', '_').replace('+', 'p')}.onnx", extra)
         if "debug" in suites and name in args.debug_models:

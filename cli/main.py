@@ -72,6 +72,8 @@ def quant_options(f):
         click.option("--act-bits", type=int, help="Activation bits, 2-8 or 16 (8)."),
         click.option("--per-channel/--per-tensor", default=None, help="Weight granularity (per-channel)."),
         click.option("--weight-range", type=click.Choice(["minmax", "mse"]), help="Weight range method (mse)."),
+        click.option("--weight-symmetric/--weight-asymmetric", default=None,
+                     help="Weight grid: symmetric signed, or asymmetric with a zero point (symmetric)."),
         click.option("--act-range", type=click.Choice(["minmax", "mse", "percentile", "bn"]),
                      help="Activation range method (mse)."),
         click.option("--logits-range", type=click.Choice(["xent", "minmax", "mse", "percentile", "bn"]),

@@ -97,7 +97,7 @@ def export_qdq(state) -> onnx.ModelProto:
         s_name = unique_name(taken, base + "/scale")
         z_name = unique_name(taken, base + "/zero_point")
         inits.append(numpy_helper.from_array(np.asarray(enc.scale, np.float32), s_name))
-        inits.append(_int_tensor(z_name, np.zeros_like(np.asarray(enc.zero_point)), bits, signed))
+        inits.append(_int_tensor(z_name, np.asarray(enc.zero_point), bits, signed))
         out = unique_name(taken, base + "/dequantized")
         kw = {"axis": axis} if axis is not None and np.asarray(enc.scale).ndim else {}
         nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out],

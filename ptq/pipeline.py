@@ -38,6 +38,7 @@ class Config:
     weight_bits: int = 8
     per_channel: bool = True
     weight_range: str = "mse"
+    weight_symmetric: bool = True  # False: an asymmetric grid (zero point) per channel / tensor
     act_bits: int = 8
     act_symmetric: bool = False
     act_range: str = "mse"
@@ -90,6 +91,8 @@ class Config:
             raise InputError("calibration size and batch size must be >= 1, holdout >= 0")
         if self.data_free and (self.easyquant or self.adaround):
             raise InputError("--data-free cannot be combined with EasyQuant or AdaRound: both need calibration data")
+        if self.easyquant and not self.weight_symmetric:
+            raise InputError("EasyQuant searches symmetric weight grids: drop --weight-asymmetric or --easyquant")
         if self.data_free:
             self.cle = True
             self.bias_correction = self.bias_correction or "analytic"

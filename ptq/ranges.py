@@ -53,23 +53,46 @@ def grid_golden_min(loss, lo: np.ndarray, hi: np.ndarray, grid: int = 20, iters:
 # ---------------------------------------------------------------- weights
 
 def weight_encoding(w: np.ndarray, spec: QuantSpec, method: str = "mse") -> Encoding:
-    """Symmetric weight quantizer for ``w`` (per channel along spec.axis, else per tensor)."""
+    """Weight quantizer for ``w`` (per channel along spec.axis, else per tensor): symmetric, range ±clip, or
+    asymmetric, range [lo, hi] ∋ 0 with a zero point (both ends searched, coordinate-wise, for ``mse``)."""
     if method not in WEIGHT_METHODS:
         raise InputError(f"unknown weight range method {method!r} (choose from {', '.join(WEIGHT_METHODS)})")
     w2 = _rows(w, spec.axis)  # [C, K]
-    absmax = np.abs(w2).max(axis=1).astype(np.float64)  # [C]
-    if method == "mse":
-        def loss(clip):  # [C] -> [C]
-            s = np.maximum(clip / spec.qmax, 1e-12)[:, None]
-            return np.sum((w2 - fake_quant_grid(w2, s, 0, spec.qmin, spec.qmax)) ** 2, axis=1)
-        clip = grid_golden_min(loss, absmax * 0.01, absmax)
+    if spec.symmetric:
+        absmax = np.abs(w2).max(axis=1).astype(np.float64)  # [C]
+        if method == "mse":
+            def loss(clip):  # [C] -> [C]
+                s = np.maximum(clip / spec.qmax, 1e-12)[:, None]
+                return np.sum((w2 - fake_quant_grid(w2, s, 0, spec.qmin, spec.qmax)) ** 2, axis=1)
+            clip = grid_golden_min(loss, absmax * 0.01, absmax)
+        else:
+            clip = absmax
+        lo, hi = -clip, clip
     else:
-        clip = absmax
-    lo = -clip if spec.axis is not None else -clip[0]
-    hi = clip if spec.axis is not None else clip[0]
+        lo0, hi0 = np.minimum(w2.min(axis=1), 0.0), np.maximum(w2.max(axis=1), 0.0)
+        lo, hi = lo0, hi0
+        if method == "mse":  # a coarse 2-D grid of both ends (the zero point's rounding makes the loss
+            # jagged: one end at a time gets stuck), then each end refined on its own
+            fs = np.linspace(0.3, 1.0, 8)
+            pairs = [(a, b) for a in fs for b in fs]
+            best = np.argmin(np.stack([_weight_loss(w2, spec, a * lo0, b * hi0) for a, b in pairs]), axis=0)
+            lo, hi = np.array([pairs[k][0] for k in best]) * lo0, np.array([pairs[k][1] for k in best]) * hi0
+            for _ in range(2):
+                hi = grid_golden_min(lambda t: _weight_loss(w2, spec, lo, t), hi0 * 0.01, hi0)
+                lo = grid_golden_min(lambda t: _weight_loss(w2, spec, t, hi), lo0, lo0 * 0.01)
+    if spec.axis is None:
+        lo, hi = lo[0], hi[0]
     enc = encoding_from_range(spec, lo, hi, method)
-    enc.stats["sqnr_db"] = round(sqnr_db(w2, fake_quant_grid(w2, _col(enc.scale), 0, spec.qmin, spec.qmax)), 2)
+    enc.stats["sqnr_db"] = round(sqnr_db(w2, fake_quant_grid(w2, _col(enc.scale), _col(enc.zero_point), spec.qmin,
+                                                             spec.qmax)), 2)
     return enc
+
+
+def _weight_loss(w2: np.ndarray, spec: QuantSpec, lo, hi) -> np.ndarray:
+    """Per row of ``w2`` [C, K], the squared error of quantizing it on the grid of [lo, hi] ([C] each)."""
+    enc = encoding_from_range(spec, lo, hi)
+    s, z = _col(enc.scale), _col(enc.zero_point)
+    return np.sum((w2 - fake_quant_grid(w2, s, z, spec.qmin, spec.qmax)) ** 2, axis=1)
 
 
 def _rows(w: np.ndarray, axis: int | None) -> np.ndarray:

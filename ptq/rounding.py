@@ -43,10 +43,10 @@ class Problem:
     shuffled once (mini-batches are then contiguous slices) and depthwise ones channel-major ([C, R, K]) so that
     both products of an Adam step are batched matrix products."""
 
-    def __init__(self, w, scale, qmin, qmax, depthwise=False):
+    def __init__(self, w, scale, qmin, qmax, depthwise=False, zero_point=0):
         self.w = np.asarray(w, np.float64)
-        self.qmin, self.qmax = qmin, qmax
-        self.rescale(scale)  # sets s and floor
+        self.grid = (qmin, qmax)  # the integers' range; qmin / qmax below are relative to the zero point
+        self.rescale(scale, zero_point)  # sets s, zp, floor, qmin and qmax
         self.depthwise = depthwise
         self.gram = None
         self.skip = None  # Gram form with a residual skip error E: (Eᵀ X̃, Eᵀ X, ‖E‖² per channel)
@@ -155,10 +155,16 @@ class Problem:
             const = const + 2 * np.sum(self.w * self.skip[1], axis=-1) + self.skip[2]
         return const
 
-    def rescale(self, scale):
-        """Put the problem on another grid (scale as given to the constructor)."""
-        self.s = np.broadcast_to(np.asarray(scale, np.float64), self.w.shape) if np.ndim(scale) == 0 else \
-            np.asarray(scale, np.float64).reshape(-1, *([1] * (self.w.ndim - 1)))
+    def rescale(self, scale, zero_point=0):
+        """Put the problem on another grid (scale and zero point as given to the constructor). An asymmetric
+        grid's integers are q − z ∈ [q_min − z, q_max − z]: ``qmin`` / ``qmax`` hold those bounds (per channel)."""
+        def per_row(a, dtype):
+            return np.asarray(a, dtype) if np.ndim(a) == 0 else \
+                np.asarray(a, dtype).reshape(-1, *([1] * (self.w.ndim - 1)))
+        s = per_row(scale, np.float64)
+        self.s = np.broadcast_to(s, self.w.shape) if s.ndim == 0 else s
+        self.zp = per_row(zero_point, np.float64)
+        self.qmin, self.qmax = self.grid[0] - self.zp, self.grid[1] - self.zp
         self.floor = np.floor(self.w / self.s)
 
     def channel_losses(self, wt) -> np.ndarray:
@@ -275,26 +281,42 @@ def no_worse_than_nearest(problem: Problem, q: np.ndarray):
     return np.where(worse[:, None], q_near, q), worse
 
 
-def search_scale(problem: Problem, per_channel: bool, fractions=np.linspace(0.4, 1.0, 13)) -> np.ndarray:
+def search_scale(problem: Problem, per_channel: bool, symmetric: bool = True,
+                 fractions=np.linspace(0.4, 1.0, 13)) -> tuple[np.ndarray, np.ndarray]:
     """The weight grid chosen by the layer's output error (our addition): among clipping ranges f·max|W| (per
-    channel, or per tensor) and the current one, the one whose nearest rounding gives the least squared output
-    error ‖f(W x) − f(W̃ x̃)‖² on the layer's data. Weight-space MSE ranges ignore which weights matter: in a 3×3
-    depthwise kernel with one dominant tap, it can clip the small taps' grid away; here the data decides.
-    Returns the float32 scale ([O] per channel, [] per tensor); AdaRound then rounds on that grid."""
-    w, qmax = problem.w, problem.qmax
-    current = problem.s[:, :1].ravel() if per_channel else problem.s.ravel()[:1]
-    absmax = np.abs(w).max(axis=tuple(range(1, w.ndim))) if per_channel else np.abs(w).max().reshape(1)
-    cands = [current] + [np.maximum(f * absmax / qmax, 1e-12) for f in fractions]
-    cands = [np.asarray(c, np.float32).astype(np.float64) for c in cands]
+    channel, or per tensor; asymmetric grids: f·[min W, max W]) and the current one, the one whose nearest
+    rounding gives the least squared output error ‖f(W x) − f(W̃ x̃)‖² on the layer's data. Weight-space MSE
+    ranges ignore which weights matter: in a 3×3 depthwise kernel with one dominant tap, it can clip the small
+    taps' grid away; here the data decides. Returns (float32 scale, int32 zero point), each [O] per channel,
+    [] per tensor; AdaRound then rounds on that grid."""
+    w, (qmin, qmax) = problem.w, problem.grid
+    axes = tuple(range(1, w.ndim)) if per_channel else None
+
+    def ext(a):  # [C]: one entry per channel, or one for the tensor
+        return np.asarray(a, np.float64).reshape(-1)[: w.shape[0] if per_channel else 1]
+    cands = [(ext(problem.s[(slice(None),) + (0,) * (w.ndim - 1)]), ext(np.broadcast_to(
+        problem.zp, problem.s.shape)[(slice(None),) + (0,) * (w.ndim - 1)]))]
+    if symmetric:
+        absmax = ext(np.abs(w).max(axis=axes))
+        cands += [(np.maximum(f * absmax / qmax, 1e-12), np.zeros_like(absmax)) for f in fractions]
+    else:  # [lo, hi] ∋ 0 on q_max − q_min steps, zero point round(q_min − lo / s) (as ptq.quant)
+        lo, hi = ext(np.minimum(w.min(axis=axes), 0)), ext(np.maximum(w.max(axis=axes), 0))
+        for f in fractions:
+            sc = np.maximum((f * (hi - lo)).astype(np.float32) / np.float32(qmax - qmin), 1e-12)
+            cands.append((sc, np.clip(np.round(qmin - f * lo / sc), qmin, qmax)))
+    cands = [(np.asarray(c, np.float32).astype(np.float64), z) for c, z in cands]
     losses = []
-    for c in cands:
-        sc = c.reshape(-1, *([1] * (w.ndim - 1))) if per_channel else c[0]
-        wt = sc * np.clip(np.rint(w / sc), problem.qmin, problem.qmax)
+    for c, z in cands:
+        sc, zc = (c.reshape(-1, *([1] * (w.ndim - 1))), z.reshape(-1, *([1] * (w.ndim - 1)))) if per_channel \
+            else (c[0], z[0])
+        wt = sc * (np.clip(np.rint(w / sc) + zc, qmin, qmax) - zc)
         cl = problem.channel_losses(wt)
         losses.append(cl if per_channel else cl.sum(keepdims=True))
     best = np.argmin(np.stack(losses), axis=0)  # ties keep the current grid (index 0)
-    chosen = np.stack(cands)[best, np.arange(len(best))]
-    return chosen.astype(np.float32) if per_channel else np.float32(chosen[0])
+    idx = np.arange(len(best))
+    scale = np.stack([c for c, _ in cands])[best, idx].astype(np.float32)
+    zp = np.stack([z for _, z in cands])[best, idx].astype(np.int32)
+    return (scale, zp) if per_channel else (np.float32(scale[0]), np.int32(zp[0]))
 
 
 def brute_force(problem: Problem) -> np.ndarray:
@@ -303,7 +325,8 @@ def brute_force(problem: Problem) -> np.ndarray:
     g = problem.gram[0]
     k = problem.w.shape[1]
     combos = ((np.arange(1 << k)[:, None] >> np.arange(k)[None]) & 1).astype(np.float64)  # [M, K]
-    q = np.clip(problem.floor[:, None, :] + combos[None], problem.qmin, problem.qmax)  # [C, M, K]
+    lo, hi = (np.expand_dims(b, 1) if np.ndim(b) else b for b in (problem.qmin, problem.qmax))  # per channel
+    q = np.clip(problem.floor[:, None, :] + combos[None], lo, hi)  # [C, M, K]
     wt = problem.s[:, None] * q
     loss = np.sum(np.matmul(wt, g) * wt, axis=2) - 2 * np.sum(wt * problem.w_c()[:, None, :], axis=2)  # [C, M]
     return q[np.arange(q.shape[0]), np.argmin(loss, axis=1)]

@@ -153,11 +153,12 @@ def test_adaround_near_brute_force_optimum_on_tiny_problems():
     assert max(ratios) <= 1.45 and np.median(ratios) <= 1.1, ratios
 
 
-@pytest.mark.parametrize("inputs", ["fp32", "quantized"])
-def test_adaround_stage_is_deterministic_and_on_grid(rng, tmp_path, inputs):
+@pytest.mark.parametrize("inputs,symmetric", [("fp32", True), ("quantized", True), ("quantized", False)])
+def test_adaround_stage_is_deterministic_and_on_grid(rng, tmp_path, inputs, symmetric):
     model = conv_bn_relu(rng, act="Clip")
     calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 16)
-    cfg = dict(weight_bits=4, adaround=True, adaround_iters=200, holdout=0, batch_size=8, adaround_inputs=inputs)
+    cfg = dict(weight_bits=4, adaround=True, adaround_iters=200, holdout=0, batch_size=8, adaround_inputs=inputs,
+               weight_symmetric=symmetric)
     states = [run_steps(prepare(model, Config(**cfg)), Context(DataSource(calib, model_inputs(model))), {})
               for _ in range(2)]
     gr = Graph(prepare(model, Config(**cfg)).model)  # canonical (BN folded), before any step
@@ -166,7 +167,9 @@ def test_adaround_stage_is_deterministic_and_on_grid(rng, tmp_path, inputs):
         np.testing.assert_array_equal(qa, qb)
         enc = states[0].weights[layer.name]
         assert qa.min() >= enc.spec.qmin and qa.max() <= enc.spec.qmax
-        near = np.clip(np.rint(gr.const(layer.weight) / np.asarray(enc.scale).reshape(-1, 1, 1, 1)), -8, 7)
+        zp = np.asarray(enc.zero_point).reshape(-1, 1, 1, 1)
+        assert np.any(zp != 0) != symmetric
+        near = np.clip(np.rint(gr.const(layer.weight) / np.asarray(enc.scale).reshape(-1, 1, 1, 1)) + zp, -8, 7)
         assert np.all(np.abs(qa - near) <= 1)  # only up or down
         np.testing.assert_array_equal(Graph(states[0].model).const(layer.weight), gr.const(layer.weight))  # FP32 kept
         rep = states[0].report["adaround"]["layers"][layer.name]
@@ -307,7 +310,8 @@ def test_scale_search_picks_the_grid_with_least_output_error(rng, per_channel):
         sc = np.reshape(scale, (-1, 1)) if per_channel else scale
         wt = sc * np.clip(np.rint(w / sc), -8, 7)
         return np.sum((np.clip(np.einsum("rck,ck->rc", x, wt) + 0.3, 0, 6) - t) ** 2, axis=0)
-    chosen = search_scale(p, per_channel)
+    chosen, zp = search_scale(p, per_channel)
+    assert np.all(zp == 0)
     fractions = np.linspace(0.4, 1.0, 13)
     if per_channel:
         cands = [start] + [f * np.abs(w).max(axis=1) / 7 for f in fractions]
@@ -370,3 +374,56 @@ def test_bias_refit_restores_the_mean_output_by_onnxruntime(rng, tmp_path):
     fp = run(model, {"x": x})[0].mean(axis=(0, 2, 3))
     np.testing.assert_allclose(means[True], fp, atol=1e-5)
     assert np.max(np.abs(means[False] - fp)) > 1e-3  # without the re-fit the mean is off
+
+
+def test_depthwise_brute_force_respects_an_asymmetric_grid(rng):
+    """With a zero point z per channel the integers q − z live in [q_min − z, q_max − z]: a grid near one end binds
+    the roundings; brute force, nearest rounding and Adam stay inside it and brute force is still the optimum."""
+    p = depthwise_gram_problem(rng, c=4, k=6)
+    zp = np.array([-8, -3, 2, 7])  # bounds of q − z: [0, 15], [-5, 10], [-10, 5], [-15, 0]
+    p.rescale(p.s[:, 0] * 0.5, zp)
+    lo, hi = (-8 - zp)[:, None], (7 - zp)[:, None]
+    q = brute_force(p)
+    assert np.all((q >= lo) & (q <= hi))
+    got = channel_losses(p, q)
+    for ch in range(4):
+        best = min(channel_losses(p, np.clip(p.floor + np.array(b)[None], lo, hi))[ch]
+                   for b in itertools.product([0, 1], repeat=6))
+        assert got[ch] == pytest.approx(best, rel=1e-9, abs=1e-9)
+    np.testing.assert_array_equal(p.nearest_q(), np.clip(np.rint(p.w / p.s), lo, hi))
+    assert np.any(p.nearest_q() != np.rint(p.w / p.s))  # the grid binds somewhere
+    qa = solve(p, iters=100)
+    assert np.all((qa >= lo) & (qa <= hi))
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_asymmetric_scale_search_by_hand(rng, per_channel):
+    """Asymmetric grids: the candidates are f·[min W, max W] with the zero point of ptq.quant's
+    encoding_from_range; the chosen (scale, zero point) gives the least output error among them, by hand."""
+    from ptq.quant import QuantSpec, encoding_from_range
+    from ptq.rounding import search_scale
+    c, k, r = 5, 9, 400
+    w = rng.normal(0.1, 0.1, (c, k))
+    w[:, 4] = rng.uniform(1.0, 2.0, c)  # one-signed, skewed kernels: half a symmetric grid would go unused
+    x = rng.normal(0.5, 1, (r, c, k))
+    t = np.clip(np.einsum("rck,ck->rc", x, w), 0, 6)
+    spec = QuantSpec(4, signed=True, symmetric=False)
+    lo, hi = (w.min(axis=1), w.max(axis=1)) if per_channel else (w.min(), w.max())
+    start = encoding_from_range(spec, 0.5 * lo, 0.5 * hi)
+    p = Problem(w, start.scale, -8, 7, depthwise=True, zero_point=start.zero_point)
+    p.rows = (x, t, np.zeros(c), 0.0, 6.0)
+
+    def by_hand(scale, zp):  # [C] output error of nearest rounding on the grid
+        sc, z = (np.reshape(scale, (-1, 1)), np.reshape(zp, (-1, 1))) if per_channel else (scale, zp)
+        wt = sc * (np.clip(np.rint(w / sc) + z, -8, 7) - z)
+        return np.sum((np.clip(np.einsum("rck,ck->rc", x, wt), 0, 6) - t) ** 2, axis=0)
+    scale, zp = search_scale(p, per_channel, symmetric=False)
+    cands = [start] + [encoding_from_range(spec, f * lo, f * hi) for f in np.linspace(0.4, 1.0, 13)]
+    errs = np.stack([by_hand(e.scale.astype(np.float64), e.zero_point) for e in cands])  # [M, C]
+    got = by_hand(np.asarray(scale, np.float64), zp)
+    if per_channel:
+        np.testing.assert_allclose(got, errs.min(axis=0), rtol=1e-5)
+        assert np.all(zp < -4)  # mostly positive kernels: the zero point sits near q_min
+    else:
+        assert got.sum() == pytest.approx(errs.sum(axis=1).min(), rel=1e-5)
+    assert np.all(got.sum() < 0.5 * errs[0].sum())

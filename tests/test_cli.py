@@ -52,7 +52,7 @@ def test_run_writes_model_and_reports(setup, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing", "not_onnx", "empty_calib", "bad_shape", "bad_dtype", "unwritable",
-                                  "bad_option", "no_calib", "bad_recipe", "missing_npz_key"])
+                                  "bad_option", "no_calib", "bad_recipe", "missing_npz_key", "easyquant_asymmetric"])
 def test_bad_input_gives_one_line_exit_2_and_no_file(setup, capsys, case, rng):
     model, calib, tmp = setup
     out = tmp / "out" / "m.onnx"
@@ -94,6 +94,9 @@ def test_bad_input_gives_one_line_exit_2_and_no_file(setup, capsys, case, rng):
         d.mkdir()
         np.savez(d / "a.npz", y=np.zeros((3, 16, 16), np.float32), z=np.zeros(1, np.float32))
         args[3], fragment = d, "missing key(s) x"
+    elif case == "easyquant_asymmetric":
+        args += ["--easyquant", "--weight-asymmetric"]
+        fragment = "EasyQuant searches symmetric weight grids"
     code, _, err = call(capsys, *args)
     assert_one_line_error(code, err, 2, fragment)
     assert list(out.parent.iterdir()) == []

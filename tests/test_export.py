@@ -4,6 +4,7 @@ import collections
 
 import numpy as np
 import onnx
+import pytest
 import onnxruntime as ort
 from builders import conv_bn_relu, save_npy_samples, two_inputs, zoo
 from onnx import numpy_helper
@@ -43,10 +44,15 @@ def conv2d(x, w, b=None, pad=0):
     return y + (0 if b is None else b.reshape(1, -1, 1, 1))
 
 
-def test_exported_conv_net_matches_numpy_reference(rng, tmp_path):
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (8, False), (4, False)])
+def test_exported_conv_net_matches_numpy_reference(rng, tmp_path, bits, symmetric):
     model = conv_bn_relu(rng, act="Clip")
     calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 12)
-    state = quantized_state(model, calib)
+    state = quantized_state(model, calib, Config(holdout=0, batch_size=4, weight_bits=bits,
+                                                 weight_symmetric=symmetric))
+    for layer in state.layers:  # asymmetric: the zero points are stored, and used
+        z = np.asarray(state.weights[layer.name].zero_point)
+        assert np.any(z != 0) != symmetric
     q = export_qdq(state)
     x = rng.normal(0, 1, (3, 3, 8, 8)).astype(np.float32)
 
@@ -99,10 +105,11 @@ def test_two_input_matmul_gemm_matches_numpy_reference(rng, tmp_path):
     np.testing.assert_allclose(sim, y, atol=float(act("s").scale) * 1.001)
 
 
-def test_onnxruntime_fuses_integer_kernels(rng, tmp_path):
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_onnxruntime_fuses_integer_kernels(rng, tmp_path, symmetric):
     model = zoo(rng)
     calib = save_npy_samples(tmp_path / "calib", rng, (3, 16, 16), 8)
-    q = export_qdq(quantized_state(model, calib))
+    q = export_qdq(quantized_state(model, calib, Config(holdout=0, batch_size=4, weight_symmetric=symmetric)))
     opt = tmp_path / "opt.onnx"
     ort_run(q, {"x": rng.normal(0, 1, (1, 3, 16, 16)).astype(np.float32)}, save_to=opt)
     count = collections.Counter(n.op_type for n in onnx.load(str(opt)).graph.node)

@@ -93,3 +93,30 @@ def test_bn_range_by_hand():
     assert float(enc.lo) == pytest.approx(-8, abs=0.04) and float(enc.hi) == pytest.approx(4, abs=0.04)
     enc = bn_encoding(beta, gamma, QuantSpec(8), bounds=(0, 6))  # after a ReLU6
     assert float(enc.lo) == 0.0 and float(enc.hi) == pytest.approx(4, abs=0.02)
+
+
+def test_asymmetric_weight_mse_matches_brute_force_per_channel(rng):
+    """Asymmetric grids: both ends searched; against every (lo, hi) pair of a fine 2-D grid, per channel. Zero
+    is on the grid, and a one-signed channel's min-max grid starts at q_min."""
+    spec = QuantSpec(4, signed=True, symmetric=False, axis=0)
+    w = (rng.standard_t(3, (4, 150)) * 0.3 + np.array([[0.0], [0.5], [1.0], [-0.8]])).astype(np.float32)
+    enc = weight_encoding(w, spec, "mse")
+    one = spec.with_(axis=None)
+    for c in range(4):
+        row = w[c]
+        lo0, hi0 = min(row.min(), 0), max(row.max(), 0)
+        brute = min(mse(row, encoding_from_range(one, lo, hi))
+                    for lo in np.linspace(lo0, 0.01 * lo0, 120) for hi in np.linspace(0.01 * hi0, hi0, 120))
+        mine = enc_rows(enc, c, c + 1)
+        assert mse(row, mine) <= brute * 1.01 + 1e-9
+        np.testing.assert_array_equal(fake_quant(np.zeros((1, 1), np.float32), mine), 0)
+    sym = weight_encoding(w, W_SPEC, "mse")
+    assert mse(w[1:], enc_rows(enc, 1, 4)) < mse(w[1:], enc_rows(sym, 1, 4))  # off-centre channels gain
+    positive = np.abs(w[:1]) + 0.1
+    mm = weight_encoding(positive, spec, "minmax")
+    assert int(mm.zero_point[0]) == -8 and float(mm.hi[0]) == pytest.approx(positive.max(), rel=1e-6)
+
+
+def enc_rows(enc, start, stop):
+    from ptq.quant import Encoding
+    return Encoding(enc.spec, enc.scale[start:stop], enc.zero_point[start:stop])

@@ -120,9 +120,9 @@ def adaround(state, ctx):
         enc = state.weights[l.name]
         scale0 = enc.scale
         if cfg.adaround_scale_search and not cfg.easyquant:  # else: round on the grids EasyQuant chose
-            scale = search_scale(p, enc.spec.axis is not None)
-            p.rescale(scale)
-            state.weights[l.name] = enc = Encoding(enc.spec, scale, enc.zero_point, enc.method,
+            scale, zp = search_scale(p, enc.spec.axis is not None, enc.spec.symmetric)
+            p.rescale(scale, zp)
+            state.weights[l.name] = enc = Encoding(enc.spec, scale, zp, enc.method,
                                                    {**enc.stats, "output_searched": True})
         if p.depthwise and p.gram is not None and p.w.shape[1] <= BRUTE_FORCE_WEIGHTS:
             q = brute_force(p)
@@ -210,8 +210,9 @@ def _collect(state, gr, group, fp_batches, q_batches, n_samples: int, skips: dic
         enc = state.weights[l.name]
         w = as_matrix(gr.const(l.weight), l, kind)
         scale = np.asarray(enc.scale)
+        zp = np.asarray(enc.zero_point)
         p = Problem(w, scale if scale.ndim == 0 else scale.reshape(-1), enc.spec.qmin, enc.spec.qmax,
-                    kind == "depthwise")
+                    kind == "depthwise", zp if zp.ndim == 0 else zp.reshape(-1))
         act = _activation(gr, l)
         b = gr.const(l.bias).astype(np.float64) if l.bias else np.zeros(w.shape[0])
         probs[l.name] = (p, kind, act, b, [], [])
