@@ -240,7 +240,9 @@ def solve(problem: Problem, iters: int = 1000, batch: int = 1024, lam: float = 0
     between 0.02 and 0.98 after annealing; λ = 30 makes them binary and lowers the layers' rounded errors, on
     held-out rows too (geometric mean over 14 layers, relative to nearest: 0.68 → 0.55), yet the whole network
     scored lower (W4A8 per-channel, 256 images: 75.3 % top-1 at λ = 30, 78.2 % at 0.1), so 0.1 stays the
-    default (``adaround_lambda``)."""
+    default (``adaround_lambda``). Iterations: 3000 instead of the default 1000 left top-1 unchanged (81.85 %,
+    EfficientNet-Lite0 W4A8 per-channel asymmetric with CLE, 256 images; agreement 93.62 → 93.69 %) at twice
+    the run time."""
     norm = max(problem.loss_grad(problem.nearest())[0], 1e-30)
     lam = lam / problem.w.size
     frac = problem.w / problem.s - problem.floor
