@@ -296,8 +296,10 @@ def search_scale(problem: Problem, per_channel: bool, symmetric: bool = True,
 
     def ext(a):  # [C]: one entry per channel, or one for the tensor
         return np.asarray(a, np.float64).reshape(-1)[: w.shape[0] if per_channel else 1]
-    cands = [(ext(problem.s[(slice(None),) + (0,) * (w.ndim - 1)]), ext(np.broadcast_to(
-        problem.zp, problem.s.shape)[(slice(None),) + (0,) * (w.ndim - 1)]))]
+
+    def current(a):  # the current grid's value of each output row
+        return ext(np.broadcast_to(a, w.shape).reshape(w.shape[0], -1)[:, 0])
+    cands = [(current(problem.s), current(problem.zp))]
     if symmetric:
         absmax = ext(np.abs(w).max(axis=axes))
         cands += [(np.maximum(f * absmax / qmax, 1e-12), np.zeros_like(absmax)) for f in fractions]
