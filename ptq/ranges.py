@@ -54,7 +54,8 @@ def grid_golden_min(loss, lo: np.ndarray, hi: np.ndarray, grid: int = 20, iters:
 
 def weight_encoding(w: np.ndarray, spec: QuantSpec, method: str = "mse") -> Encoding:
     """Weight quantizer for ``w`` (per channel along spec.axis, else per tensor): symmetric, range ±clip, or
-    asymmetric, range [lo, hi] ∋ 0 with a zero point (both ends searched, coordinate-wise, for ``mse``)."""
+    asymmetric, range [lo, hi] ∋ 0 with a zero point (``mse``: both ends on a coarse 2-D grid of fractions of
+    [min, max], then each end refined by golden-section search, twice)."""
     if method not in WEIGHT_METHODS:
         raise InputError(f"unknown weight range method {method!r} (choose from {', '.join(WEIGHT_METHODS)})")
     w2 = _rows(w, spec.axis)  # [C, K]
