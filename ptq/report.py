@@ -80,7 +80,7 @@ def to_markdown(r: dict) -> str:
     lines = [f"# ptq report: {Path(r['model']).name}", "",
              f"- model: `{r['model']}` → `{r['output']}`",
              f"- weights: {s['weight_bits']}-bit {'per-channel' if s['per_channel'] else 'per-tensor'} "
-             f"{'symmetric' if s.get('weight_symmetric', True) else 'asymmetric'}, "
+             f"{'symmetric' if s['weight_symmetric'] else 'asymmetric'}, "
              f"range `{s['weight_range']}`; activations: {s['act_bits']}-bit "
              f"{'symmetric' if s['act_symmetric'] else 'asymmetric'}, range `{s['act_range']}` "
              f"(logits `{s['logits_range']}`)",

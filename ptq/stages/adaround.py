@@ -209,10 +209,7 @@ def _collect(state, gr, group, fp_batches, q_batches, n_samples: int, skips: dic
         kind = layer_kind(gr, l)
         enc = state.weights[l.name]
         w = as_matrix(gr.const(l.weight), l, kind)
-        scale = np.asarray(enc.scale)
-        zp = np.asarray(enc.zero_point)
-        p = Problem(w, scale if scale.ndim == 0 else scale.reshape(-1), enc.spec.qmin, enc.spec.qmax,
-                    kind == "depthwise", zp if zp.ndim == 0 else zp.reshape(-1))
+        p = Problem(w, enc.scale, enc.spec.qmin, enc.spec.qmax, kind == "depthwise", enc.zero_point)
         act = _activation(gr, l)
         b = gr.const(l.bias).astype(np.float64) if l.bias else np.zeros(w.shape[0])
         probs[l.name] = (p, kind, act, b, [], [])
