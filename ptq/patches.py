@@ -28,7 +28,7 @@ def sample_rows(x: np.ndarray, layer, geom: dict | None, per_sample: int, rng: n
     if len(geom["kernel"]) != 2:
         raise NotImplementedError("only 2-D convolutions")
     (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = geom["kernel"], geom["strides"], geom["pads"], geom["dilations"]
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if any((pt, pl, pb, pr)) else x
     win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))[..., ::dh, ::dw]
     win = win[:, :, ::sh, ::sw]  # [N, C, OH, OW, kh, kw]
     n, c, oh, ow = win.shape[:4]
