@@ -233,6 +233,21 @@ def test_row_order_does_not_change_the_loss(rng):
     assert la == pytest.approx(np.mean((y - t) ** 2), rel=1e-12)
 
 
+def test_depthwise_rows_are_one_shuffle_for_every_channel(rng):
+    """Depthwise rows are stored channel-major and shuffled once (copied a block of channels at a time): every
+    channel, and the targets, see the same permutation of the rows."""
+    r, c, k = 60, 70, 9  # 70 channels: more than one block, the last one partial
+    x, t = rng.normal(0, 1, (r, c, k)), rng.normal(0, 1, (r, c))
+    p = Problem(rng.normal(0, 1, (c, k)), 0.3, -8, 7, depthwise=True)
+    p.rows = (x, t, np.zeros(c), 0.0, 6.0)
+    xs, ts = p.rows[:2]
+    assert xs.shape == (c, r, k) and xs.flags.c_contiguous
+    order = [int(np.flatnonzero(x[:, 0, 0] == v)[0]) for v in xs[0, :, 0]]
+    assert sorted(order) == list(range(r)) and order != list(range(r))
+    np.testing.assert_array_equal(xs, x[order].transpose(1, 0, 2))
+    np.testing.assert_array_equal(ts, t[order].T)
+
+
 @pytest.mark.parametrize("bad", [dict(adaround_iters=0), dict(adaround_batch=0),
                                  dict(adaround_lambda=-1.0), dict(adaround_inputs="float")])
 def test_adaround_settings_are_checked(bad):

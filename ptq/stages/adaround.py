@@ -226,8 +226,9 @@ def _collect(state, gr, group, fp_batches, q_batches, n_samples: int, skips: dic
         xf, xq = xf.astype(np.float32), xq.astype(np.float32)
         kept = sum(len(r) for r in rows_x)
         if act is None:
-            sums[l.name] = _summed(sums.get(l.name), tuple(None if v is None else np.sum(v, axis=0, dtype=np.float64)
-                                                           for v in (xq, xf, e)))
+            if cfg.adaround_bias and l.bias:  # the means ``Problem.center`` needs
+                sums[l.name] = _summed(sums.get(l.name), tuple(
+                    None if v is None else np.sum(v, axis=0, dtype=np.float64) for v in (xq, xf, e)))
             if kind == "depthwise":  # [R, C, K] -> [C, R, K]: one small Gram matrix per channel
                 a, c = xq.transpose(1, 0, 2), xf.transpose(1, 0, 2)
                 at = a.transpose(0, 2, 1)
