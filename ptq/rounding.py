@@ -67,7 +67,8 @@ class Problem:
         b, lo, hi = (np.asarray(v, x.dtype) for v in (b, lo, hi))
         if self.depthwise:  # [R, C, K] -> [C, R, K] (one copy: shuffled and transposed); per-channel columns
             xs = np.empty((x.shape[1], len(x), x.shape[2]), x.dtype)
-            for c in range(0, x.shape[1], 32):  # a block of channels at a time: 10× faster than one gather
+            # a block of channels at a time: 9× faster than one strided gather on [8192, 1152, 25]
+            for c in range(0, x.shape[1], 32):
                 xs[c:c + 32] = x[order, c:c + 32].transpose(1, 0, 2)
             x, t = xs, np.ascontiguousarray(t[order].T)
             b, lo, hi = (v.reshape(-1, 1) if v.ndim else v for v in (b, lo, hi))
