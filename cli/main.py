@@ -82,7 +82,7 @@ def quant_options(f):
         click.option("--percentile", type=float, help="Percentile for --act-range percentile (99.99)."),
         click.option("--cle/--no-cle", default=None, help="Cross-layer equalization + high-bias absorption (off)."),
         click.option("--adaround/--no-adaround", default=None, help="AdaRound: learned weight rounding (off)."),
-        click.option("--adaround-iters", type=int, help="Adam iterations per layer (1000)."),
+        click.option("--adaround-iters", type=int, help="Adam iterations per layer (500)."),
         click.option("--adaround-batch", type=int, help="rows per Adam step, layers with an activation (1024)."),
         click.option("--adaround-inputs", type=click.Choice(["fp32", "quantized"]),
                      help="each layer's input while rounding: from the FP32 network, or from the network whose "
