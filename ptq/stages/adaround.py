@@ -132,7 +132,7 @@ def adaround(state, ctx):
         q, kept_nearest = no_worse_than_nearest(p, q)
         wt = p.s * q
         shift = 0.0
-        if cfg.adaround_bias and l.bias:
+        if _refits_bias(cfg, l):
             delta = p.bias_shift(wt)
             shift = float(np.max(np.abs(delta)))
             bias = (gr.const(l.bias).astype(np.float64) + delta).astype(np.float32)
@@ -167,6 +167,11 @@ def _row_budget(rows: int, kind: str) -> int:
     """Rows kept (or per Adam step) for a layer: a depthwise row holds every channel's k·k inputs at once, and
     each channel has only k·k weights to fit, so half the rows serve it (and bound its memory)."""
     return max(64, rows // DEPTHWISE_ROW_SHARE) if kind == "depthwise" else rows
+
+
+def _refits_bias(cfg, layer) -> bool:
+    """Whether the layer's bias is re-fitted after rounding (every Conv / Gemm has one by then; MatMul none)."""
+    return bool(cfg.adaround_bias and layer.bias)
 
 
 def _summed(old, add: tuple) -> tuple:
@@ -226,7 +231,7 @@ def _collect(state, gr, group, fp_batches, q_batches, n_samples: int, skips: dic
         xf, xq = xf.astype(np.float32), xq.astype(np.float32)
         kept = sum(len(r) for r in rows_x)
         if act is None:
-            if cfg.adaround_bias and l.bias:  # the means ``Problem.center`` needs
+            if _refits_bias(cfg, l):  # the means ``Problem.center`` needs
                 sums[l.name] = _summed(sums.get(l.name), tuple(
                     None if v is None else np.sum(v, axis=0, dtype=np.float64) for v in (xq, xf, e)))
             if kind == "depthwise":  # [R, C, K] -> [C, R, K]: one small Gram matrix per channel
@@ -248,7 +253,7 @@ def _collect(state, gr, group, fp_batches, q_batches, n_samples: int, skips: dic
     for l in group:
         p, kind, act, b, rows_x, rows_t = probs[l.name]
         if act is None:
-            if cfg.adaround_bias and l.bias:
+            if _refits_bias(cfg, l):
                 p.center(sums[l.name])
             p.damp()
         else:
