@@ -252,7 +252,7 @@ def solve(problem: Problem, iters: int = 500, batch: int = 1024, lam: float = 0.
     default (``adaround_lambda``). Iterations (EfficientNet-Lite0 W4A8 with CLE): 3000 instead of 1000 left top-1
     unchanged (81.85 %, per-channel asymmetric, 256 images; agreement 93.62 → 93.69 %) at twice the run time;
     500 instead of 1000 too (1000 images: per-channel 81.15 % both, agreement 92.77 → 93.62 %; per-tensor
-    80.92 → 81.08 %, agreement 93.38 → 92.15 %) in 417 s instead of 585 s, so 500 is the default."""
+    80.92 → 81.08 %, agreement 93.38 → 92.15 %) in 443 s instead of 585 s, so 500 is the default."""
     norm = max(problem.loss_grad(problem.nearest())[0], 1e-30)
     lam = lam / problem.w.size
     frac = problem.w / problem.s - problem.floor
