@@ -19,6 +19,7 @@ import numpy as np
 
 ZETA, GAMMA = 1.1, -0.1
 BIAS_STEPS = 10  # Gauss-Newton steps of the bias fit on a clipped output
+SHUFFLE_BLOCK = 32  # depthwise channels copied at a time by the rows' shuffle (``Problem.rows``)
 
 
 def _sigmoid(v):
@@ -68,8 +69,8 @@ class Problem:
         if self.depthwise:  # [R, C, K] -> [C, R, K] (one copy: shuffled and transposed); per-channel columns
             xs = np.empty((x.shape[1], len(x), x.shape[2]), x.dtype)
             # a block of channels at a time: 9× faster than one strided gather on [8192, 1152, 25]
-            for c in range(0, x.shape[1], 32):
-                xs[c:c + 32] = x[order, c:c + 32].transpose(1, 0, 2)
+            for c in range(0, x.shape[1], SHUFFLE_BLOCK):
+                xs[c:c + SHUFFLE_BLOCK] = x[order, c:c + SHUFFLE_BLOCK].transpose(1, 0, 2)
             x, t = xs, np.ascontiguousarray(t[order].T)
             b, lo, hi = (v.reshape(-1, 1) if v.ndim else v for v in (b, lo, hi))
         else:

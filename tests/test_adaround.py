@@ -17,7 +17,7 @@ import ptq.stages.adaround as adaround_stage
 from ptq.quant import dequantize
 from ptq.stages.weight_ranges import weight_quantized
 from ptq.rounding import (Problem, brute_force, init_v, no_worse_than_nearest, polish, rectified_sigmoid,
-                          solve)
+                          SHUFFLE_BLOCK, solve)
 
 
 def gram_problem(rng, o, d, s=0.5, mix=0.5, rows=400, qmin=-8, qmax=7):
@@ -236,7 +236,7 @@ def test_row_order_does_not_change_the_loss(rng):
 def test_depthwise_rows_are_one_shuffle_for_every_channel(rng):
     """Depthwise rows are stored channel-major and shuffled once (copied a block of channels at a time): every
     channel, and the targets, see the same permutation of the rows."""
-    r, c, k = 60, 70, 9  # 70 channels: more than one block, the last one partial
+    r, c, k = 60, 2 * SHUFFLE_BLOCK + 6, 9  # more than one block of channels, the last one partial
     x, t = rng.normal(0, 1, (r, c, k)), rng.normal(0, 1, (r, c))
     p = Problem(rng.normal(0, 1, (c, k)), 0.3, -8, 7, depthwise=True)
     p.rows = (x, t, np.zeros(c), 0.0, 6.0)
