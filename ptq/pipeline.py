@@ -55,7 +55,7 @@ class Config:
     adaround: bool = False
     adaround_iters: int = 500  # 1000 and 3000 scored no better (rounding.solve)
     adaround_batch: int = 1024  # rows per Adam step (layers with an activation)
-    adaround_lambda: float = 0.1  # on the normalized loss (see stages/adaround.solve)
+    adaround_lambda: float = 0.1  # on the normalized loss (see rounding.solve)
     adaround_polish: bool = True  # greedy 1-flip search after Adam on Gram-form layers
     adaround_inputs: str = "quantized"  # x̃ from the quantized-so-far network (the paper), or "fp32" (x̃ = x)
     adaround_rows: int = 16384  # rows (output positions) kept per layer with an activation
