@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .quant import QuantSpec, encoding_from_range
+
 ZETA, GAMMA = 1.1, -0.1
 BIAS_STEPS = 10  # Gauss-Newton steps of the bias fit on a clipped output
 SHUFFLE_BLOCK = 32  # depthwise channels copied at a time by the rows' shuffle (``Problem.rows``)
@@ -294,14 +296,15 @@ def no_worse_than_nearest(problem: Problem, q: np.ndarray):
     return np.where(worse[:, None], q_near, q), worse
 
 
-def search_scale(problem: Problem, per_channel: bool, symmetric: bool = True,
+def search_scale(problem: Problem, spec: QuantSpec, per_channel: bool,
                  fractions=np.linspace(0.4, 1.0, 13)) -> tuple[np.ndarray, np.ndarray]:
     """The weight grid chosen by the layer's output error (our addition): among clipping ranges f·max|W| (per
-    channel, or per tensor; asymmetric grids: f·[min W, max W]) and the current one, the one whose nearest
-    rounding gives the least squared output error ‖f(W x) − f(W̃ x̃)‖² on the layer's data. Weight-space MSE
-    ranges ignore which weights matter: in a 3×3 depthwise kernel with one dominant tap, it can clip the small
-    taps' grid away; here the data decides. Returns (float32 scale, int32 zero point), each [O] per channel,
-    [] per tensor; AdaRound then rounds on that grid."""
+    channel, or per tensor; asymmetric grids: ``encoding_from_range`` of f·[min W, max W]) and the current one,
+    the one whose nearest rounding gives the least squared output error ‖f(W x) − f(W̃ x̃)‖² on the layer's data.
+    Weight-space MSE ranges ignore which weights matter: in a 3×3 depthwise kernel with one dominant tap, it can
+    clip the small taps' grid away; here the data decides. ``spec`` is the weight quantizer's (its grid is the
+    problem's). Returns (float32 scale, int32 zero point), each [O] per channel, [] per tensor; AdaRound then
+    rounds on that grid."""
     w, (qmin, qmax) = problem.w, problem.grid
     axes = tuple(range(1, w.ndim)) if per_channel else None
 
@@ -311,14 +314,12 @@ def search_scale(problem: Problem, per_channel: bool, symmetric: bool = True,
     def current(a):  # the current grid's value of each output row
         return ext(np.broadcast_to(a, w.shape).reshape(w.shape[0], -1)[:, 0])
     cands = [(current(problem.s), current(problem.zp))]
-    if symmetric:
+    if spec.symmetric:
         absmax = ext(np.abs(w).max(axis=axes))
         cands += [(np.maximum(f * absmax / qmax, 1e-12), np.zeros_like(absmax)) for f in fractions]
-    else:  # [lo, hi] ∋ 0 on q_max − q_min steps, zero point round(q_min − lo / s) (as ptq.quant)
-        lo, hi = ext(np.minimum(w.min(axis=axes), 0)), ext(np.maximum(w.max(axis=axes), 0))
-        for f in fractions:
-            sc = np.maximum((f * (hi - lo)).astype(np.float32) / np.float32(qmax - qmin), 1e-12)
-            cands.append((sc, np.clip(np.round(qmin - f * lo / sc), qmin, qmax)))
+    else:
+        lo, hi = ext(w.min(axis=axes)), ext(w.max(axis=axes))
+        cands += [(e.scale, e.zero_point) for e in (encoding_from_range(spec, f * lo, f * hi) for f in fractions)]
     cands = [(np.asarray(c, np.float32).astype(np.float64), z) for c, z in cands]
     losses = []
     for c, z in cands:
