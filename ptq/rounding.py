@@ -296,16 +296,17 @@ def no_worse_than_nearest(problem: Problem, q: np.ndarray):
     return np.where(worse[:, None], q_near, q), worse
 
 
-def search_scale(problem: Problem, spec: QuantSpec, per_channel: bool,
+def search_scale(problem: Problem, spec: QuantSpec,
                  fractions=np.linspace(0.4, 1.0, 13)) -> tuple[np.ndarray, np.ndarray]:
     """The weight grid chosen by the layer's output error (our addition): among clipping ranges f·max|W| (per
     channel, or per tensor; asymmetric grids: ``encoding_from_range`` of f·[min W, max W]) and the current one,
     the one whose nearest rounding gives the least squared output error ‖f(W x) − f(W̃ x̃)‖² on the layer's data.
     Weight-space MSE ranges ignore which weights matter: in a 3×3 depthwise kernel with one dominant tap, it can
     clip the small taps' grid away; here the data decides. ``spec`` is the weight quantizer's (its grid is the
-    problem's). Returns (float32 scale, int32 zero point), each [O] per channel, [] per tensor; AdaRound then
+    problem's; per channel where it has an axis). Returns (float32 scale, int32 zero point), each [O] per channel, [] per tensor; AdaRound then
     rounds on that grid."""
     w, (qmin, qmax) = problem.w, problem.grid
+    per_channel = spec.axis is not None
     axes = tuple(range(1, w.ndim)) if per_channel else None
 
     def ext(a):  # [C]: one entry per channel, or one for the tensor

@@ -326,7 +326,7 @@ def test_scale_search_picks_the_grid_with_least_output_error(rng, per_channel):
         sc = np.reshape(scale, (-1, 1)) if per_channel else scale
         wt = sc * np.clip(np.rint(w / sc), -8, 7)
         return np.sum((np.clip(np.einsum("rck,ck->rc", x, wt) + 0.3, 0, 6) - t) ** 2, axis=0)
-    chosen, zp = search_scale(p, QuantSpec(4, signed=True, symmetric=True), per_channel)
+    chosen, zp = search_scale(p, QuantSpec(4, signed=True, symmetric=True, axis=0 if per_channel else None))
     assert np.all(zp == 0)
     fractions = np.linspace(0.4, 1.0, 13)
     if per_channel:
@@ -433,7 +433,7 @@ def test_asymmetric_scale_search_by_hand(rng, per_channel):
         sc, z = (np.reshape(scale, (-1, 1)), np.reshape(zp, (-1, 1))) if per_channel else (scale, zp)
         wt = sc * (np.clip(np.rint(w / sc) + z, -8, 7) - z)
         return np.sum((np.clip(np.einsum("rck,ck->rc", x, wt), 0, 6) - t) ** 2, axis=0)
-    scale, zp = search_scale(p, spec, per_channel)
+    scale, zp = search_scale(p, spec.with_(axis=0 if per_channel else None))
     cands = [start] + [encoding_from_range(spec, f * lo, f * hi) for f in np.linspace(0.4, 1.0, 13)]
     errs = np.stack([by_hand(e.scale.astype(np.float64), e.zero_point) for e in cands])  # [M, C]
     got = by_hand(np.asarray(scale, np.float64), zp)

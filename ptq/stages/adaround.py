@@ -120,7 +120,7 @@ def adaround(state, ctx):
         enc = state.weights[l.name]
         scale0 = enc.scale
         if cfg.adaround_scale_search and not cfg.easyquant:  # else: round on the grids EasyQuant chose
-            scale, zp = search_scale(p, enc.spec, enc.spec.axis is not None)
+            scale, zp = search_scale(p, enc.spec)
             p.rescale(scale, zp)
             state.weights[l.name] = enc = Encoding(enc.spec, scale, zp, enc.method,
                                                    {**enc.stats, "output_searched": True})
