@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -154,11 +155,25 @@ def main():
     ap.add_argument("--only", default="", help="run only the ptq configurations whose name contains this text")
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--val-limit", type=int, default=0)
+    ap.add_argument("--keep", action="store_true", help="keep the quantized models and their reports (a temporary "
+                    "folder, printed at the end); by default it is removed")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
     args = ap.parse_args()
     if not SHARED.is_dir():
         print(f"benchmark data not found at {SHARED}: nothing to measure")
         return 0
+    work = Path(tempfile.mkdtemp(prefix="ptq-bench-"))
+    try:
+        return measure(args, work)
+    finally:
+        if args.keep:
+            print(f"the quantized models and reports are in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, work: Path) -> int:
+    """Runs the chosen suites with their models and reports in ``work``, then writes the results table."""
     suites = set(args.suites.split(","))
     calib_dir = SHARED / "data" / "imagenet-calib"
     val_dir = SHARED / "data" / "imagenet-val"
@@ -170,7 +185,6 @@ def main():
     pick = np.random.default_rng(0).choice(len(calib_files), args.calib_size, replace=False)
     calib_pick = [calib_files[i] for i in sorted(pick)]
     rows: dict = load_rows()
-    work = Path(tempfile.mkdtemp(prefix="ptq-bench-"))
     calib_link = work / "calib"
     calib_link.mkdir()
     for f in calib_pick:  # the same 256 images for every tool
