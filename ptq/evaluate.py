@@ -1,6 +1,10 @@
 """Metrics of a quantized model against its FP32 original, both run in onnxruntime on the same samples:
 top-1 / top-5 against labels, top-1 agreement with FP32, and per output the SQNR and cosine similarity.
-Streaming: only running sums are kept."""
+Streaming: only running sums are kept.
+
+The top-1 drop comes with its paired standard error: with d_i = [FP32 right on i] − [quantized right on i]
+over m labelled samples, b of them +1 and c of them −1, the drop is 100·(b − c)/m and its standard error
+100·√(s²/m) with s² = (b + c − (b − c)²/m)/(m − 1), the sample variance of d."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,7 +41,8 @@ class Accumulator:
         self.stats = {n: _OutputStats() for n in names}
         self.cls = None
         self.samples = 0
-        self.counts = {"n": 0, "agree": 0, "labelled": 0, "fp_top1": 0, "fp_top5": 0, "q_top1": 0, "q_top5": 0}
+        self.counts = {"n": 0, "agree": 0, "labelled": 0, "fp_top1": 0, "fp_top5": 0, "q_top1": 0, "q_top5": 0,
+                       "fp_only": 0, "q_only": 0}
 
     def update(self, paths, out_fp, out_q):
         self.samples += len(paths)
@@ -55,10 +60,14 @@ class Accumulator:
             y = np.array([self.labels.get(p, -1) for p in paths])
             keep = y >= 0
             c["labelled"] += int(keep.sum())
+            right = {}
             for tag, z in (("fp", a), ("q", b)):
                 top5 = np.argsort(-z, axis=1)[:, :5]
-                c[f"{tag}_top1"] += int(np.sum((top5[:, 0] == y) & keep))
+                right[tag] = (top5[:, 0] == y) & keep
+                c[f"{tag}_top1"] += int(np.sum(right[tag]))
                 c[f"{tag}_top5"] += int(np.sum(np.any(top5 == y[:, None], axis=1) & keep))
+            c["fp_only"] += int(np.sum(right["fp"] & ~right["q"]))
+            c["q_only"] += int(np.sum(right["q"] & ~right["fp"]))
 
     def result(self) -> dict:
         c = self.counts
@@ -74,7 +83,17 @@ class Accumulator:
                                "quant_top1": round(100.0 * c["q_top1"] / m, 2),
                                "quant_top5": round(100.0 * c["q_top5"] / m, 2)})
                 result["top1_drop"] = round(result["fp32_top1"] - result["quant_top1"], 2)
+                result["top1_drop_se"] = round(drop_standard_error(c["fp_only"], c["q_only"], m), 2)
         return result
+
+
+def drop_standard_error(fp_only: int, q_only: int, m: int) -> float:
+    """Paired standard error of the top-1 drop in points: b = fp_only samples only FP32 gets right, c = q_only
+    only the quantized model gets right, of m; 100·√(s²/m), s² = (b + c − (b − c)²/m)/(m − 1)."""
+    if m < 2:
+        return float("nan")
+    b, c = fp_only, q_only
+    return 100.0 * float(np.sqrt(max(b + c - (b - c) ** 2 / m, 0.0) / (m - 1) / m))
 
 
 def evaluate(fp_model, q_model, source, batch_size: int = 16, labels: dict | None = None,
@@ -126,10 +145,15 @@ def check_gate(result: dict, max_drop) -> str | None:
     else:
         raise InputError("--max-drop needs a classification output ([N, C] logits) in the model")
     unit = "%" if rel else " points"
+    se = result.get("top1_drop_se")
+    noise = ""
+    if "top1_drop" in result and se is not None and np.isfinite(se):
+        se = 100.0 * se / max(result["fp32_top1"], 1e-9) if rel else se
+        noise = f"; its standard error is ±{se:.2f}{unit.strip() if rel else ' points'} on {result['labelled']} samples"
     if drop > bound:
         raise AccuracyGateError(f"accuracy gate failed: {what} {drop:.2f}{unit} > allowed {bound:g}{unit} "
-                                f"(over by {drop - bound:.2f})")
-    return f"accuracy gate passed: {what} {drop:.2f}{unit} <= allowed {bound:g}{unit}"
+                                f"(over by {drop - bound:.2f}{noise})")
+    return f"accuracy gate passed: {what} {drop:.2f}{unit} <= allowed {bound:g}{unit}" + (f" ({noise[2:]})" if noise else "")
 
 
 def latency_ms(model, feed: dict, runs: int = 50, warmup: int = 5) -> float:

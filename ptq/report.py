@@ -105,7 +105,8 @@ def to_markdown(r: dict) -> str:
             lines += ["| | top-1 | top-5 |", "|---|---|---|",
                       f"| FP32 | {e['fp32_top1']} | {e['fp32_top5']} |",
                       f"| quantized | {e['quant_top1']} | {e['quant_top5']} |", "",
-                      f"Top-1 drop: {e['top1_drop']} points; top-1 agreement {e['top1_agreement']} %"]
+                      f"Top-1 drop: {e['top1_drop']} ± {e['top1_drop_se']} points (± one paired standard error over "
+                      f"{e['labelled']} labelled samples); top-1 agreement {e['top1_agreement']} %"]
         elif "top1_agreement" in e:
             lines += [f"Top-1 agreement with FP32: {e['top1_agreement']} %"]
         if r.get("gate"):
@@ -152,6 +153,13 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _drop(ev: dict) -> str:
+    """'1.46 ± 0.57' (drop ± its paired standard error, points), or the drop alone from older reports, or '—'."""
+    if "top1_drop" not in ev:
+        return "—"
+    return f"{ev['top1_drop']} ± {ev['top1_drop_se']}" if "top1_drop_se" in ev else str(ev["top1_drop"])
+
+
 def summary_table(report_files: list[Path]) -> str:
     """One Markdown row per run report: the batch job's overview."""
     rows = ["| model | output | W/A bits | granularity | size ratio | time s | output SQNR dB | "
@@ -164,5 +172,5 @@ def summary_table(report_files: list[Path]) -> str:
         rows.append(f"| {Path(r['model']).name} | {Path(r['output']).name} | {s['weight_bits']}/{s['act_bits']} "
                     f"| {'channel' if s['per_channel'] else 'tensor'} | {r['sizes']['ratio']} "
                     f"| {r['timings']['total']} | {sqnr} | {ev.get('top1_agreement', '—')} "
-                    f"| {ev.get('top1_drop', '—')} |")
+                    f"| {_drop(ev)} |")
     return "\n".join(rows) + "\n"

@@ -118,7 +118,14 @@ def test_accuracy_gate_exits_3_after_writing(setup, capsys, rng):
     assert report["evaluation"]["fp32_top1"] == 100.0
     assert drop > 0  # 2-bit weights and activations lose accuracy
     assert_one_line_error(code, err, 3, "accuracy gate failed", f"{drop:.2f} points > allowed 0 points")
+    wrong = round(drop * 12 / 100)  # FP32 is right on all 12: d = 1 where the quantized model is wrong
+    d = np.array([1.0] * wrong + [0.0] * (12 - wrong))
+    assert f"standard error is ±{100 * d.std(ddof=1) / np.sqrt(12):.2f} points on 12 samples" in err
     assert out.exists()  # the model and report are written; only the exit code says no
+    se = report["evaluation"]["top1_drop_se"]
+    assert f"Top-1 drop: {drop} ± {se} points" in (tmp / "g.report.md").read_text()
+    code, table, _ = call(capsys, "summary", tmp)
+    assert code == 0 and "| g.onnx | 2/2 |" in table and table.rstrip().endswith(f"| {drop} ± {se} |")
     code, out_text, err = call(capsys, *common, "--max-drop", "100")
     assert code == 0 and "accuracy gate passed" in out_text
     code, _, err = call(capsys, *common, "--max-drop", "abc")
