@@ -63,6 +63,7 @@ class Row:
     size_mb: float = float("nan")
     latency: float = float("nan")
     note: str = ""
+    drop_se: float = float("nan")  # paired standard error of the drop (rows measured since 2026-11-24)
 
 
 class ArraySource:
@@ -209,7 +210,8 @@ def measure(args, work: Path) -> int:
             q = load_model(qpath)
             r = evaluate(fp, q, val, 32, val.labels())
             row = Row(name, tool, config, r["quant_top1"], r["quant_top5"], r["top1_drop"], r["top1_agreement"],
-                      seconds, rss, qpath.stat().st_size / 1e6, latency_ms(qpath, shape) / fp_lat, note)
+                      seconds, rss, qpath.stat().st_size / 1e6, latency_ms(qpath, shape) / fp_lat, note,
+                      r["top1_drop_se"])
             add(rows, row)
             print(f"  {tool} {config}: top-1 {row.top1} drop {row.drop} agree {row.agree} "
                   f"{seconds:.1f}s {rss:.0f}MB lat {row.latency:.2f}", flush=True)
@@ -375,15 +377,17 @@ def write(rows: dict, out: str):
              f"Written by `make bench` (bench/run.py) on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, "
              f"onnxruntime {ort.__version__}, Python {platform.python_version()}. Calibration: 256 images of "
              f"../shared/bench/data/imagenet-calib (the same for every tool); evaluation: imagenet-val "
-             f"(1300 images). Drop and agreement are against FP32 on the same images. Time and peak RSS are of "
+             f"(1300 images). Drop and agreement are against FP32 on the same images; ± is the drop's paired "
+             f"standard error (README, Evaluation), in rows measured since it was added. Time and peak RSS are of "
              f"the quantization process alone; latency is onnxruntime CPU, batch 1, relative to FP32. "
              f"ptq defaults: weights per-channel MSE, activations MSE, logits cross-entropy (mse+xent); "
              f"BC = empirical bias correction; data-free uses no calibration images.", "",
              "| model | tool | config | top-1 | top-5 | drop | top-1 agreement % | quant time s | peak RSS MB | "
              "size MB | latency × FP32 | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, nd=2: "—" if isinstance(v, float) and np.isnan(v) else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))  # noqa: E731
+    pm = lambda se: "" if np.isnan(se) else f" ± {se:.2f}"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r.model} | {r.tool} | {r.config} | {f(r.top1)} | {f(r.top5)} | {f(r.drop)} | {f(r.agree)} "
+        lines.append(f"| {r.model} | {r.tool} | {r.config} | {f(r.top1)} | {f(r.top5)} | {f(r.drop)}{pm(r.drop_se)} | {f(r.agree)} "
                      f"| {f(r.seconds, 1)} | {f(r.rss_mb, 0)} | {f(r.size_mb)} | {f(r.latency)} | {r.note} |")
     Path(out).write_text("\n".join(lines) + "\n")
 
