@@ -236,8 +236,8 @@ def _print_eval(title: str, e: dict):
     outs = "; ".join(f"{k}: SQNR {v['sqnr_db']} dB, cosine {v['cosine']}" for k, v in e["outputs"].items())
     click.echo(f"{title} ({e['samples']} samples): {outs}")
     if "fp32_top1" in e:
-        click.echo(f"  top-1 {e['fp32_top1']} -> {e['quant_top1']} (drop {e['top1_drop']} ± {e['top1_drop_se']} points), "
-                   f"top-5 {e['fp32_top5']} -> {e['quant_top5']}, top-1 agreement {e['top1_agreement']} %")
+        click.echo(f"  top-1 {e['fp32_top1']} -> {e['quant_top1']} (drop {e['top1_drop']} ± {e['top1_drop_se']} "
+                   f"points), top-5 {e['fp32_top5']} -> {e['quant_top5']}, top-1 agreement {e['top1_agreement']} %")
     elif "top1_agreement" in e:
         click.echo(f"  top-1 agreement with FP32: {e['top1_agreement']} %")
 

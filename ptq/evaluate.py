@@ -145,15 +145,14 @@ def check_gate(result: dict, max_drop) -> str | None:
     else:
         raise InputError("--max-drop needs a classification output ([N, C] logits) in the model")
     unit = "%" if rel else " points"
-    se = result.get("top1_drop_se")
-    noise = ""
-    if "top1_drop" in result and se is not None and np.isfinite(se):
-        se = 100.0 * se / max(result["fp32_top1"], 1e-9) if rel else se
-        noise = f"; its standard error is ±{se:.2f}{unit.strip() if rel else ' points'} on {result['labelled']} samples"
+    se = result.get("top1_drop_se", float("nan")) if "top1_drop" in result else float("nan")
+    if rel:
+        se = 100.0 * se / max(result["fp32_top1"], 1e-9)
+    noise = f"its standard error is ±{se:.2f}{unit} on {result['labelled']} samples" if np.isfinite(se) else ""
     if drop > bound:
         raise AccuracyGateError(f"accuracy gate failed: {what} {drop:.2f}{unit} > allowed {bound:g}{unit} "
-                                f"(over by {drop - bound:.2f}{noise})")
-    return f"accuracy gate passed: {what} {drop:.2f}{unit} <= allowed {bound:g}{unit}" + (f" ({noise[2:]})" if noise else "")
+                                f"(over by {drop - bound:.2f}{'; ' + noise if noise else ''})")
+    return f"accuracy gate passed: {what} {drop:.2f}{unit} <= allowed {bound:g}{unit}{f' ({noise})' if noise else ''}"
 
 
 def latency_ms(model, feed: dict, runs: int = 50, warmup: int = 5) -> float:
