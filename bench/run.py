@@ -387,8 +387,8 @@ def write(rows: dict, out: str):
     f = lambda v, nd=2: "—" if isinstance(v, float) and np.isnan(v) else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))  # noqa: E731
     pm = lambda se: "" if np.isnan(se) else f" ± {se:.2f}"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r.model} | {r.tool} | {r.config} | {f(r.top1)} | {f(r.top5)} | {f(r.drop)}{pm(r.drop_se)} | {f(r.agree)} "
-                     f"| {f(r.seconds, 1)} | {f(r.rss_mb, 0)} | {f(r.size_mb)} | {f(r.latency)} | {r.note} |")
+        lines.append(f"| {r.model} | {r.tool} | {r.config} | {f(r.top1)} | {f(r.top5)} | {f(r.drop)}{pm(r.drop_se)} "
+                     f"| {f(r.agree)} | {f(r.seconds, 1)} | {f(r.rss_mb, 0)} | {f(r.size_mb)} | {f(r.latency)} | {r.note} |")
     Path(out).write_text("\n".join(lines) + "\n")
 
 

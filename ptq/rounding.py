@@ -303,8 +303,8 @@ def search_scale(problem: Problem, spec: QuantSpec,
     the one whose nearest rounding gives the least squared output error ‖f(W x) − f(W̃ x̃)‖² on the layer's data.
     Weight-space MSE ranges ignore which weights matter: in a 3×3 depthwise kernel with one dominant tap, it can
     clip the small taps' grid away; here the data decides. ``spec`` is the weight quantizer's (its grid is the
-    problem's; per channel where it has an axis). Returns (float32 scale, int32 zero point), each [O] per channel, [] per tensor; AdaRound then
-    rounds on that grid."""
+    problem's; per channel where it has an axis). Returns (float32 scale, int32 zero point), each [O] per
+    channel, [] per tensor; AdaRound then rounds on that grid."""
     w, (qmin, qmax) = problem.w, problem.grid
     per_channel = spec.axis is not None
     axes = tuple(range(1, w.ndim)) if per_channel else None
