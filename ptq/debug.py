@@ -47,6 +47,7 @@ def subset_state(state, keep: set[str] | None = None, weights: bool = True, acts
     sub = copy.copy(state)
     sub.weights = {k: v for k, v in state.weights.items() if weights and (keep is None or f"weight:{k}" in keep)}
     sub.acts = {k: v for k, v in state.acts.items() if acts and (keep is None or f"act:{k}" in keep)}
+    sub.biases = {k: v for k, v in state.biases.items() if k in sub.weights}  # they belong to the weight grids
     return sub
 
 
@@ -57,6 +58,7 @@ def raise_quantizers(state, ids, to: str = "16"):
     ids = set(ids)
     sub = copy.copy(state)
     sub.weights, sub.acts, sub.rounded = dict(state.weights), dict(state.acts), dict(state.rounded)
+    sub.biases = dict(state.biases)
     gr = Graph(state.model)
     layers = {l.name: l for l in state.layers}
     for q in ids:
@@ -65,6 +67,8 @@ def raise_quantizers(state, ids, to: str = "16"):
         if name not in table:
             continue
         sub.rounded.pop(name, None)  # AdaRound's integers belong to the old grid
+        if kind == "weight":
+            sub.biases.pop(name, None)  # so does the bias corrected for it
         if to == "fp32":
             del table[name]
             continue

@@ -2,8 +2,9 @@
 
 - Weights are stored quantized (int8; INT4 where the opset is >= 21 and bits <= 4) behind a DequantizeLinear
   (per channel: ``axis`` = the output-channel axis);
-- biases are stored as int32 with scale s_in · s_w (per channel) and zero point 0, as integer kernels add them
-  (where int32 cannot hold them, as with 16-bit grids, a float Add after the layer carries the bias);
+- biases (the decided ones, ``state.biases``, else the reference's) are stored as int32 with scale s_in · s_w (per
+  channel) and zero point 0, as integer kernels add them (where int32 cannot hold them, as with 16-bit grids, a
+  float Add after the layer carries the bias);
 - an activation of fewer bits than its storage type (e.g. 7-bit in uint8) gets a Clip to its n-bit range before
   the QuantizeLinear, so its integers stay in that range at run time (QuantizeLinear alone saturates only at the
   type's bounds); onnxruntime does not fuse such a Clip, so those tensors run as float fake-quant
@@ -123,13 +124,20 @@ def export_qdq(state) -> onnx.ModelProto:
             q_w = quantize(w, wenc) if q_w is None else q_w
             node.input[1] = dq_const(layer.name + "/weight", q_w, wenc, bits, True, layer.w_axis)
             x_enc = act_enc.get(layer.x)
-            if layer.bias is not None and x_enc is not None:
+            b = state.biases.get(layer.name)  # the decided bias (bias correction, AdaRound), else the reference's
+            if b is None and layer.bias is not None:
                 b = numpy_helper.to_array(inits_by_name[layer.bias])
+            while b is not None and len(node.input) < 3:
+                node.input.append("")
+            if b is not None and x_enc is not None:
                 benc = bias_encoding(wenc, x_enc)
                 if np.all(np.abs(b / benc.scale) < 2**31 - 1):
                     node.input[2] = dq_const(layer.name + "/bias", quantize(b, benc), benc, 32, True, 0)
                 else:
                     node = _split_bias(node, layer, b, w.ndim, taken, inits, nodes)
+            elif layer.name in state.biases:  # a float bias
+                node.input[2] = unique_name(taken, layer.name + "/bias")
+                inits.append(numpy_helper.from_array(np.asarray(b, np.float32), node.input[2]))
         renamed = []
         for k, t in enumerate(node.output):
             if t in act_enc:

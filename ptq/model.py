@@ -158,6 +158,22 @@ def set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> Non
     model.graph.initializer.append(t)
 
 
+def set_layer_bias(model: onnx.ModelProto, node_name: str, value: np.ndarray) -> str:
+    """Make node ``node_name`` (a Conv / Gemm) add ``value`` as its bias: its own bias initializer is replaced
+    where no other node reads it, else (or where it has none) a new initializer becomes its third input."""
+    node = next(n for n in model.graph.node if n.name == node_name)
+    current = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    readers = sum(current in n.input for n in model.graph.node) if current else 0
+    if current is None or readers > 1 or current not in {t.name for t in model.graph.initializer}:
+        taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+        current = unique_name(taken, node_name + "/bias")
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = current
+    set_initializer(model, current, np.asarray(value, np.float32))
+    return current
+
+
 def topological_sort(model: onnx.ModelProto) -> None:
     """Reorder the main graph's nodes so that every tensor is produced before it is read (Kahn's algorithm,
     stable in the original order)."""

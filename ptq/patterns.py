@@ -89,6 +89,11 @@ def clip_bounds(model_graph: Graph, node) -> tuple[float, float]:
     return lo, hi
 
 
+def activation_bounds(layers, gr: Graph) -> dict[str, tuple[float, float]]:
+    """The (min, max) of each layer's fused activation, by the layer's output tensor."""
+    return {l.out: clip_bounds(gr, gr.nodes[l.act_node]) for l in layers if l.act_node}
+
+
 @dataclass
 class Placement:
     """Which float tensors get an activation quantizer. ``root[t]`` is the tensor whose quantizer t shares

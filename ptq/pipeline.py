@@ -1,17 +1,24 @@
 """The pipeline: configuration, the state every stage reads and returns, and the ordered steps of a recipe.
 
-    load → canonicalize → fold BN → weight ranges → activation ranges → bias overflow guard → export QDQ
-         → fidelity on held-back calibration samples → (evaluate) → report
+    load → canonicalize → fold BN → [CLE → bias absorption] → weight ranges → … → activation ranges
+         → bias overflow guard → export QDQ → fidelity on held-back calibration samples → (evaluate) → report
 
-Every step has the signature ``step(state, ctx) -> state``; they never write files (``quantize`` does).
+Two things flow through the steps (``State``): the FP32 reference (``state.model``), built by canonicalization,
+BN folding and the function-preserving steps (CLE, bias absorption), and frozen after them; and the quantization
+decisions (encodings, rounded integers, corrected biases), which every later step reads and extends. The exporter
+applies the decisions to the reference. ``run_steps`` checks that no step after the function-preserving ones
+changed the reference. Every step has the signature ``step(state, ctx) -> state``; none writes files.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import onnx
 
 from .canonicalize import canonicalize
@@ -118,6 +125,10 @@ class Config:
         unknown = [s for s in self.steps if s not in STEPS]
         if unknown:
             raise InputError(f"unknown step(s) {', '.join(unknown)} (known: {', '.join(STEPS)})")
+        first = next((k for k, s in enumerate(self.steps) if s not in FUNCTION_PRESERVING), len(self.steps))
+        late = [s for s in self.steps[first:] if s in FUNCTION_PRESERVING]
+        if late:
+            raise InputError(f"steps: {', '.join(late)} change the FP32 model and must come before every other step")
         return self
 
     def default_steps(self) -> list[str]:
@@ -166,8 +177,10 @@ def load_recipe(path: str | Path) -> dict:
 
 @dataclass
 class State:
+    """The FP32 reference and the quantization decisions taken so far (see the module docstring)."""
+
     config: Config
-    model: onnx.ModelProto  # the FP32 model, canonical; stages may transform it FP32-equivalently
+    model: onnx.ModelProto  # the FP32 reference: only the function-preserving steps (CLE, bias absorption) edit it
     layers: list[Layer]
     placement: Placement
     bn: dict[str, BNStats]
@@ -177,14 +190,30 @@ class State:
     report: dict = field(default_factory=dict)
     transformed: onnx.ModelProto | None = None  # the FP32 model after CLE / bias absorption
     rounded: dict = field(default_factory=dict)  # layer -> integer weights chosen by AdaRound (else nearest)
+    biases: dict = field(default_factory=dict)  # layer -> bias chosen for its quantized weights (bias correction)
+
+    def bias(self, layer, gr) -> np.ndarray | None:
+        """The bias the quantized layer adds: the decided one, else the reference's (None: the layer has none)."""
+        if layer.name in self.biases:
+            return self.biases[layer.name]
+        return gr.const(layer.bias) if layer.bias else None
+
+
+def _simulate(state):
+    from .export import export_qdq, quantizer_inputs
+    model = export_qdq(state)
+    return model, quantizer_inputs(model)
 
 
 @dataclass
 class Context:
-    """What the steps read besides the state: the calibration source and whether to show progress."""
+    """What the steps read besides the state: the calibration source, whether to show progress, and
+    ``simulate(state) -> (QDQ model, {activation tensor: the float tensor its QuantizeLinear reads})``, the
+    quantized network as the decisions so far make it (so a stage needs no exporter of its own)."""
 
     calib: object = None
     progress: bool = False
+    simulate: Callable = _simulate
 
 
 def prepare(model: onnx.ModelProto, config: Config) -> State:
@@ -217,13 +246,23 @@ STEPS = {
 FUNCTION_PRESERVING = {"cle", "bias_absorption"}  # transform the FP32 model, meant to keep its function
 
 
+def _digest(model: onnx.ModelProto) -> str:
+    return hashlib.sha256(model.SerializeToString()).hexdigest()
+
+
 def run_steps(state: State, ctx: Context, timings: dict) -> State:
     """Run the configured steps in order, timing each. After the FP32-preserving transforms the model is
-    snapshotted (``state.transformed``) so the pipeline can measure how far they moved the FP32 function."""
+    snapshotted (``state.transformed``) so the pipeline can measure how far they moved the FP32 function; from
+    then on it is the frozen reference, and a step that changes it is a bug (RuntimeError)."""
+    frozen = None
     for name in state.config.steps:
+        if frozen is None and name not in FUNCTION_PRESERVING:
+            frozen = _digest(state.model)
         t0 = time.perf_counter()
         state = STEPS[name](state, ctx)
         if name in FUNCTION_PRESERVING:
             state.transformed = onnx.ModelProto.FromString(state.model.SerializeToString())
         timings[name] = round(time.perf_counter() - t0, 3)
+    if frozen is not None and _digest(state.model) != frozen:
+        raise RuntimeError("a quantization step changed the frozen FP32 reference")
     return state

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import InputError
 from ..model import Graph
 from ..observe import Histogram, RowSample, observe
-from ..patterns import clip_bounds
+from ..patterns import activation_bounds
 from ..quant import Encoding, QuantSpec
 from ..ranges import activation_encoding, bn_encoding, xent_encoding
 from .weight_ranges import weight_quantized
@@ -40,12 +40,12 @@ def set_activation_ranges(state, ctx):
     if ctx.calib is None:
         raise InputError("activation ranges need calibration data (--calib)")
     # after AdaRound (white paper Fig. 8: AdaRound comes first) the ranges are those of the network with its
-    # rounded weights; otherwise of the FP32 network
-    model = weight_quantized(state) if state.rounded else state.model
+    # rounded weights; otherwise of the FP32 network (with the corrected biases, where bias correction ran)
+    model = weight_quantized(state, weights=bool(state.rounded)) if state.rounded or state.biases else state.model
     n = observe(model, ctx.calib, cfg.batch_size, observers, ctx.progress)
     state.report.setdefault("calibration", {})["samples"] = n
     gr = Graph(state.model)
-    bounds = _activation_bounds(state, gr)
+    bounds = activation_bounds(state.layers, gr)
     bn_by_out = {l.out: state.bn.get(l.pre_act) for l in state.layers}
     for r in roots:
         spec = act_spec(cfg, cfg.override_for(r))
@@ -61,14 +61,6 @@ def set_activation_ranges(state, ctx):
                 enc.method = "mse (no BN before it)"
         state.acts[r] = fit_inside(enc, bounds.get(r))
     return state
-
-
-def _activation_bounds(state, gr: Graph) -> dict[str, tuple[float, float]]:
-    out = {}
-    for layer in state.layers:
-        if layer.act_node:
-            out[layer.out] = clip_bounds(gr, gr.nodes[layer.act_node])
-    return out
 
 
 def fit_inside(enc: Encoding, bounds) -> Encoding:

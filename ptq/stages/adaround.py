@@ -56,14 +56,13 @@ import onnx
 from tqdm import tqdm
 
 from ..data import require_calibration
-from ..model import Graph, set_initializer, topological_sort
+from ..model import Graph, set_initializer, set_layer_bias, topological_sort
 from ..patches import paired_rows, rows_per_sample
 from ..patterns import clip_bounds
 from ..quant import Encoding, fake_quant, quantize
 from ..walk import Walk
 from ..weights import as_matrix, from_matrix, layer_kind, reconstruction_layers
 from ..rounding import Problem, brute_force, no_worse_than_nearest, search_scale, solve
-from .bias_absorption import _add_bias
 
 BRUTE_FORCE_WEIGHTS = 10  # depthwise kernels up to this size (3×3) get their exact best rounding
 DEPTHWISE_ROW_SHARE = 2
@@ -87,12 +86,6 @@ def adaround(state, ctx):
     require_calibration(ctx, "AdaRound")
     gr = Graph(state.model)
     layers = reconstruction_layers(state, gr)
-    if cfg.adaround_bias:  # every Conv / Gemm gets a bias to re-fit (MatMul has none)
-        for l in layers:
-            if not l.bias and l.op != "MatMul":
-                set_initializer(state.model, _add_bias(state, gr, l), np.zeros(gr.const(l.weight).shape[l.w_axis],
-                                                                               np.float32))
-        gr = Graph(state.model)
     fp32 = onnx.ModelProto.FromString(state.model.SerializeToString())
     topological_sort(fp32)
     position = {n.name: k for k, n in enumerate(fp32.graph.node)}
@@ -135,10 +128,10 @@ def adaround(state, ctx):
         if _refits_bias(cfg, l):
             delta = p.bias_shift(wt)
             shift = float(np.max(np.abs(delta)))
-            bias = (gr.const(l.bias).astype(np.float64) + delta).astype(np.float32)
-            for m in (state.model, sim):
-                if m is not None:
-                    set_initializer(m, l.bias, bias)
+            base = gr.const(l.bias).astype(np.float64) if l.bias else 0.0
+            state.biases[l.name] = bias = (base + delta).astype(np.float32)
+            if sim is not None:
+                set_layer_bias(sim, l.name, bias)
             if p.gram is None:
                 p.shift_bias(delta)
         loss_ada = p.loss_grad(wt)[0]
@@ -170,8 +163,8 @@ def _row_budget(rows: int, kind: str) -> int:
 
 
 def _refits_bias(cfg, layer) -> bool:
-    """Whether the layer's bias is re-fitted after rounding (every Conv / Gemm has one by then; MatMul none)."""
-    return bool(cfg.adaround_bias and layer.bias)
+    """Whether the layer's bias is re-fitted after rounding (Conv / Gemm, with or without a bias; MatMul has none)."""
+    return bool(cfg.adaround_bias and layer.op != "MatMul")
 
 
 def _summed(old, add: tuple) -> tuple:

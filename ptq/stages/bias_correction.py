@@ -8,21 +8,21 @@ output of each layer by E[ε x]; subtracting it from the bias restores the mean:
 - ``analytic``: no data. E[x] of channel i is the mean of the clipped normal act(N(β_i, γ_i²)) from the
   BatchNorm of the layer producing x (ptq.moments); layers whose input has no BatchNorm before it are skipped
   and listed.
-Layers without a bias (Conv, Gemm) get one; MatMul layers are skipped (no bias input), and so are layers that
-AdaRound rounded.
+The corrected bias is a decision (``state.biases``): the exporter gives it to the quantized layer (a Conv / Gemm
+without a bias gets one); the FP32 reference keeps its own. MatMul layers are skipped (no bias input), and so are
+layers that AdaRound rounded.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import InputError
-from ..model import Graph, set_initializer
+from ..model import Graph
 from ..moments import clipped_normal_moments
 from ..observe import observe
 from ..patterns import clip_bounds
 from ..quant import fake_quant
 from ..weights import contract_input, layer_kind
-from .bias_absorption import _add_bias
 from .weight_ranges import weight_quantized
 
 
@@ -72,9 +72,9 @@ def correct_biases(state, ctx, mode: str | None = None):
             skipped.append(layer.name)
             continue
         delta = contract_input(_weight_error(state, gr, layer), layer_kind(gr, layer), layer.w_axis, ex)
-        b_name = layer.bias or _add_bias(state, gr, layer)
-        b = gr.const(b_name) if b_name in gr.inits else np.zeros_like(delta)
-        set_initializer(state.model, b_name, (b.astype(np.float64) - delta).astype(np.float32))
+        b = state.bias(layer, gr)
+        b = np.zeros_like(delta) if b is None else b
+        state.biases[layer.name] = (b.astype(np.float64) - delta).astype(np.float32)
         shifts[layer.name] = round(float(np.max(np.abs(delta))), 6)
     state.report["bias_correction"] = {"mode": mode, "max_shift_per_layer": shifts, "skipped": skipped}
     return state

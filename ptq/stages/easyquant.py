@@ -32,13 +32,12 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data import require_calibration
-from ..export import export_qdq, quantizer_inputs
 from ..model import Graph
 from ..patches import paired_rows, rows_per_sample
 from ..quant import Encoding, fake_quant_grid, sqnr_db
 from ..walk import streamed
 from ..weights import as_matrix, layer_kind, reconstruction_layers
-from .activation_ranges import _activation_bounds
+from ..patterns import activation_bounds
 
 BUDGET = 1 << 26  # floats per candidate chunk (256 MB of float32 at most)
 
@@ -114,7 +113,7 @@ def easyquant(state, ctx):
     require_calibration(ctx, "EasyQuant")
     gr = Graph(state.model)
     layers = reconstruction_layers(state, gr)
-    bounds = _activation_bounds(state, gr)
+    bounds = activation_bounds(state.layers, gr)
     alphas = candidates(cfg.easyquant_steps, *cfg.easyquant_range)
     rows_of = {l.name: cfg.easyquant_rows if layer_kind(gr, l) != "depthwise" else max(cfg.easyquant_rows // 4, 1)
                for l in layers}
@@ -128,8 +127,7 @@ def easyquant(state, ctx):
     bar = tqdm(total=len(layers), desc="easyquant", unit="layer", disable=not ctx.progress, leave=False)
     for block in blocks:
         group = [layers[i] for i in block]
-        sim = export_qdq(state)
-        raw = quantizer_inputs(sim)
+        sim, raw = ctx.simulate(state)
         rows: dict[str, list] = {l.name: [[], []] for l in group}
         q_inputs = {l.name: raw.get(l.x, l.x) for l in group}
         fp_batches = streamed(state.model, [l.x for l in group], ctx.calib, cfg.batch_size)
@@ -156,7 +154,8 @@ def _search_layer(state, gr, l, xf, xq, alphas, bounds, searched, raw) -> dict:
     dw = kind == "depthwise"
     w0 = gr.const(l.weight)
     w = as_matrix(w0, l, kind).astype(np.float32)
-    b = (gr.const(l.bias).astype(np.float32) if l.bias else np.zeros(w.shape[0], np.float32))
+    b = state.bias(l, gr)
+    b = b.astype(np.float32) if b is not None else np.zeros(w.shape[0], np.float32)
     t = (np.einsum("rck,ck->rc", xf, w) if dw else xf @ w.T) + b  # the FP32 output
     wenc = state.weights[l.name]
     root = state.placement.root.get(l.x)

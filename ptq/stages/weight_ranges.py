@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..model import Graph, set_initializer
+from ..model import Graph, set_initializer, set_layer_bias
 from ..quant import QuantSpec, dequantize, fake_quant
 
 
@@ -22,14 +22,17 @@ def set_weight_ranges(state, ctx=None):
     return state
 
 
-def weight_quantized(state, layers=None) -> onnx.ModelProto:
-    """A copy of the model whose layer weights (all, or ``layers``) carry their quantized values: AdaRound's
-    integers where it ran, else rounded to nearest; activations stay FP32."""
+def weight_quantized(state, layers=None, weights: bool = True) -> onnx.ModelProto:
+    """A copy of the reference whose layers (all, or ``layers``) carry their decided biases and, with
+    ``weights``, their quantized weights: AdaRound's integers where it ran, else rounded to nearest; activations
+    stay FP32."""
     sim = onnx.ModelProto.FromString(state.model.SerializeToString())
     gr = Graph(state.model)
     for layer in state.layers if layers is None else layers:
         enc, q = state.weights.get(layer.name), state.rounded.get(layer.name)
-        if enc is not None:
+        if enc is not None and weights:
             set_initializer(sim, layer.weight, fake_quant(gr.const(layer.weight), enc) if q is None
                             else dequantize(q, enc))
+        if layer.name in state.biases:
+            set_layer_bias(sim, layer.name, state.biases[layer.name])
     return sim
