@@ -107,7 +107,7 @@ def test_empirical_bias_correction_removes_mean_output_error(rng, tmp_path):
         g = Graph(state.model)
         layer = state.layers[0]
         wq = fake_quant(g.const(layer.weight), state.weights[layer.name])
-        yq = x @ wq + g.const("b")
+        yq = x @ wq + state.bias(layer, g)  # the corrected bias is a decision; the reference keeps "b"
         errors[bc] = np.abs((yq - x @ w).mean(axis=0)).max()
     assert errors[None] > 0.1
     assert errors["empirical"] < 1e-5
