@@ -7,7 +7,7 @@ import sys
 import click
 
 from ptq import __version__
-from ptq.errors import InputError, PTQError
+from ptq.errors import AccuracyGateError, InputError, PTQError
 
 EXIT_INTERNAL, EXIT_INPUT = 1, 2
 
@@ -157,24 +157,22 @@ def _metric(spec):
 def run(model, calib, output, recipe, eval_dir, eval_resize, eval_crop, max_drop, auto_fix, auto_fix_to, metric,
         quiet, progress, debug, **kw):
     """Quantize MODEL with calibration data and write a QDQ model plus its report."""
-    from ptq.evaluate import parse_max_drop
-    from ptq.run import quantize
+    from ptq.run import run as run_to_files
 
     config, pre, eval_pre = build_settings(recipe, eval_dir, eval_resize, eval_crop, kw)
-    gate = parse_max_drop(max_drop)
-    if gate is not None and not eval_dir and not calib:
-        raise InputError("--max-drop needs --eval DIR (or calibration data to hold back)")
-    if auto_fix and gate is None:
+    if auto_fix and max_drop is None:
         raise InputError("--auto-fix needs --max-drop X (the bound it fixes the model to)")
-    if not calib and not config.data_free:
-        raise InputError("--calib DIR is required (a folder of images or .npy/.npz samples), or --data-free")
     show = progress if progress is not None else sys.stderr.isatty()
-    result = quantize(model, calib, output, config, pre, eval_dir, eval_pre, gate, progress=show and not quiet,
-                      auto_fix=auto_fix_to if auto_fix else None, metric=_metric(metric))
-    for w in result.report["stages"].get("warnings", []):
-        click.echo(f"ptq: warning: {w}", err=True)
+    try:
+        result, paths = run_to_files(model, calib, output, config=config, preprocess=pre, eval_data=eval_dir,
+                                     eval_preprocess=eval_pre, max_drop=max_drop, progress=show and not quiet,
+                                     auto_fix=auto_fix_to if auto_fix else None, metric=metric)
+    except AccuracyGateError as e:  # the model and its reports are written: say what was written, then fail
+        if not quiet:
+            _print_run(e.result, e.paths)
+        raise
     if not quiet:
-        _print_run(result)
+        _print_run(result, paths)
 
 
 @cli.command("debug")
@@ -213,12 +211,14 @@ def debug_cmd(model, calib, output, recipe, eval_dir, eval_resize, eval_crop, me
     click.echo(f"report: {html} ({js.name})")
 
 
-def _print_run(result):
+def _print_run(result, paths):
     r = result.report
     s = r["sizes"]
-    click.echo(f"wrote {result.output} ({s['quant_bytes'] / 1e6:.2f} MB, {s['ratio']:.2f}x smaller than FP32) "
+    for w in r["stages"].get("warnings", []):
+        click.echo(f"ptq: warning: {w}", err=True)
+    click.echo(f"wrote {paths[0]} ({s['quant_bytes'] / 1e6:.2f} MB, {s['ratio']:.2f}x smaller than FP32) "
                f"in {r['timings']['total']:.1f} s")
-    click.echo(f"report: {result.report_md} ({result.report_html.name}, {result.report_json.name})")
+    click.echo(f"report: {paths[2]} ({paths[3].name}, {paths[1].name})")
     if r.get("fidelity"):
         _print_eval("fidelity on held-back calibration samples", r["fidelity"])
     if r.get("evaluation"):
@@ -228,7 +228,7 @@ def _print_run(result):
         click.echo(f"auto-fix: raised {len(fix['raised'])} of {fix['quantizers']} quantizers to {fix['to']} "
                    f"({', '.join(fix['raised'][:5])}{', …' if len(fix['raised']) > 5 else ''}); drop "
                    f"{fix['drop_before']} -> {fix['drop_after']}")
-    if result.gate:
+    if result.gate and result.gate_passed:
         click.echo(result.gate)
 
 
@@ -258,23 +258,32 @@ def eval_cmd(fp32_model, quant_model, data, batch_size, limit, max_drop, as_json
     """Compare FP32_MODEL and QUANT_MODEL on a data folder: top-1/top-5 with labels, else agreement and SQNR."""
     import json
 
-    from ptq.data import DataSource, model_inputs
-    from ptq.evaluate import check_gate, evaluate, parse_max_drop
+    from ptq.data import DataSource, Preprocess, model_inputs
+    from ptq.evaluate import check_gate, check_comparable, evaluate, parse_max_drop
     from ptq.model import load_model
 
     gate = parse_max_drop(max_drop)
+    if limit < 0 or batch_size < 1:
+        raise InputError("--limit must be >= 0 and --batch-size >= 1")
     pre = build_preprocess(kw)
     fp, q = load_model(fp32_model), load_model(quant_model)
-    src = DataSource(data, model_inputs(fp), pre or __import__("ptq.data").data.Preprocess(), size=limit)
+    check_comparable(fp, q, fp32_model, quant_model)
+    src = DataSource(data, model_inputs(fp), pre or Preprocess(), size=limit)
     show = progress if progress is not None else sys.stderr.isatty()
     result = evaluate(fp, q, src, batch_size, src.labels(), show and not quiet)
+    try:
+        verdict, failed = check_gate(result, gate), None
+    except AccuracyGateError as e:
+        verdict, failed = str(e), e
     if as_json:
-        click.echo(json.dumps(result, indent=1))
+        click.echo(json.dumps({**result, **({"gate": verdict, "gate_passed": failed is None} if gate else {})},
+                              indent=1))
     elif not quiet:
         _print_eval("evaluation", result)
-    verdict = check_gate(result, gate)
-    if verdict and not quiet:
-        click.echo(verdict)
+        if verdict and failed is None:
+            click.echo(verdict)
+    if failed is not None:
+        raise failed
 
 
 @cli.command()
@@ -284,21 +293,34 @@ def summary(folder, output):
     """Summarize every *.report.json in FOLDER as one Markdown table."""
     from pathlib import Path
 
-    from ptq.report import summary_table, write_text_atomic
+    from ptq.outputs import OutputSet
+    from ptq.report import summary_table
 
     files = sorted(Path(folder).glob("*.report.json"))
     if not files:
         raise InputError(f"{folder}: no *.report.json files")
     table = summary_table(files)
     if output:
-        write_text_atomic(Path(output), table)
+        with OutputSet([output]) as out:
+            out.stage_text(output, table)
+            out.commit()
     else:
         click.echo(table, nl=False)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that temporary files are removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
+    import signal
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="ptq", standalone_mode=False)
         return 0
@@ -321,12 +343,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         click.echo("ptq: interrupted", err=True)
         return 130
+    except Terminated:
+        click.echo("ptq: terminated", err=True)
+        return 143
     except Exception as e:  # a bug: say so in one line unless --debug
         if debug:
             raise
         click.echo(f"ptq: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                    f"(run with --debug for the traceback)", err=True)
         return EXIT_INTERNAL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -179,7 +179,12 @@ class DataSource:
             sample = {self.inputs[0].name: _load_array(path)}
         else:
             sample = _load_npz(path, [i.name for i in self.inputs])
-        return {i.name: _fit(path, i, sample[i.name]) for i in self.inputs}
+        out = {i.name: _fit(path, i, sample[i.name]) for i in self.inputs}
+        for name, x in out.items():
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+                raise InputError(f"{path}: input '{name}' has {bad} non-finite value(s) (inf or nan)")
+        return out
 
     def samples(self) -> Iterator[tuple[Path, dict[str, np.ndarray]]]:
         for p in self.files:
@@ -274,6 +279,21 @@ def _fit(path: Path, info: InputInfo, x: np.ndarray) -> np.ndarray:
 
 def _shape_str(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def calibration_sources(folder, inputs, preprocess: Preprocess, config):
+    """(range-setting source, held-back source or None): ``config.calib_size`` samples for range setting plus up
+    to ``config.holdout`` others held back to measure fidelity (at most a quarter of a small folder)."""
+    full = DataSource(folder, inputs, preprocess)
+    n = len(full)
+    holdout = min(config.holdout, n // 4)
+    calib_n = min(config.calib_size, n - holdout)
+    src = DataSource(folder, inputs, preprocess, size=calib_n + holdout, seed=config.seed)
+    if holdout == 0:
+        return src, None
+    held = set(np.random.default_rng(config.seed + 1).permutation(len(src.files))[:holdout].tolist())
+    return (src.subset([f for k, f in enumerate(src.files) if k not in held]),
+            src.subset([f for k, f in enumerate(src.files) if k in held]))
 
 
 def require_calibration(ctx, stage: str) -> None:

@@ -159,8 +159,6 @@ def visualize(state, worst: list[dict], source, batch_size: int = 16) -> list[di
 
 
 def gate_met(result: dict, max_drop) -> bool:
-    if result.get("metric") == "user metric":
-        return result["drop"] <= max_drop[0]
     try:
         check_gate(result, max_drop)
         return True
@@ -207,20 +205,21 @@ def debug(model_path, calib, output=None, config=None, preprocess=None, eval_dir
     (html path, json path, report dict)."""
     from pathlib import Path
 
-    from .data import DataSource, Preprocess, model_inputs
-    from .debug_report import debug_paths, write_debug_report
+    from .data import DataSource, Preprocess, calibration_sources, model_inputs
+    from .debug_report import debug_paths, render_debug_report
     from .metric import Scorer
-    from .model import check_writable, load_model
+    from .model import load_model
+    from .observe import check_runnable
+    from .outputs import OutputSet
     from .pipeline import Config, Context, prepare, run_steps
-    from .run import calibration_sources
     config = (config or Config()).validate()
     preprocess = preprocess or Preprocess()
     output = Path(output) if output else Path(f"{Path(model_path).stem}.debug.html")
-    for p in debug_paths(output):
-        check_writable(p)
+    outputs = OutputSet(debug_paths(output), inputs=[model_path])
     timings = {}
     t0 = time.perf_counter()
     original = load_model(model_path)
+    check_runnable(original, str(model_path))
     inputs = model_inputs(original)
     calib_src, _ = calibration_sources(calib, inputs, preprocess, config)
     if eval_dir:
@@ -241,12 +240,16 @@ def debug(model_path, calib, output=None, config=None, preprocess=None, eval_dir
     scorer = timed("fp32_reference", Scorer, original, data, config.batch_size, metric, progress)
     report = {"model": str(model_path), "settings": config.to_json(), "data": data_note, "metric": scorer.kind,
               "fp32_score": scorer.reference[0]}
-    report["quantized"] = {k: v for k, v in timed("full_model", scorer.score, export_qdq(state)).items()
+    report["quantized"] = {k: v for k, v in timed("full_model", scorer.score, export_qdq(state), False).items()
                            if k in ("score", "drop", "metric", "top1_agreement", "outputs")}
     report["fp32_sanity"] = timed("fp32_sanity", fp32_sanity, original, state, scorer)
     report["weights_vs_activations"] = timed("weights_vs_activations", weights_vs_activations, state, scorer)
     report["per_quantizer"] = timed("per_quantizer", per_quantizer, state, scorer, progress)
     charts = timed("visualize", visualize, state, report["per_quantizer"][:worst], data, config.batch_size)
     report["timings"] = timings
-    paths = write_debug_report(report, charts, output)
+    paths = debug_paths(output)
+    with outputs:
+        for path, text in zip(paths, render_debug_report(report, charts)):
+            outputs.stage_text(path, text)
+        outputs.commit()
     return (*paths, report)

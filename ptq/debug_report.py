@@ -6,7 +6,7 @@ from html import escape
 from pathlib import Path
 
 from .charts import bars_svg
-from .report import _clean, write_text_atomic
+from .report import json_safe
 
 
 def debug_paths(out: Path) -> tuple[Path, Path]:
@@ -57,8 +57,6 @@ td,th{{border:1px solid #ccc;padding:2px 6px;font-size:12px}} .bad{{background:#
 """
 
 
-def write_debug_report(report: dict, charts: list[dict], out: Path) -> tuple[Path, Path]:
-    html_path, json_path = debug_paths(out)
-    write_text_atomic(json_path, json.dumps(_clean(report), indent=1) + "\n")
-    write_text_atomic(html_path, to_html(report, charts))
-    return html_path, json_path
+def render_debug_report(report: dict, charts: list[dict]) -> tuple[str, str]:
+    """(HTML, JSON) texts of the debug report, in the order of ``debug_paths``."""
+    return to_html(report, charts), json.dumps(json_safe(report), indent=1) + "\n"

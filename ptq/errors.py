@@ -14,6 +14,11 @@ class InputError(PTQError):
 
 
 class AccuracyGateError(PTQError):
-    """The quantized model lost more accuracy than ``--max-drop`` allows."""
+    """The quantized model lost more accuracy than ``--max-drop`` allows. Raised by ``ptq.run.run`` after
+    writing: ``result`` and ``paths`` are what was written (None where it is raised before)."""
 
     exit_code = 3
+
+    def __init__(self, message: str, result=None, paths=None):
+        super().__init__(message)
+        self.result, self.paths = result, paths

@@ -96,6 +96,24 @@ def drop_standard_error(fp_only: int, q_only: int, m: int) -> float:
     return 100.0 * float(np.sqrt(max(b + c - (b - c) ** 2 / m, 0.0) / (m - 1) / m))
 
 
+def check_comparable(fp_model, q_model, fp_name="FP32 model", q_name="quantized model") -> None:
+    """Refuse (InputError) two models that cannot be compared sample by sample: other input names, ranks or
+    static sizes, or other output names."""
+    def ins(m):
+        inits = {t.name for t in m.graph.initializer}
+        return {i.name: [d.dim_value or None for d in i.type.tensor_type.shape.dim] for i in m.graph.input
+                if i.name not in inits}
+    a, b = ins(fp_model), ins(q_model)
+    if set(a) != set(b):
+        raise InputError(f"{q_name}: its inputs ({', '.join(b)}) are not those of {fp_name} ({', '.join(a)})")
+    for k in a:
+        if len(a[k]) != len(b[k]) or any(x and y and x != y for x, y in zip(a[k], b[k])):
+            raise InputError(f"{q_name}: input '{k}' has shape {b[k]}, {fp_name} has {a[k]}")
+    oa, ob = [o.name for o in fp_model.graph.output], [o.name for o in q_model.graph.output]
+    if oa != ob:
+        raise InputError(f"{q_name}: its outputs ({', '.join(ob)}) are not those of {fp_name} ({', '.join(oa)})")
+
+
 def evaluate(fp_model, q_model, source, batch_size: int = 16, labels: dict | None = None,
              progress: bool = False, desc: str = "evaluating") -> dict:
     """Run both models over ``source``; returns samples, per-output fidelity and, for a classification output
@@ -130,11 +148,16 @@ def parse_max_drop(text: str | None):
 def check_gate(result: dict, max_drop) -> str | None:
     """Raise AccuracyGateError when the drop exceeds the bound; return a one-line verdict otherwise.
 
-    With labels the drop is FP32 top-1 − quantized top-1 (points); without, 100 − top-1 agreement."""
+    With labels the drop is FP32 top-1 − quantized top-1 (points); without, 100 − top-1 agreement; with a user
+    metric (a ptq.metric.Scorer result) the FP32 score minus the quantized one."""
     if max_drop is None:
         return None
     bound, rel = max_drop
-    if "top1_drop" in result:
+    if result.get("metric") == "user metric":  # a Scorer's result: score and drop of the user's function
+        drop, what = result["drop"], "metric drop"
+        if rel:
+            drop, what = 100.0 * drop / max(abs(result["score"] + result["drop"]), 1e-9), "relative metric drop"
+    elif "top1_drop" in result:
         drop, what = result["top1_drop"], "top-1 drop"
         if rel:
             drop, what = 100.0 * drop / max(result["fp32_top1"], 1e-9), "relative top-1 drop"

@@ -1,9 +1,8 @@
-"""ONNX graph wrapper: load / save (external data, atomic write), initializers as numpy, producers / consumers,
-topological order."""
+"""ONNX graph wrapper: load (external data), initializers as numpy, producers / consumers, topological order.
+(Writing is ptq.outputs'.)"""
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -51,47 +50,6 @@ def default_opset(model: onnx.ModelProto) -> int:
         if o.domain in ("", "ai.onnx"):
             return o.version
     return 1
-
-
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write atomically: to a temporary file beside the target, then rename. Models over 2 GB get external data."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise InputError(f"{path}: output folder {directory} does not exist")
-    large = model.ByteSize() > 2**31 - 1
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        if large:
-            data_name = path.name + ".data"
-            onnx.save_model(model, tmp, save_as_external_data=True, location=data_name + ".tmp")
-            os.replace(directory / (data_name + ".tmp"), directory / data_name)
-            m = onnx.load(tmp, load_external_data=False)
-            for t in m.graph.initializer:
-                for kv in t.external_data:
-                    if kv.key == "location":
-                        kv.value = data_name
-            onnx.save_model(m, tmp)
-        else:
-            onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def check_writable(path: str | os.PathLike) -> None:
-    """Fail early, before any work, when the output cannot be written."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise InputError(f"{path}: output folder {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise InputError(f"{path}: output folder {directory} is not writable")
-    if path.exists() and (path.is_dir() or not os.access(path, os.W_OK)):
-        raise InputError(f"{path}: cannot overwrite")
 
 
 class Graph:

@@ -13,22 +13,29 @@ import onnxruntime as ort
 from onnx import helper
 from tqdm import tqdm
 
+from .errors import InputError
+
 HALF_BINS = 8192  # bins per sign: ~32 bins per 8-bit step at full range
 CHUNK = 1 << 20
 
 
 class Histogram:
     """Histogram over [-HALF_BINS·w, HALF_BINS·w) with bin width w doubled (pairs of bins merged) whenever a value
-    falls outside; also exact min, max and count."""
+    falls outside; also exact min, max and count of the finite values (inf and nan are counted apart)."""
 
     def __init__(self, half_bins: int = HALF_BINS):
         self.nb = half_bins
         self.counts = np.zeros(2 * half_bins, np.int64)
         self.width = 0.0
         self.min, self.max, self.n = np.inf, -np.inf, 0
+        self.nonfinite = 0  # values left out: inf / nan
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, np.float32).ravel()
+        if x.size and not (np.isfinite(x.min()) and np.isfinite(x.max())):  # inf / nan never set a range
+            finite = np.isfinite(x)
+            self.nonfinite += int(x.size - np.count_nonzero(finite))
+            x = x[finite]
         if x.size == 0:
             return
         lo, hi = float(x.min()), float(x.max())
@@ -132,6 +139,23 @@ def session(model: onnx.ModelProto | bytes | str, extra_outputs=(), optimize: bo
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def check_runnable(model: onnx.ModelProto, name: str = "model") -> None:
+    """Refuse (InputError) a model that onnxruntime cannot load: an unregistered custom op, an op it does not
+    implement, a malformed graph. Graph optimizations are off, so the check costs little more than a load."""
+    try:
+        session(model, optimize=False)
+    except ValueError:  # over 2 GB: it cannot be checked from memory, the stages load it by parts
+        return
+    except Exception as e:
+        raise InputError(f"{name}: onnxruntime cannot run this model ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return line.split("] ", 1)[-1][:240]
 
 
 def observe(model: onnx.ModelProto, source, batch_size: int, observers: dict, progress: bool = False,

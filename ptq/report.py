@@ -1,34 +1,21 @@
-"""The run report: JSON for machines (``<out>.report.json``) and Markdown for people (``<out>.report.md``)."""
+"""The run report: JSON for machines (``<out>.report.json``), Markdown and HTML (tables, inline SVG charts) for
+people (``<out>.report.md``, ``<out>.report.html``), rendered from the same sections."""
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _clean(x):
+def json_safe(x):
     """JSON has no inf / nan: write them as strings."""
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
 
 
@@ -39,30 +26,22 @@ def report_paths(out: Path) -> tuple[Path, Path, Path]:
     return tuple(out.with_name(stem + ext) for ext in (".report.json", ".report.md", ".report.html"))
 
 
-def write_report(report: dict, out: Path) -> tuple[Path, Path, Path]:
-    jpath, mpath, hpath = report_paths(out)
-    write_text_atomic(jpath, json.dumps(_clean(report), indent=1) + "\n")
-    md = to_markdown(report)
-    write_text_atomic(mpath, md)
-    write_text_atomic(hpath, to_html(report, md))
-    return jpath, mpath, hpath
+def render_reports(report: dict) -> tuple[str, str, str]:
+    """(JSON, Markdown, HTML) texts of the run report, in the order of ``report_paths``."""
+    secs = sections(report)
+    return json.dumps(json_safe(report), indent=1) + "\n", to_markdown(report, secs), to_html(report, secs)
 
 
-def charts(r: dict) -> list[str]:
-    """Inline SVG charts: per-channel weight ranges before/after CLE of the most unbalanced layers."""
-    from .charts import channel_ranges_svg
-    out = []
-    for layer, rng in ((r.get("stages") or {}).get("cle") or {}).get("channel_ranges", {}).items():
-        out.append(channel_ranges_svg(f"{layer}: per-channel weight range",
-                                      {"before CLE": rng["before"], "after CLE": rng["after"]}))
-    return out
+@dataclass
+class Section:
+    """One part of the report, rendered alike to Markdown and HTML (charts in the HTML only)."""
 
-
-def to_html(r: dict, md: str) -> str:
-    from html import escape
-    body = "".join(f"<figure>{svg}</figure>" for svg in charts(r))
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>ptq report: {escape(Path(r['model']).name)}"
-            f"</title></head><body>{body}<pre>{escape(md)}</pre></body></html>\n")
+    title: str
+    text: list[str] = field(default_factory=list)
+    header: list[str] = field(default_factory=list)
+    rows: list[list] = field(default_factory=list)
+    charts: list[str] = field(default_factory=list)
+    code: str | None = None
 
 
 def _fmt(v, nd=4):
@@ -75,82 +54,145 @@ def _fmt(v, nd=4):
     return str(v)
 
 
-def to_markdown(r: dict) -> str:
+def _sqnr_chart(title: str, table: dict) -> list[str]:
+    """Bars of the lowest 30 SQNRs of a quantizer table (weights or activations)."""
+    from .charts import bars_svg
+    vals = sorted((float(v["sqnr_db"]), k) for k, v in table.items()
+                  if isinstance(v.get("sqnr_db"), (int, float)) and math.isfinite(v["sqnr_db"]))[:30]
+    return [bars_svg(title, [k for _, k in vals], [v for v, _ in vals])] if vals else []
+
+
+def sections(r: dict) -> list[Section]:
     s = r["settings"]
-    lines = [f"# ptq report: {Path(r['model']).name}", "",
-             f"- model: `{r['model']}` → `{r['output']}`",
-             f"- weights: {s['weight_bits']}-bit {'per-channel' if s['per_channel'] else 'per-tensor'} "
-             f"{'symmetric' if s['weight_symmetric'] else 'asymmetric'}, "
-             f"range `{s['weight_range']}`; activations: {s['act_bits']}-bit "
-             f"{'symmetric' if s['act_symmetric'] else 'asymmetric'}, range `{s['act_range']}` "
-             f"(logits `{s['logits_range']}`)",
-             f"- steps: {', '.join(s['steps'])}",
-             f"- sizes: FP32 {r['sizes']['fp32_bytes'] / 1e6:.2f} MB → quantized "
-             f"{r['sizes']['quant_bytes'] / 1e6:.2f} MB ({r['sizes']['ratio']:.2f}× smaller)",
-             f"- total time: {r['timings']['total']:.1f} s", ""]
-    lines += [f"> **Warning:** {w}\n" for w in (r.get("stages") or {}).get("warnings", [])]
-    lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in r["timings"].items()]
+    out = [Section("Summary", text=[
+        f"Model: `{r['model']}` → `{r.get('output')}`",
+        f"Weights: {s['weight_bits']}-bit {'per-channel' if s['per_channel'] else 'per-tensor'} "
+        f"{'symmetric' if s['weight_symmetric'] else 'asymmetric'}, range `{s['weight_range']}`; activations: "
+        f"{s['act_bits']}-bit {'symmetric' if s['act_symmetric'] else 'asymmetric'}, range `{s['act_range']}` "
+        f"(logits `{s['logits_range']}`)",
+        f"Steps: {', '.join(s['steps'])}",
+        f"Sizes: FP32 {r['sizes']['fp32_bytes'] / 1e6:.2f} MB → quantized {r['sizes']['quant_bytes'] / 1e6:.2f} MB "
+        f"({r['sizes']['ratio']:.2f}× smaller); peak memory {r.get('peak_rss_mb')} MB; total time "
+        f"{r['timings']['total']:.1f} s"] + [f"**Warning:** {w}" for w in (r.get("stages") or {}).get("warnings", [])])]
+    out.append(Section("Wall time per stage", header=["stage", "seconds"],
+                       rows=[[k, f"{v:.2f}"] for k, v in r["timings"].items()]))
     if r.get("fidelity"):
         f = r["fidelity"]
-        lines += ["", f"## Output fidelity (FP32 vs quantized, {f['samples']} held-back calibration samples)", "",
-                  "| output | SQNR dB | cosine |", "|---|---|---|"]
-        lines += [f"| {k} | {v['sqnr_db']} | {v['cosine']} |" for k, v in f["outputs"].items()]
-        if "top1_agreement" in f:
-            lines += ["", f"Top-1 agreement with FP32: {f['top1_agreement']} %"]
+        out.append(Section(f"Output fidelity (FP32 vs quantized, {f['samples']} held-back calibration samples)",
+                           text=[f"Top-1 agreement with FP32: {f['top1_agreement']} %"] if "top1_agreement" in f
+                           else [], header=["output", "SQNR dB", "cosine"],
+                           rows=[[k, v["sqnr_db"], v["cosine"]] for k, v in f["outputs"].items()]))
     if r.get("evaluation"):
         e = r["evaluation"]
-        lines += ["", f"## Evaluation ({e['samples']} samples)", ""]
+        sec = Section(f"Evaluation ({e['samples']} samples)")
         if "fp32_top1" in e:
-            lines += ["| | top-1 | top-5 |", "|---|---|---|",
-                      f"| FP32 | {e['fp32_top1']} | {e['fp32_top5']} |",
-                      f"| quantized | {e['quant_top1']} | {e['quant_top5']} |", "",
-                      f"Top-1 drop: {e['top1_drop']} ± {e['top1_drop_se']} points (± one paired standard error over "
-                      f"{e['labelled']} labelled samples); top-1 agreement {e['top1_agreement']} %"]
+            sec.header, sec.rows = ["", "top-1", "top-5"], [["FP32", e["fp32_top1"], e["fp32_top5"]],
+                                                             ["quantized", e["quant_top1"], e["quant_top5"]]]
+            sec.text.append(f"Top-1 drop: {e['top1_drop']} ± {e['top1_drop_se']} points (± one paired standard "
+                            f"error over {e['labelled']} labelled samples); top-1 agreement {e['top1_agreement']} %")
         elif "top1_agreement" in e:
-            lines += [f"Top-1 agreement with FP32: {e['top1_agreement']} %"]
-        if r.get("gate"):
-            lines += ["", r["gate"]]
-    lines += ["", "## Weight quantizers", "",
-              "| layer | op | bits | granularity | method | scale | SQNR dB |", "|---|---|---|---|---|---|---|"]
-    for name, w in r["weights"].items():
-        lines.append(f"| {name} | {w['op']} | {w['bits']} | {'channel' if w['axis'] is not None else 'tensor'} "
-                     f"| {w['method']} | {_fmt(w['scale'])} | {w.get('sqnr_db')} |")
-    lines += ["", "## Activation quantizers", "",
-              "| tensor | bits | scale | zero point | method | range | observed | SQNR dB | shared by |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for name, a in r["activations"].items():
-        rng = f"[{a['lo']:.4g}, {a['hi']:.4g}]"
-        obs = f"[{_fmt(a.get('observed_min', float('nan')))}, {_fmt(a.get('observed_max', float('nan')))}]"
-        lines.append(f"| {name} | {a['bits']} | {_fmt(a['scale'])} | {a['zero_point']} | {a['method']} | {rng} "
-                     f"| {obs} | {a.get('sqnr_db')} | {', '.join(a.get('shared_by', [])) or '—'} |")
-    lines += ["", "## Left in floating point", "",
-              ", ".join(r["fp32_ops"]) if r["fp32_ops"] else "nothing"]
-    cle = (r.get("stages") or {}).get("cle")
+            sec.text.append(f"Top-1 agreement with FP32: {e['top1_agreement']} %")
+        out.append(sec)
+    if r.get("gate"):
+        out.append(Section("Accuracy gate", text=[r["gate"]]))
+    fix = r.get("auto_fix")
+    if fix:
+        out.append(Section("Auto-fix", text=[
+            f"Raised {len(fix['raised'])} of {fix['quantizers']} quantizers to {fix['to']} (metric: {fix['metric']}; "
+            f"drop {fix['drop_before']} → {fix.get('drop_after', fix['drop_before'])})."],
+            header=["raised", "score", "drop", "scored on"],
+            rows=[[h["raised"], h["score"], h["drop"], h["on"]] for h in fix.get("history", [])]))
+    out.append(Section("Weight quantizers", header=["layer", "op", "bits", "granularity", "method", "scale",
+                                                    "SQNR dB"],
+                       rows=[[k, w["op"], w["bits"], "channel" if w["axis"] is not None else "tensor", w["method"],
+                              _fmt(w["scale"]), w.get("sqnr_db")] for k, w in r["weights"].items()],
+                       charts=_sqnr_chart("weight SQNR dB, lowest 30 layers", r["weights"])))
+    out.append(Section("Activation quantizers",
+                       header=["tensor", "bits", "scale", "zero point", "method", "range", "observed", "SQNR dB",
+                               "shared by"],
+                       rows=[[k, a["bits"], _fmt(a["scale"]), a["zero_point"], a["method"],
+                              f"[{a['lo']:.4g}, {a['hi']:.4g}]",
+                              f"[{_fmt(a.get('observed_min', float('nan')))}, "
+                              f"{_fmt(a.get('observed_max', float('nan')))}]",
+                              a.get("sqnr_db"), ", ".join(a.get("shared_by", [])) or "—"]
+                             for k, a in r["activations"].items()],
+                       charts=_sqnr_chart("activation SQNR dB, lowest 30 tensors", r["activations"])))
+    out.append(Section("Left in floating point", text=[", ".join(r["fp32_ops"]) if r["fp32_ops"] else "nothing"]))
+    stages = r.get("stages") or {}
+    cle = stages.get("cle")
     if cle:
-        lines += ["", "## Cross-layer equalization", "", "| pair | scale min | scale max |", "|---|---|---|"]
-        lines += [f"| {k} | {v['scale_min']:.4g} | {v['scale_max']:.4g} |" for k, v in cle["pairs"].items()]
-        lines += ["", "Per-channel weight ranges of the most unbalanced layers (the white paper's Fig. 6; also in "
-                  "the .report.html):", ""] + charts(r)
-    ada = (r.get("stages") or {}).get("adaround")
+        from .charts import channel_ranges_svg
+        out.append(Section("Cross-layer equalization", text=[
+            "Per-channel weight ranges of the most unbalanced layers before and after CLE (the white paper's Fig. 6) "
+            "are charted in the HTML report."], header=["pair", "scale min", "scale max"],
+            rows=[[k, f"{v['scale_min']:.4g}", f"{v['scale_max']:.4g}"] for k, v in cle["pairs"].items()],
+            charts=[channel_ranges_svg(f"{layer}: per-channel weight range",
+                                       {"before CLE": rng["before"], "after CLE": rng["after"]})
+                    for layer, rng in cle.get("channel_ranges", {}).items()]))
+    ada = stages.get("adaround")
     if ada:
-        lines += ["", "## AdaRound", "", f"Layer inputs {ada['collect_seconds']} s ({ada['checkpoint_segments']} "
-                  f"network segments run), rounding {ada['solve_seconds']} s. Error: mean squared output error "
-                  "of the layer on its calibration rows (after its activation where it has one; Gram-form layers "
-                  "include the damping term and, with the bias re-fit, the best bias for each rounding; residual "
-                  "layers: against the FP32 block output).", "",
-                  "| layer | error, nearest | error, AdaRound | grid scale ÷ range setting's "
-                  "| rounded away from nearest | channels left at nearest | bias re-fit, max | residual | seconds "
-                  "| data |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['loss_nearest']:.4g} | {v['loss_adaround']:.4g} | {v['scale_vs_range_setting']} "
-                  f"| {100 * v['changed_from_nearest']:.1f} % | {v['channels_nearest']} "
-                  f"| {v['bias_shift_max']:.3g} | {'yes' if v['skip_error'] else ''} | {v['seconds']} "
-                  f"| {v['data']} |" for k, v in ada["layers"].items()]
-    rest = {k: v for k, v in (r.get("stages") or {}).items() if k != "adaround"}
+        out.append(Section("AdaRound", text=[
+            f"Layer inputs {ada['collect_seconds']} s ({ada['checkpoint_segments']} network segments run), rounding "
+            f"{ada['solve_seconds']} s. Error: mean squared output error of the layer on its calibration rows (after "
+            "its activation where it has one; Gram-form layers include the damping term and, with the bias re-fit, "
+            "the best bias for each rounding; residual layers: against the FP32 block output)."],
+            header=["layer", "error, nearest", "error, AdaRound", "grid scale ÷ range setting's",
+                    "rounded away from nearest", "channels left at nearest", "bias re-fit, max", "residual",
+                    "seconds", "data"],
+            rows=[[k, f"{v['loss_nearest']:.4g}", f"{v['loss_adaround']:.4g}", v["scale_vs_range_setting"],
+                   f"{100 * v['changed_from_nearest']:.1f} %", v["channels_nearest"], f"{v['bias_shift_max']:.3g}",
+                   "yes" if v["skip_error"] else "", v["seconds"], v["data"]] for k, v in ada["layers"].items()]))
+    rest = {k: v for k, v in stages.items() if k not in ("adaround", "warnings")}
+    if cle:
+        rest["cle"] = {k: v for k, v in cle.items() if k != "channel_ranges"}
     if rest:
-        lines += ["", "## Stage details", "", "```", json.dumps(_clean(rest), indent=1), "```"]
-    return "\n".join(lines) + "\n"
+        out.append(Section("Stage details", code=json.dumps(json_safe(rest), indent=1)))
+    return out
+
+
+def to_markdown(r: dict, secs: list[Section] | None = None) -> str:
+    lines = [f"# ptq report: {Path(r['model']).name}"]
+    for sec in secs if secs is not None else sections(r):
+        lines += ["", f"## {sec.title}", ""]
+        lines += [f"- {t}" for t in sec.text] if sec.title == "Summary" else [t for t in sec.text for t in (t, "")]
+        if sec.header:
+            lines += ["| " + " | ".join(map(str, sec.header)) + " |", "|" + "---|" * len(sec.header)]
+            lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in sec.rows]
+        if sec.code is not None:
+            lines += ["```", sec.code, "```"]
+    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
+
+
+def _inline(text: str) -> str:
+    """Markdown's `code` and **bold** as HTML, the rest escaped."""
+    import re
+    from html import escape
+    out = escape(text)
+    out = re.sub(r"`([^`]*)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]*)\*\*", r"<b>\1</b>", out)
+
+
+def to_html(r: dict, secs: list[Section] | None = None) -> str:
+    from html import escape
+    body = [f"<h1>ptq report: {escape(Path(r['model']).name)}</h1>"]
+    for sec in secs if secs is not None else sections(r):
+        body.append(f"<h2>{escape(sec.title)}</h2>")
+        if sec.title == "Summary":
+            body.append("<ul>" + "".join(f"<li>{_inline(t)}</li>" for t in sec.text) + "</ul>")
+        else:
+            body += [f"<p>{_inline(t)}</p>" for t in sec.text]
+        body += [f"<figure>{svg}</figure>" for svg in sec.charts]
+        if sec.header:
+            head = "".join(f"<th>{escape(str(h))}</th>" for h in sec.header)
+            rows = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>" for row in sec.rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        if sec.code is not None:
+            body.append(f"<pre>{escape(sec.code)}</pre>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}")
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>ptq report: "
+            f"{escape(Path(r['model']).name)}</title><style>{style}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
 
 
 def _drop(ev: dict) -> str:

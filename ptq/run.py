@@ -1,29 +1,56 @@
-"""``ptq run`` as a library call: load → prepare → steps → export → save → fidelity → evaluate → report."""
+"""The public Python API: ``quantize`` (load → prepare → steps → export → fidelity → evaluate → report, all in
+memory) returns a ``Result``; ``Result.save`` writes the model and its reports together (ptq.outputs). ``run`` is
+what ``ptq run`` does: check the outputs first, quantize, save, and raise AccuracyGateError when the gate failed.
+
+    import ptq
+    result = ptq.quantize("model.onnx", "calib/", weight_bits=4, adaround=True)
+    result.save("model.w4a8.onnx")
+    result.fidelity, result.report["timings"]
+"""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy as np
+import onnx
 
-from .data import DataSource, Preprocess, model_inputs
-from .evaluate import check_gate, evaluate
-from .errors import InputError
+from .data import DataSource, Preprocess, calibration_sources, model_inputs
+from .errors import AccuracyGateError, InputError
+from .evaluate import check_gate, evaluate, parse_max_drop
 from .export import export_qdq
-from .model import check_writable, load_model, save_model
+from .model import load_model
+from .observe import check_runnable
+from .outputs import OutputSet
 from .pipeline import Config, Context, prepare, run_steps
-from .report import report_paths, write_report
+from .report import render_reports, report_paths
 
 
 @dataclass
-class RunResult:
-    output: Path
-    report_json: Path
-    report_md: Path
-    report_html: Path
+class Result:
+    """What ``quantize`` returns: the QDQ model, the report (a dict, as the JSON report holds it), the output
+    fidelity on held-back calibration samples and the evaluation (None where not measured), and the accuracy
+    gate's verdict (``gate``: one line; ``gate_passed``: None without --max-drop)."""
+
+    model: onnx.ModelProto
     report: dict
+    fidelity: dict | None = None
+    evaluation: dict | None = None
     gate: str | None = None
+    gate_passed: bool | None = None
+
+    def save(self, output, outputs: OutputSet | None = None, inputs=()) -> tuple[Path, Path, Path, Path]:
+        """Write the model to ``output`` and its reports beside it (JSON, Markdown, HTML), all or nothing.
+        Returns (model, JSON, Markdown, HTML) paths. ``outputs``: an OutputSet made earlier for these paths."""
+        output = Path(output)
+        paths = (output, *report_paths(output))
+        with (outputs or OutputSet(paths, inputs)) as out:
+            self.report["output"] = str(output)
+            self.report["model_sha256"] = out.stage_model(output, self.model)
+            for path, text in zip(paths[1:], render_reports(self.report)):
+                out.stage_text(path, text)
+            out.commit()
+        return paths
 
 
 def default_output(model_path: str | Path, config: Config) -> Path:
@@ -31,42 +58,51 @@ def default_output(model_path: str | Path, config: Config) -> Path:
     return Path(f"{Path(model_path).stem}.w{config.weight_bits}a{config.act_bits}.onnx")
 
 
-def calibration_sources(folder, inputs, preprocess: Preprocess, config: Config):
-    """(range-setting source, held-back source or None): ``calib_size`` samples for range setting plus up to
-    ``holdout`` others held back to measure fidelity (at most a quarter of a small folder)."""
-    full = DataSource(folder, inputs, preprocess)
-    n = len(full)
-    holdout = min(config.holdout, n // 4)
-    calib_n = min(config.calib_size, n - holdout)
-    src = DataSource(folder, inputs, preprocess, size=calib_n + holdout, seed=config.seed)
-    if holdout == 0:
-        return src, None
-    held = set(np.random.default_rng(config.seed + 1).permutation(len(src.files))[:holdout].tolist())
-    return (src.subset([f for k, f in enumerate(src.files) if k not in held]),
-            src.subset([f for k, f in enumerate(src.files) if k in held]))
+def make_config(config: Config | None = None, **settings) -> Config:
+    """A validated Config: ``config`` (or the defaults) with ``settings`` (Config field names) replacing fields."""
+    known = {f.name for f in fields(Config)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise InputError(f"unknown setting(s) {', '.join(unknown)}")
+    base = {f.name: getattr(config, f.name) for f in fields(Config)} if config else {}
+    return Config(**{**base, **settings}).validate()
 
 
-def quantize(model_path, calib, output=None, config: Config | None = None, preprocess: Preprocess | None = None,
-             eval_dir=None, eval_preprocess: Preprocess | None = None, max_drop=None,
-             progress: bool = False, auto_fix: str | None = None, metric=None) -> RunResult:
-    """Quantize ``model_path`` with calibration data from ``calib``; write the QDQ model and its report.
+def quantize(model, calib=None, *, config: Config | None = None, preprocess: Preprocess | None = None,
+             eval_data=None, eval_preprocess: Preprocess | None = None, max_drop=None, auto_fix: str | None = None,
+             metric=None, progress: bool = False, **settings) -> Result:
+    """Quantize ``model`` (a path or a ModelProto) with calibration data from the folder ``calib``.
 
-    Raises InputError for bad input (before anything is written) and AccuracyGateError after writing, when the
-    evaluation on ``eval_dir`` loses more than ``max_drop`` (see ptq.evaluate.parse_max_drop). ``auto_fix``
-    ("16" or "fp32"): when the gate fails, raise the most harmful quantizers until it passes (ptq.debug)."""
-    config = (config or Config()).validate()
+    ``settings`` are Config fields (``weight_bits=4, adaround=True``, …) over ``config``. ``eval_data``: a folder to
+    evaluate both models on. ``max_drop``: the accuracy gate ("0.5" points of top-1, "2%" relative, or the
+    parsed tuple); it is checked on ``eval_data``, else on the held-back calibration samples, with ``metric``
+    (a function f(fp32_outputs, quant_outputs, labels) -> float, or "module:function") when given.
+    ``auto_fix`` ("16" or "fp32"): when the gate fails, raise the most harmful quantizers until it passes
+    (ptq.debug). Raises InputError for bad input; writes nothing."""
+    config = make_config(config, **settings)
     preprocess = preprocess or Preprocess()
-    output = Path(output) if output else default_output(model_path, config)
-    check_writable(output)
-    for p in report_paths(output):
-        check_writable(p)
+    gate = max_drop if isinstance(max_drop, tuple) or max_drop is None else parse_max_drop(max_drop)
+    if isinstance(metric, str):
+        from .metric import load_user_metric
+        metric = load_user_metric(metric)
+    if auto_fix not in (None, "16", "fp32"):
+        raise InputError(f"auto_fix must be '16' or 'fp32', not {auto_fix!r}")
+    if auto_fix and gate is None:
+        raise InputError("--auto-fix needs --max-drop X (the bound it fixes the model to)")
+    if calib is None and not config.data_free:
+        raise InputError("--calib DIR is required (a folder of images or .npy/.npz samples), or --data-free")
     t_start = time.perf_counter()
     timings = {}
     t0 = time.perf_counter()
-    original = load_model(model_path)
+    original = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    name = str(model) if not isinstance(model, onnx.ModelProto) else (original.graph.name or "model")
+    check_runnable(original, name)
     inputs = model_inputs(original)
     calib_src, held = calibration_sources(calib, inputs, preprocess, config) if calib else (None, None)
-    eval_src = DataSource(eval_dir, inputs, eval_preprocess or preprocess) if eval_dir else None
+    eval_src = DataSource(eval_data, inputs, eval_preprocess or preprocess) if eval_data else None
+    gate_src = eval_src if eval_src is not None else held
+    if gate is not None:
+        check_gate_possible(original, gate, gate_src, metric)
     timings["load"] = round(time.perf_counter() - t0, 3)
 
     t0 = time.perf_counter()
@@ -76,19 +112,16 @@ def quantize(model_path, calib, output=None, config: Config | None = None, prepr
 
     t0 = time.perf_counter()
     qmodel = export_qdq(state)
-    save_model(qmodel, output)
     timings["export"] = round(time.perf_counter() - t0, 3)
 
-    fixed = None
-    if auto_fix and max_drop is not None:
-        gate_src = eval_src if eval_src is not None else held
-        if gate_src is None:
-            raise InputError("--auto-fix needs --eval DIR (or calibration data to hold back)")
+    gate_scorer, fixed = None, None
+    if gate is not None and (metric is not None or auto_fix):
+        from .metric import Scorer
+        gate_scorer = Scorer(original, gate_src, config.batch_size, metric, progress)
+    if auto_fix:
         t0 = time.perf_counter()
-        state, qmodel, fixed = _auto_fix(original, state, qmodel, gate_src, config, max_drop, auto_fix, metric,
-                                         progress)
-        if fixed["raised"]:
-            save_model(qmodel, output)
+        state, qmodel, fixed = _auto_fix(original, state, qmodel, gate_src, gate_scorer, config, gate, auto_fix,
+                                         metric, progress)
         timings["auto_fix"] = round(time.perf_counter() - t0, 3)
 
     fidelity = None
@@ -104,33 +137,64 @@ def quantize(model_path, calib, output=None, config: Config | None = None, prepr
         t0 = time.perf_counter()
         evaluation = evaluate(original, qmodel, eval_src, config.batch_size, eval_src.labels(), progress)
         timings["evaluate"] = round(time.perf_counter() - t0, 3)
+    verdict, passed = None, None
+    if gate is not None:
+        scored = gate_scorer.score(qmodel, exact=False) if metric is not None else (evaluation or fidelity)
+        try:
+            verdict, passed = check_gate(scored, gate), True
+        except AccuracyGateError as e:
+            verdict, passed = str(e), False
     timings["total"] = round(time.perf_counter() - t_start, 3)
 
-    report = build_report(model_path, output, state, timings, fidelity, evaluation, original, qmodel)
+    report = build_report(name, state, timings, fidelity, evaluation, original, qmodel)
     if fixed is not None:
         report["auto_fix"] = fixed
-    gate_error, gate = None, None
-    if max_drop is not None:
-        from .errors import AccuracyGateError
-        try:
-            gate = check_gate(evaluation or fidelity or {}, max_drop)
-        except AccuracyGateError as e:
-            gate_error, gate = e, str(e)
-        report["gate"] = gate
-    paths = write_report(report, output)
-    if gate_error is not None:
-        raise gate_error
-    return RunResult(output, *paths, report, gate)
+    if verdict is not None:
+        report["gate"] = verdict
+    return Result(qmodel, report, fidelity, evaluation, verdict, passed)
 
 
-def _auto_fix(original, state, qmodel, gate_src, config, max_drop, to, metric, progress):
+def run(model_path, calib=None, output=None, **kw) -> tuple[Result, tuple[Path, Path, Path, Path]]:
+    """``ptq run``: check that the outputs can be written (and are not the input) before any work, quantize
+    (keywords as ``quantize``), write the model and its reports together; raise AccuracyGateError after writing
+    when the gate failed. Returns (result, written paths)."""
+    config = make_config(kw.pop("config", None), **{k: kw.pop(k) for k in list(kw) if k in Config.__dataclass_fields__})
+    output = Path(output) if output else default_output(model_path, config)
+    outputs = OutputSet((output, *report_paths(output)), inputs=[model_path])
+    with outputs:
+        result = quantize(model_path, calib, config=config, **kw)
+        paths = result.save(output, outputs)
+    if result.gate_passed is False:
+        raise AccuracyGateError(result.gate, result, paths)
+    return result, paths
+
+
+def check_gate_possible(model: onnx.ModelProto, gate, source, metric) -> None:
+    """Refuse, before any work, an accuracy gate that could not be checked."""
+    if source is None:
+        raise InputError("--max-drop needs --eval DIR, or calibration samples to hold back (--holdout N > 0 with "
+                         "at least 4 samples in --calib)")
+    if metric is not None:
+        return
+    ranks = []
+    for o in model.graph.output:
+        dims = o.type.tensor_type.shape.dim if o.type.tensor_type.HasField("shape") else None
+        ranks.append(None if dims is None else (len(dims), dims[1].dim_value if len(dims) > 1 else 0))
+    if ranks and all(r is not None for r in ranks) and not any(n == 2 and c != 1 for n, c in ranks):
+        raise InputError("--max-drop needs a classification output ([N, C] scores) or --metric module:function; "
+                         "the model's outputs are " + ", ".join(o.name for o in model.graph.output))
+    if gate[1] and not (hasattr(source, "labels") and source.labels()):
+        raise InputError("a relative --max-drop (X%) needs labels (labels.txt or class subfolders) in the gate data")
+
+
+def _auto_fix(original, state, qmodel, gate_src, gate_scorer, config, max_drop, to, metric, progress):
     """Gate check on ``gate_src``; when it fails, rank the quantizers (per-quantizer analysis on up to
-    ``debug_samples`` of those samples) and raise them in that order until it passes."""
+    ``debug_samples`` of those samples) and raise them in that order until it passes. The gate checks run the
+    model as the gate itself does (onnxruntime's default session); the ranking runs each Q/DQ exactly."""
     from .debug import auto_fix, gate_met, per_quantizer
     from .evaluate import latency_ms
     from .metric import Scorer
-    gate_scorer = Scorer(original, gate_src, config.batch_size, metric, progress)
-    before = gate_scorer.score(qmodel)
+    before = gate_scorer.score(qmodel, exact=False)
     out = {"to": "16 bits" if to == "16" else "fp32", "metric": before["metric"], "drop_before": before.get("drop"),
            "raised": [], "quantizers": len(state.weights) + len(state.acts)}
     if gate_met(before, max_drop):
@@ -144,7 +208,7 @@ def _auto_fix(original, state, qmodel, gate_src, config, max_drop, to, metric, p
     fixed = export_qdq(fixed_state)
     _, feed = next(iter(gate_src.batches(1)))
     lat0, lat1 = latency_ms(qmodel, feed, 20), latency_ms(fixed, feed, 20)
-    final = final or gate_scorer.score(fixed)
+    final = final or gate_scorer.score(fixed, exact=False)
     out.update({"raised": raised, "history": history, "drop_after": final.get("drop"),
                 "met": gate_met(final, max_drop),
                 "raised_share": round(len(raised) / max(out["quantizers"], 1), 4),
@@ -166,8 +230,8 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def build_report(model_path, output, state, timings, fidelity, evaluation, original, qmodel) -> dict:
-    fp_bytes, q_bytes = original.ByteSize(), Path(output).stat().st_size
+def build_report(model_name, state, timings, fidelity, evaluation, original, qmodel) -> dict:
+    fp_bytes, q_bytes = original.ByteSize(), qmodel.ByteSize()
     shared = {}
     for t, r in state.placement.root.items():
         if t != r:
@@ -183,7 +247,7 @@ def build_report(model_path, output, state, timings, fidelity, evaluation, origi
             weights[layer.name] = {"op": layer.op, "weight": layer.weight, "activation": layer.act,
                                    **enc.to_json()}
     return {
-        "model": str(model_path), "output": str(output),
+        "model": model_name, "output": None,
         "settings": state.config.to_json(),
         "timings": timings,
         "peak_rss_mb": peak_rss_mb(),

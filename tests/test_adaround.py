@@ -256,7 +256,7 @@ def test_adaround_settings_are_checked(bad):
 
 
 def test_adaround_cli_flags_reach_the_report(rng, tmp_path):
-    from cli.main import main
+    from ptq_cli.main import main
     model = conv_bn_relu(rng, act="Clip")
     onnx.save(model, tmp_path / "m.onnx")
     calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 8)

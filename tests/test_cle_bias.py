@@ -132,7 +132,7 @@ def test_data_free_run_needs_no_calibration(rng, tmp_path, capsys):
 
     import onnx
 
-    from cli.main import main
+    from ptq_cli.main import main
     path = tmp_path / "m.onnx"
     onnx.save(conv_bn_relu(rng, act="Clip"), str(path))
     assert main(["run", str(path), "--data-free", "--input-range", "-3,3", "-o", str(tmp_path / "q.onnx")]) == 0

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from builders import save_npy_samples, two_inputs, zoo
 
-from cli.main import main
+from ptq_cli.main import main
 
 
 @pytest.fixture

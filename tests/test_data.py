@@ -72,7 +72,7 @@ def test_variable_sizes_split_batches(tmp_path):
 
 def test_held_back_samples_are_disjoint_from_calibration(tmp_path):
     from ptq.pipeline import Config
-    from ptq.run import calibration_sources
+    from ptq.data import calibration_sources
     for k in range(40):
         np.save(tmp_path / f"s{k:02d}.npy", np.zeros(2, np.float32))
     info = [InputInfo("x", np.float32, [None, 2])]

@@ -12,7 +12,7 @@ import pytest
 from builders import conv_bn_relu, init, make, run, two_inputs, zoo
 from onnx import helper
 
-from cli.main import main
+from ptq_cli.main import main
 from ptq.data import DataSource, model_inputs
 from ptq.debug import fp32_sanity, per_quantizer, raise_quantizers
 from ptq.export import export_qdq

@@ -104,7 +104,7 @@ def test_stage_never_worse_than_initial_scales(rng, tmp_path):
 
 
 def test_int7_model_keeps_7_bit_integers(rng, tmp_path):
-    from cli.main import main
+    from ptq_cli.main import main
     path = tmp_path / "m.onnx"
     onnx.save(zoo(rng), str(path))
     calib = save_npy_samples(tmp_path / "c", rng, (3, 16, 16), 24)

@@ -1,5 +1,6 @@
 """The exported QDQ model: what onnxruntime makes of it, and agreement with a numpy reference of the quantized
 network built from the chosen encodings."""
+import hashlib
 import collections
 
 import numpy as np
@@ -13,7 +14,7 @@ from ptq.data import DataSource, model_inputs
 from ptq.export import export_qdq
 from ptq.pipeline import Config, Context, prepare, run_steps
 from ptq.quant import fake_quant
-from ptq.run import quantize
+from ptq.run import quantize, run
 
 
 def quantized_state(model, calib, config=None):
@@ -137,9 +138,10 @@ def test_same_seed_gives_byte_identical_model(rng, tmp_path):
     model_path = tmp_path / "zoo.onnx"
     onnx.save(zoo(rng), str(model_path))
     calib = save_npy_samples(tmp_path / "calib", rng, (3, 16, 16), 20)
-    a = quantize(model_path, calib, tmp_path / "a.onnx", Config(holdout=4, calib_size=12))
-    b = quantize(model_path, calib, tmp_path / "b.onnx", Config(holdout=4, calib_size=12))
-    assert a.output.read_bytes() == b.output.read_bytes()
+    a, _ = run(model_path, calib, tmp_path / "a.onnx", config=Config(holdout=4, calib_size=12))
+    b = quantize(model_path, calib, holdout=4, calib_size=12)
+    assert (tmp_path / "a.onnx").read_bytes() == b.model.SerializeToString()
+    assert a.report["model_sha256"] == hashlib.sha256(b.model.SerializeToString()).hexdigest()
 
 
 def test_bias_overflow_raises_weight_scale_instead_of_clipping(rng, tmp_path):
