@@ -65,6 +65,12 @@ class Preprocess:
             raise InputError(f"--interp must be bilinear, bicubic or nearest, not {self.interp!r}")
         if len(self.mean) not in (1, 3) or len(self.std) not in (1, 3) or min(self.std) <= 0:
             raise InputError("--mean and --std take 1 or 3 numbers, and std must be > 0")
+        for name in ("resize", "crop"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InputError(f"--{name} must be a whole number of pixels >= 0 (0: none), not {v!r}")
+        if not (isinstance(self.scale, (int, float)) and np.isfinite(self.scale) and self.scale > 0):
+            raise InputError(f"--scale must be a number > 0, not {self.scale!r}")
 
 
 PRESETS = {

@@ -21,14 +21,29 @@ CACHE_BYTES = 768 << 20  # keep decoded input batches in memory up to this size,
 
 
 def load_user_metric(spec: str):
-    """'pkg.module:function' -> the function (errors name what is missing)."""
+    """'pkg.module:function' (found from the current folder too) or 'path/to/file.py:function' -> the function
+    (errors name what is missing)."""
     if ":" not in spec:
         raise InputError(f"--metric takes module:function, not {spec!r}")
-    mod_name, fn_name = spec.split(":", 1)
+    mod_name, fn_name = spec.rsplit(":", 1)
     try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise InputError(f"--metric {spec}: cannot import {mod_name} ({e})") from None
+        if mod_name.endswith(".py"):  # a file: path/to/metric.py:function
+            from importlib import util as importlib_util
+            from pathlib import Path
+            if not Path(mod_name).is_file():
+                raise InputError(f"--metric {spec}: no such file {mod_name}")
+            module_spec = importlib_util.spec_from_file_location(Path(mod_name).stem, mod_name)
+            mod = importlib_util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(mod)
+        else:  # a module on the path, the current folder included (as `python -m` would find it)
+            import sys
+            if "" not in sys.path and "." not in sys.path:
+                sys.path.insert(0, "")
+            mod = importlib.import_module(mod_name)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"--metric {spec}: cannot import {mod_name} ({type(e).__name__}: {e})") from None
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise InputError(f"--metric {spec}: {mod_name} has no function {fn_name}")

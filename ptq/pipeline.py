@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +25,7 @@ from .canonicalize import canonicalize
 from .errors import InputError
 from .patterns import Layer, Placement, find_layers, place_activation_quantizers
 from .quant import Encoding
+from .recipe import check_override_names, check_overrides, check_types
 from .ranges import ACT_METHODS, WEIGHT_METHODS
 from .stages.activation_ranges import set_activation_ranges
 from .stages.adaround import adaround
@@ -82,6 +83,8 @@ class Config:
     overrides: dict = field(default_factory=dict)  # tensor / layer / weight name -> {bits, symmetric, range, ...}
 
     def validate(self) -> "Config":
+        check_types(self.to_json(), _defaults(), OPTIONAL_TYPES)
+        check_overrides(self.overrides, tuple(dict.fromkeys(WEIGHT_METHODS + ACT_METHODS + ("xent",))))
         if not 2 <= self.weight_bits <= 8:
             raise InputError(f"weight bits must be 2-8, not {self.weight_bits}")
         if not (2 <= self.act_bits <= 8 or self.act_bits == 16):
@@ -159,6 +162,13 @@ class Config:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+OPTIONAL_TYPES = {"bias_correction": str, "input_range": tuple, "steps": list}  # settings whose default is None
+
+
+def _defaults() -> dict:
+    return {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(Config)}
+
+
 def load_recipe(path: str | Path) -> dict:
     """Settings from a TOML recipe: top-level keys are Config fields; [overrides."name"] tables per tensor."""
     path = Path(path)
@@ -172,6 +182,9 @@ def load_recipe(path: str | Path) -> dict:
     bad = [k for k in data if k not in known]
     if bad:
         raise InputError(f"{path}: unknown setting(s) {', '.join(bad)} (known: {', '.join(sorted(known))})")
+    check_types(data, _defaults(), OPTIONAL_TYPES, str(path))
+    check_overrides(data.get("overrides", {}), tuple(dict.fromkeys(WEIGHT_METHODS + ACT_METHODS + ("xent",))),
+                    str(path))
     return data
 
 
@@ -217,18 +230,28 @@ class Context:
 
 
 def prepare(model: onnx.ModelProto, config: Config) -> State:
-    """Canonicalize, fold BN, find layers and activation quantizer placement."""
+    """Canonicalize, fold BN, find layers and activation quantizer placement. Refuses (InputError) a model that
+    is already quantized or has nothing to quantize, and overrides that name nothing in it."""
     config.validate()
+    quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    if quantized:
+        raise InputError(f"the model is already quantized (it has {', '.join(quantized)} nodes); give the FP32 model")
     model = canonicalize(model)
     bn = fold_batchnorm(model)
     layers = find_layers(model)
+    if not layers:
+        raise InputError("nothing to quantize: the model has no Conv, Gemm or MatMul with a constant float weight")
     placement = place_activation_quantizers(model, layers)
+    check_override_names(config.overrides, {n for l in layers for n in (l.name, l.weight)} | set(placement.root))
     by_out = {l.out: l for l in layers}
     logits = [o.name for o in model.graph.output
               if o.name in placement.root and o.name in by_out and by_out[o.name].act is None
               and by_out[o.name].op in ("Gemm", "MatMul")]
     return State(config, model, layers, placement, bn, logits)
 
+
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd"}
 
 STEPS = {
     "cle": equalize,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InputError
 from .model import Graph, attr
 
 
@@ -65,7 +66,13 @@ def from_matrix(m: np.ndarray, w: np.ndarray, layer, kind: str) -> np.ndarray:
     return m if layer.w_axis == 0 else m.T
 
 
-def reconstruction_layers(state, gr: Graph) -> list:
+def reconstruction_layers(state, gr: Graph, stage: str = "this stage") -> list:
     """The layers a per-layer reconstruction (AdaRound, EasyQuant) handles: with a weight encoding, and Conv
-    (group 1 or depthwise), Gemm or MatMul — other grouped convolutions are left alone."""
-    return [l for l in state.layers if l.name in state.weights and layer_kind(gr, l) is not None]
+    (group 1 or depthwise), Gemm or MatMul — other grouped convolutions are left alone. A convolution that is
+    not 2-D is refused (InputError): the stage has no im2col for it."""
+    layers = [l for l in state.layers if l.name in state.weights and layer_kind(gr, l) is not None]
+    for l in layers:
+        if l.op == "Conv" and gr.const(l.weight).ndim != 4:
+            raise InputError(f"{stage}: layer '{l.name}' is a {gr.const(l.weight).ndim - 2}-D convolution; "
+                             f"{stage} handles 2-D Conv, Gemm and MatMul: run without it")
+    return layers

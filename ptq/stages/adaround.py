@@ -85,7 +85,7 @@ def adaround(state, ctx):
     cfg = state.config
     require_calibration(ctx, "AdaRound")
     gr = Graph(state.model)
-    layers = reconstruction_layers(state, gr)
+    layers = reconstruction_layers(state, gr, "AdaRound")
     fp32 = onnx.ModelProto.FromString(state.model.SerializeToString())
     topological_sort(fp32)
     position = {n.name: k for k, n in enumerate(fp32.graph.node)}

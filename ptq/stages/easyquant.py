@@ -112,7 +112,7 @@ def easyquant(state, ctx):
     cfg = state.config
     require_calibration(ctx, "EasyQuant")
     gr = Graph(state.model)
-    layers = reconstruction_layers(state, gr)
+    layers = reconstruction_layers(state, gr, "EasyQuant")
     bounds = activation_bounds(state.layers, gr)
     alphas = candidates(cfg.easyquant_steps, *cfg.easyquant_range)
     rows_of = {l.name: cfg.easyquant_rows if layer_kind(gr, l) != "depthwise" else max(cfg.easyquant_rows // 4, 1)
