@@ -1,8 +1,11 @@
 """The command line: exit codes, one-line errors, no partial files, the accuracy gate."""
+import collections
 import json
 import os
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
 
 import numpy as np
 import onnx
@@ -186,3 +189,49 @@ def test_recipe_overrides_and_16_bit_activations(setup, capsys):
     qnodes = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.output[0].startswith("logits")]
     assert qnodes and qnodes[0].domain == "com.microsoft"  # uint16 Q/DQ below opset 21
     assert report["fidelity"]["outputs"]["logits"]["sqnr_db"] > 10  # onnxruntime ran it
+
+
+class _Tags(HTMLParser):
+    """Checks that every element is closed in order; counts tables, rows and charts."""
+    VOID = {"meta", "br", "img", "hr", "link", "input", "rect", "line", "circle", "path", "polyline"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.count, self.errors = [], collections.Counter(), []
+
+    def handle_starttag(self, tag, attrs):
+        self.count[tag] += 1
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.count[tag] += 1
+
+    def handle_endtag(self, tag):
+        if tag in self.VOID:
+            return
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:]}")
+        else:
+            self.stack.pop()
+
+
+@pytest.mark.parametrize("flags", [[], ["--cle"]])
+def test_html_report_is_html_with_tables_and_charts(setup, capsys, flags):
+    model, calib, tmp = setup
+    out = tmp / "h.onnx"
+    assert call(capsys, "run", model, "--calib", calib, "-o", out, "--holdout", 4, *flags)[0] == 0
+    html = (tmp / "h.report.html").read_text()
+    p = _Tags()
+    p.feed(html)
+    p.close()
+    assert p.errors == [] and p.stack == []
+    assert p.count["table"] >= 4 and p.count["tr"] > 10  # stage times, fidelity, weights, activations, …
+    assert "<pre>" not in html.split("Stage details")[0]  # tables, not the Markdown in a <pre>
+    n_charts = 2 + (len(json.loads((tmp / "h.report.json").read_text())["stages"]["cle"]["channel_ranges"])
+                    if flags else 0)
+    assert p.count["svg"] == n_charts  # weight and activation SQNR bars on every run, CLE's ranges with --cle
+    for svg in html.split("<svg")[1:]:
+        ET.fromstring("<svg" + svg.split("</svg>")[0] + "</svg>")
+    md = (tmp / "h.report.md").read_text()
+    assert "<svg" not in md and "| conv1 |" in md

@@ -214,3 +214,23 @@ def test_16_bit_grids_keep_a_large_bias_exact_in_onnxruntime(rng, tmp_path):
     for exact in (False, True):
         y = session(q, exact_qdq=exact).run(None, {"x": x})[0]
         np.testing.assert_allclose(y, ref, atol=2e-2 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("flags", [["--bias-correction", "empirical"], ["--adaround", "--adaround-iters", "50"],
+                                   ["--cle", "--adaround", "--adaround-iters", "50", "--bias-correction",
+                                    "empirical"]])
+def test_debug_fp32_sanity_holds_after_stages_that_change_biases(rng, tmp_path, capsys, flags):
+    """Bias correction and AdaRound decide new biases for the quantized layers; the FP32 reference that the
+    debugging flow bypasses quantizers into keeps its own, so 'the rest FP32' is FP32."""
+    path = tmp_path / "zoo.onnx"
+    onnx.save(zoo(rng), str(path))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for k in range(24):
+        np.save(calib / f"s{k:02d}.npy", rng.normal(0.5, 1, (3, 16, 16)).astype(np.float32))
+    out = tmp_path / "d.html"
+    assert main(["debug", str(path), "--calib", str(calib), "--weight-bits", "4", "-o", str(out), "-q"] + flags) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["fp32_sanity"]["ok"], report["fp32_sanity"]
+    assert report["fp32_sanity"]["max_relative_change"] < 1e-4
+    assert capsys.readouterr().err == ""

@@ -190,3 +190,23 @@ def test_4bit_weights_are_int4_at_opset_21_and_int8_below(rng, tmp_path):
         np.testing.assert_allclose(deq, ref, rtol=1e-6)
         out = ort_run(q, {"x": x})[0]  # onnxruntime loads and runs it
         assert out.shape == (1, 4, 4, 4) and np.isfinite(out).all()
+
+
+def test_bias_overflow_under_a_per_tensor_spec_raises_the_one_scale(rng, tmp_path):
+    model = conv_bn_relu(rng)
+    state = prepare(model, Config(holdout=0, per_channel=False))
+    for t in state.model.graph.initializer:  # every weight tiny, one big bias: the one scale must grow
+        if t.name == state.layers[0].weight:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1e-9), t.name))
+        if t.name == state.layers[0].bias:
+            b = numpy_helper.to_array(t).copy()
+            b[0] = 50.0
+            t.CopyFrom(numpy_helper.from_array(b, t.name))
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8)
+    state = run_steps(state, Context(DataSource(calib, model_inputs(model))), {})
+    enc = state.weights[state.layers[0].name]
+    assert state.report["bias_overflow"]["channels_with_raised_weight_scale"][state.layers[0].name] >= 1
+    assert np.ndim(enc.scale) == 0 and enc.spec.axis is None  # still one scale
+    x = rng.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    got = ort_run(export_qdq(state), {"x": x})[0]
+    assert np.corrcoef(ort_run(state.model, {"x": x})[0].ravel(), got.ravel())[0, 1] > 0.99

@@ -1,0 +1,129 @@
+"""All-or-nothing outputs: an interrupted run leaves nothing or a complete set, concurrent runs on one -o leave one
+consistent set, files follow the umask, and the CLI's quiet / JSON modes print what they promise."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+from builders import save_npy_samples, zoo
+
+from ptq.outputs import OutputSet
+from ptq_cli.main import main
+
+SET = ("m.onnx", "m.report.json", "m.report.md", "m.report.html")
+
+
+@pytest.fixture
+def setup(rng, tmp_path):
+    model = tmp_path / "zoo.onnx"
+    onnx.save(zoo(rng), str(model))
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 16, 16), 64)
+    out = tmp_path / "out"
+    out.mkdir()
+    return model, calib, out
+
+
+def ptq(*args):
+    return subprocess.Popen([sys.executable, "-m", "ptq", *map(str, args)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def assert_consistent(out_dir):
+    """Nothing at all, or the model with its own reports (the report's hash is the model file's)."""
+    names = sorted(os.listdir(out_dir))
+    if not names:
+        return False
+    assert names == sorted(SET), names
+    report = json.loads((out_dir / "m.report.json").read_text())
+    assert report["model_sha256"] == hashlib.sha256((out_dir / "m.onnx").read_bytes()).hexdigest()
+    assert report["output"] == str(out_dir / "m.onnx")
+    return True
+
+
+def test_interrupted_runs_leave_nothing_or_a_complete_set(setup):
+    model, calib, out = setup
+    delays = np.random.default_rng(7).uniform(0.2, 2.5, 10)
+    outcomes = []
+    for k, delay in enumerate(delays):
+        for f in out.iterdir():
+            f.unlink()
+        p = ptq("run", model, "--calib", calib, "-o", out / "m.onnx", "--adaround", "--adaround-iters", "50", "-q")
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT if k % 2 else signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode in (0, 130, 143), err
+        assert "Traceback" not in err
+        outcomes.append((p.returncode, assert_consistent(out)))
+    assert any(code in (130, 143) and not written for code, written in outcomes)  # some were stopped in time
+
+
+def test_signals_wait_for_the_renames_of_a_commit(tmp_path, monkeypatch):
+    targets = [tmp_path / n for n in SET]
+    renamed = []
+    real_replace = os.replace
+
+    def replace_then_interrupt(src, dst):
+        real_replace(src, dst)
+        renamed.append(dst)
+        if len(renamed) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of the set
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with OutputSet(targets) as out:
+            for t in targets:
+                out.stage_text(t, t.name)
+            out.commit()
+    assert renamed == targets and sorted(os.listdir(tmp_path)) == sorted(SET)  # all four, no temporary file
+
+
+def test_concurrent_runs_on_one_output_leave_one_consistent_set(setup):
+    model, calib, out = setup
+    for _ in range(3):
+        ps = [ptq("run", model, "--calib", calib, "-o", out / "m.onnx", "--weight-bits", bits, "-q")
+              for bits in (8, 5)]
+        for p in ps:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+        assert assert_consistent(out)
+
+
+def test_files_follow_the_umask(setup):
+    model, calib, out = setup
+    old = os.umask(0o027)
+    try:
+        assert main(["run", str(model), "--calib", str(calib), "-o", str(out / "m.onnx"), "-q"]) == 0
+    finally:
+        os.umask(old)
+    assert {oct(os.stat(out / n).st_mode & 0o777) for n in SET} == {oct(0o640)}
+
+
+def test_quiet_prints_nothing_and_eval_json_holds_the_gate(setup, capsys):
+    model, calib, out = setup
+    recipe = out.parent / "r.toml"
+    recipe.write_text("weight_bits = 2\nact_bits = 2\n")  # bad enough for warnings, if any, and a failing gate
+    assert main(["run", str(model), "--calib", str(calib), "-o", str(out / "m.onnx"), "-q", "--recipe",
+                 str(recipe)]) == 0
+    assert capsys.readouterr() == ("", "")
+    code = main(["eval", str(model), str(out / "m.onnx"), "--data", str(calib), "--json", "--max-drop", "0"])
+    stdout, err = capsys.readouterr()
+    result = json.loads(stdout)  # the whole of stdout is one JSON document
+    assert code == 3 and result["gate_passed"] is False and result["gate"].startswith("accuracy gate failed")
+    assert err.strip() == "ptq: " + result["gate"]
+
+
+def test_metric_module_in_the_current_folder(setup, capsys, monkeypatch):
+    model, calib, out = setup
+    (out.parent / "localmetric.py").write_text("def score(fp, q, labels):\n    return 1.0\n")
+    monkeypatch.chdir(out.parent)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(out.parent))])
+    args = ["run", str(model), "--calib", str(calib), "-o", str(out / "m.onnx"), "--max-drop", "0", "-q"]
+    assert main(args + ["--metric", "localmetric:score"]) == 0, capsys.readouterr().err
+    assert main(args + ["--metric", str(out.parent / "localmetric.py") + ":score"]) == 0
+    report = json.loads((out / "m.report.json").read_text())
+    assert report["gate"].startswith("accuracy gate passed: metric drop 0.00")
