@@ -48,7 +48,7 @@ def assert_consistent(out_dir):
 
 def test_interrupted_runs_leave_nothing_or_a_complete_set(setup):
     model, calib, out = setup
-    delays = np.random.default_rng(7).uniform(0.2, 2.5, 10)
+    delays = np.random.default_rng(7).uniform(0.3, 2.5, 10)
     outcomes = []
     for k, delay in enumerate(delays):
         for f in out.iterdir():
@@ -57,10 +57,13 @@ def test_interrupted_runs_leave_nothing_or_a_complete_set(setup):
         time.sleep(delay)
         p.send_signal(signal.SIGINT if k % 2 else signal.SIGTERM)
         _, err = p.communicate(timeout=60)
-        assert p.returncode in (0, 130, 143), err
-        assert "Traceback" not in err
-        outcomes.append((p.returncode, assert_consistent(out)))
-    assert any(code in (130, 143) and not written for code, written in outcomes)  # some were stopped in time
+        written = assert_consistent(out)
+        # 130 / 143: stopped by ptq's handlers; a negative code: killed while Python was still starting (a loaded
+        # machine), before ptq could have written anything
+        assert p.returncode in (0, 130, 143) or (p.returncode < 0 and not written), (delay, p.returncode, err)
+        assert p.returncode < 0 or "Traceback" not in err, err
+        outcomes.append((p.returncode, written))
+    assert any(code != 0 and not written for code, written in outcomes), outcomes  # some were stopped in time
 
 
 def test_signals_wait_for_the_renames_of_a_commit(tmp_path, monkeypatch):
