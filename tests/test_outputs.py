@@ -58,9 +58,9 @@ def test_interrupted_runs_leave_nothing_or_a_complete_set(setup):
         p.send_signal(signal.SIGINT if k % 2 else signal.SIGTERM)
         _, err = p.communicate(timeout=60)
         written = assert_consistent(out)
-        # 130 / 143: stopped by ptq's handlers; a negative code: killed while Python was still starting (a loaded
-        # machine), before ptq could have written anything
-        assert p.returncode in (0, 130, 143) or (p.returncode < 0 and not written), (delay, p.returncode, err)
+        # 130 / 143: stopped by ptq's handlers; a negative code: the signal came while Python was starting or
+        # shutting down, outside ptq's handlers (what is on disk was checked above all the same)
+        assert p.returncode in (0, 130, 143, -signal.SIGINT, -signal.SIGTERM), (delay, p.returncode, err)
         assert p.returncode < 0 or "Traceback" not in err, err
         outcomes.append((p.returncode, written))
     assert any(code != 0 and not written for code, written in outcomes), outcomes  # some were stopped in time
