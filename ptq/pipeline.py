@@ -61,7 +61,7 @@ class Config:
     xent_rows: int = 512
     cle: bool = False
     adaround: bool = False
-    adaround_iters: int = 500  # 1000 and 3000 scored no better (rounding.solve)
+    adaround_iters: int = 500  # 1000 and 3000 scored no better (docs/FINDINGS.md)
     adaround_batch: int = 1024  # rows per Adam step (layers with an activation)
     adaround_lambda: float = 0.1  # on the normalized loss (see rounding.solve)
     adaround_polish: bool = True  # greedy 1-flip search after Adam on Gram-form layers

@@ -82,9 +82,8 @@ class Problem:
     def damp(self):
         """Add ε‖W̃ − W‖² to the Gram-form loss, ε = tr(G̃)/R (the mean squared norm of an input row): G̃ + εI,
         C + εI, G + εI. Negligible where rows ≫ D (convolutions: many positions per image); where they are fewer
-        (a classifier: one row per image, D = 1280 features on EfficientNet-Lite0) it keeps AdaRound from
-        fitting the calibration images at the expense of others: there (384 images fitted, 384 held out), the
-        classifier's held-out error went from 1.2× nearest rounding's (undamped) to 0.86×."""
+        (a classifier: one row per image) it keeps AdaRound from fitting the calibration images at the expense
+        of others (docs/FINDINGS.md)."""
         g, c, gff, r = self.gram
         eye = np.eye(g.shape[-1])
         eps = np.trace(g, axis1=-2, axis2=-1)[..., None, None] / r if g.ndim == 3 else np.trace(g) / r
@@ -248,14 +247,8 @@ def solve(problem: Problem, iters: int = 500, batch: int = 1024, lam: float = 0.
 
     The reconstruction loss is divided by its value at nearest rounding and the regularizer averaged over the
     weights, so λ means the same for every layer size and data scale (the paper's λ = 0.01 multiplies its
-    unnormalized loss). At λ = 0.1 a third to a half of the h(V) of EfficientNet-Lite0's layers are still
-    between 0.02 and 0.98 after annealing; λ = 30 makes them binary and lowers the layers' rounded errors, on
-    held-out rows too (geometric mean over 14 layers, relative to nearest: 0.68 → 0.55), yet the whole network
-    scored lower (W4A8 per-channel, 256 images: 75.3 % top-1 at λ = 30, 78.2 % at 0.1), so 0.1 stays the
-    default (``adaround_lambda``). Iterations (EfficientNet-Lite0 W4A8 with CLE): 3000 instead of 1000 left top-1
-    unchanged (81.85 %, per-channel asymmetric, 256 images; agreement 93.62 → 93.69 %) at twice the run time;
-    500 instead of 1000 too (1000 images: per-channel 81.15 % both, agreement 92.77 → 93.62 %; per-tensor
-    80.92 → 81.08 %, agreement 93.38 → 92.15 %) in 443 s instead of 585 s, so 500 is the default."""
+    unnormalized loss). The defaults (λ = 0.1, 500 iterations) and what other values measured are in
+    docs/FINDINGS.md."""
     norm = max(problem.loss_grad(problem.nearest())[0], 1e-30)
     lam = lam / problem.w.size
     frac = problem.w / problem.s - problem.floor

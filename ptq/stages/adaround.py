@@ -3,49 +3,41 @@
 Per layer, learn whether each weight rounds up or down:
     W̃ = s · clip(⌊W/s⌋ + h(V), n, p),   h(V) = clip(σ(V)(ζ − γ) + γ, 0, 1),  ζ = 1.1, γ = −0.1      (eq. 22-23)
 minimizing  ‖f(W x) − f(W̃ x̃)‖² + λ Σ (1 − |2h(V) − 1|^β)                                           (eq. 25)
-with λ = 0.01 and β annealed 20 → 2 after a 20 % warm start (no regularizer); then W̃ rounds up where
-h(V) >= 0.5. x is the layer's input in the FP32 network, x̃ in the network whose earlier layers carry their
-quantized (already AdaRounded) weights; f is the layer's fused Relu / Clip (and CLE's per-channel bound), else
-the identity. V starts where h(V) equals the fractional part of W/s; Adam (lr 0.01) as in the paper.
+with λ = 0.1 on the normalized loss (``adaround_lambda``; see ptq.rounding.solve) and β annealed 20 → 2 after a
+20 % warm start (no regularizer); then W̃ rounds up where h(V) >= 0.5. x is the layer's input in the FP32
+network, x̃ in the network whose earlier layers carry their quantized (already AdaRounded) weights; f is the
+layer's fused Relu / Clip (and CLE's per-channel bound), else the identity. V starts where h(V) equals the
+fractional part of W/s; Adam (lr 0.01) as in the paper.
 
-The per-layer problem and its solvers are in ptq/rounding.py. Speed: where f is the identity the loss is a
-quadratic form in Gram matrices,
+The per-layer problem and its solvers are in ptq/rounding.py. Where f is the identity the loss is a quadratic
+form in Gram matrices,
     ‖X̃W̃ᵀ − XWᵀ‖² = tr(W̃ G̃ W̃ᵀ) − 2 tr(W̃ C Wᵀ) + const,   G̃ = X̃ᵀX̃, C = X̃ᵀX   ([D, D], D = Cin·k·k)
 accumulated while streaming the calibration set (up to GRAM_ROWS output positions), so an iteration costs
-O(Cout·D²) whatever the data size; damped by ε‖W̃ − W‖² (``Problem.damp``), which matters only where rows
-are few against D (a classifier: one row per image). With an activation, ``adaround_rows`` rows (output positions) are
-sampled, shuffled once, and each Adam step takes the next contiguous mini-batch. Depthwise layers are one
-batched problem over channels ([C, k·k], products as batched matrix products); with an activation they keep
-half the rows and half-size batches (each channel has only k·k weights), without one a 3×3 kernel gets the exact
-best of its 2⁹ roundings per channel. Adam's steps run in float32; the reported errors in float64.
-Layer inputs: the layers are visited in topological order, each solved before the next is visited, so x̃ is
-exactly the input of the network whose earlier layers are AdaRounded (with blocks of layers sharing a pass, the
-later ones saw their block's earlier layers rounded to nearest and learned to compensate errors the final network
-does not have: EfficientNet-Lite0 W4A8 per-channel, 256 images, 65.5 % top-1 with 16 passes, 79.5 % with one per
-layer). ``Walk`` (ptq/walk.py) keeps both networks' activations at the last visited layer while they fit in
-memory, so each node runs about once per network over the calibration set. Nothing of the whole calibration set
-is held per layer beyond its Gram matrices or its row sample. ``adaround_inputs = "fp32"`` takes x̃ = x instead
-(no compensation of earlier layers' errors). Each output channel keeps AdaRound's rounding only where it beats
-nearest rounding on the layer's data (channels are independent in the loss).
+O(Cout·D²) whatever the data size; damped by ε‖W̃ − W‖² (``Problem.damp``). With an activation,
+``adaround_rows`` rows (output positions) are sampled, shuffled once, and each Adam step takes the next
+contiguous mini-batch. Depthwise layers are one batched problem over channels ([C, k·k]); with an activation
+they keep half the rows and half-size batches, without one a 3×3 kernel gets the exact best of its 2⁹ roundings
+per channel. Adam's steps run in float32; the reported errors in float64.
 
-Grid (``adaround_scale_search``, our addition, on by default): before rounding, each layer's weight scale is
-chosen again, per channel (or per tensor), among clipping ranges f·max|W| (f = 0.4 … 1) and the one range
-setting gave, by the output error of nearest rounding on the layer's data (``search_scale``). Weight-space MSE
-ignores which weights matter; on EfficientNet-Lite0's first depthwise layer (one dominant tap per 3×3 kernel)
-it costs 10 points of top-1 at W4 alone, 3.5 with the searched grid.
+Layer inputs: the layers are visited in topological order, each solved before the next, so x̃ is exactly the
+input of the network whose earlier layers are AdaRounded. ``Walk`` (ptq/walk.py) keeps both networks'
+activations at the last visited layer while they fit in memory, so each node runs about once per network over
+the calibration set. ``adaround_inputs = "fp32"`` takes x̃ = x instead. Each output channel keeps AdaRound's
+rounding only where it beats nearest rounding on the layer's data (channels are independent in the loss).
 
-Targets and biases (our additions, both measured on EfficientNet-Lite0 W4A8 per-channel, 256 images, 1300
-validation images): a layer whose output alone feeds a residual Add reconstructs the block's output, target
-f(W x) + (skip − quantized skip) (``residual_skip``: 77.5 → 78.2 % top-1), and every Conv / Gemm re-fits its
-bias after rounding to the mean output error left (``adaround_bias``; ``Problem.center`` / ``bias_shift``:
-Gram layers round for the bias that follows; 78.2 → 79.5 %; together, the mean KL divergence from the FP32
-outputs 0.189 → 0.185, and top-1 with 1000 images 78.7 → 78.4 %: a small gain, within top-1's noise).
-Re-fitting the weight scales too (least squares per channel) lowered every layer's error by 1-3 % yet cost 3.3
-points of top-1, so the scales stay as chosen.
+Three additions of ours, each switchable:
+- grid (``adaround_scale_search``): before rounding, each layer's weight scale is chosen again, per channel (or
+  per tensor), among clipping ranges f·max|W| (f = 0.4 … 1) and the one range setting gave, by the output error
+  of nearest rounding on the layer's data (``search_scale``), not by the weight-space MSE;
+- residual target: a layer whose output alone feeds a residual Add reconstructs the block's output, target
+  f(W x) + (skip − quantized skip) (``residual_skip``);
+- bias (``adaround_bias``): every Conv / Gemm re-fits its bias to the mean output error left after rounding
+  (``Problem.center`` / ``bias_shift``: Gram layers round for the bias that follows).
+docs/FINDINGS.md has what each measured.
 
-Output: the integers q per layer (``state.rounded``), which export stores instead of rounding to nearest; the
-FP32 model keeps its weights (so the debugging flow can still bypass the weight quantizers) and carries the
-re-fitted biases (as bias correction's).
+Output (decisions; the FP32 reference is not touched): the integers q per layer (``state.rounded``), which
+export stores instead of rounding to nearest, the re-fitted biases (``state.biases``) and the searched grids
+(``state.weights``).
 """
 from __future__ import annotations
 

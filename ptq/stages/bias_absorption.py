@@ -7,8 +7,7 @@ leave the network's function unchanged (exactly, wherever x ≥ c) while shrinki
 A per-channel bound m left by CLE (min(ReLU(x), m)) moves with it: m ← m − c.
 
 Only where layer 2 has no zero padding: a padded border reads 0 where the shifted input should read −c, which
-on the small feature maps of mobile networks changes the output measurably (22 % relative on
-efficientnet_lite0_bn when absorbing into its padded depthwise convs).
+on small feature maps changes the output measurably (docs/FINDINGS.md).
 """
 from __future__ import annotations
 

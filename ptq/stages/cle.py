@@ -12,9 +12,8 @@ ReLU6 / Clip(0, b) is not positively homogeneous: clip(x/s, 0, b) ≠ clip(x, 0,
 (``cle_relu6``):
 - ``clip`` (default): keep FP32 exact. The Clip becomes Relu followed by Min(·, b/s_i), a per-channel bound
   (ONNX's Clip takes only scalar bounds). The Relu output gets a quantizer sharing the Min output's encoding,
-  so onnxruntime still fuses Conv+Relu into QLinearConv; only the Min runs in float. We chose this because the
-  paper's choice changes EfficientNet-Lite's FP32 function too much: measured on efficientnet_lite0_bn, ReLU6 →
-  ReLU alone moves the logits by 84 % (relative L2) and flips a quarter of the top-1 predictions.
+  so onnxruntime still fuses Conv+Relu into QLinearConv; only the Min runs in float (docs/FINDINGS.md has what
+  the paper's replacement does to EfficientNet-Lite's FP32 function).
 - ``relu``: replace it by ReLU, as the paper did for MobileNetV2; the pipeline reports the FP32 change.
 """
 from __future__ import annotations

@@ -9,9 +9,7 @@ Gaussian moments:
   independent), through pools, Flatten / Reshape / Identity unchanged, through Concat (axis 1) concatenated;
 - the model inputs: uniform on ``input_range`` when given (the range of the preprocessed data, e.g. [-1, 1]),
   else standard normal (a normalized input).
-Per tensor the range is [min_c(μ_c − α·σ_c), max_c(μ_c + α·σ_c)], clipped to the bounds. (An MSE-optimal
-range for the mixture of per-channel normals was tried and dropped: real activations have heavier tails than
-the normals, so it clipped far too much — 43.6 points of top-1 lost on efficientnet_lite0_bn, against 0.08.)
+Per tensor the range is [min_c(μ_c − α·σ_c), max_c(μ_c + α·σ_c)], clipped to the bounds.
 Tensors that no rule reaches fall back to min-max on a few synthetic inputs drawn from the input moments; the
 report lists them.
 """
