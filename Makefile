@@ -14,7 +14,7 @@ PTQ_FLAGS ?=
 MODEL_FILES := $(wildcard $(MODELS)/*.onnx)
 QUANT_FILES := $(patsubst $(MODELS)/%.onnx,$(OUT)/%.q.onnx,$(MODEL_FILES))
 
-.PHONY: install demo test bench quantize clean
+.PHONY: install demo smoke test lint bench quantize clean
 .DELETE_ON_ERROR:
 
 install: $(STAMP)
@@ -36,6 +36,18 @@ demo: $(STAMP) calib_data/text/.rendered
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# pyflakes-class errors and the 120-character line limit, over the code and the tests
+lint: $(STAMP)
+	$(BIN)/python -m pyflakes ptq cli tests bench calib_data
+	@! grep -rnE '^.{121,}' --include='*.py' ptq cli tests bench calib_data || { echo "lines over 120 characters" >&2; exit 1; }
+
+# the demo on a small input: 8 rendered images, one held back
+smoke: $(STAMP)
+	$(BIN)/python calib_data/render_text.py out/smoke/calib --count 8
+	$(BIN)/ptq run "$$($(BIN)/python calib_data/demo_model.py)" --calib out/smoke/calib --preset ppocr-det \
+		--holdout 2 -o out/smoke/ppocr_det.w8a8.onnx
+	test -s out/smoke/ppocr_det.w8a8.report.html
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -144,8 +144,8 @@ def main():
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--suites", default="core,cle,easyquant,adaround,debug,ort",
                     help="core: W8A8 ranges; cle: CLE / bias correction / data-free; easyquant: EasyQuant at W8A8 "
-                         "and W7A7 against minmax / mse; adaround: W4A8 nearest vs AdaRound; debug: sensitivity + auto-fix; "
-                         "ort: onnxruntime baseline")
+                         "and W7A7 against minmax / mse; adaround: W4A8 nearest vs AdaRound; "
+                         "debug: sensitivity + auto-fix; ort: onnxruntime baseline")
     ap.add_argument("--ort-models", nargs="*", default=["efficientnet_lite0"],
                     help="models for the onnxruntime baseline (its Entropy/Percentile take ~100 s and 16 GB each)")
     ap.add_argument("--debug-models", nargs="*", default=["efficientnet_lite0"],
@@ -384,11 +384,15 @@ def write(rows: dict, out: str):
              f"BC = empirical bias correction; data-free uses no calibration images.", "",
              "| model | tool | config | top-1 | top-5 | drop | top-1 agreement % | quant time s | peak RSS MB | "
              "size MB | latency × FP32 | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    f = lambda v, nd=2: "—" if isinstance(v, float) and np.isnan(v) else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))  # noqa: E731
+    def f(v, nd=2):
+        if isinstance(v, float):
+            return "—" if np.isnan(v) else f"{v:.{nd}f}"
+        return str(v)
     pm = lambda se: "" if np.isnan(se) else f" ± {se:.2f}"  # noqa: E731
     for r in rows:
         lines.append(f"| {r.model} | {r.tool} | {r.config} | {f(r.top1)} | {f(r.top5)} | {f(r.drop)}{pm(r.drop_se)} "
-                     f"| {f(r.agree)} | {f(r.seconds, 1)} | {f(r.rss_mb, 0)} | {f(r.size_mb)} | {f(r.latency)} | {r.note} |")
+                     f"| {f(r.agree)} | {f(r.seconds, 1)} | {f(r.rss_mb, 0)} | {f(r.size_mb)} | {f(r.latency)} "
+                     f"| {r.note} |")
     Path(out).write_text("\n".join(lines) + "\n")
 
 

@@ -37,7 +37,8 @@ def to_html(r: dict, charts: list[dict]) -> str:
     figs = "".join(f"<h3>{escape(c['id'])}</h3>" + "".join(f"<figure>{svg}</figure>" for svg in c["charts"])
                    for c in charts)
     q = r["quantized"]
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>ptq debug: {escape(Path(r['model']).name)}</title>
+    name = escape(Path(r["model"]).name)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>ptq debug: {name}</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:auto}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 6px;font-size:12px}} .bad{{background:#fdd;border:2px solid #c00;padding:8px}}
 .ok{{background:#efe;padding:8px}}</style></head><body>

@@ -6,7 +6,7 @@ reports (or half a file).
 one of the ``inputs`` (the same file by inode: another spelling or a hard link of the input model). ``stage_*``
 writes a temporary file (with the permissions the user's umask gives, not mkstemp's 0600); ``commit`` renames
 them all while holding an exclusive lock on each target folder (two runs writing one set of names commit one
-after the other, so the last one's set is what remains) and with SIGINT / SIGTERM held back until it is done;
+after the other, so the last one's set is what remains) and with SIGINT / SIGTERM put off until it is done;
 leaving the ``with`` block without ``commit`` removes the temporary files.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import onnx
@@ -24,7 +25,7 @@ import onnx
 from .errors import InputError
 
 TWO_GB = 2**31 - 1
-_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _folder(path: Path) -> Path:
@@ -101,9 +102,14 @@ class OutputSet:
             return hashlib.sha256(f.read()).hexdigest()
 
     def commit(self) -> None:
-        """Rename every staged file onto its target, as one step for signals and for concurrent runs."""
-        locks = []
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+        """Rename every staged file onto its target, as one step for signals and for concurrent runs: SIGINT /
+        SIGTERM arriving meanwhile are recorded and raised again once every file is in place (Python runs signal
+        handlers in the main thread, whichever thread the signal reached, so the handlers are swapped, not the
+        thread's signal mask; from another thread nothing is held)."""
+        locks, pending, previous = [], [], {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in _HELD_SIGNALS:
+                previous[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
         try:
             for d in sorted({os.path.abspath(_folder(t)) for t in self._temps}):
                 fd = os.open(d, os.O_RDONLY)
@@ -115,8 +121,11 @@ class OutputSet:
         finally:
             for fd in locks:
                 os.close(fd)  # closing releases the lock
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         self.discard()
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)
 
     def discard(self) -> None:
         """Remove every temporary file not yet committed."""

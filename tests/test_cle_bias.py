@@ -102,7 +102,8 @@ def test_empirical_bias_correction_removes_mean_output_error(rng, tmp_path):
     x = np.stack([np.load(f) for f in sorted(calib.glob("*.npy"))])
     errors = {}
     for bc in (None, "empirical"):
-        state = prepare(model, Config(**cfg, bias_correction=bc, steps=["weight_ranges"] + (["bias_correction"] if bc else [])))
+        steps = ["weight_ranges"] + (["bias_correction"] if bc else [])
+        state = prepare(model, Config(**cfg, bias_correction=bc, steps=steps))
         state = run_steps(state, Context(DataSource(calib, model_inputs(model))), {})
         g = Graph(state.model)
         layer = state.layers[0]

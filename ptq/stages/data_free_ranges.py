@@ -55,7 +55,8 @@ def propagate_moments(state) -> dict[str, tuple]:
             elif ins[0] is not None and layer_kind(gr, layer):
                 w = gr.const(layer.weight).astype(np.float64)
                 kind = layer_kind(gr, layer)
-                cin = w.shape[1] if kind == "conv" else (w.shape[0] if kind == "depthwise" else w.shape[1 - layer.w_axis])
+                cin = w.shape[1] if kind == "conv" else (
+                    w.shape[0] if kind == "depthwise" else w.shape[1 - layer.w_axis])
                 mu = np.broadcast_to(ins[0][0], (cin,))
                 var = np.broadcast_to(ins[0][1] ** 2, (cin,))
                 b = gr.const(layer.bias).astype(np.float64) if layer.bias else 0.0
