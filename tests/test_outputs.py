@@ -130,3 +130,20 @@ def test_metric_module_in_the_current_folder(setup, capsys, monkeypatch):
     assert main(args + ["--metric", str(out.parent / "localmetric.py") + ":score"]) == 0
     report = json.loads((out / "m.report.json").read_text())
     assert report["gate"].startswith("accuracy gate passed: metric drop 0.00")
+
+
+def test_gate_with_a_user_metric_on_a_model_without_class_scores(rng, tmp_path, capsys):
+    """--max-drop with --metric needs no [N, C] output: the gate is the user's function."""
+    from builders import conv_bn_relu
+    model = tmp_path / "cbr.onnx"
+    onnx.save(conv_bn_relu(rng), str(model))
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 16)
+    metric = tmp_path / "m.py"
+    metric.write_text("import numpy as np\ndef cos(fp, q, labels):\n    a, b = fp['y'].ravel(), q['y'].ravel()\n"
+                      "    return float(100 * a @ b / np.linalg.norm(a) / np.linalg.norm(b))\n")
+    args = ["run", str(model), "--calib", str(calib), "-o", str(tmp_path / "q.onnx"), "--metric", f"{metric}:cos"]
+    assert main(args + ["--max-drop", "1"]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "q.report.json").read_text())
+    assert report["gate"].startswith("accuracy gate passed: metric drop")
+    assert main(args + ["--max-drop", "0", "--weight-bits", "2", "--act-bits", "2"]) == 3
+    assert "accuracy gate failed: metric drop" in capsys.readouterr().err
