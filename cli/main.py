@@ -7,7 +7,7 @@ import sys
 import click
 
 from ptq import __version__
-from ptq.errors import AccuracyGateError, InputError, PTQError
+from ptq.errors import AccuracyGateError, FidelityError, InputError, PTQError
 
 EXIT_INTERNAL, EXIT_INPUT = 1, 2
 
@@ -66,6 +66,10 @@ def quant_options(f):
     """The quantization settings shared by ``run`` and ``debug``."""
     opts = [
         click.option("--calib", "calib", type=click.Path(), help="Calibration folder: images, or .npy/.npz samples."),
+        click.option("--calib-feeds", type=click.Path(),
+                     help="Folder of .npz files, each one complete feed passed to the model as it is."),
+        click.option("--calib-reader",
+                     help="module:function (or file.py:function) returning or yielding feed dicts."),
         click.option("--recipe", type=click.Path(dir_okay=False),
                      help="TOML recipe: settings and per-tensor overrides."),
         click.option("--weight-bits", type=int, help="Weight bits, 2-8 (8)."),
@@ -154,8 +158,10 @@ def _metric(spec):
               help="With --max-drop: raise the most harmful quantizers (by per-quantizer analysis) until it holds.")
 @click.option("--auto-fix-to", type=click.Choice(["16", "fp32"]), default="16", show_default=True,
               help="What --auto-fix raises a quantizer to: 16 bits, or floating point.")
-def run(model, calib, output, recipe, eval_dir, eval_resize, eval_crop, max_drop, auto_fix, auto_fix_to, metric,
-        quiet, progress, debug, **kw):
+@click.option("--strict", is_flag=True,
+              help="Exit 3 (after writing) when an output, or a slice of one, is under the fidelity bounds.")
+def run(model, calib, calib_feeds, calib_reader, output, recipe, eval_dir, eval_resize, eval_crop, max_drop,
+        auto_fix, auto_fix_to, strict, metric, quiet, progress, debug, **kw):
     """Quantize MODEL with calibration data and write a QDQ model plus its report."""
     from ptq.run import run as run_to_files
 
@@ -164,10 +170,11 @@ def run(model, calib, output, recipe, eval_dir, eval_resize, eval_crop, max_drop
         raise InputError("--auto-fix needs --max-drop X (the bound it fixes the model to)")
     show = progress if progress is not None else sys.stderr.isatty()
     try:
-        result, paths = run_to_files(model, calib, output, config=config, preprocess=pre, eval_data=eval_dir,
+        result, paths = run_to_files(model, calib, output, config=config, preprocess=pre, calib_feeds=calib_feeds,
+                                     calib_reader=calib_reader, eval_data=eval_dir,
                                      eval_preprocess=eval_pre, max_drop=max_drop, progress=show and not quiet,
-                                     auto_fix=auto_fix_to if auto_fix else None, metric=metric)
-    except AccuracyGateError as e:  # the model and its reports are written: say what was written, then fail
+                                     auto_fix=auto_fix_to if auto_fix else None, metric=metric, strict=strict)
+    except (AccuracyGateError, FidelityError) as e:  # written: say what was written, then fail
         if not quiet:
             _print_run(e.result, e.paths)
         raise
@@ -182,19 +189,17 @@ def run(model, calib, output, recipe, eval_dir, eval_resize, eval_crop, max_drop
 @quant_options
 @click.option("--samples", type=int, help="Samples the analysis scores on (256).")
 @click.option("--worst", type=int, default=5, show_default=True, help="Quantizers to chart.")
-def debug_cmd(model, calib, output, recipe, eval_dir, eval_resize, eval_crop, metric, quiet, progress, debug,
-              samples, worst, **kw):
+def debug_cmd(model, calib, calib_feeds, calib_reader, output, recipe, eval_dir, eval_resize, eval_crop, metric,
+              quiet, progress, debug, samples, worst, **kw):
     """The white paper's debugging flow: FP32 sanity, weights vs activations, per-quantizer sensitivity, charts."""
     from ptq.debug import debug as run_debug
 
     if samples is not None:
         kw["debug_samples"] = samples
     config, pre, eval_pre = build_settings(recipe, eval_dir, eval_resize, eval_crop, kw)
-    if not calib:
-        raise InputError("--calib DIR is required")
     show = progress if progress is not None else sys.stderr.isatty()
     html, js, r = run_debug(model, calib, output, config, pre, eval_dir, eval_pre, _metric(metric), worst,
-                            show and not quiet)
+                            show and not quiet, calib_feeds, calib_reader)
     if quiet:
         return
     san = r["fp32_sanity"]
@@ -214,7 +219,7 @@ def debug_cmd(model, calib, output, recipe, eval_dir, eval_resize, eval_crop, me
 def _print_run(result, paths):
     r = result.report
     s = r["sizes"]
-    for w in r["stages"].get("warnings", []):
+    for w in r["stages"].get("warnings", []) + r.get("fidelity_flags", []):
         click.echo(f"ptq: warning: {w}", err=True)
     click.echo(f"wrote {paths[0]} ({s['quant_bytes'] / 1e6:.2f} MB, {s['ratio']:.2f}x smaller than FP32) "
                f"in {r['timings']['total']:.1f} s")
@@ -312,15 +317,25 @@ class Terminated(BaseException):
     """SIGTERM, raised where the process is, so that temporary files are removed on the way out."""
 
 
+_SIGNALLED: list[int] = []  # signals received in this process (an error they cause is reported as the signal)
+
+
 def _terminate(signum, frame):
+    _SIGNALLED.append(signum)
     raise Terminated()
+
+
+def _interrupt(signum, frame):
+    _SIGNALLED.append(signum)
+    raise KeyboardInterrupt()
 
 
 def main(argv=None) -> int:
     import signal
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    _SIGNALLED.clear()
+    previous = signal.signal(signal.SIGTERM, _terminate), signal.signal(signal.SIGINT, _interrupt)
     try:
         cli.main(args=argv, prog_name="ptq", standalone_mode=False)
         return 0
@@ -347,13 +362,17 @@ def main(argv=None) -> int:
         click.echo("ptq: terminated", err=True)
         return 143
     except Exception as e:  # a bug: say so in one line unless --debug
+        if _SIGNALLED:  # an import or a library interrupted half-way fails in its own words: it was the signal
+            click.echo("ptq: interrupted" if _SIGNALLED[0] == signal.SIGINT else "ptq: terminated", err=True)
+            return 130 if _SIGNALLED[0] == signal.SIGINT else 143
         if debug:
             raise
         click.echo(f"ptq: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                    f"(run with --debug for the traceback)", err=True)
         return EXIT_INTERNAL
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
    evaluated once with onnxruntime and replaced by its value — this removes the Shape/ConstantOfShape/Slice/Pad
    chains that PyTorch exports for "same" padding;
 4. a zero-constant Pad in front of a Conv is merged into the Conv's ``pads``;
-5. shape inference and a topological order.
+5. a weight or bias initializer read by several Conv / Gemm / MatMul nodes gets a copy per node, so that a stage
+   rescaling one layer (CLE, bias absorption) never changes another;
+6. shape inference and a topological order.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     model = _infer_shapes(model)
     fold_constants(model)
     merge_pads_into_conv(model)
+    unshare_initializers(model)
     remove_unused_initializers(model)
     topological_sort(model)
     return _infer_shapes(model)
@@ -149,6 +152,37 @@ def fold_constants(model: onnx.ModelProto) -> int:
     del g.node[:]
     g.node.extend(rest)
     return len(folded)
+
+
+LAYER_OPS = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
+
+
+def unshare_initializers(model: onnx.ModelProto) -> int:
+    """Give each layer its own copy of a weight / bias initializer that other nodes read too. Returns the number
+    of copies made."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    taken = set(inits) | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    copies = 0
+    for n in g.node:
+        if n.op_type not in LAYER_OPS or n.domain not in ("", "ai.onnx"):
+            continue
+        for k in (1, 2):
+            name = n.input[k] if len(n.input) > k else ""
+            if name in inits and readers[name] > 1:
+                new = unique_name(taken, f"{name}/{n.name or n.op_type}")
+                t = onnx.TensorProto()
+                t.CopyFrom(inits[name])
+                t.name = new
+                g.initializer.append(t)
+                n.input[k] = new
+                readers[name] -= 1
+                copies += 1
+    return copies
 
 
 def merge_pads_into_conv(model: onnx.ModelProto) -> int:

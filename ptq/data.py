@@ -25,12 +25,24 @@ _DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.floa
 
 @dataclass
 class InputInfo:
+    """A model input: its dtype, its dims (int: static, None: dynamic) and the axis that samples are stacked on
+    (``batch_axis``; None for a scalar input, which is passed as it is)."""
+
     name: str
     dtype: type
     shape: list  # int for a static dimension, None for a dynamic one
+    batch_axis: int | None = 0
+
+    @property
+    def static_batch(self) -> int | None:
+        """The batch size the model fixes for this input (a static export), else None."""
+        return None if self.batch_axis is None else self.shape[self.batch_axis]
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputInfo]:
+    """The graph inputs that are not initializers. The batch axis of an input is its first dynamic dimension
+    (``state [2, N, 128]``: axis 1), axis 0 where every dimension is static (a static-batch export), none for a
+    scalar."""
     inits = {t.name for t in model.graph.initializer}
     out = []
     for i in model.graph.input:
@@ -38,8 +50,19 @@ def model_inputs(model: onnx.ModelProto) -> list[InputInfo]:
             continue
         tt = i.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-        out.append(InputInfo(i.name, _DTYPES.get(tt.elem_type, np.float32), dims))
+        axis = None if not dims else next((k for k, d in enumerate(dims) if d is None), 0)
+        out.append(InputInfo(i.name, _DTYPES.get(tt.elem_type, np.float32), dims, axis))
     return out
+
+
+def static_batch(inputs: list[InputInfo]) -> int | None:
+    """The batch size the model fixes (every batched input static on its batch axis), else None."""
+    static = {i.static_batch for i in inputs if i.batch_axis is not None}
+    if not static or None in static:
+        return None
+    if len(static) > 1:
+        raise InputError(f"the model's inputs fix different batch sizes ({sorted(static)}): cannot feed it")
+    return static.pop()
 
 
 @dataclass
@@ -65,7 +88,7 @@ class Preprocess:
             raise InputError(f"--interp must be bilinear, bicubic or nearest, not {self.interp!r}")
         if len(self.mean) not in (1, 3) or len(self.std) not in (1, 3) or min(self.std) <= 0:
             raise InputError("--mean and --std take 1 or 3 numbers, and std must be > 0")
-        for name in ("resize", "crop"):
+        for name in ("resize", "crop"):  # pixels
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise InputError(f"--{name} must be a whole number of pixels >= 0 (0: none), not {v!r}")
@@ -155,10 +178,7 @@ class DataSource:
         if self.kind == "images" and len(self.inputs) != 1:
             raise InputError(f"{self.folder}: the model has {len(self.inputs)} inputs; image folders feed "
                              f"single-input models, give .npz samples (one key per input) instead")
-        if self.size and self.size < len(files):
-            pick = np.random.default_rng(self.seed).choice(len(files), self.size, replace=False)
-            files = [files[i] for i in sorted(pick)]
-        self.files = files
+        self.files = choose(files, self.size, self.seed)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -174,7 +194,7 @@ class DataSource:
         if self.kind == "images":
             info = self.inputs[0]
             hw = None
-            if len(info.shape) == 4:
+            if len(info.shape) == 4 and info.batch_axis == 0:
                 hw = tuple(info.shape[2:4] if self.preprocess.layout == "nchw" else info.shape[1:3])
                 hw = hw if all(hw) else None
             sample = {info.name: load_image(path, self.preprocess, hw)}
@@ -197,19 +217,31 @@ class DataSource:
             yield p, self.read(p)
 
     def batches(self, batch_size: int) -> Iterator[tuple[list[Path], dict[str, np.ndarray]]]:
-        """Batches of up to batch_size samples; a batch ends early where the sample shape changes."""
+        """Batches of up to batch_size samples, stacked on each input's batch axis; a batch ends early where a
+        sample's shape (or a scalar input's value) changes. A model with a static batch size N gets batches of
+        exactly N (``batch_size`` is ignored); the last samples, fewer than N, are left out (``left_out``)."""
+        fixed = static_batch(self.inputs)
+        static = fixed is not None
+        batch_size = fixed or batch_size
+        self.left_out = 0
         paths, group = [], []
         for p, s in self.samples():
-            if group and any(s[k].shape != group[0][k].shape for k in s):
-                yield paths, _stack(group)
+            if group and not _compatible(s, group[0], self.inputs):
+                if static:
+                    self.left_out += len(group)
+                else:
+                    yield paths, _stack(group, self.inputs)
                 paths, group = [], []
             paths.append(p)
             group.append(s)
             if len(group) == batch_size:
-                yield paths, _stack(group)
+                yield paths, _stack(group, self.inputs)
                 paths, group = [], []
         if group:
-            yield paths, _stack(group)
+            if static:
+                self.left_out += len(group)
+            else:
+                yield paths, _stack(group, self.inputs)
 
     def labels(self) -> dict[Path, int] | None:
         """Class index per file from ``labels.txt`` (``FILE INDEX`` lines) or one subfolder per class."""
@@ -237,8 +269,19 @@ class DataSource:
         return None
 
 
-def _stack(group: list[dict]) -> dict[str, np.ndarray]:
-    return {k: np.concatenate([g[k] for g in group], axis=0) for k in group[0]}
+def _compatible(a: dict, b: dict, inputs: list[InputInfo]) -> bool:
+    """Whether samples a and b can share a batch: equal shapes, and equal values of scalar inputs."""
+    for i in inputs:
+        x, y = a[i.name], b[i.name]
+        if x.shape != y.shape or (i.batch_axis is None and not np.array_equal(x, y)):
+            return False
+    return True
+
+
+def _stack(group: list[dict], inputs: list[InputInfo]) -> dict[str, np.ndarray]:
+    """Samples concatenated on each input's batch axis; a scalar input takes the (common) value."""
+    return {i.name: group[0][i.name] if i.batch_axis is None or len(group) == 1
+            else np.concatenate([g[i.name] for g in group], axis=i.batch_axis) for i in inputs}
 
 
 def _load_array(path: Path) -> np.ndarray:
@@ -264,18 +307,23 @@ def _load_npz(path: Path, names: list[str]) -> dict[str, np.ndarray]:
 
 
 def _fit(path: Path, info: InputInfo, x: np.ndarray) -> np.ndarray:
-    """Check a sample against the input's rank, static dims and dtype; return it with a batch axis of 1."""
+    """Check a sample against the input's rank, static dims and dtype; return it with a batch axis of 1 (on the
+    input's batch axis), or as a 0-d array for a scalar input."""
     x = np.asarray(x)
     rank = len(info.shape)
-    if x.ndim == rank - 1:
-        x = x[None]
-    elif not (x.ndim == rank and x.shape[0] == 1):
+    if info.batch_axis is None:  # a scalar input: one value, passed as it is
+        if x.size != 1:
+            raise InputError(f"{path}: input '{info.name}' is a scalar, the sample has shape {list(x.shape)}")
+        x = x.reshape(())
+    elif x.ndim == rank - 1:
+        x = np.expand_dims(x, info.batch_axis)
+    elif not (x.ndim == rank and x.shape[info.batch_axis] == 1):
         raise InputError(f"{path}: sample for input '{info.name}' has shape {list(x.shape)}, the model expects "
-                         f"{_shape_str(info.shape)} (one sample per file)")
+                         f"{shape_str(info.shape)} (one sample per file, batch on axis {info.batch_axis})")
     for k, (d, want) in enumerate(zip(x.shape, info.shape)):
-        if k > 0 and want is not None and d != want:
+        if k != info.batch_axis and want is not None and d != want:
             raise InputError(f"{path}: sample for input '{info.name}' has shape {list(x.shape)}, the model "
-                             f"expects {_shape_str(info.shape)}")
+                             f"expects {shape_str(info.shape)}")
     want_kind = np.dtype(info.dtype).kind
     if x.dtype.kind != want_kind and not (want_kind == "f" and x.dtype.kind in "iu"):
         raise InputError(f"{path}: sample for input '{info.name}' is {x.dtype}, the model expects "
@@ -283,18 +331,27 @@ def _fit(path: Path, info: InputInfo, x: np.ndarray) -> np.ndarray:
     return x.astype(info.dtype, copy=False)
 
 
-def _shape_str(shape) -> str:
+def shape_str(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def calibration_sources(folder, inputs, preprocess: Preprocess, config):
+def choose(files: list, size: int, seed: int) -> list:
+    """A seeded choice of ``size`` of ``files`` in their order (all when size is 0 or not smaller)."""
+    if size and size < len(files):
+        pick = np.random.default_rng(seed).choice(len(files), size, replace=False)
+        return [files[i] for i in sorted(pick)]
+    return list(files)
+
+
+def calibration_sources(calib, inputs, preprocess: Preprocess, config):
     """(range-setting source, held-back source or None): ``config.calib_size`` samples for range setting plus up
-    to ``config.holdout`` others held back to measure fidelity (at most a quarter of a small folder)."""
-    full = DataSource(folder, inputs, preprocess)
+    to ``config.holdout`` others held back to measure fidelity (at most a quarter of a small folder). ``calib``
+    is a folder (a DataSource is made of it) or a source object (ptq.feeds.FeedSource)."""
+    full = DataSource(calib, inputs, preprocess) if isinstance(calib, (str, Path)) else calib
     n = len(full)
     holdout = min(config.holdout, n // 4)
     calib_n = min(config.calib_size, n - holdout)
-    src = DataSource(folder, inputs, preprocess, size=calib_n + holdout, seed=config.seed)
+    src = full.subset(choose(full.files, calib_n + holdout, config.seed))
     if holdout == 0:
         return src, None
     held = set(np.random.default_rng(config.seed + 1).permutation(len(src.files))[:holdout].tolist())

@@ -199,13 +199,15 @@ def auto_fix(state, ranking: list[dict], gate_scorer, max_drop, to: str = "16", 
 
 
 def debug(model_path, calib, output=None, config=None, preprocess=None, eval_dir=None, eval_preprocess=None,
-          metric=None, worst: int = 5, progress: bool = False) -> tuple:
+          metric=None, worst: int = 5, progress: bool = False, calib_feeds=None, calib_reader=None) -> tuple:
     """``ptq debug``: quantize as ``ptq run`` would, then run steps 1-4 on up to ``config.debug_samples``
     samples of ``eval_dir`` (else of the calibration folder). Writes <output>.html and .json; returns
     (html path, json path, report dict)."""
     from pathlib import Path
 
-    from .data import DataSource, Preprocess, calibration_sources, model_inputs
+    from .data import DataSource, Preprocess, calibration_sources, choose, model_inputs
+    from .errors import InputError
+    from .feeds import calibration_input
     from .debug_report import debug_paths, render_debug_report
     from .metric import Scorer
     from .model import load_model
@@ -221,14 +223,18 @@ def debug(model_path, calib, output=None, config=None, preprocess=None, eval_dir
     original = load_model(model_path)
     check_runnable(original, str(model_path))
     inputs = model_inputs(original)
+    calib = calibration_input(inputs, calib, calib_feeds, calib_reader)
+    if calib is None:
+        raise InputError("--calib DIR is required (or --calib-feeds DIR, --calib-reader module:function)")
     calib_src, _ = calibration_sources(calib, inputs, preprocess, config)
     if eval_dir:
         data = DataSource(eval_dir, inputs, eval_preprocess or preprocess, size=config.debug_samples,
                           seed=config.seed)
         data_note = f"{len(data)} samples of {eval_dir}"
     else:
-        data = DataSource(calib, inputs, preprocess, size=config.debug_samples, seed=config.seed + 7)
-        data_note = f"{len(data)} samples of the calibration folder {calib} (no --eval given)"
+        full = DataSource(calib, inputs, preprocess) if isinstance(calib, (str, Path)) else calib
+        data = full.subset(choose(full.files, config.debug_samples, config.seed + 7))
+        data_note = f"{len(data)} samples of the calibration data (no --eval given)"
     state = run_steps(prepare(original, config), Context(calib_src, progress), timings)
     timings["quantize"] = round(time.perf_counter() - t0, 3)
 

@@ -22,3 +22,14 @@ class AccuracyGateError(PTQError):
     def __init__(self, message: str, result=None, paths=None):
         super().__init__(message)
         self.result, self.paths = result, paths
+
+
+class FidelityError(PTQError):
+    """``--strict``: an output (or a slice of one) of the quantized model is under the fidelity bounds. Raised
+    after writing, like AccuracyGateError."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, result=None, paths=None):
+        super().__init__(message)
+        self.result, self.paths = result, paths

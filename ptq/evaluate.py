@@ -12,32 +12,58 @@ from tqdm import tqdm
 
 from .errors import AccuracyGateError, InputError
 from .observe import session
+from .patterns import class_score_outputs
+
+
+MAX_SLICES = 4096  # per-slice fidelity for outputs with at most this many slices on axis 1
+
+
+def _sqnr_cos(signal, noise, dot, nq):
+    """SQNR (dB) and cosine from the sums Σr², Σ(r − q)², Σr·q, Σq² (arrays: one per slice)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sqnr = np.where(noise == 0, np.inf, 10 * np.log10(np.maximum(signal, 1e-300) / np.maximum(noise, 1e-300)))
+        cos = dot / np.sqrt(np.maximum(signal * nq, 1e-300))
+    return sqnr, cos
 
 
 class _OutputStats:
+    """Running sums of one output, over the whole tensor and per slice of axis 1 (a detector head's rows, an
+    output's channels), where a large sub-range can hide a collapsed small one."""
+
     def __init__(self):
-        self.signal = self.noise = self.dot = self.nq = 0.0
+        self.sums = np.zeros(4)  # Σr², Σ(r − q)², Σr·q, Σq²
+        self.slices = None  # [4, S] per slice of axis 1
 
     def update(self, ref: np.ndarray, q: np.ndarray):
-        ref, q = ref.astype(np.float64).ravel(), q.astype(np.float64).ravel()
-        self.signal += float(ref @ ref)
-        self.noise += float((ref - q) @ (ref - q))
-        self.dot += float(ref @ q)
-        self.nq += float(q @ q)
+        r, d = ref.astype(np.float64), q.astype(np.float64)
+        parts = (r * r, (r - d) ** 2, r * d, d * d)
+        self.sums += [float(p.sum()) for p in parts]
+        if r.ndim >= 2 and 1 < r.shape[1] <= MAX_SLICES and (self.slices is None or self.slices.shape[1]
+                                                                 == r.shape[1]):
+            axes = tuple(a for a in range(r.ndim) if a != 1)
+            s = np.stack([p.sum(axis=axes) for p in parts])
+            self.slices = s if self.slices is None else self.slices + s
 
     def result(self) -> dict:
-        sqnr = float("inf") if self.noise == 0 else 10 * np.log10(max(self.signal, 1e-300) / self.noise)
-        cos = self.dot / np.sqrt(max(self.signal * self.nq, 1e-300))
-        return {"sqnr_db": round(sqnr, 2), "cosine": round(float(cos), 6)}
+        sqnr, cos = _sqnr_cos(*self.sums)
+        out = {"sqnr_db": round(float(sqnr), 2), "cosine": round(float(cos), 6)}
+        if self.slices is not None:
+            live = self.slices[0] > 0  # slices the FP32 model ever makes non-zero
+            if live.any():
+                s_sqnr, s_cos = _sqnr_cos(*self.slices)
+                k = int(np.flatnonzero(live)[np.argmin(s_sqnr[live])])
+                out["worst_slice"] = {"axis": 1, "index": k, "of": int(self.slices.shape[1]),
+                                      "sqnr_db": round(float(s_sqnr[k]), 2), "cosine": round(float(s_cos[k]), 6)}
+        return out
 
 
 class Accumulator:
     """Running counts of one FP32-vs-quantized comparison, batch by batch: per-output SQNR and cosine, top-1
-    agreement on the classification output ([N, C] logits, the first such output) and, with labels, top-1 /
-    top-5 of both."""
+    agreement on the classification output (the first of ``class_outputs`` that is [N, C] with C > 1; None:
+    the first such output of any kind) and, with labels, top-1 / top-5 of both."""
 
-    def __init__(self, names: list[str], labels: dict | None):
-        self.names, self.labels = names, labels
+    def __init__(self, names: list[str], labels: dict | None, class_outputs: list[str] | None = None):
+        self.names, self.labels, self.class_outputs = names, labels, class_outputs
         self.stats = {n: _OutputStats() for n in names}
         self.cls = None
         self.samples = 0
@@ -49,7 +75,8 @@ class Accumulator:
         for n, a, b in zip(self.names, out_fp, out_q):
             self.stats[n].update(a, b)
         if self.cls is None:
-            self.cls = next((k for k, a in enumerate(out_fp) if a.ndim == 2 and a.shape[1] > 1), -1)
+            self.cls = next((k for k, a in enumerate(out_fp) if a.ndim == 2 and a.shape[1] > 1 and (
+                self.class_outputs is None or self.names[k] in self.class_outputs)), -1)
         if self.cls < 0:
             return
         a, b = out_fp[self.cls], out_q[self.cls]
@@ -117,17 +144,34 @@ def check_comparable(fp_model, q_model, fp_name="FP32 model", q_name="quantized 
 def evaluate(fp_model, q_model, source, batch_size: int = 16, labels: dict | None = None,
              progress: bool = False, desc: str = "evaluating") -> dict:
     """Run both models over ``source``; returns samples, per-output fidelity and, for a classification output
-    ([N, C] logits, the first such output), top-1 agreement and — with labels — top-1 / top-5 of both."""
+    ([N, C] class scores of a Gemm / MatMul, ptq.patterns.class_score_outputs), top-1 agreement and — with
+    labels — top-1 / top-5 of both."""
     fp, q = session(fp_model), session(q_model)
     names = [o.name for o in fp.get_outputs()]
-    acc = Accumulator(names, labels)
+    acc = Accumulator(names, labels, class_score_outputs(fp_model) if hasattr(fp_model, "graph") else None)
     with tqdm(total=len(source), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for paths, feed in source.batches(batch_size):
             acc.update(paths, fp.run(names, feed), q.run(names, feed))
             bar.update(len(paths))
-    result = acc.result()
-    result["samples"] = len(source)
-    return result
+    return acc.result()
+
+
+def fidelity_flags(result: dict, min_sqnr_db: float, min_cosine: float) -> list[tuple[str, str]]:
+    """(output, one line) per output of ``result`` (ptq.evaluate's) whose SQNR or cosine, over the whole tensor or
+    in its worst slice of axis 1, is under the bound: the quantized model is broken there, whatever else looks
+    fine."""
+    flags = []
+    for name, o in (result or {}).get("outputs", {}).items():
+        if o["sqnr_db"] < min_sqnr_db or o["cosine"] < min_cosine:
+            flags.append((name, f"output '{name}': SQNR {o['sqnr_db']} dB, cosine {o['cosine']} against FP32 "
+                                f"(bounds {min_sqnr_db:g} dB, {min_cosine:g})"))
+        elif "worst_slice" in o and (o["worst_slice"]["sqnr_db"] < min_sqnr_db
+                                     or o["worst_slice"]["cosine"] < min_cosine):
+            w = o["worst_slice"]
+            flags.append((name, f"output '{name}': slice {w['index']} of {w['of']} on axis 1 at SQNR "
+                                f"{w['sqnr_db']} dB, cosine {w['cosine']} (bounds {min_sqnr_db:g} dB, "
+                                f"{min_cosine:g}), though the whole tensor has {o['sqnr_db']} dB"))
+    return flags
 
 
 def parse_max_drop(text: str | None):

@@ -1,9 +1,10 @@
 """The metric that the debugging flow and auto-fix steer by, and a scorer that runs the FP32 model only once.
 
 The metric (white paper §3.7 leaves it to the user): top-1 against labels when the data has them; else top-1
-agreement with FP32 (for a classification output); else output SQNR; or a user function named
+agreement with FP32 (for a class-score output); else output SQNR; or a user function named
 ``module:function`` called as f(fp32_outputs, quantized_outputs, labels) -> float (higher is better; the outputs
-are dicts of name -> array over all samples, labels an int array or None). Its *drop* is the FP32 model's
+are dicts of name -> array over all samples, or the list of per-batch arrays where their shapes vary between
+batches; labels an int array or None). Its *drop* is the FP32 model's
 score minus the quantized model's (for SQNR: none — SQNR ranks but cannot gate).
 """
 from __future__ import annotations
@@ -16,22 +17,28 @@ from tqdm import tqdm
 from .errors import InputError
 from .evaluate import Accumulator
 from .observe import session
+from .patterns import class_score_outputs
 
 CACHE_BYTES = 768 << 20  # keep decoded input batches in memory up to this size, else re-read them
 
 
 def load_user_metric(spec: str):
+    """'pkg.module:function' (found from the current folder too) or 'path/to/file.py:function' -> the function."""
+    return load_function(spec, "--metric")
+
+
+def load_function(spec: str, option: str):
     """'pkg.module:function' (found from the current folder too) or 'path/to/file.py:function' -> the function
-    (errors name what is missing)."""
+    (InputError naming ``option`` and what is missing)."""
     if ":" not in spec:
-        raise InputError(f"--metric takes module:function, not {spec!r}")
+        raise InputError(f"{option} takes module:function, not {spec!r}")
     mod_name, fn_name = spec.rsplit(":", 1)
     try:
         if mod_name.endswith(".py"):  # a file: path/to/metric.py:function
             from importlib import util as importlib_util
             from pathlib import Path
             if not Path(mod_name).is_file():
-                raise InputError(f"--metric {spec}: no such file {mod_name}")
+                raise InputError(f"{option} {spec}: no such file {mod_name}")
             module_spec = importlib_util.spec_from_file_location(Path(mod_name).stem, mod_name)
             mod = importlib_util.module_from_spec(module_spec)
             module_spec.loader.exec_module(mod)
@@ -43,11 +50,22 @@ def load_user_metric(spec: str):
     except InputError:
         raise
     except Exception as e:
-        raise InputError(f"--metric {spec}: cannot import {mod_name} ({type(e).__name__}: {e})") from None
+        raise InputError(f"{option} {spec}: cannot import {mod_name} ({type(e).__name__}: {e})") from None
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
-        raise InputError(f"--metric {spec}: {mod_name} has no function {fn_name}")
+        raise InputError(f"{option} {spec}: {mod_name} has no function {fn_name}")
     return fn
+
+
+def gathered(names: list[str], outs: list[list[np.ndarray]]) -> dict:
+    """Output name -> the batches' arrays concatenated on axis 0, or the list of per-batch arrays where their
+    shapes differ beyond axis 0 (a detector's variable number of boxes, a sequence model's lengths)."""
+    out = {}
+    for k, n in enumerate(names):
+        parts = [o[k] for o in outs]
+        same = len({(p.ndim,) + p.shape[1:] for p in parts}) == 1
+        out[n] = np.concatenate(parts) if same and parts[0].ndim else parts
+    return out
 
 
 class Scorer:
@@ -66,7 +84,8 @@ class Scorer:
                 size += sum(v.nbytes for v in feed.values())
                 self.cache.append((paths, feed) if size <= CACHE_BYTES else (paths, None))
                 bar.update(len(paths))
-        self.reference = self._metric(self.fp_out, self.fp_out, Accumulator(self.names, self.labels))[1]
+        self.class_outputs = class_score_outputs(fp_model)
+        self.reference = self._metric(self.fp_out, self.fp_out, self._accumulator())[1]
         self.kind = self.reference[1]
 
     def batches(self):
@@ -81,8 +100,11 @@ class Scorer:
         what it says; else as onnxruntime runs it by default (fused integer kernels), as the accuracy gate does."""
         s = session(q_model, exact_qdq=exact)
         outs = [s.run(self.names, feed) for _, feed in self.batches()]
-        result, _ = self._metric(self.fp_out, outs, Accumulator(self.names, self.labels))
+        result, _ = self._metric(self.fp_out, outs, self._accumulator())
         return result
+
+    def _accumulator(self) -> Accumulator:
+        return Accumulator(self.names, self.labels, self.class_outputs)
 
     def _metric(self, fp_out, q_out, acc):
         for (paths, _), a, b in zip(self.cache, fp_out, q_out):
@@ -92,8 +114,8 @@ class Scorer:
             lab = None
             if self.labels:
                 lab = np.array([self.labels.get(p, -1) for paths, _ in self.cache for p in paths])
-            cat = lambda outs: {n: np.concatenate([o[k] for o in outs]) for k, n in enumerate(self.names)}  # noqa
-            value, kind = float(self.user(cat(fp_out), cat(q_out), lab)), "user metric"
+            value, kind = float(self.user(gathered(self.names, fp_out), gathered(self.names, q_out), lab)), \
+                "user metric"
         elif "quant_top1" in r:
             value, kind = r["quant_top1"], "top-1 %"
         elif "top1_agreement" in r:

@@ -17,25 +17,27 @@ from .errors import InputError
 
 HALF_BINS = 8192  # bins per sign: ~32 bins per 8-bit step at full range
 CHUNK = 1 << 20
+SENTINEL = 1e30  # |x| at or beyond this is a sentinel (float max / min used as ±∞ in masks), never a value
 
 
 class Histogram:
     """Histogram over [-HALF_BINS·w, HALF_BINS·w) with bin width w doubled (pairs of bins merged) whenever a value
-    falls outside; also exact min, max and count of the finite values (inf and nan are counted apart)."""
+    falls outside; also exact min, max and count of the values; inf, nan and sentinels (|x| >= SENTINEL) are only
+    counted (``nonfinite``)."""
 
     def __init__(self, half_bins: int = HALF_BINS):
         self.nb = half_bins
         self.counts = np.zeros(2 * half_bins, np.int64)
         self.width = 0.0
         self.min, self.max, self.n = np.inf, -np.inf, 0
-        self.nonfinite = 0  # values left out: inf / nan
+        self.nonfinite = 0  # values left out: inf, nan, sentinels
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, np.float32).ravel()
-        if x.size and not (np.isfinite(x.min()) and np.isfinite(x.max())):  # inf / nan never set a range
-            finite = np.isfinite(x)
-            self.nonfinite += int(x.size - np.count_nonzero(finite))
-            x = x[finite]
+        if x.size and not (abs(float(x.min())) < SENTINEL and abs(float(x.max())) < SENTINEL):
+            keep = np.abs(x) < SENTINEL  # inf, nan and ±1e30-style sentinels never set a range
+            self.nonfinite += int(x.size - np.count_nonzero(keep))
+            x = x[keep]
         if x.size == 0:
             return
         lo, hi = float(x.min()), float(x.max())

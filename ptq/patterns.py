@@ -143,3 +143,24 @@ def _non_float_tensors(model: onnx.ModelProto) -> set[str]:
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type not in (0, FLOAT):
             names.add(vi.name)
     return names
+
+
+SCORE_TAILS = {"Softmax", "LogSoftmax", "Sigmoid", "Flatten", "Reshape", "Identity", "Squeeze"}
+
+
+def class_score_outputs(model: onnx.ModelProto) -> list[str]:
+    """Graph outputs that are class scores: made by a Gemm / MatMul (through Softmax, LogSoftmax, Sigmoid or a
+    reshape), of rank 2 where the rank is known. Top-1 agreement means something for these only (not for an
+    embedding, a box regression or a feature map)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = []
+    for o in model.graph.output:
+        dims = o.type.tensor_type.shape.dim if o.type.tensor_type.HasField("shape") else None
+        if dims is not None and len(dims) != 2:
+            continue
+        node = producer.get(o.name)
+        while node is not None and node.op_type in SCORE_TAILS:
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type in ("Gemm", "MatMul"):
+            out.append(o.name)
+    return out

@@ -54,6 +54,11 @@ def _fmt(v, nd=4):
     return str(v)
 
 
+def _worst(o: dict) -> str:
+    w = o.get("worst_slice")
+    return f"{w['index']} of {w['of']}: {w['sqnr_db']}, {w['cosine']}" if w else "—"
+
+
 def _sqnr_chart(title: str, table: dict) -> list[str]:
     """Bars of the lowest 30 SQNRs of a quantizer table (weights or activations)."""
     from .charts import bars_svg
@@ -73,15 +78,16 @@ def sections(r: dict) -> list[Section]:
         f"Steps: {', '.join(s['steps'])}",
         f"Sizes: FP32 {r['sizes']['fp32_bytes'] / 1e6:.2f} MB → quantized {r['sizes']['quant_bytes'] / 1e6:.2f} MB "
         f"({r['sizes']['ratio']:.2f}× smaller); peak memory {r.get('peak_rss_mb')} MB; total time "
-        f"{r['timings']['total']:.1f} s"] + [f"**Warning:** {w}" for w in (r.get("stages") or {}).get("warnings", [])])]
+        f"{r['timings']['total']:.1f} s"] + [f"**Warning:** {w}" for w in (r.get("stages") or {}).get("warnings", [])
+                                             + r.get("fidelity_flags", [])])]
     out.append(Section("Wall time per stage", header=["stage", "seconds"],
                        rows=[[k, f"{v:.2f}"] for k, v in r["timings"].items()]))
     if r.get("fidelity"):
         f = r["fidelity"]
         out.append(Section(f"Output fidelity (FP32 vs quantized, {f['samples']} held-back calibration samples)",
                            text=[f"Top-1 agreement with FP32: {f['top1_agreement']} %"] if "top1_agreement" in f
-                           else [], header=["output", "SQNR dB", "cosine"],
-                           rows=[[k, v["sqnr_db"], v["cosine"]] for k, v in f["outputs"].items()]))
+                           else [], header=["output", "SQNR dB", "cosine", "worst slice of axis 1: SQNR dB, cosine"],
+                           rows=[[k, v["sqnr_db"], v["cosine"], _worst(v)] for k, v in f["outputs"].items()]))
     if r.get("evaluation"):
         e = r["evaluation"]
         sec = Section(f"Evaluation ({e['samples']} samples)")
@@ -117,7 +123,9 @@ def sections(r: dict) -> list[Section]:
                               a.get("sqnr_db"), ", ".join(a.get("shared_by", [])) or "—"]
                              for k, a in r["activations"].items()],
                        charts=_sqnr_chart("activation SQNR dB, lowest 30 tensors", r["activations"])))
-    out.append(Section("Left in floating point", text=[", ".join(r["fp32_ops"]) if r["fp32_ops"] else "nothing"]))
+    out.append(Section("Left in floating point", text=[
+        "Ops: " + (", ".join(r["fp32_ops"]) if r["fp32_ops"] else "none")] + [
+        f"Tensor `{t}`: {why}" for t, why in ((r.get("stages") or {}).get("left_float") or {}).items()]))
     stages = r.get("stages") or {}
     cle = stages.get("cle")
     if cle:

@@ -10,15 +10,16 @@ what ``ptq run`` does: check the outputs first, quantize, save, and raise Accura
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import onnx
 
 from .data import DataSource, Preprocess, calibration_sources, model_inputs
-from .errors import AccuracyGateError, InputError
-from .evaluate import check_gate, evaluate, parse_max_drop
+from .errors import AccuracyGateError, FidelityError, InputError
+from .evaluate import check_gate, evaluate, fidelity_flags, parse_max_drop
 from .export import export_qdq
+from .feeds import calibration_input
 from .model import load_model
 from .observe import check_runnable
 from .outputs import OutputSet
@@ -38,6 +39,7 @@ class Result:
     evaluation: dict | None = None
     gate: str | None = None
     gate_passed: bool | None = None
+    fidelity_flags: list = field(default_factory=list)  # outputs under the fidelity bounds (ptq.evaluate)
 
     def save(self, output, outputs: OutputSet | None = None, inputs=()) -> tuple[Path, Path, Path, Path]:
         """Write the model to ``output`` and its reports beside it (JSON, Markdown, HTML), all or nothing.
@@ -69,9 +71,12 @@ def make_config(config: Config | None = None, **settings) -> Config:
 
 
 def quantize(model, calib=None, *, config: Config | None = None, preprocess: Preprocess | None = None,
-             eval_data=None, eval_preprocess: Preprocess | None = None, max_drop=None, auto_fix: str | None = None,
-             metric=None, progress: bool = False, **settings) -> Result:
-    """Quantize ``model`` (a path or a ModelProto) with calibration data from the folder ``calib``.
+             calib_feeds=None, calib_reader=None, eval_data=None, eval_preprocess: Preprocess | None = None,
+             max_drop=None, auto_fix: str | None = None, metric=None, progress: bool = False,
+             **settings) -> Result:
+    """Quantize ``model`` (a path or a ModelProto) with calibration data from the folder ``calib`` (images or
+    .npy / .npz samples, stacked into batches), or complete feeds: ``calib_feeds`` (a folder of .npz files, one
+    feed each) or ``calib_reader`` (a function, or "module:function", returning or yielding feed dicts).
 
     ``settings`` are Config fields (``weight_bits=4, adaround=True``, …) over ``config``. ``eval_data``: a folder to
     evaluate both models on. ``max_drop``: the accuracy gate ("0.5" points of top-1, "2%" relative, or the
@@ -89,8 +94,9 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
         raise InputError(f"auto_fix must be '16' or 'fp32', not {auto_fix!r}")
     if auto_fix and gate is None:
         raise InputError("--auto-fix needs --max-drop X (the bound it fixes the model to)")
-    if calib is None and not config.data_free:
-        raise InputError("--calib DIR is required (a folder of images or .npy/.npz samples), or --data-free")
+    if calib is None and calib_feeds is None and calib_reader is None and not config.data_free:
+        raise InputError("--calib DIR is required (a folder of images or .npy/.npz samples; or --calib-feeds DIR, "
+                         "--calib-reader module:function), or --data-free")
     t_start = time.perf_counter()
     timings = {}
     t0 = time.perf_counter()
@@ -98,7 +104,8 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
     name = str(model) if not isinstance(model, onnx.ModelProto) else (original.graph.name or "model")
     check_runnable(original, name)
     inputs = model_inputs(original)
-    calib_src, held = calibration_sources(calib, inputs, preprocess, config) if calib else (None, None)
+    calib = calibration_input(inputs, calib, calib_feeds, calib_reader)
+    calib_src, held = calibration_sources(calib, inputs, preprocess, config) if calib is not None else (None, None)
     eval_src = DataSource(eval_data, inputs, eval_preprocess or preprocess) if eval_data else None
     gate_src = eval_src if eval_src is not None else held
     if gate is not None:
@@ -144,20 +151,46 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
             verdict, passed = check_gate(scored, gate), True
         except AccuracyGateError as e:
             verdict, passed = str(e), False
+    flags = []
+    for where, measured in (("held-back calibration samples", fidelity), ("evaluation data", evaluation)):
+        flags += [f"{line} on the {where}{nearest_quantizer(state, output)}"
+                  for output, line in fidelity_flags(measured, config.fidelity_sqnr_db, config.fidelity_cosine)]
     timings["total"] = round(time.perf_counter() - t_start, 3)
 
     report = build_report(name, state, timings, fidelity, evaluation, original, qmodel)
+    report["fidelity_flags"] = flags
     if fixed is not None:
         report["auto_fix"] = fixed
     if verdict is not None:
         report["gate"] = verdict
-    return Result(qmodel, report, fidelity, evaluation, verdict, passed)
+    return Result(qmodel, report, fidelity, evaluation, verdict, passed, flags)
 
 
-def run(model_path, calib=None, output=None, **kw) -> tuple[Result, tuple[Path, Path, Path, Path]]:
+def nearest_quantizer(state, tensor: str) -> str:
+    """'; nearest quantizer: act:<t>' for the activation quantizer closest upstream of ``tensor`` (its own, or
+    the first met walking back through the producers), where the trouble most likely starts."""
+    producer = {o: n for n in state.model.graph.node for o in n.output}
+    seen, frontier = set(), [tensor]
+    while frontier:
+        nxt = []
+        for t in frontier:
+            r = state.placement.root.get(t)
+            if r in state.acts:
+                return f"; nearest quantizer: act:{r}"
+            if t in seen or t not in producer:
+                continue
+            seen.add(t)
+            nxt += [i for i in producer[t].input if i]
+        frontier = nxt
+    return ""
+
+
+def run(model_path, calib=None, output=None, strict: bool = False,
+        **kw) -> tuple[Result, tuple[Path, Path, Path, Path]]:
     """``ptq run``: check that the outputs can be written (and are not the input) before any work, quantize
     (keywords as ``quantize``), write the model and its reports together; raise AccuracyGateError after writing
-    when the gate failed. Returns (result, written paths)."""
+    when the gate failed, and with ``strict`` FidelityError when an output is under the fidelity bounds.
+    Returns (result, written paths)."""
     config = make_config(kw.pop("config", None), **{k: kw.pop(k) for k in list(kw) if k in Config.__dataclass_fields__})
     output = Path(output) if output else default_output(model_path, config)
     outputs = OutputSet((output, *report_paths(output)), inputs=[model_path])
@@ -166,6 +199,10 @@ def run(model_path, calib=None, output=None, **kw) -> tuple[Result, tuple[Path, 
         paths = result.save(output, outputs)
     if result.gate_passed is False:
         raise AccuracyGateError(result.gate, result, paths)
+    if strict and result.fidelity_flags:
+        raise FidelityError(f"--strict: {result.fidelity_flags[0]}"
+                            + (f" (and {len(result.fidelity_flags) - 1} more)" if len(result.fidelity_flags) > 1
+                               else ""), result, paths)
     return result, paths
 
 

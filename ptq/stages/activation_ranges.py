@@ -4,7 +4,14 @@ quantizer (and a row sample of the logits); then each quantizer's range is chose
 back to ``mse`` where there is none) and ``xent`` for the logits.
 
 A quantizer right after a fused Relu / Clip is kept inside the activation's bounds, so the int8 runtime can drop
-the activation (its output range already is the quantizer's)."""
+the activation (its output range already is the quantizer's).
+
+Two kinds of tensor stay in float, each with a report line (``state.report["left_float"]``):
+- a tensor that carries sentinels (|x| >= 1e30, inf: float min / max used as −∞ in attention masks): any grid
+  would turn −∞ into a finite value and let the masked positions through the softmax;
+- the output of a Concat whose inputs' ranges differ more than ``concat_spread`` times (a detector head
+  concatenating boxes in the hundreds with scores below 1): one shared scale would round the small input to a
+  few levels or to zero. Its inputs keep their own quantizers."""
 from __future__ import annotations
 
 import numpy as np
@@ -60,7 +67,33 @@ def set_activation_ranges(state, ctx):
             if method == "bn":
                 enc.method = "mse (no BN before it)"
         state.acts[r] = fit_inside(enc, bounds.get(r))
+    left = state.report.setdefault("left_float", {})
+    for r in roots:
+        if hists[r].nonfinite:
+            del state.acts[r]
+            left[r] = f"carries {hists[r].nonfinite} inf / nan / ±1e30 sentinel values (a mask): kept in float"
+    for node, spread in mixed_concats(state.model, state.placement.root, hists, cfg.concat_spread):
+        r = state.placement.root[node.output[0]]
+        if state.acts.pop(r, None) is not None:
+            left[r] = (f"Concat '{node.name}': its inputs' ranges differ {spread:.0f}× (more than "
+                       f"concat_spread = {cfg.concat_spread:g}); one scale would crush the smallest: kept in float")
     return state
+
+
+def mixed_concats(model, root: dict, hists: dict, spread: float):
+    """(Concat node, ratio) for each Concat whose inputs' largest |value| differ more than ``spread`` times."""
+    if not spread:
+        return []
+    out = []
+    for node in model.graph.node:
+        if node.op_type != "Concat" or node.output[0] not in root:
+            continue
+        tops = [max(abs(hists[root[i]].min), abs(hists[root[i]].max)) for i in node.input
+                if i in root and root[i] in hists and hists[root[i]].n]
+        tops = [t for t in tops if t > 0]
+        if len(tops) > 1 and max(tops) / min(tops) > spread:
+            out.append((node, max(tops) / min(tops)))
+    return out
 
 
 def fit_inside(enc: Encoding, bounds) -> Encoding:

@@ -126,17 +126,19 @@ def set_data_free_ranges(state, ctx=None):
 
 def _synthetic_fallback(state, names, stats, samples: int = 16):
     """Min-max ranges of ``names`` on random inputs drawn from the input moments."""
-    from ..data import model_inputs
+    from ..data import model_inputs, static_batch
     cfg = state.config
     inputs = model_inputs(state.model)
     rng = np.random.default_rng(cfg.seed)
+    samples = static_batch(inputs) or samples
     batch = {}
     for info in inputs:
-        if any(d is None for d in info.shape[1:]):
+        if any(d is None for k, d in enumerate(info.shape) if k != info.batch_axis) or info.batch_axis is None:
             raise InputError(f"data-free ranges for {', '.join(names[:3])} need synthetic inputs, but input "
                              f"'{info.name}' has dynamic dimensions {info.shape}: give --calib data")
         mu, sigma = stats[info.name][:2]
-        shape = [samples] + list(info.shape[1:])
+        shape = list(info.shape)
+        shape[info.batch_axis] = samples
         if cfg.input_range:
             batch[info.name] = rng.uniform(*cfg.input_range, shape).astype(np.float32)
         else:

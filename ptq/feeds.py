@@ -1,0 +1,127 @@
+"""Calibration data as complete feeds, passed to the model as they are (any batch axis, no stacking): a folder
+of ``.npz`` files, each one feed (``--calib-feeds``), or a Python function yielding feed dicts
+(``--calib-reader module:function``, the convention of onnxruntime's CalibrationDataReader and NNCF's Dataset),
+for stateful models and preprocessing of your own. Every feed is checked against the model's inputs: the names,
+the dtype kind, the static dimensions, finite values.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .data import InputInfo, shape_str
+from .errors import InputError
+
+
+def calibration_input(inputs: list[InputInfo], calib=None, feeds=None, reader=None):
+    """What the calibration data is: the folder ``calib`` as given, or a FeedSource over ``feeds`` (a folder of
+    .npz feeds) or ``reader`` (a function, or "module:function"); None when none is given. One at most."""
+    given = [n for n, v in (("--calib", calib), ("--calib-feeds", feeds), ("--calib-reader", reader))
+             if v is not None]
+    if len(given) > 1:
+        raise InputError(f"give one of {' / '.join(given)}, not several")
+    if feeds is None and reader is None:
+        return calib
+    name = reader if isinstance(reader, str) else ""
+    return FeedSource(inputs, folder=feeds, reader=load_reader(reader) if isinstance(reader, str) else reader,
+                      name=name)
+
+
+def load_reader(spec: str) -> Callable:
+    """'module:function' or 'path/to/file.py:function' -> the function (errors name what is missing)."""
+    from .metric import load_function
+    return load_function(spec, "--calib-reader")
+
+
+class FeedSource:
+    """Feeds from ``.npz`` files (``folder``) or from ``reader()`` (called anew for every pass over the data).
+
+    ``files`` names the chosen feeds (paths, or indices into the reader's sequence); a batch is one feed.
+    """
+
+    def __init__(self, inputs: list[InputInfo], folder=None, reader: Callable | None = None, name: str = ""):
+        self.inputs, self.reader = inputs, reader
+        self.name = name or (str(folder) if folder is not None else "--calib-reader")
+        if folder is not None:
+            folder = Path(folder)
+            if not folder.is_dir():
+                raise InputError(f"{folder}: no such folder")
+            self.files = sorted(p for p in folder.rglob("*.npz") if p.is_file())
+            if not self.files:
+                raise InputError(f"{folder}: no .npz feeds found (one complete feed per file)")
+        else:
+            try:
+                count = sum(1 for _ in self._call())
+            except InputError:
+                raise
+            except Exception as e:
+                raise InputError(f"{self.name}: the reader failed ({type(e).__name__}: {e})") from None
+            if count == 0:
+                raise InputError(f"{self.name}: the reader yielded no feeds")
+            self.files = list(range(count))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def subset(self, files) -> "FeedSource":
+        other = copy.copy(self)
+        other.files = list(files)
+        return other
+
+    def labels(self):
+        return None
+
+    def _call(self):
+        feeds = self.reader()
+        if isinstance(feeds, dict):
+            raise InputError(f"{self.name}: the reader returned one dict; it must return or yield a sequence of "
+                             "feed dicts")
+        return iter(feeds)
+
+    def batches(self, batch_size: int = 1) -> Iterator[tuple[list, dict[str, np.ndarray]]]:
+        """One feed per batch, in the order of ``files``."""
+        if self.reader is None:
+            for p in self.files:
+                yield [p], self.check(p, _load(p))
+            return
+        wanted = set(self.files)
+        for k, feed in enumerate(self._call()):
+            if k in wanted:
+                yield [k], self.check(f"{self.name} feed #{k}", feed)
+
+    def check(self, where, feed) -> dict[str, np.ndarray]:
+        if not isinstance(feed, dict):
+            raise InputError(f"{where}: a feed must be a dict of input name -> array, not {type(feed).__name__}")
+        names = [i.name for i in self.inputs]
+        missing, extra = [n for n in names if n not in feed], [k for k in feed if k not in names]
+        if missing or extra:
+            raise InputError(f"{where}: the model's inputs are {', '.join(names)}; the feed "
+                             + (f"lacks {', '.join(missing)}" if missing else "")
+                             + ("; " if missing and extra else "") + (f"has no input {', '.join(extra)}" if extra
+                                                                      else ""))
+        out = {}
+        for info in self.inputs:
+            x = np.asarray(feed[info.name])
+            if x.ndim != len(info.shape) or any(w is not None and d != w for d, w in zip(x.shape, info.shape)):
+                raise InputError(f"{where}: input '{info.name}' has shape {list(x.shape)}, the model expects "
+                                 f"{shape_str(info.shape)}")
+            want = np.dtype(info.dtype).kind
+            if x.dtype.kind != want and not (want == "f" and x.dtype.kind in "iu"):
+                raise InputError(f"{where}: input '{info.name}' is {x.dtype}, the model expects "
+                                 f"{np.dtype(info.dtype).name}")
+            x = x.astype(info.dtype, copy=False)
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                raise InputError(f"{where}: input '{info.name}' has non-finite values (inf or nan)")
+            out[info.name] = x
+        return out
+
+
+def _load(path: Path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:
+        raise InputError(f"{path}: cannot read .npz ({str(e).splitlines()[0][:120]})") from None
