@@ -16,6 +16,7 @@ from .patterns import class_score_outputs
 
 
 MAX_SLICES = 4096  # per-slice fidelity for outputs with at most this many slices on axis 1
+SLICE_FLOOR = 1e-3  # slices whose FP32 peak |value| is under this share of the output's peak are not judged
 
 
 def _sqnr_cos(signal, noise, dot, nq):
@@ -28,11 +29,14 @@ def _sqnr_cos(signal, noise, dot, nq):
 
 class _OutputStats:
     """Running sums of one output, over the whole tensor and per slice of axis 1 (a detector head's rows, an
-    output's channels), where a large sub-range can hide a collapsed small one."""
+    output's channels), where a large sub-range can hide a collapsed small one. The worst slice is sought among
+    those whose FP32 peak |value| reaches SLICE_FLOOR of the output's peak (below, a slice is under 10 bits of the
+    output's range: the scores of classes that never fire)."""
 
     def __init__(self):
         self.sums = np.zeros(4)  # Σr², Σ(r − q)², Σr·q, Σq²
         self.slices = None  # [4, S] per slice of axis 1
+        self.peak = None  # [S] max |r| per slice
 
     def update(self, ref: np.ndarray, q: np.ndarray):
         r, d = ref.astype(np.float64), q.astype(np.float64)
@@ -42,18 +46,21 @@ class _OutputStats:
                                                                  == r.shape[1]):
             axes = tuple(a for a in range(r.ndim) if a != 1)
             s = np.stack([p.sum(axis=axes) for p in parts])
+            peak = np.abs(r).max(axis=axes)
             self.slices = s if self.slices is None else self.slices + s
+            self.peak = peak if self.peak is None else np.maximum(self.peak, peak)
 
     def result(self) -> dict:
         sqnr, cos = _sqnr_cos(*self.sums)
         out = {"sqnr_db": round(float(sqnr), 2), "cosine": round(float(cos), 6)}
         if self.slices is not None:
-            live = self.slices[0] > 0  # slices the FP32 model ever makes non-zero
-            if live.any():
+            live = self.peak >= SLICE_FLOOR * self.peak.max()
+            if live.any() and self.peak.max() > 0:
                 s_sqnr, s_cos = _sqnr_cos(*self.slices)
                 k = int(np.flatnonzero(live)[np.argmin(s_sqnr[live])])
                 out["worst_slice"] = {"axis": 1, "index": k, "of": int(self.slices.shape[1]),
-                                      "sqnr_db": round(float(s_sqnr[k]), 2), "cosine": round(float(s_cos[k]), 6)}
+                                      "sqnr_db": round(float(s_sqnr[k]), 2), "cosine": round(float(s_cos[k]), 6),
+                                      "fp32_peak": float(f"{self.peak[k]:.4g}")}
         return out
 
 
@@ -168,9 +175,9 @@ def fidelity_flags(result: dict, min_sqnr_db: float, min_cosine: float) -> list[
         elif "worst_slice" in o and (o["worst_slice"]["sqnr_db"] < min_sqnr_db
                                      or o["worst_slice"]["cosine"] < min_cosine):
             w = o["worst_slice"]
-            flags.append((name, f"output '{name}': slice {w['index']} of {w['of']} on axis 1 at SQNR "
-                                f"{w['sqnr_db']} dB, cosine {w['cosine']} (bounds {min_sqnr_db:g} dB, "
-                                f"{min_cosine:g}), though the whole tensor has {o['sqnr_db']} dB"))
+            flags.append((name, f"output '{name}': slice {w['index']} of {w['of']} on axis 1 (FP32 peak "
+                                f"{w['fp32_peak']:g}) at SQNR {w['sqnr_db']} dB, cosine {w['cosine']} (bounds "
+                                f"{min_sqnr_db:g} dB, {min_cosine:g}), though the whole tensor has {o['sqnr_db']} dB"))
     return flags
 
 
