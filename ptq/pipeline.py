@@ -232,6 +232,18 @@ class Context:
     simulate: Callable = _simulate
 
 
+def _subgraph_layers(model: onnx.ModelProto) -> int:
+    """How many Conv / Gemm / MatMul nodes the model's If / Loop / Scan bodies hold (at any depth)."""
+    def count(graph, top):
+        n = 0 if top else sum(node.op_type in ("Conv", "Gemm", "MatMul") for node in graph.node)
+        for node in graph.node:
+            for a in node.attribute:
+                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    n += count(g, False)
+        return n
+    return count(model.graph, True)
+
+
 def prepare(model: onnx.ModelProto, config: Config) -> State:
     """Canonicalize, fold BN, find layers and activation quantizer placement. Refuses (InputError) a model that
     is already quantized or has nothing to quantize, and overrides that name nothing in it."""
@@ -243,7 +255,10 @@ def prepare(model: onnx.ModelProto, config: Config) -> State:
     bn = fold_batchnorm(model)
     layers = find_layers(model)
     if not layers:
-        raise InputError("nothing to quantize: the model has no Conv, Gemm or MatMul with a constant float weight")
+        inner = _subgraph_layers(model)
+        raise InputError("nothing to quantize: the model's main graph has no Conv, Gemm or MatMul with a constant "
+                         "float weight" + (f"; its {inner} such ops are inside If / Loop / Scan bodies, which ptq does "
+                                           "not quantize" if inner else ""))
     placement = place_activation_quantizers(model, layers)
     check_override_names(config.overrides, {n for l in layers for n in (l.name, l.weight)} | set(placement.root))
     by_out = {l.out: l for l in layers}

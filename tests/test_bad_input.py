@@ -70,6 +70,23 @@ def custom_op_model():
     return m
 
 
+def if_model(rng):
+    """All the work inside the branches of an If (a speech model switching on its sample rate)."""
+    def branch(name):
+        return helper.make_graph([helper.make_node("Conv", ["x", f"w_{name}"], [f"y_{name}"], f"conv_{name}")],
+                                 name, [], [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, [None, 4, 16, 16])],
+                                 [init(f"w_{name}", rng.normal(0, 1, (4, 3, 1, 1)).astype(np.float32))])
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], "mean", keepdims=0),
+             helper.make_node("Greater", ["m", "zero"], ["c"], "positive"),
+             helper.make_node("If", ["c"], ["y"], "switch", then_branch=branch("a"), else_branch=branch("b"))]
+    g = helper.make_graph(nodes, "if", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 16, 16])],
+                          [init("zero", np.float32(0))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
 def conv1d_model(rng):
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], "conv1d", pads=[1, 1]),
              helper.make_node("Relu", ["c"], ["y"], "relu")]
@@ -106,6 +123,7 @@ CASES = {
     "adaround_conv1d": "AdaRound: layer 'conv1d' is a 1-D convolution",
     "easyquant_conv1d": "EasyQuant: layer 'conv1d' is a 1-D convolution",
     "cle_after_weight_ranges": "must come before every other step",
+    "layers_only_inside_if": "its 2 such ops are inside If / Loop / Scan bodies",
 }
 
 
@@ -166,6 +184,8 @@ def test_run_refuses_bad_input_and_writes_nothing(setup, capsys, rng, case):
         onnx.save(conv1d_model(rng), str(model))
         args[3] = save_npy_samples(tmp / "c1", rng, (3, 16), 8)
         args += ["--adaround" if case.startswith("adaround") else "--easyquant"]
+    elif case == "layers_only_inside_if":
+        onnx.save(if_model(rng), str(model))
     elif case == "cle_after_weight_ranges":
         args += ["--recipe", write_recipe(tmp, 'steps = ["weight_ranges", "cle", "activation_ranges"]\n')]
     original = model.read_bytes()
