@@ -107,18 +107,54 @@ class Placement:
         return list(dict.fromkeys(self.root.values()))
 
 
+DATA_MOVEMENT = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Concat"}
+
+
+def head_outputs(model: onnx.ModelProto, layers: list[Layer]) -> list[str]:
+    """Outputs of the layers whose output reaches a graph output through data movement alone (a detector's last
+    convolutions, a classifier's logits)."""
+    gr = Graph(model)
+    reach, out = set(gr.outputs), []
+    for node in reversed(list(model.graph.node)):
+        if node.op_type in DATA_MOVEMENT and any(o in reach for o in node.output):
+            reach.update(i for i in node.input if i and not gr.is_const(i))
+    return [l.out for l in layers if l.out in reach]
+
+
+def integer_inputs(model: onnx.ModelProto, layers: list[Layer]) -> set[str]:
+    """Tensors that an integer kernel reads: every layer's data input, and — walking back — the inputs of an Add,
+    Concat or pool (or of a data-movement op) whose output an integer kernel reads. An Add whose output only
+    float ops read (a transformer's residual stream before LayerNorm, a bias Add before a float activation)
+    gains nothing from integers: quantizing it would only add error and Q/DQ work."""
+    gr = Graph(model)
+    by_node = {l.name: l for l in layers}
+    out: set[str] = set()
+    for node in reversed(list(model.graph.node)):
+        if node.name in by_node:
+            out.add(by_node[node.name].x)
+        elif any(o in out for o in node.output):
+            if node.op_type in QUANTIZED_OUTPUT_OPS:
+                out.update(i for i in node.input if i and not gr.is_const(i))
+            elif node.op_type in SHARED_QUANTIZER_OPS and node.input:
+                out.add(node.input[0])
+    return out
+
+
 def place_activation_quantizers(model: onnx.ModelProto, layers: list[Layer]) -> Placement:
+    """Activation quantizers where an integer kernel reads them (``integer_inputs``) and after every Conv / Gemm
+    (onnxruntime fuses those into QLinearConv / QGemm only with a quantized output); a MatMul's output only where
+    an integer kernel reads it (else onnxruntime runs it as MatMulIntegerToFloat)."""
     gr = Graph(model)
     not_float = _non_float_tensors(model)
-    wanted: set[str] = set()
+    reads = integer_inputs(model, layers)
+    wanted: set[str] = set(reads)
     for layer in layers:
-        wanted.update((layer.x, layer.out))
+        if layer.op != "MatMul" or layer.out in reads:
+            wanted.add(layer.out)
     layer_nodes = {l.name for l in layers} | {l.act_node for l in layers if l.act_node}
     for node in model.graph.node:
-        if node.op_type in QUANTIZED_OUTPUT_OPS:
+        if node.op_type in QUANTIZED_OUTPUT_OPS and node.output[0] in reads:
             wanted.add(node.output[0])
-            if node.op_type in ("Add", "Concat"):
-                wanted.update(i for i in node.input if i and not gr.is_const(i))
     root: dict[str, str] = {}
     for node in model.graph.node:  # topological: a shared quantizer's input is decided before its output
         for t in node.input:

@@ -30,14 +30,26 @@ def masked_attention(rng):
                  init("wv", rng.normal(0, 1, (8, 4)).astype(np.float32))])
 
 
-def test_mask_sentinels_never_set_a_scale_and_the_masked_softmax_stays_exact(rng, tmp_path, capsys):
-    path = tmp_path / "attn.onnx"
-    onnx.save(masked_attention(rng), str(path))
+def masked_pool(rng):
+    """x [N, 4, 8] + mask (0 or float32 min) -> MaxPool (windows of 2) -> Flatten -> MatMul -> y [N, 4]: the
+    masked tensor is read, through the pool, by an integer kernel."""
+    nodes = [helper.make_node("Add", ["x", "mask"], ["masked"], "add_mask"),
+             helper.make_node("MaxPool", ["masked"], ["pooled"], "pool", kernel_shape=[2], strides=[2]),
+             helper.make_node("Flatten", ["pooled"], ["flat"], "flatten"),
+             helper.make_node("MatMul", ["flat", "w"], ["y"], "dense")]
+    return make(nodes, [("x", [None, 4, 8]), ("mask", [None, 4, 8])], [("y", [None, 4])],
+                [init("w", rng.normal(0, 1, (16, 4)).astype(np.float32))])
+
+
+def test_mask_sentinels_never_set_a_scale(rng, tmp_path, capsys):
+    path = tmp_path / "pool.onnx"
+    onnx.save(masked_pool(rng), str(path))
     calib = tmp_path / "calib"
     calib.mkdir()
-    for k in range(40):
-        mask = np.where(rng.random(8) < 0.4, FLOAT_MIN, 0).astype(np.float32)
-        np.savez(calib / f"s{k:02d}.npz", x=rng.normal(0, 1, 8).astype(np.float32), mask=mask)
+    for k in range(40):  # one position of each window of two may be masked
+        mask = np.zeros((4, 8), np.float32)
+        mask[:, 0::2] = np.where(rng.random((4, 4)) < 0.5, FLOAT_MIN, 0)
+        np.savez(calib / f"s{k:02d}.npz", x=rng.normal(0, 1, (4, 8)).astype(np.float32), mask=mask)
     for act_range in ("mse", "percentile", "minmax"):
         out = tmp_path / f"q_{act_range}.onnx"
         assert main(["run", str(path), "--calib", str(calib), "-o", str(out), "--act-range", act_range,
@@ -45,67 +57,94 @@ def test_mask_sentinels_never_set_a_scale_and_the_masked_softmax_stays_exact(rng
         report = json.loads(out.with_name(out.stem + ".report.json").read_text())
         left = report["stages"]["left_float"]
         assert {"mask", "masked"} <= set(left) and "sentinel" in left["masked"]
-        assert report["fidelity"]["outputs"]["y"]["cosine"] > 0.99  # masked positions stay masked
+        assert report["fidelity"]["outputs"]["y"]["cosine"] > 0.99
         q = onnx.load(str(out))
         scales = [onnx.numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("/scale")]
         assert scales and all(np.all(np.isfinite(s)) and np.all(np.abs(s) < 1e6) for s in scales)
 
 
-def detector_head(rng, box_scale=300.0):
-    """A YOLO-style head: boxes (0 … 300) and class scores (0 … 1) concatenated on axis 1 -> out [N, 10, 64]."""
-    nodes = [helper.make_node("Conv", ["x", "wb"], ["cb"], "box_conv", pads=[1, 1, 1, 1]),
-             helper.make_node("Sigmoid", ["cb"], ["sb"], "box_sigmoid"),
-             helper.make_node("Mul", ["sb", "scale"], ["boxes4d"], "box_scale"),
-             helper.make_node("Reshape", ["boxes4d", "shape_b"], ["boxes"], "box_reshape"),
-             helper.make_node("Conv", ["x", "wc"], ["cc"], "cls_conv", pads=[1, 1, 1, 1]),
-             helper.make_node("Sigmoid", ["cc"], ["sc"], "cls_sigmoid"),
-             helper.make_node("Reshape", ["sc", "shape_c"], ["scores"], "cls_reshape"),
-             helper.make_node("Concat", ["boxes", "scores"], ["out"], "head_concat", axis=1)]
-    return make(nodes, [("x", [None, 3, 8, 8])], [("out", [None, 10, 64])],
-                [init("wb", rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32)),
-                 init("wc", rng.normal(0, 0.5, (6, 3, 3, 3)).astype(np.float32)),
-                 init("scale", np.float32(box_scale)), init("shape_b", np.array([0, 4, 64], np.int64)),
-                 init("shape_c", np.array([0, 6, 64], np.int64))])
-
-
-@pytest.fixture
-def head(rng, tmp_path):
-    path = tmp_path / "head.onnx"
-    onnx.save(detector_head(rng), str(path))
+def test_masked_attention_keeps_the_mask_in_float_and_the_softmax_exact(rng, tmp_path, capsys):
+    path = tmp_path / "attn.onnx"
+    onnx.save(masked_attention(rng), str(path))
     calib = tmp_path / "calib"
     calib.mkdir()
     for k in range(40):
-        np.save(calib / f"s{k:02d}.npy", rng.normal(0, 1, (3, 8, 8)).astype(np.float32))
-    return path, calib, tmp_path
+        mask = np.where(rng.random(8) < 0.4, FLOAT_MIN, 0).astype(np.float32)
+        np.savez(calib / f"s{k:02d}.npz", x=rng.normal(0, 1, 8).astype(np.float32), mask=mask)
+    assert main(["run", str(path), "--calib", str(calib), "-o", str(tmp_path / "q.onnx"), "--holdout", "8",
+                 "-q"]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "q.report.json").read_text())
+    assert not {"mask", "masked", "s"} & set(report["activations"])  # only float ops read them
+    assert {"x", "p"} <= set(report["activations"])  # the MatMuls' inputs
+    assert report["fidelity"]["outputs"]["y"]["cosine"] > 0.99  # masked positions stay masked
 
 
-def test_concat_of_mixed_ranges_keeps_its_inputs_quantizers_and_stays_float(head, capsys):
-    path, calib, tmp = head
-    assert main(["run", str(path), "--calib", str(calib), "-o", str(tmp / "q.onnx"), "--holdout", "8",
+def concat_head(rng):
+    """Boxes (0 … 300) and scores (0 … 1) concatenated on axis 1, then a 1×1 convolution reads them: a Concat that
+    an integer kernel would read."""
+    nodes = [helper.make_node("Conv", ["x", "wb"], ["cb"], "box_conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["cb"], ["sb"], "box_sigmoid"),
+             helper.make_node("Mul", ["sb", "scale"], ["boxes"], "box_scale"),
+             helper.make_node("Conv", ["x", "wc"], ["cc"], "cls_conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["cc"], ["scores"], "cls_sigmoid"),
+             helper.make_node("Concat", ["boxes", "scores"], ["cat"], "head_concat", axis=1),
+             helper.make_node("Conv", ["cat", "wm"], ["out"], "mix")]
+    return make(nodes, [("x", [None, 3, 8, 8])], [("out", [None, 10, 8, 8])],
+                [init("wb", rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32)),
+                 init("wc", rng.normal(0, 0.5, (6, 3, 3, 3)).astype(np.float32)),
+                 init("wm", rng.normal(0, 0.5, (10, 10, 1, 1)).astype(np.float32)), init("scale", np.float32(300))])
+
+
+def conv_head(rng):
+    """One convolution makes boxes (channels 0-3, in the hundreds) and scores (4-9, below 1) -> out [N, 10, 64]."""
+    w = rng.normal(0, 0.5, (10, 3, 3, 3)).astype(np.float32)
+    w[:4] *= 30
+    w[4:] *= 0.1
+    nodes = [helper.make_node("Conv", ["x", "w"], ["raw"], "head_conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["raw", "shape"], ["out"], "flatten_hw")]
+    return make(nodes, [("x", [None, 3, 8, 8])], [("out", [None, 10, 64])],
+                [init("w", w), init("shape", np.array([0, 10, 64], np.int64))])
+
+
+def calib_images(folder, rng, n=40):
+    folder.mkdir()
+    for k in range(n):
+        np.save(folder / f"s{k:02d}.npy", rng.normal(0, 1, (3, 8, 8)).astype(np.float32))
+    return folder
+
+
+def test_concat_of_mixed_ranges_keeps_its_inputs_quantizers_and_stays_float(rng, tmp_path, capsys):
+    path = tmp_path / "head.onnx"
+    onnx.save(concat_head(rng), str(path))
+    calib = calib_images(tmp_path / "calib", rng)
+    assert main(["run", str(path), "--calib", str(calib), "-o", str(tmp_path / "q.onnx"), "--holdout", "8",
                  "--strict", "-q"]) == 0, capsys.readouterr().err
-    report = json.loads((tmp / "q.report.json").read_text())
-    assert "Concat 'head_concat'" in report["stages"]["left_float"]["out"]
-    assert {"boxes", "scores"} <= set(report["activations"]) and "out" not in report["activations"]
-    worst = report["fidelity"]["outputs"]["out"]["worst_slice"]
-    assert worst["sqnr_db"] > 20 and report["fidelity_flags"] == []
+    report = json.loads((tmp_path / "q.report.json").read_text())
+    assert "Concat 'head_concat'" in report["stages"]["left_float"]["cat"]
+    assert {"boxes", "scores"} <= set(report["activations"]) and "cat" not in report["activations"]
+    assert report["fidelity"]["outputs"]["out"]["worst_slice"]["sqnr_db"] > 20 and report["fidelity_flags"] == []
 
 
-def test_a_head_forced_to_one_scale_is_caught_by_the_fidelity_check(head, capsys):
-    path, calib, tmp = head
-    recipe = tmp / "r.toml"
-    recipe.write_text("concat_spread = 0\n")  # the guard off: one 8-bit scale for boxes and scores
-    args = ["run", str(path), "--calib", str(calib), "-o", str(tmp / "q.onnx"), "--holdout", "8", "--recipe",
-            str(recipe)]
-    assert main(args) == 0
+def test_a_head_forced_to_one_scale_is_caught_by_the_fidelity_check(rng, tmp_path, capsys):
+    path = tmp_path / "head.onnx"
+    onnx.save(conv_head(rng), str(path))
+    calib = calib_images(tmp_path / "calib", rng)
+    args = ["run", str(path), "--calib", str(calib), "-o", str(tmp_path / "q.onnx"), "--holdout", "8"]
+    assert main(args + ["--strict"]) == 0, capsys.readouterr().err  # the guard: the head's output stays float
+    report = json.loads((tmp_path / "q.report.json").read_text())
+    assert "a head layer's output whose channels' ranges differ" in report["stages"]["left_float"]["raw"] and report["fidelity_flags"] == []
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("range_spread = 0\n")  # the guard off: one 8-bit scale for boxes and scores
+    assert main(args + ["--recipe", str(recipe)]) == 0
     err = capsys.readouterr().err
-    assert "ptq: warning: output 'out': slice" in err and "nearest quantizer: act:out" in err
-    report = json.loads((tmp / "q.report.json").read_text())
+    assert "ptq: warning: output 'out': slice" in err and "nearest quantizer: act:raw" in err
+    report = json.loads((tmp_path / "q.report.json").read_text())
     assert report["fidelity"]["outputs"]["out"]["sqnr_db"] > 20  # the whole tensor hides it …
     assert report["fidelity"]["outputs"]["out"]["worst_slice"]["index"] >= 4  # … a score row collapsed
-    assert report["fidelity_flags"] and "Warning" in (tmp / "q.report.md").read_text()
-    assert main(args + ["--strict"]) == 3
+    assert report["fidelity_flags"] and "Warning" in (tmp_path / "q.report.md").read_text()
+    assert main(args + ["--recipe", str(recipe), "--strict"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("ptq: --strict: output 'out': slice") and (tmp / "q.onnx").exists()
+    assert err[-1].startswith("ptq: --strict: output 'out': slice") and (tmp_path / "q.onnx").exists()
 
 
 def shared_weight_model(rng):

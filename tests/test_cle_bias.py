@@ -154,8 +154,9 @@ def test_data_free_falls_back_to_synthetic_inputs_for_unreached_tensors(rng):
     # a Sigmoid is no moment rule: the Add after it is reached only by the synthetic fallback
     from builders import init, make
     inits = [init("w", rng.normal(0, 1, (4, 3, 1, 1)).astype(np.float32))]
+    inits.append(init("w2", rng.normal(0, 1, (4, 4, 1, 1)).astype(np.float32)))
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Sigmoid", ["c"], ["s"]),
-             helper.make_node("Add", ["s", "c"], ["y"])]
+             helper.make_node("Add", ["s", "c"], ["a"]), helper.make_node("Conv", ["a", "w2"], ["y"])]
     model = make(nodes, [("x", [None, 3, 4, 4])], [("y", [None, 4, 4, 4])], inits)
     state = run_steps(prepare(model, Config(data_free=True, input_range=(-1, 1))), Context(), {})
     assert "s" in state.report["data_free_ranges"]["synthetic_fallback"]

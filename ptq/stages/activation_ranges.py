@@ -9,9 +9,11 @@ the activation (its output range already is the quantizer's).
 Two kinds of tensor stay in float, each with a report line (``state.report["left_float"]``):
 - a tensor that carries sentinels (|x| >= 1e30, inf: float min / max used as −∞ in attention masks): any grid
   would turn −∞ into a finite value and let the masked positions through the softmax;
-- the output of a Concat whose inputs' ranges differ more than ``concat_spread`` times (a detector head
+- the output of a Concat whose inputs' ranges differ more than ``range_spread`` times (a detector head
   concatenating boxes in the hundreds with scores below 1): one shared scale would round the small input to a
-  few levels or to zero. Its inputs keep their own quantizers."""
+  few levels or to zero. Its inputs keep their own quantizers;
+- likewise the output of a head layer (one whose output reaches a graph output through data movement alone)
+  whose output channels' ranges differ more than ``range_spread`` times (boxes and scores from one convolution)."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +21,7 @@ import numpy as np
 from ..errors import InputError
 from ..model import Graph
 from ..observe import Histogram, RowSample, observe
-from ..patterns import activation_bounds
+from ..patterns import activation_bounds, head_outputs
 from ..quant import Encoding, QuantSpec
 from ..ranges import activation_encoding, bn_encoding, xent_encoding
 from .weight_ranges import weight_quantized
@@ -39,6 +41,10 @@ def set_activation_ranges(state, ctx):
                for r in roots}
     hists = {r: Histogram() for r in roots}
     observers = {r: [hists[r]] for r in roots}
+    heads = head_outputs(state.model, state.layers)
+    peaks = {t: ChannelPeak() for t in heads if t in roots}
+    for t, p in peaks.items():
+        observers[t].append(p)
     samples = {}
     for r in roots:
         if methods[r] == "xent":
@@ -72,12 +78,39 @@ def set_activation_ranges(state, ctx):
         if hists[r].nonfinite:
             del state.acts[r]
             left[r] = f"carries {hists[r].nonfinite} inf / nan / ±1e30 sentinel values (a mask): kept in float"
-    for node, spread in mixed_concats(state.model, state.placement.root, hists, cfg.concat_spread):
+    for node, spread in mixed_concats(state.model, state.placement.root, hists, cfg.range_spread):
         r = state.placement.root[node.output[0]]
         if state.acts.pop(r, None) is not None:
             left[r] = (f"Concat '{node.name}': its inputs' ranges differ {spread:.0f}× (more than "
-                       f"concat_spread = {cfg.concat_spread:g}); one scale would crush the smallest: kept in float")
+                       f"range_spread = {cfg.range_spread:g}); one scale would crush the smallest: kept in float")
+    for t, p in peaks.items():
+        spread = p.spread()
+        if cfg.range_spread and spread > cfg.range_spread and state.acts.pop(t, None) is not None:
+            left[t] = (f"a head layer's output whose channels' ranges differ {spread:.0f}× (more than "
+                       f"range_spread = {cfg.range_spread:g}); one scale would crush the smallest: kept in float")
     return state
+
+
+class ChannelPeak:
+    """Streaming max |x| per channel (axis 1)."""
+
+    def __init__(self):
+        self.peak = None
+
+    def update(self, x):
+        x = np.asarray(x)
+        if x.ndim < 2:
+            return
+        finite = np.where(np.isfinite(x), np.abs(x), 0)
+        p = finite.max(axis=tuple(a for a in range(x.ndim) if a != 1))
+        self.peak = p if self.peak is None else np.maximum(self.peak, p)
+
+    def spread(self) -> float:
+        """Largest channel peak over the smallest non-zero one (1 where there is nothing to compare)."""
+        if self.peak is None or not np.any(self.peak > 0):
+            return 1.0
+        live = self.peak[self.peak > 0]
+        return float(live.max() / live.min())
 
 
 def mixed_concats(model, root: dict, hists: dict, spread: float):
