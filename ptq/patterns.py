@@ -114,7 +114,7 @@ def head_outputs(model: onnx.ModelProto, layers: list[Layer]) -> list[str]:
     """Outputs of the layers whose output reaches a graph output through data movement alone (a detector's last
     convolutions, a classifier's logits)."""
     gr = Graph(model)
-    reach, out = set(gr.outputs), []
+    reach = set(gr.outputs)
     for node in reversed(list(model.graph.node)):
         if node.op_type in DATA_MOVEMENT and any(o in reach for o in node.output):
             reach.update(i for i in node.input if i and not gr.is_const(i))
@@ -144,7 +144,6 @@ def place_activation_quantizers(model: onnx.ModelProto, layers: list[Layer]) -> 
     """Activation quantizers where an integer kernel reads them (``integer_inputs``) and after every Conv / Gemm
     (onnxruntime fuses those into QLinearConv / QGemm only with a quantized output); a MatMul's output only where
     an integer kernel reads it (else onnxruntime runs it as MatMulIntegerToFloat)."""
-    gr = Graph(model)
     not_float = _non_float_tensors(model)
     reads = integer_inputs(model, layers)
     wanted: set[str] = set(reads)
