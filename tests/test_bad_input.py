@@ -74,7 +74,8 @@ def if_model(rng):
     """All the work inside the branches of an If (a speech model switching on its sample rate)."""
     def branch(name):
         return helper.make_graph([helper.make_node("Conv", ["x", f"w_{name}"], [f"y_{name}"], f"conv_{name}")],
-                                 name, [], [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, [None, 4, 16, 16])],
+                                 name, [],
+                                 [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, [None, 4, 16, 16])],
                                  [init(f"w_{name}", rng.normal(0, 1, (4, 3, 1, 1)).astype(np.float32))])
     nodes = [helper.make_node("ReduceMean", ["x"], ["m"], "mean", keepdims=0),
              helper.make_node("Greater", ["m", "zero"], ["c"], "positive"),
