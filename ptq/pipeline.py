@@ -54,7 +54,7 @@ class Config:
     percentile: float = 99.99
     debug_samples: int = 256  # samples of the per-quantizer analysis (ptq debug, --auto-fix ranking)
     saturate_low_bits: bool = True  # activations under 8 bits: Clip to the n-bit range before QuantizeLinear
-    range_spread: float = 16.0  # Concat inputs / float-read layer channels this far apart in range stay float (0: never)
+    range_spread: float = 16.0  # Concat inputs / head channels this far apart in range stay float (0: never)
     fidelity_sqnr_db: float = 6.0  # an output, or a slice of one, under this SQNR against FP32 is flagged
     fidelity_cosine: float = 0.9  # … or under this cosine
     calib_size: int = 256
