@@ -49,7 +49,7 @@ def model_inputs(model: onnx.ModelProto) -> list[InputInfo]:
         if i.name in inits:
             continue
         tt = i.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
         axis = None if not dims else next((k for k, d in enumerate(dims) if d is None), 0)
         out.append(InputInfo(i.name, _DTYPES.get(tt.elem_type, np.float32), dims, axis))
     return out

@@ -47,6 +47,9 @@ def test_model_inputs_find_each_batch_axis(rng):
     info = {i.name: i for i in model_inputs(stateful(rng))}
     assert (info["x"].batch_axis, info["state"].batch_axis, info["sr"].batch_axis) == (0, 1, None)
     assert model_inputs(static_zoo(rng, 1))[0].static_batch == 1
+    paddle = static_zoo(rng, 1)  # Paddle's exporter writes -1 for a dynamic batch
+    paddle.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    assert model_inputs(paddle)[0].shape[0] is None and model_inputs(paddle)[0].batch_axis == 0
 
 
 @pytest.mark.parametrize("batch,n", [(1, 20), (4, 18)])
