@@ -142,10 +142,11 @@ def cle_invariance(fp, val: ArraySource, limit: int = 256) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=list(MODELS))
-    ap.add_argument("--suites", default="core,cle,easyquant,adaround,debug,ort",
+    ap.add_argument("--suites", default="core,cle,easyquant,adaround,debug,ort,zoo",
                     help="core: W8A8 ranges; cle: CLE / bias correction / data-free; easyquant: EasyQuant at W8A8 "
                          "and W7A7 against minmax / mse; adaround: W4A8 nearest vs AdaRound; "
-                         "debug: sensitivity + auto-fix; ort: onnxruntime baseline")
+                         "debug: sensitivity + auto-fix; ort: onnxruntime baseline; zoo: other model families "
+                         "(bench/zoo.py)")
     ap.add_argument("--ort-models", nargs="*", default=["efficientnet_lite0"],
                     help="models for the onnxruntime baseline (its Entropy/Percentile take ~100 s and 16 GB each)")
     ap.add_argument("--debug-models", nargs="*", default=["efficientnet_lite0"],
@@ -190,7 +191,7 @@ def measure(args, work: Path) -> int:
     calib_link.mkdir()
     for f in calib_pick:  # the same 256 images for every tool
         (calib_link / f.name).symlink_to(f)
-    for name in args.models:
+    for name in (args.models if suites - {"zoo"} else []):  # the ImageNet suites
         model_path = SHARED / "models" / f"{name}.onnx"
         cal_pre, val_pre = MODELS[name]
         fp = load_model(model_path)
@@ -349,6 +350,9 @@ def measure(args, work: Path) -> int:
                         continue
                     score("onnxruntime quantize_static",
                           f"W8A8 S8S8 {'per-channel' if pc == '1' else 'per-tensor'} {method}", out, sec, rss)
+    if "zoo" in suites:
+        import zoo
+        zoo.measure(work)
     write(rows, args.out)
     print(f"wrote {args.out}")
     return 0
@@ -393,7 +397,8 @@ def write(rows: dict, out: str):
         lines.append(f"| {r.model} | {r.tool} | {r.config} | {f(r.top1)} | {f(r.top5)} | {f(r.drop)}{pm(r.drop_se)} "
                      f"| {f(r.agree)} | {f(r.seconds, 1)} | {f(r.rss_mb, 0)} | {f(r.size_mb)} | {f(r.latency)} "
                      f"| {r.note} |")
-    Path(out).write_text("\n".join(lines) + "\n")
+    import zoo
+    Path(out).write_text("\n".join(lines + zoo.table()) + "\n")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ SLICE_FLOOR = 1e-3  # slices whose FP32 peak |value| is under this share of the 
 
 def _sqnr_cos(signal, noise, dot, nq):
     """SQNR (dB) and cosine from the sums Σr², Σ(r − q)², Σr·q, Σq² (arrays: one per slice)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         sqnr = np.where(noise == 0, np.inf, 10 * np.log10(np.maximum(signal, 1e-300) / np.maximum(noise, 1e-300)))
         cos = dot / np.sqrt(np.maximum(signal * nq, 1e-300))
     return sqnr, cos

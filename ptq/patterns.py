@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from .model import Graph, attr
@@ -105,6 +106,25 @@ class Placement:
     @property
     def roots(self) -> list[str]:
         return list(dict.fromkeys(self.root.values()))
+
+
+def float_activation(gr: Graph, tensor: str) -> str | None:
+    """The elementwise float activation that alone reads ``tensor`` ("silu" for x · Sigmoid(x), "hardswish",
+    "sigmoid", "hardsigmoid", "tanh"), or None."""
+    cons = gr.consumers.get(tensor, [])
+    if tensor in gr.outputs or not cons:
+        return None
+    ops = sorted(c.op_type for c in cons)
+    if ops == ["Mul", "Sigmoid"]:
+        sig = next(c for c in cons if c.op_type == "Sigmoid")
+        mul = next(c for c in cons if c.op_type == "Mul")
+        return "silu" if set(mul.input) == {tensor, sig.output[0]} else None
+    if len(cons) == 1 and cons[0].op_type in ("HardSwish", "Sigmoid", "Tanh"):
+        return cons[0].op_type.lower()
+    if len(cons) == 1 and cons[0].op_type == "HardSigmoid" and attr(cons[0], "alpha", 0.2) == \
+            np.float32(1 / 6) and attr(cons[0], "beta", 0.5) == 0.5:
+        return "hardsigmoid"
+    return None
 
 
 DATA_MOVEMENT = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Concat"}

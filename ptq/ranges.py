@@ -138,13 +138,31 @@ def search_range(loss, spec: QuantSpec, lo0: float, hi0: float, rounds: int = 2)
     return lo, hi
 
 
-def hist_mse_loss(hist: Histogram, spec: QuantSpec):
-    """The squared quantization error of the histogrammed data for candidate ranges (bin-center approximation)."""
+def _sigmoid(x):
+    return 0.5 * (1 + np.tanh(0.5 * x))
+
+
+# the float activations a quantized tensor may feed: the error that matters is the one after them
+ACTIVATIONS = {
+    "silu": lambda x: x * _sigmoid(x),
+    "sigmoid": _sigmoid,
+    "tanh": np.tanh,
+    "hardswish": lambda x: x * np.clip(x + 3, 0, 6) / 6,
+    "hardsigmoid": lambda x: np.clip(x / 6 + 0.5, 0, 1),
+}
+
+
+def hist_mse_loss(hist: Histogram, spec: QuantSpec, through=None):
+    """The squared quantization error of the histogrammed data for candidate ranges (bin-center approximation):
+    Σ n_i (x_i − Q(x_i))², or with ``through`` (a function, the float activation that reads the tensor)
+    Σ n_i (f(x_i) − f(Q(x_i)))² — e.g. after SiLU the negative tail, which SiLU maps to about 0, matters little."""
     centers, counts = hist.centers_counts()
+    f = through or (lambda v: v)
+    target = f(centers)
 
     def loss(lo, hi):
         s, z = _grid_of(spec, np.asarray(lo), np.asarray(hi))
-        err = centers[None] - fake_quant_grid(centers[None], s, z, spec.qmin, spec.qmax)
+        err = target[None] - f(fake_quant_grid(centers[None], s, z, spec.qmin, spec.qmax))
         return (err**2 * counts[None]).sum(axis=1)
     return loss
 
@@ -160,8 +178,9 @@ def _hist_sqnr(hist: Histogram, enc: Encoding) -> float:
 
 
 def activation_encoding(hist: Histogram, spec: QuantSpec, method: str = "mse",
-                        percentile: float = 99.99) -> Encoding:
-    """Per-tensor activation quantizer from a histogram."""
+                        percentile: float = 99.99, through: str | None = None) -> Encoding:
+    """Per-tensor activation quantizer from a histogram; ``through`` (a name in ACTIVATIONS): MSE measured after
+    that float activation, which alone reads the tensor."""
     if hist.n == 0:
         raise InputError("no calibration data reached this tensor")
     lo0, hi0 = min(hist.min, 0.0), max(hist.max, 0.0)
@@ -170,7 +189,9 @@ def activation_encoding(hist: Histogram, spec: QuantSpec, method: str = "mse",
     if method == "minmax":
         lo, hi = lo0, hi0
     elif method == "mse":
-        lo, hi = search_range(hist_mse_loss(hist, spec), spec, lo0, hi0)
+        lo, hi = search_range(hist_mse_loss(hist, spec, ACTIVATIONS.get(through)), spec, lo0, hi0)
+        if through:
+            method = f"mse after {through}"
     elif method == "percentile":
         q = percentile / 100.0
         lo = min(hist.quantile(1 - q), 0.0) if lo0 < 0 else 0.0

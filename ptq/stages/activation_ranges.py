@@ -1,6 +1,7 @@
 """Activation range setting (white paper §3.1): one calibration pass over the FP32 model feeds a histogram per
 quantizer (and a row sample of the logits); then each quantizer's range is chosen by its method:
-``mse`` (default), ``minmax``, ``percentile``, ``bn`` (β ± α·γ of the BatchNorm that produced the tensor; falls
+``mse`` (default; measured after the float activation that alone reads the tensor, where there is one: SiLU,
+HardSwish, Sigmoid, HardSigmoid, Tanh), ``minmax``, ``percentile``, ``bn`` (β ± α·γ of the BatchNorm that produced the tensor; falls
 back to ``mse`` where there is none) and ``xent`` for the logits.
 
 A quantizer right after a fused Relu / Clip is kept inside the activation's bounds, so the int8 runtime can drop
@@ -21,7 +22,7 @@ import numpy as np
 from ..errors import InputError
 from ..model import Graph
 from ..observe import Histogram, RowSample, observe
-from ..patterns import activation_bounds, head_outputs
+from ..patterns import activation_bounds, float_activation, head_outputs
 from ..quant import Encoding, QuantSpec
 from ..ranges import activation_encoding, bn_encoding, xent_encoding
 from .weight_ranges import weight_quantized
@@ -69,7 +70,8 @@ def set_activation_ranges(state, ctx):
             st = bn_by_out[r]
             enc = bn_encoding(st.beta, st.std, spec, bounds.get(r, (-np.inf, np.inf)))
         else:
-            enc = activation_encoding(hists[r], spec, "mse" if method == "bn" else method, cfg.percentile)
+            enc = activation_encoding(hists[r], spec, "mse" if method == "bn" else method, cfg.percentile,
+                                      float_activation(gr, r) if r == _only_tensor(state.placement, r) else None)
             if method == "bn":
                 enc.method = "mse (no BN before it)"
         state.acts[r] = fit_inside(enc, bounds.get(r))
@@ -89,6 +91,11 @@ def set_activation_ranges(state, ctx):
             left[t] = (f"a head layer's output whose channels' ranges differ {spread:.0f}× (more than "
                        f"range_spread = {cfg.range_spread:g}); one scale would crush the smallest: kept in float")
     return state
+
+
+def _only_tensor(placement, root: str) -> str | None:
+    """``root`` when no other tensor shares its quantizer (then its readers are all that matter), else None."""
+    return root if sum(1 for r in placement.root.values() if r == root) == 1 else None
 
 
 class ChannelPeak:

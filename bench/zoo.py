@@ -1,0 +1,400 @@
+"""The zoo suite: real pretrained models from other families than EfficientNet-Lite, each quantized by `ptq run`
+with default settings and by onnxruntime's `quantize_static` (QDQ, per-channel S8 weights, U8 activations,
+MinMax) on the same calibration data, then scored with a task metric on data made on this machine, against the
+FP32 model's own results:
+
+| model | family | calibration / evaluation data | task metric |
+|---|---|---|---|
+| all-MiniLM-L6-v2 | BERT sentence embedder, float-min attention mask | template sentences | embedding cosine, NN agreement |
+| NudeNet 320n | YOLOv8n detector, one [N, 4+C, anchors] head | ImageNet images (people) | box F1 vs FP32 |
+| PP-OCRv4 det | DB text detector | rendered pages | text-pixel F1 vs FP32 |
+| PP-OCR cls | text direction classifier | rendered lines, half upside down | agreement with FP32 |
+| PP-OCRv4 rec | CTC text recognizer | rendered lines | character accuracy |
+| EfficientNet-Lite0, static batch 1 | a static-batch export | ImageNet | top-1 agreement |
+| Silero VAD | stateful speech model, layers inside If | synthetic speech | (refused: exit 2) |
+
+Models come from wheels (bench/zoo_models.py), never from the repository.
+
+    python bench/run.py --suites zoo          # or: python bench/zoo.py
+"""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from zoo_models import CACHE, cache_wheel  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "bench"
+RESULTS = ROOT / "bench" / "zoo_results.json"
+RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
+
+
+@dataclass
+class ZooRow:
+    model: str
+    family: str
+    tool: str
+    exit: int
+    metrics: dict = None  # task metric name -> [FP32 value, quantized value]
+    sqnr_db: float = float("nan")  # the worst output's, over the whole tensor
+    worst_slice_db: float = float("nan")  # the worst slice of axis 1 of any output
+    latency: float = float("nan")  # quantized / FP32, onnxruntime CPU batch 1
+    seconds: float = float("nan")
+    note: str = ""
+
+
+def session(path) -> ort.InferenceSession:
+    o = ort.SessionOptions()
+    o.log_severity_level = 3
+    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+
+
+def outputs(path, feeds: list[dict]) -> list[list[np.ndarray]]:
+    s = session(path)
+    return [s.run(None, f) for f in feeds]
+
+
+def latency_ratio(fp, q, feed) -> float:
+    from ptq.evaluate import latency_ms
+    return latency_ms(str(q), feed, 30) / latency_ms(str(fp), feed, 30)
+
+
+def fidelity(fp_out, q_out) -> tuple[float, float]:
+    """(worst output SQNR dB over the whole tensor, worst slice of axis 1), as ptq.evaluate measures them."""
+    from ptq.evaluate import Accumulator
+    acc = Accumulator([str(k) for k in range(len(fp_out[0]))], None, [])
+    for a, b in zip(fp_out, q_out):
+        acc.update([0] * len(a[0]), a, b)
+    outs = acc.result()["outputs"].values()
+    whole = min(o["sqnr_db"] for o in outs)
+    slices = [o["worst_slice"]["sqnr_db"] for o in outs if "worst_slice" in o]
+    return whole, min(slices) if slices else float("nan")
+
+
+# ---------------------------------------------------------------- task metrics
+
+def iou(a, b):
+    """IoU of boxes [N, 4] and [M, 4] (x1, y1, x2, y2) -> [N, M]."""
+    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None] - inter, 1e-9)
+
+
+def yolo_boxes(head: np.ndarray, score: float = 0.25, nms: float = 0.45):
+    """YOLOv8 head [4 + C, A] (cx, cy, w, h, class scores) -> (boxes [K, 4], classes [K]) after class-wise NMS."""
+    cls = head[4:].argmax(0)
+    conf = head[4:].max(0)
+    keep = conf >= score
+    xywh, cls, conf = head[:4, keep].T, cls[keep], conf[keep]
+    boxes = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], axis=1)
+    order, chosen = np.argsort(-conf), []
+    while order.size:
+        k = order[0]
+        chosen.append(k)
+        rest = order[1:]
+        overlap = iou(boxes[k:k + 1], boxes[rest])[0]
+        order = rest[(overlap < nms) | (cls[rest] != cls[k])]
+    return boxes[chosen], cls[chosen]
+
+
+def box_f1(fp_out, q_out) -> dict:
+    """Detections of the quantized model against FP32's (IoU >= 0.5, same class), F1 in %."""
+    tp = n_fp = n_q = 0
+    for a, b in zip(fp_out, q_out):
+        for ha, hb in zip(a[0], b[0]):
+            (ba, ca), (bb, cb) = yolo_boxes(ha), yolo_boxes(hb)
+            n_fp, n_q = n_fp + len(ba), n_q + len(bb)
+            if len(ba) and len(bb):
+                m = iou(ba, bb) * (ca[:, None] == cb[None])
+                used = set()
+                for i in np.argsort(-m.max(1)):
+                    j = int(np.argmax(np.where(np.isin(np.arange(len(bb)), list(used)), -1, m[i])))
+                    if m[i, j] >= 0.5 and j not in used:
+                        used.add(j)
+                        tp += 1
+    return {"box F1 vs FP32 %": [100.0, 100.0 * 2 * tp / max(n_fp + n_q, 1)]}
+
+
+def pixel_f1(fp_out, q_out, thr: float = 0.3) -> dict:
+    tp = fp = fn = 0
+    for a, b in zip(fp_out, q_out):
+        pa, pb = a[0] > thr, b[0] > thr
+        tp, fp, fn = tp + int(np.sum(pa & pb)), fp + int(np.sum(~pa & pb)), fn + int(np.sum(pa & ~pb))
+    return {"text-pixel F1 vs FP32 %": [100.0, 100.0 * 2 * tp / max(2 * tp + fp + fn, 1)]}
+
+
+def agreement(fp_out, q_out) -> dict:
+    a = np.concatenate([o[0].argmax(-1) for o in fp_out])
+    b = np.concatenate([o[0].argmax(-1) for o in q_out])
+    return {"top-1 agreement %": [100.0, 100.0 * float(np.mean(a == b))]}
+
+
+def edit_distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def ctc_text(probs: np.ndarray, chars: list[str]) -> str:
+    best = probs.argmax(-1)
+    out, last = [], 0
+    for k in best:
+        if k != last and k != 0:
+            out.append(chars[k] if k < len(chars) else "")
+        last = k
+    return "".join(out)
+
+
+def char_accuracy(outs, texts, chars) -> float:
+    preds = [ctc_text(p, chars) for o in outs for p in o[0]]
+    errors = sum(edit_distance(p, t) for p, t in zip(preds, texts))
+    return 100.0 * (1 - errors / max(sum(len(t) for t in texts), 1))
+
+
+def embedding_scores(fp_out, q_out) -> dict:
+    a, b = np.concatenate([o[0] for o in fp_out]), np.concatenate([o[0] for o in q_out])
+    cos = np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+    def nn(x):
+        s = x @ x.T
+        np.fill_diagonal(s, -np.inf)
+        return s.argmax(1)
+    return {"embedding cosine": [1.0, float(cos.mean())],
+            "nearest-neighbour agreement %": [100.0, 100.0 * float(np.mean(nn(a) == nn(b)))]}
+
+
+# ---------------------------------------------------------------- data
+
+WORDS = ("total amount invoice receipt quantity price order customer balance street number date page chapter "
+         "section figure table report summary network image model layer channel weight scale").split()
+
+
+def text_line(rng: random.Random, upside_down: bool = False):
+    from PIL import Image, ImageDraw, ImageFont
+    text = " ".join(rng.choice(WORDS) if rng.random() < 0.75 else str(rng.randint(1, 9999))
+                    for _ in range(rng.randint(1, 3)))
+    font = ImageFont.load_default(size=rng.choice((20, 24, 28, 32)))
+    w = int(font.getlength(text)) + 16
+    im = Image.new("RGB", (w, 48), tuple(rng.randint(190, 255) for _ in range(3)))
+    ImageDraw.Draw(im).text((8, 6), text, fill=tuple(rng.randint(0, 80) for _ in range(3)), font=font)
+    if upside_down:
+        im = im.rotate(180)
+    return im, text
+
+
+def line_tensor(im, width: int) -> np.ndarray:
+    """PP-OCR's line preprocessing: height 48, width by the aspect ratio up to ``width``, (x/255 − 0.5)/0.5,
+    BGR, right-padded with zeros -> [3, 48, width]."""
+    w = min(width, max(1, round(im.width * 48 / im.height)))
+    x = np.asarray(im.resize((w, 48)), np.float32)[..., ::-1] / 255
+    out = np.zeros((3, 48, width), np.float32)
+    out[:, :, :w] = ((x - 0.5) / 0.5).transpose(2, 0, 1)
+    return out
+
+
+def save_samples(folder: Path, arrays: list[np.ndarray], name="x") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, a in enumerate(arrays):
+        np.savez(folder / f"s{k:03d}.npz", **{name: a})
+    return folder
+
+
+def imagenet_tensors(files, size, mean=0.0, std=1.0) -> list[np.ndarray]:
+    from ptq.data import Preprocess, load_image
+    pre = Preprocess(resize=size, crop=size, mean=(mean,) * 3, std=(std,) * 3)
+    return [load_image(f, pre) for f in files]
+
+
+def batched(arrays: list[np.ndarray], name: str, n: int = 8) -> list[dict]:
+    return [{name: np.stack(arrays[k:k + n])} for k in range(0, len(arrays), n)]
+
+
+# ---------------------------------------------------------------- the models
+
+def prepare(name: str, data: Path) -> dict:
+    """Model path, calibration folder, evaluation feeds and the task metric of one zoo model."""
+    rng = random.Random(0)
+    calib_files = sorted((SHARED / "data" / "imagenet-calib").glob("*.JPEG"))
+    val_files = sorted((SHARED / "data" / "imagenet-val").glob("*.JPEG"))
+    if name == "minilm":
+        if not (data / "minilm.onnx").exists():
+            subprocess.run([sys.executable, str(ROOT / "bench" / "zoo_text.py"), str(data)], check=True)
+        ev = dict(np.load(data / "eval.npz"))
+        feeds = [{k: v[i:i + 50] for k, v in ev.items()} for i in range(0, len(ev["input_ids"]), 50)]
+        return dict(path=data / "minilm.onnx", calib=data / "calib", eval=feeds, family="BERT sentence embedder",
+                    score=embedding_scores)
+    if name == "nudenet":
+        path = cache_wheel("nudenet==3.4.2") / "nudenet" / "320n.onnx"
+        calib = save_samples(data / "calib", imagenet_tensors(calib_files[::4][:128], 320), "images")
+        return dict(path=path, calib=calib, eval=batched(imagenet_tensors(val_files[:160], 320), "images"),
+                    family="YOLOv8n detector", score=box_f1)
+    ocr = cache_wheel(RAPIDOCR) / "rapidocr_onnxruntime" / "models"
+    if name == "ppocr_det":
+        from PIL import Image
+        sys.path.insert(0, str(ROOT / "calib_data"))
+        from render_text import render
+        pages = []
+        for k in range(72):
+            render(data / f"page{k}.png", rng, 320)
+            x = np.asarray(Image.open(data / f"page{k}.png").convert("RGB"), np.float32)[..., ::-1] / 255
+            pages.append(((x - 0.5) / 0.5).transpose(2, 0, 1).copy())
+        return dict(path=ocr / "ch_PP-OCRv4_det_infer.onnx", calib=save_samples(data / "calib", pages[:48]),
+                    eval=batched(pages[48:], "x"), family="DB text detector", score=pixel_f1)
+    if name == "ppocr_cls":
+        lines = [line_tensor(text_line(rng, k % 2 == 1)[0], 192) for k in range(256)]
+        return dict(path=ocr / "ch_ppocr_mobile_v2.0_cls_infer.onnx", calib=save_samples(data / "calib",
+                                                                                          lines[:128]),
+                    eval=batched(lines[128:], "x", 16), family="text direction classifier", score=agreement)
+    if name == "ppocr_rec":
+        path = ocr / "ch_PP-OCRv4_rec_infer.onnx"
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        chars = ["blank"] + meta["character"].splitlines() + [" "]
+        made = [text_line(rng) for _ in range(224)]
+        lines = [line_tensor(im, 320) for im, _ in made]
+        texts = [t for _, t in made[128:]]
+        return dict(path=path, calib=save_samples(data / "calib", lines[:128]), eval=batched(lines[128:], "x", 16),
+                    family="CTC text recognizer",
+                    score=lambda a, b: {"character accuracy %": [char_accuracy(a, texts, chars),
+                                                                 char_accuracy(b, texts, chars)]})
+    if name == "lite0_static":
+        model = onnx.load(str(SHARED / "models" / "efficientnet_lite0.onnx"))
+        for vi in list(model.graph.input) + list(model.graph.output):
+            vi.type.tensor_type.shape.dim[0].dim_value = 1
+        path = data / "efficientnet_lite0_b1.onnx"
+        onnx.save(model, str(path))
+        calib = save_samples(data / "calib", imagenet_tensors(calib_files[::4], 224, 0.5, 0.5), "input")
+        val = imagenet_tensors(val_files[:300], 224, 0.5, 0.5)
+        return dict(path=path, calib=calib, eval=batched(val, "input", 1), family="static batch-1 export",
+                    score=agreement)
+    if name == "silero_vad":
+        return dict(path=cache_wheel("silero-vad==6.2.3") / "silero_vad" / "data" / "silero_vad.onnx",
+                    calib=None, eval=[], family="stateful speech model (If bodies)", score=None)
+    raise KeyError(name)
+
+
+ZOO = ["minilm", "nudenet", "ppocr_det", "ppocr_cls", "ppocr_rec", "lite0_static", "silero_vad"]
+
+
+class Reader:
+    """onnxruntime's CalibrationDataReader over a folder of .npz samples (one sample each, batch of 1)."""
+
+    def __init__(self, folder: Path):
+        self.files = sorted(folder.glob("*.npz"))
+
+    def get_next(self):
+        if not self.files:
+            return None
+        with np.load(self.files.pop(0)) as z:
+            return {k: z[k][None] for k in z.files}
+
+
+def ort_quantize(path: Path, calib: Path, out: Path) -> float:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    t0 = time.perf_counter()
+    quantize_static(str(path), str(out), Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return time.perf_counter() - t0
+
+
+def measure(work: Path, names=None) -> list[ZooRow]:
+    rows = load()
+    for name in names or ZOO:
+        data = CACHE / "data" / name
+        data.mkdir(parents=True, exist_ok=True)
+        spec = prepare(name, data)
+        fp_path = spec["path"]
+        if spec["calib"] is None:  # the models ptq refuses: record what it says
+            p = subprocess.run([sys.executable, "-m", "ptq", "run", str(fp_path), "--calib", str(data), "-o",
+                                str(work / f"{name}.onnx")], capture_output=True, text=True)
+            rows[(name, "ptq")] = ZooRow(name, spec["family"], "ptq", p.returncode, note=p.stderr.strip()[-160:])
+            continue
+        fp_out = outputs(fp_path, spec["eval"])
+        for tool in ("ptq", "onnxruntime quantize_static"):
+            out = work / f"{name}-{tool.split()[0]}.onnx"
+            t0 = time.perf_counter()
+            if tool == "ptq":
+                p = subprocess.run([sys.executable, "-m", "ptq", "run", str(fp_path), "--calib", str(spec["calib"]),
+                                    "-o", str(out), "-q"], capture_output=True, text=True)
+                code, note = p.returncode, p.stderr.strip().splitlines()[-1][:160] if p.stderr.strip() else ""
+            else:
+                try:
+                    ort_quantize(fp_path, spec["calib"], out)
+                    code, note = 0, ""
+                except Exception as e:
+                    code, note = 1, f"{type(e).__name__}: {str(e)[:120]}"
+            seconds = time.perf_counter() - t0
+            row = ZooRow(name, spec["family"], tool, code, seconds=round(seconds, 1), note=note)
+            if out.exists():
+                q_out = outputs(out, spec["eval"])
+                row.metrics = spec["score"](fp_out, q_out)
+                row.sqnr_db, row.worst_slice_db = fidelity(fp_out, q_out)
+                first = {k: v[:1] for k, v in spec["eval"][0].items()}
+                row.latency = latency_ratio(fp_path, out, first)
+            rows[(name, tool)] = row
+            print(f"{name} {tool}: exit {row.exit} {metric_text(row.metrics)}, "
+                  f"SQNR {row.sqnr_db:.1f} dB (worst slice {row.worst_slice_db:.1f}), latency {row.latency:.2f}x "
+                  f"{row.note}", flush=True)
+            save(rows)
+    return list(rows.values())
+
+
+def load() -> dict:
+    if RESULTS.exists():
+        return {(r["model"], r["tool"]): ZooRow(**r) for r in json.loads(RESULTS.read_text())}
+    return {}
+
+
+def save(rows: dict) -> None:
+    RESULTS.write_text(json.dumps([asdict(r) for r in rows.values()], indent=1) + "\n")
+
+
+def metric_text(metrics: dict | None) -> str:
+    return "; ".join(f"{k} {a:.4g} → {b:.4g}" for k, (a, b) in (metrics or {}).items()) or "—"
+
+
+def table() -> list[str]:
+    """The zoo's rows as Markdown (for bench/results.md)."""
+    rows = load()
+    if not rows:
+        return []
+    f = lambda v, nd=2: "—" if isinstance(v, float) and np.isnan(v) else (f"{v:.{nd}f}" if isinstance(v, float)  # noqa
+                                                                           else str(v))
+    lines = ["", "## Zoo: other families, default settings", "",
+             "Each model quantized by `ptq run` with defaults and by onnxruntime's `quantize_static` (QDQ, "
+             "per-channel S8 weights, U8 activations, MinMax) on the same calibration data; the task metric on "
+             "evaluation data made on this machine (bench/zoo.py): FP32 → quantized, the comparisons "
+             "(agreement, F1, cosine) against the FP32 model's own results. SQNR: the worst output over its "
+             "whole tensor; worst slice: the worst slice of axis 1 of any output.", "",
+             "| model | family | tool | exit | task metric: FP32 → quantized | SQNR dB | worst slice dB | "
+             "latency × FP32 | time s | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, tool) in sorted(rows):
+        r = rows[(model, tool)]
+        lines.append(f"| {r.model} | {r.family} | {r.tool} | {r.exit} | {metric_text(r.metrics)} "
+                     f"| {f(r.sqnr_db, 1)} | {f(r.worst_slice_db, 1)} | {f(r.latency)} | {f(r.seconds, 1)} "
+                     f"| {r.note} |")
+    return lines
+
+
+if __name__ == "__main__":
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        measure(Path(tmp), sys.argv[1:] or None)
