@@ -5,7 +5,7 @@ FP32 model's own results:
 
 | model | family | calibration / evaluation data | task metric |
 |---|---|---|---|
-| all-MiniLM-L6-v2 | BERT sentence embedder, float-min attention mask | template sentences | embedding cosine, NN agreement |
+| all-MiniLM-L6-v2 | BERT embedder, float-min attention mask | template sentences | embedding cosine, NN agreement |
 | NudeNet 320n | YOLOv8n detector, one [N, 4+C, anchors] head | ImageNet images (people) | box F1 vs FP32 |
 | PP-OCRv4 det | DB text detector | rendered pages | text-pixel F1 vs FP32 |
 | PP-OCR cls | text direction classifier | rendered lines, half upside down | agreement with FP32 |

@@ -1,8 +1,8 @@
 """Activation range setting (white paper §3.1): one calibration pass over the FP32 model feeds a histogram per
 quantizer (and a row sample of the logits); then each quantizer's range is chosen by its method:
 ``mse`` (default; measured after the float activation that alone reads the tensor, where there is one: SiLU,
-HardSwish, Sigmoid, HardSigmoid, Tanh), ``minmax``, ``percentile``, ``bn`` (β ± α·γ of the BatchNorm that produced the tensor; falls
-back to ``mse`` where there is none) and ``xent`` for the logits.
+HardSwish, Sigmoid, HardSigmoid, Tanh), ``minmax``, ``percentile``, ``bn`` (β ± α·γ of the BatchNorm that
+produced the tensor; falls back to ``mse`` where there is none) and ``xent`` for the logits.
 
 A quantizer right after a fused Relu / Clip is kept inside the activation's bounds, so the int8 runtime can drop
 the activation (its output range already is the quantizer's).
