@@ -120,3 +120,41 @@ def test_asymmetric_weight_mse_matches_brute_force_per_channel(rng):
 def enc_rows(enc, start, stop):
     from ptq.quant import Encoding
     return Encoding(enc.spec, enc.scale[start:stop], enc.zero_point[start:stop])
+
+
+def test_mse_through_silu_matches_a_brute_force_over_ranges(rng):
+    """The range chosen for a tensor that only SiLU reads minimizes Σ (silu(x) − silu(Q(x)))², not Σ (x − Q(x))²:
+    checked against a brute force over (lo, hi) pairs, and it spends less of the grid on the negative tail that
+    SiLU flattens."""
+    from ptq.ranges import ACTIVATIONS
+    x = np.concatenate([rng.normal(-6, 3, 20000), rng.normal(2, 1.5, 20000)]).astype(np.float32)
+    h = Histogram()
+    h.update(x)
+    spec = QuantSpec(8, signed=False, symmetric=False)
+    silu = ACTIVATIONS["silu"]
+    plain = activation_encoding(h, spec, "mse")
+    after = activation_encoding(h, spec, "mse", through="silu")
+    assert after.method == "mse after silu" and float(after.lo) > float(plain.lo)
+
+    def loss(lo, hi):
+        enc = encoding_from_range(spec, lo, hi)
+        return float(np.sum((silu(x) - silu(fake_quant(x, enc))) ** 2))
+    brute = min(loss(lo, hi) for lo in np.linspace(x.min(), 0, 40) for hi in np.linspace(0, x.max(), 40))
+    assert loss(float(after.lo), float(after.hi)) <= brute * 1.02
+    assert loss(float(after.lo), float(after.hi)) < loss(float(plain.lo), float(plain.hi))
+
+
+def test_float_activation_patterns():
+    from onnx import helper
+
+    from builders import init, make
+    from ptq.model import Graph
+    from ptq.patterns import float_activation
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], "conv"), helper.make_node("Sigmoid", ["c"], ["s"], "sig"),
+             helper.make_node("Mul", ["c", "s"], ["y"], "silu"), helper.make_node("HardSwish", ["y"], ["z"], "hs"),
+             helper.make_node("Relu", ["z"], ["r"], "relu")]
+    m = make(nodes, [("x", [None, 3, 4, 4])], [("r", [None, 3, 4, 4])],
+             [init("w", np.ones((3, 3, 1, 1), np.float32))], opset=14)
+    gr = Graph(m)
+    assert (float_activation(gr, "c"), float_activation(gr, "y"), float_activation(gr, "z"),
+            float_activation(gr, "r")) == ("silu", "hardswish", None, None)
