@@ -254,8 +254,8 @@ def prepare(model: onnx.ModelProto, config: Config) -> State:
     model = canonicalize(model)
     bn = fold_batchnorm(model)
     layers = find_layers(model)
+    inner = _subgraph_layers(model)
     if not layers:
-        inner = _subgraph_layers(model)
         raise InputError("nothing to quantize: the model's main graph has no Conv, Gemm or MatMul with a constant "
                          "float weight" + (f"; its {inner} such ops are inside If / Loop / Scan bodies, which ptq does "
                                            "not quantize" if inner else ""))
@@ -265,7 +265,11 @@ def prepare(model: onnx.ModelProto, config: Config) -> State:
     logits = [o.name for o in model.graph.output
               if o.name in placement.root and o.name in by_out and by_out[o.name].act is None
               and by_out[o.name].op in ("Gemm", "MatMul")]
-    return State(config, model, layers, placement, bn, logits)
+    state = State(config, model, layers, placement, bn, logits)
+    if inner:
+        state.report.setdefault("warnings", []).append(
+            f"{inner} Conv / Gemm / MatMul ops inside If / Loop / Scan bodies are left in float")
+    return state
 
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
