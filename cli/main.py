@@ -224,6 +224,10 @@ def _print_run(result, paths):
     click.echo(f"wrote {paths[0]} ({s['quant_bytes'] / 1e6:.2f} MB, {s['ratio']:.2f}x smaller than FP32) "
                f"in {r['timings']['total']:.1f} s")
     click.echo(f"report: {paths[2]} ({paths[3].name}, {paths[1].name})")
+    if r.get("speed"):
+        sp = r["speed"]
+        click.echo(f"latency (onnxruntime CPU, batch 1): FP32 {sp['fp32_ms']:.2f} ms, quantized {sp['quant_ms']:.2f} "
+                   f"ms ({sp['ratio']:.2f}x); {sp['unfused']['DequantizeLinear']} DQ nodes left unfused")
     if r.get("fidelity"):
         _print_eval("fidelity on held-back calibration samples", r["fidelity"])
     if r.get("evaluation"):

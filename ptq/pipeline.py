@@ -57,6 +57,7 @@ class Config:
     range_spread: float = 16.0  # Concat inputs / head channels this far apart in range stay float (0: never)
     fidelity_sqnr_db: float = 6.0  # an output, or a slice of one, under this SQNR against FP32 is flagged
     fidelity_cosine: float = 0.9  # … or under this cosine
+    latency_runs: int = 20  # batch-1 runs timed per model for the report's speed section (0: not measured)
     calib_size: int = 256
     holdout: int = 32
     batch_size: int = 16
@@ -100,7 +101,7 @@ class Config:
             raise InputError(f"unknown logits range {self.logits_range!r}")
         if not 0 < self.percentile <= 100:
             raise InputError(f"percentile must be in (0, 100], not {self.percentile}")
-        if self.calib_size < 1 or self.batch_size < 1 or self.holdout < 0:
+        if self.calib_size < 1 or self.batch_size < 1 or self.holdout < 0 or self.latency_runs < 0:
             raise InputError("calibration size and batch size must be >= 1, holdout >= 0")
         if self.data_free and (self.easyquant or self.adaround):
             raise InputError("--data-free cannot be combined with EasyQuant or AdaRound: both need calibration data")

@@ -88,6 +88,14 @@ def sections(r: dict) -> list[Section]:
                            text=[f"Top-1 agreement with FP32: {f['top1_agreement']} %"] if "top1_agreement" in f
                            else [], header=["output", "SQNR dB", "cosine", "worst slice of axis 1: SQNR dB, cosine"],
                            rows=[[k, v["sqnr_db"], v["cosine"], _worst(v)] for k, v in f["outputs"].items()]))
+    sp = r.get("speed")
+    if sp:
+        u = sp["unfused"]
+        out.append(Section("Speed (onnxruntime CPU, batch 1)", text=[
+            f"FP32 {sp['fp32_ms']} ms, quantized {sp['quant_ms']} ms: {sp['ratio']}× (median of {sp['runs']} runs "
+            f"each). Q/DQ nodes left unfused by onnxruntime: {u['QuantizeLinear']} QuantizeLinear, "
+            f"{u['DequantizeLinear']} DequantizeLinear."], header=["op beside an unfused Q/DQ", "count"],
+            rows=[[k, v] for k, v in u["beside"].items()]))
     if r.get("evaluation"):
         e = r["evaluation"]
         sec = Section(f"Evaluation ({e['samples']} samples)")

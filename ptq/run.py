@@ -24,6 +24,7 @@ from .model import load_model
 from .observe import check_runnable
 from .outputs import OutputSet
 from .pipeline import Config, Context, prepare, run_steps
+from .speed import measure_speed
 from .report import render_reports, report_paths
 
 
@@ -151,6 +152,20 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
             verdict, passed = check_gate(scored, gate), True
         except AccuracyGateError as e:
             verdict, passed = str(e), False
+    speed = None
+    timing_src = next((s for s in (held, calib_src, eval_src) if s is not None), None)
+    if config.latency_runs and timing_src is not None:
+        t0 = time.perf_counter()
+        _, feed = next(iter(timing_src.batches(1)))
+        speed = measure_speed(original, qmodel, feed, config.latency_runs)
+        timings["latency"] = round(time.perf_counter() - t0, 3)
+        if speed["ratio"] > 1:
+            u = speed["unfused"]
+            beside = ", ".join(f"{k} {v}" for k, v in list(u["beside"].items())[:4])
+            state.report.setdefault("warnings", []).append(
+                f"the quantized model runs {speed['ratio']:.2f}× slower than FP32 (onnxruntime CPU, batch 1); "
+                f"{u['QuantizeLinear']} Q / {u['DequantizeLinear']} DQ nodes stay unfused" +
+                (f", beside {beside}" if beside else ""))
     flags = []
     for where, measured in (("held-back calibration samples", fidelity), ("evaluation data", evaluation)):
         flags += [f"{line} on the {where}{nearest_quantizer(state, output)}"
@@ -159,6 +174,7 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
 
     report = build_report(name, state, timings, fidelity, evaluation, original, qmodel)
     report["fidelity_flags"] = flags
+    report["speed"] = speed
     if fixed is not None:
         report["auto_fix"] = fixed
     if verdict is not None:

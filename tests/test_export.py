@@ -211,3 +211,30 @@ def test_bias_overflow_under_a_per_tensor_spec_raises_the_one_scale(rng, tmp_pat
     x = rng.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)
     got = ort_run(export_qdq(state), {"x": x})[0]
     assert np.corrcoef(ort_run(state.model, {"x": x})[0].ravel(), got.ravel())[0, 1] > 0.99
+
+
+def test_unfused_qdq_are_counted_with_the_op_beside_them():
+    from onnx import TensorProto, helper
+
+    from ptq.speed import unfused_qdq
+    inits = [numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(np.uint8(128), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], "q"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"], "dq"),
+             helper.make_node("Erf", ["d"], ["y"], "erf")]  # no integer kernel for Erf: both stay
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    assert unfused_qdq(m) == {"QuantizeLinear": 1, "DequantizeLinear": 1, "beside": {"graph input": 1, "Erf": 1}}
+
+
+def test_report_has_the_speed_of_both_models(rng, tmp_path):
+    model_path = tmp_path / "zoo.onnx"
+    onnx.save(zoo(rng), str(model_path))
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 16, 16), 12)
+    r = quantize(model_path, calib, holdout=4, latency_runs=3)
+    sp = r.report["speed"]
+    assert sp["fp32_ms"] > 0 and sp["quant_ms"] > 0
+    assert sp["ratio"] == pytest.approx(sp["quant_ms"] / sp["fp32_ms"], rel=0.05)
+    assert sp["unfused"]["QuantizeLinear"] >= 1  # the graph input's quantizer stays a QuantizeLinear
+    assert quantize(model_path, calib, holdout=4, latency_runs=0).report["speed"] is None
