@@ -6,9 +6,11 @@
    evaluated once with onnxruntime and replaced by its value — this removes the Shape/ConstantOfShape/Slice/Pad
    chains that PyTorch exports for "same" padding;
 4. a zero-constant Pad in front of a Conv is merged into the Conv's ``pads``;
-5. a weight or bias initializer read by several Conv / Gemm / MatMul nodes gets a copy per node, so that a stage
+5. a bias Add after a Conv / Gemm joins its bias, HardSwish decompositions become x · HardSigmoid(x)
+   (ptq.fuse);
+6. a weight or bias initializer read by several Conv / Gemm / MatMul nodes gets a copy per node, so that a stage
    rescaling one layer (CLE, bias absorption) never changes another;
-6. shape inference and a topological order.
+7. shape inference and a topological order.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper, shape_inference, version_converter
 
 from .errors import InputError
+from .fuse import fold_bias_adds, fuse_hardswish
 from .model import (Graph, attr, default_opset, remove_unused_initializers, set_attr, topological_sort,
                     unique_name)
 
@@ -35,6 +38,8 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     model = _infer_shapes(model)
     fold_constants(model)
     merge_pads_into_conv(model)
+    fold_bias_adds(model)
+    fuse_hardswish(model)
     unshare_initializers(model)
     remove_unused_initializers(model)
     topological_sort(model)

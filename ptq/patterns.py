@@ -115,16 +115,24 @@ def float_activation(gr: Graph, tensor: str) -> str | None:
     if tensor in gr.outputs or not cons:
         return None
     ops = sorted(c.op_type for c in cons)
-    if ops == ["Mul", "Sigmoid"]:
-        sig = next(c for c in cons if c.op_type == "Sigmoid")
+    if ops in (["Mul", "Sigmoid"], ["HardSigmoid", "Mul"]):  # x · σ(x): SiLU, or HardSwish as ptq.fuse writes it
+        gate = next(c for c in cons if c.op_type != "Mul")
         mul = next(c for c in cons if c.op_type == "Mul")
-        return "silu" if set(mul.input) == {tensor, sig.output[0]} else None
+        if set(mul.input) != {tensor, gate.output[0]}:
+            return None
+        if gate.op_type == "Sigmoid":
+            return "silu"
+        return "hardswish" if _standard_hardsigmoid(gate) else None
     if len(cons) == 1 and cons[0].op_type in ("HardSwish", "Sigmoid", "Tanh"):
         return cons[0].op_type.lower()
-    if len(cons) == 1 and cons[0].op_type == "HardSigmoid" and attr(cons[0], "alpha", 0.2) == \
-            np.float32(1 / 6) and attr(cons[0], "beta", 0.5) == 0.5:
+    if len(cons) == 1 and cons[0].op_type == "HardSigmoid" and _standard_hardsigmoid(cons[0]):
         return "hardsigmoid"
     return None
+
+
+def _standard_hardsigmoid(node) -> bool:
+    """α = 1/6, β = 0.5: clip(x/6 + 0.5, 0, 1), the gate of HardSwish."""
+    return bool(np.isclose(attr(node, "alpha", 0.2), 1 / 6) and np.isclose(attr(node, "beta", 0.5), 0.5))
 
 
 DATA_MOVEMENT = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Concat"}

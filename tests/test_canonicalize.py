@@ -88,3 +88,30 @@ def test_truncate_keeps_only_what_the_outputs_need(rng):
     got = session(t).run(["add", "rd"], {"x": x})
     for a, b in zip(ref, got):
         np.testing.assert_array_equal(a, b)
+
+
+def test_bias_adds_and_hardswish_decompositions_are_rewritten_exactly(rng):
+    """Paddle's Conv -> Add(per-channel constant) and x · Clip(x + 3, 0, 6) / 6: the Add joins the bias, the
+    HardSwish becomes x · HardSigmoid(x); onnxruntime's outputs are unchanged."""
+    from onnx import helper
+
+    from builders import init, make, run
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], "conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "b"], ["cb"], "bias_add"),
+             helper.make_node("Add", ["cb", "three"], ["a3"], "hs_add"),
+             helper.make_node("Clip", ["a3", "zero", "six"], ["r6"], "hs_clip"),
+             helper.make_node("Mul", ["cb", "r6"], ["m"], "hs_mul"),
+             helper.make_node("Div", ["m", "six_1d"], ["hs"], "hs_div"),  # a [1]-shaped 6, as Paddle writes it
+             helper.make_node("Conv", ["hs", "w2"], ["c2"], "conv2"),
+             helper.make_node("Add", ["c2", "b_wide"], ["y"], "not_per_channel")]  # varies along W: stays
+    inits = [init("w", rng.normal(0, 1, (4, 3, 3, 3)).astype(np.float32)),
+             init("b", rng.normal(0, 1, (1, 4, 1, 1)).astype(np.float32)), init("three", np.float32(3)),
+             init("zero", np.float32(0)), init("six", np.float32(6)), init("six_1d", np.array([6], np.float32)),
+             init("w2", rng.normal(0, 1, (2, 4, 1, 1)).astype(np.float32)),
+             init("b_wide", rng.normal(0, 1, (8,)).astype(np.float32))]
+    model = make(nodes, [("x", [None, 3, 8, 8])], [("y", [None, 2, 8, 8])], inits)
+    out = canonicalize(model)
+    ops = [n.op_type for n in out.graph.node]
+    assert ops == ["Conv", "HardSigmoid", "Mul", "Conv", "Add"]
+    x = rng.normal(0, 2, (2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(out, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)

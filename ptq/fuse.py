@@ -1,0 +1,117 @@
+"""Function-preserving rewrites into the forms onnxruntime runs fast on integers (part of canonicalization):
+
+- a Conv / Gemm whose output only an Add of a per-channel constant reads takes the constant into its bias
+  (b ← b + c): the exporter's separate bias Adds (Paddle writes one after every Conv without BatchNorm) otherwise
+  sit between the integer convolution and whatever reads it;
+- the HardSwish decomposition x · Clip(x + 3, 0, 6) / 6 (or · 1/6) becomes x · HardSigmoid(x) with α = 1/6,
+  β = 0.5: two ops instead of four, and a pattern the activation ranges recognize.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .model import Graph, attr, set_initializer, unique_name
+
+
+def fold_bias_adds(model: onnx.ModelProto) -> int:
+    """Fold Add(layer output, per-channel constant) into the Conv / Gemm's bias. Returns the number folded."""
+    gr = Graph(model)
+    removed = []
+    taken = set(gr.inits) | set(gr.producer)
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or not gr.is_const(node.input[1]):
+            continue
+        add = gr.only_consumer(node.output[0])
+        if add is None or add.op_type != "Add" or add in removed:
+            continue
+        other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+        c, w = gr.const(other), gr.const(node.input[1])
+        if c is None or w.dtype.kind != "f":
+            continue
+        if node.op_type == "Conv":
+            channels = w.shape[0]
+            fits = _per_channel_shape(c.shape, channels, w.ndim)
+        else:
+            if attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0:
+                continue
+            channels = w.shape[0] if attr(node, "transB", 0) else w.shape[1]
+            fits = c.size in (1, channels) and (c.ndim <= 1 or (c.ndim == 2 and c.shape[0] == 1))
+        if not fits:
+            continue
+        bias = gr.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(channels, w.dtype)
+        if bias is None or (len(node.input) > 2 and node.input[2] and len(gr.consumers[node.input[2]]) != 1):
+            continue
+        new = (bias.astype(np.float64) + np.broadcast_to(c.astype(np.float64).ravel(), (channels,))).astype(w.dtype)
+        name = node.input[2] if len(node.input) > 2 and node.input[2] else unique_name(taken, node.name + "/bias")
+        set_initializer(model, name, new)
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = name
+        node.output[0] = add.output[0]
+        removed.append(add)
+    for n in removed:
+        model.graph.node.remove(n)
+    return len(removed)
+
+
+def _per_channel_shape(shape, channels: int, rank: int) -> bool:
+    """Whether a constant of ``shape`` adds one value per output channel to a conv output of ``rank`` dims
+    ([N, C, spatial…]): scalar, [C], or [1?, C, 1, …, 1] aligned to the channel axis."""
+    if len(shape) <= 1:  # numpy aligns a [C] constant with the last axis: only a scalar is per channel then
+        return int(np.prod(shape)) == 1
+    if len(shape) > rank:
+        return False
+    aligned = (1,) * (rank - len(shape)) + tuple(shape)  # numpy broadcasting aligns to the right
+    return aligned[0] == 1 and aligned[1] in (1, channels) and all(d == 1 for d in aligned[2:])
+
+
+def fuse_hardswish(model: onnx.ModelProto) -> int:
+    """x · Clip(x + 3, 0, 6) / 6 -> x · HardSigmoid(x; 1/6, 0.5). Returns the number rewritten."""
+    gr = Graph(model)
+    taken = set(gr.inits) | set(gr.producer) | {n.name for n in model.graph.node}
+    gone, count = set(), 0
+    for add in list(model.graph.node):
+        if add.op_type != "Add" or add.name in gone:
+            continue
+        three = [i for i in add.input if gr.is_const(i) and np.allclose(gr.const(i), 3.0) and gr.const(i).size == 1]
+        if len(three) != 1:
+            continue
+        x = add.input[1] if add.input[0] == three[0] else add.input[0]
+        clip = gr.only_consumer(add.output[0])
+        if clip is None or clip.op_type != "Clip" or not _clip_0_6(gr, clip):
+            continue
+        mul = gr.only_consumer(clip.output[0])
+        if mul is None or mul.op_type != "Mul" or set(mul.input) != {x, clip.output[0]}:
+            continue
+        last = gr.only_consumer(mul.output[0])
+        if last is None or not _divides_by_6(gr, last, mul.output[0]):
+            continue
+        hs = unique_name(taken, x + "/hardsigmoid")
+        new = [helper.make_node("HardSigmoid", [x], [hs], unique_name(taken, add.name + "/HardSigmoid"),
+                                alpha=1.0 / 6.0, beta=0.5),
+               helper.make_node("Mul", [x, hs], [last.output[0]], unique_name(taken, mul.name + "/HardSwish"))]
+        at = list(model.graph.node).index(add)
+        for n in (add, clip, mul, last):
+            model.graph.node.remove(n)
+            gone.add(n.name)
+        for k, n in enumerate(new):
+            model.graph.node.insert(at + k, n)
+        count += 1
+    return count
+
+
+def _clip_0_6(gr: Graph, clip) -> bool:
+    lo = gr.const(clip.input[1]) if len(clip.input) > 1 and clip.input[1] else attr(clip, "min")
+    hi = gr.const(clip.input[2]) if len(clip.input) > 2 and clip.input[2] else attr(clip, "max")
+    return lo is not None and hi is not None and np.allclose(lo, 0.0) and np.allclose(hi, 6.0)
+
+
+def _divides_by_6(gr: Graph, node, src: str) -> bool:
+    other = [i for i in node.input if i != src]
+    if len(other) != 1 or not gr.is_const(other[0]) or gr.const(other[0]).size != 1:
+        return False
+    v = float(np.ravel(gr.const(other[0]))[0])
+    return (node.op_type == "Div" and node.input[0] == src and np.isclose(v, 6.0)) or \
+        (node.op_type == "Mul" and np.isclose(v, 1 / 6.0))
