@@ -85,6 +85,8 @@ def quant_options(f):
         click.option("--act-symmetric/--act-asymmetric", default=None, help="Activation grid (asymmetric uint8)."),
         click.option("--percentile", type=float, help="Percentile for --act-range percentile (99.99)."),
         click.option("--cle/--no-cle", default=None, help="Cross-layer equalization + high-bias absorption (off)."),
+        click.option("--smoothquant/--no-smoothquant", default=None,
+                     help="SmoothQuant on MatMuls with outlier input channels, where it measures better (on)."),
         click.option("--adaround/--no-adaround", default=None, help="AdaRound: learned weight rounding (off)."),
         click.option("--adaround-iters", type=int, help="Adam iterations per layer (500)."),
         click.option("--adaround-batch", type=int, help="rows per Adam step, layers with an activation (1024)."),

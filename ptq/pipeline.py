@@ -35,6 +35,7 @@ from .stages.bias_overflow import guard_bias_overflow
 from .stages.cle import equalize
 from .stages.data_free_ranges import set_data_free_ranges
 from .stages.easyquant import easyquant
+from .stages.smoothquant import smoothquant
 from .stages.fold_bn import BNStats, fold_batchnorm
 from .stages.weight_ranges import set_weight_ranges
 
@@ -63,6 +64,7 @@ class Config:
     batch_size: int = 16
     seed: int = 0
     xent_rows: int = 512
+    smoothquant: bool = True  # SmoothQuant on MatMuls whose inputs have outlier channels, where it measures better
     cle: bool = False
     adaround: bool = False
     adaround_iters: int = 500  # 1000 and 3000 scored no better (docs/FINDINGS.md)
@@ -143,7 +145,8 @@ class Config:
         correction (of the layers AdaRound left alone) → activation ranges; then the int32 bias guard.
         With EasyQuant the activation ranges come before it (it searches around both initial scales), and
         AdaRound then rounds on the grids EasyQuant chose."""
-        steps = ["cle", "bias_absorption"] if self.cle else []
+        steps = ["smoothquant"] if self.smoothquant and not self.data_free else []
+        steps += ["cle", "bias_absorption"] if self.cle else []
         steps.append("weight_ranges")
         ranges = "data_free_ranges" if self.data_free else "activation_ranges"
         if self.easyquant:  # EasyQuant searches around both initial ranges, then AdaRound rounds on its grids
@@ -277,6 +280,7 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
                  "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd"}
 
 STEPS = {
+    "smoothquant": smoothquant,
     "cle": equalize,
     "bias_absorption": absorb_high_biases,
     "weight_ranges": set_weight_ranges,
@@ -289,7 +293,7 @@ STEPS = {
 }
 
 
-FUNCTION_PRESERVING = {"cle", "bias_absorption"}  # transform the FP32 model, meant to keep its function
+FUNCTION_PRESERVING = {"smoothquant", "cle", "bias_absorption"}  # transform the FP32 model, keeping its function
 
 
 def _digest(model: onnx.ModelProto) -> str:

@@ -53,7 +53,7 @@ def test_mask_sentinels_never_set_a_scale(rng, tmp_path, capsys):
     for act_range in ("mse", "percentile", "minmax"):
         out = tmp_path / f"q_{act_range}.onnx"
         assert main(["run", str(path), "--calib", str(calib), "-o", str(out), "--act-range", act_range,
-                     "--holdout", "8", "-q"]) == 0, capsys.readouterr().err
+                     "--holdout", "8", "-q", "--no-smoothquant"]) == 0, capsys.readouterr().err
         report = json.loads(out.with_name(out.stem + ".report.json").read_text())
         left = report["stages"]["left_float"]
         assert {"mask", "masked"} <= set(left) and "sentinel" in left["masked"]
@@ -72,7 +72,7 @@ def test_masked_attention_keeps_the_mask_in_float_and_the_softmax_exact(rng, tmp
         mask = np.where(rng.random(8) < 0.4, FLOAT_MIN, 0).astype(np.float32)
         np.savez(calib / f"s{k:02d}.npz", x=rng.normal(0, 1, 8).astype(np.float32), mask=mask)
     assert main(["run", str(path), "--calib", str(calib), "-o", str(tmp_path / "q.onnx"), "--holdout", "8",
-                 "-q"]) == 0, capsys.readouterr().err
+                 "-q", "--no-smoothquant"]) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "q.report.json").read_text())
     assert not {"mask", "masked", "s"} & set(report["activations"])  # only float ops read them
     assert {"x", "p"} <= set(report["activations"])  # the MatMuls' inputs
@@ -199,3 +199,42 @@ def test_user_metric_gets_per_batch_lists_where_output_shapes_vary():
     got = gathered(["y"], [[a], [b]])
     assert isinstance(got["y"], list) and [x.shape for x in got["y"]] == [a.shape, b.shape]
     assert gathered(["y"], [[a], [a[:1]]])["y"].shape == (3, 4, 8, 8)
+
+
+def outlier_matmuls(rng):
+    """x [N, 16] with three outlier channels -> LayerNormalization-free MatMuls q, k (sharing x) and a residual."""
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], "q"), helper.make_node("MatMul", ["x", "wk"], ["k"], "k"),
+             helper.make_node("Add", ["q", "k"], ["qk"], "sum"), helper.make_node("Add", ["qk", "x"], ["y"], "res")]
+    return make(nodes, [("x", [None, 16])], [("y", [None, 16])],
+                [init("wq", rng.normal(0, 1, (16, 16)).astype(np.float32)),
+                 init("wk", rng.normal(0, 1, (16, 16)).astype(np.float32))])
+
+
+def test_smoothing_scales_by_hand():
+    from ptq.stages.smoothquant import smoothing_scales
+    np.testing.assert_allclose(smoothing_scales(np.array([4.0, 1.0, 0.0]), np.array([1.0, 4.0, 2.0]), 0.5),
+                               [2.0, 0.5, 1.0])  # √(4/1), √(1/4); an all-zero channel keeps 1
+
+
+def test_smoothquant_keeps_fp32_and_lowers_the_8_bit_error_of_outlier_channels(rng, tmp_path):
+    from ptq.pipeline import Config, Context, prepare, run_steps
+    from ptq.stages.smoothquant import ALPHAS, product_error, smoothing_scales
+    model = outlier_matmuls(rng)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    scale = np.ones(16, np.float32)
+    scale[[2, 7, 11]] = 40.0  # outlier channels, as after a LayerNorm
+    for k in range(64):
+        np.save(calib / f"s{k:02d}.npy", (rng.normal(0, 1, 16) * scale).astype(np.float32))
+    src = DataSource(calib, model_inputs(model))
+    state = run_steps(prepare(model, Config(steps=["smoothquant"])), Context(src), {})
+    entry = state.report["smoothquant"]["x"]
+    assert entry["applied"] and entry["layers"] == ["q", "k"] and entry["alpha"] in ALPHAS
+    assert entry["error_ratio"] < 0.9
+    assert {l.x for l in state.layers} == {"x/smoothed"}  # q and k read the smoothed x; the residual reads x
+    x = np.stack([np.load(f) for f in sorted(calib.glob("*.npy"))])
+    np.testing.assert_allclose(run(state.model, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-4, atol=1e-3)
+    w = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer]
+    base = product_error(x, w, np.ones(16, np.float32), 8, 8)
+    s = smoothing_scales(np.abs(x).max(0), np.max([np.abs(v).max(1) for v in w], axis=0), entry["alpha"])
+    assert product_error(x, w, s, 8, 8) < 0.9 * base  # the same measure, on the whole calibration set

@@ -92,7 +92,7 @@ def test_stage_never_worse_than_initial_scales(rng, tmp_path):
     model = zoo(rng)
     src = calib_source(tmp_path, rng, model, (3, 16, 16))
     cfg = Config(weight_bits=4, act_bits=6, easyquant=True, easyquant_steps=40, batch_size=8, holdout=0).validate()
-    assert cfg.steps == ["weight_ranges", "activation_ranges", "easyquant", "bias_overflow"]
+    assert cfg.steps == ["smoothquant", "weight_ranges", "activation_ranges", "easyquant", "bias_overflow"]
     state = run_steps(prepare(model, cfg), Context(src), {})
     rep = state.report["easyquant"]["layers"]
     assert set(rep) == {"conv1", "dw", "conv2", "conv3", "fc"}
@@ -133,7 +133,8 @@ def test_easyquant_then_adaround_rounds_on_easyquant_grids(rng, tmp_path):
     cfg = dict(weight_bits=4, batch_size=8, holdout=0, easyquant_steps=30)
     eq = run_steps(prepare(model, Config(**cfg, easyquant=True)), Context(src), {})
     both_cfg = Config(**cfg, easyquant=True, adaround=True, adaround_iters=200).validate()
-    assert both_cfg.steps == ["weight_ranges", "activation_ranges", "easyquant", "adaround", "bias_overflow"]
+    assert both_cfg.steps == ["smoothquant", "weight_ranges", "activation_ranges", "easyquant", "adaround",
+                              "bias_overflow"]
     both = run_steps(prepare(model, both_cfg), Context(src), {})
     gr = Graph(both.model)
     for layer in both.layers:
