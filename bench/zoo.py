@@ -137,10 +137,14 @@ def pixel_f1(fp_out, q_out, thr: float = 0.3) -> dict:
     return {"text-pixel F1 vs FP32 %": [100.0, 100.0 * 2 * tp / max(2 * tp + fp + fn, 1)]}
 
 
-def agreement(fp_out, q_out) -> dict:
+def agreement(fp_out, q_out, labels=None) -> dict:
+    """Top-1 agreement with FP32 and, with ``labels``, top-1 accuracy of both models (%)."""
     a = np.concatenate([o[0].argmax(-1) for o in fp_out])
     b = np.concatenate([o[0].argmax(-1) for o in q_out])
-    return {"top-1 agreement %": [100.0, 100.0 * float(np.mean(a == b))]}
+    out = {"top-1 agreement %": [100.0, 100.0 * float(np.mean(a == b))]}
+    if labels is not None:
+        out = {"top-1 accuracy %": [100.0 * float(np.mean(a == labels)), 100.0 * float(np.mean(b == labels))], **out}
+    return out
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -210,6 +214,20 @@ def line_tensor(im, width: int) -> np.ndarray:
     return out
 
 
+def speech_feeds(folder: Path, n: int = 32, chunk: int = 512, sr: int = 16000) -> Path:
+    """Complete feeds for a streaming VAD (input [1, chunk], state [2, 1, 128], sr): voiced bursts (harmonics of a
+    wandering pitch) and silences, as .npz files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    t = np.arange(chunk) / sr
+    for k in range(n):
+        f0 = 120 + 60 * np.sin(k / 5)
+        voiced = sum(np.sin(2 * np.pi * f0 * h * t + rng.uniform(0, 6)) / h for h in range(1, 8))
+        x = (0.3 * voiced * ((k // 8) % 2 == 0) + rng.normal(0, 0.01, chunk)).astype(np.float32)[None]
+        np.savez(folder / f"f{k:02d}.npz", input=x, state=np.zeros((2, 1, 128), np.float32), sr=np.int64(sr))
+    return folder
+
+
 def save_samples(folder: Path, arrays: list[np.ndarray], name="x") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for k, a in enumerate(arrays):
@@ -259,10 +277,12 @@ def prepare(name: str, data: Path) -> dict:
         return dict(path=ocr / "ch_PP-OCRv4_det_infer.onnx", calib=save_samples(data / "calib", pages[:48]),
                     eval=batched(pages[48:], "x"), family="DB text detector", score=pixel_f1)
     if name == "ppocr_cls":
-        lines = [line_tensor(text_line(rng, k % 2 == 1)[0], 192) for k in range(256)]
+        lines = [line_tensor(text_line(rng, k % 2 == 1)[0], 192) for k in range(512)]
+        truth = np.arange(256, 512) % 2  # class 1: rotated 180°
         return dict(path=ocr / "ch_ppocr_mobile_v2.0_cls_infer.onnx", calib=save_samples(data / "calib",
-                                                                                          lines[:128]),
-                    eval=batched(lines[128:], "x", 16), family="text direction classifier", score=agreement)
+                                                                                          lines[:256]),
+                    eval=batched(lines[256:], "x", 16), family="text direction classifier",
+                    score=lambda a, b: agreement(a, b, truth))
     if name == "ppocr_rec":
         path = ocr / "ch_PP-OCRv4_rec_infer.onnx"
         meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
@@ -281,12 +301,15 @@ def prepare(name: str, data: Path) -> dict:
         path = data / "efficientnet_lite0_b1.onnx"
         onnx.save(model, str(path))
         calib = save_samples(data / "calib", imagenet_tensors(calib_files[::4], 224, 0.5, 0.5), "input")
+        table = dict(line.split() for line in (SHARED / "data" / "imagenet-val" / "labels.txt").read_text().splitlines()
+                     if line.strip())
+        labels = np.array([int(table[f.name]) for f in val_files[:300]])
         val = imagenet_tensors(val_files[:300], 224, 0.5, 0.5)
         return dict(path=path, calib=calib, eval=batched(val, "input", 1), family="static batch-1 export",
-                    score=agreement)
+                    score=lambda a, b: agreement(a, b, labels))
     if name == "silero_vad":
         return dict(path=cache_wheel("silero-vad==6.2.3") / "silero_vad" / "data" / "silero_vad.onnx",
-                    calib=None, eval=[], family="stateful speech model (If bodies)", score=None)
+                    feeds=speech_feeds(data / "feeds"), family="stateful speech model (If bodies)")
     raise KeyError(name)
 
 
@@ -322,10 +345,12 @@ def measure(work: Path, names=None) -> list[ZooRow]:
         data.mkdir(parents=True, exist_ok=True)
         spec = prepare(name, data)
         fp_path = spec["path"]
-        if spec["calib"] is None:  # the models ptq refuses: record what it says
-            p = subprocess.run([sys.executable, "-m", "ptq", "run", str(fp_path), "--calib", str(data), "-o",
-                                str(work / f"{name}.onnx")], capture_output=True, text=True)
-            rows[(name, "ptq")] = ZooRow(name, spec["family"], "ptq", p.returncode, note=p.stderr.strip()[-160:])
+        if spec.get("feeds"):  # complete feeds (a stateful model): what ptq says of it
+            p = subprocess.run([sys.executable, "-m", "ptq", "run", str(fp_path), "--calib-feeds", str(spec["feeds"]),
+                                "-o", str(work / f"{name}.onnx")], capture_output=True, text=True)
+            rows[(name, "ptq")] = ZooRow(name, spec["family"], "ptq", p.returncode, note=p.stderr.strip()[-200:])
+            save(rows)
+            print(f"{name} ptq: exit {p.returncode} {p.stderr.strip()[-200:]}", flush=True)
             continue
         fp_out = outputs(fp_path, spec["eval"])
         for tool in ("ptq", "onnxruntime quantize_static"):
