@@ -107,6 +107,8 @@ def quant_options(f):
         click.option("--calib-size", type=int, help="Calibration samples used for range setting (256)."),
         click.option("--holdout", type=int, help="Further samples held back to measure fidelity (32)."),
         click.option("--batch-size", type=int, help="Batch size for onnxruntime (16)."),
+        click.option("--memory-limit", type=float,
+                     help="GB that calibration aims to stay within: batches shrink to fit (2)."),
         click.option("--seed", type=int, help="Seed for choosing samples (0)."),
         preprocess_options(),
         click.option("--eval", "eval_dir", type=click.Path(), help="Evaluation data (labels optional)."),

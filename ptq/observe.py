@@ -160,12 +160,39 @@ def _first_line(e: Exception) -> str:
     return line.split("] ", 1)[-1][:240]
 
 
+OUTPUT_COPIES = 3  # a batch's requested outputs live about this many times at once (onnxruntime's, numpy's, ours)
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (VmRSS), 0 where /proc is absent."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def batch_within(sess, names: list[str], source, batch_size: int, memory_limit: float | None) -> int:
+    """The largest batch size up to ``batch_size`` whose requested outputs fit in what ``memory_limit`` (bytes)
+    leaves beside the process's resident memory: one sample is run to measure a sample's outputs."""
+    if not memory_limit or not names:
+        return batch_size
+    _, feed = next(iter(source.batches(1)))
+    per_sample = sum(v.nbytes for v in sess.run(names, feed)) / max(len(next(iter(feed.values()))), 1)
+    room = memory_limit - rss_bytes()
+    return int(min(batch_size, max(1, room // max(OUTPUT_COPIES * per_sample, 1))))
+
+
 def observe(model: onnx.ModelProto, source, batch_size: int, observers: dict, progress: bool = False,
-            desc: str = "calibrating") -> int:
+            desc: str = "calibrating", memory_limit: float | None = None) -> int:
     """Run ``source`` through the FP32 model; feed each tensor named in ``observers`` (name -> list of objects
-    with ``update``) batch by batch. Returns the number of samples seen."""
+    with ``update``) batch by batch, the batches made smaller where their outputs would not fit in
+    ``memory_limit`` bytes (``batch_within``). Returns the number of samples seen."""
     names = list(observers)
     sess = session(model, names)
+    batch_size = batch_within(sess, names, source, batch_size, memory_limit)
     seen = 0
     with tqdm(total=len(source), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for paths, feed in source.batches(batch_size):

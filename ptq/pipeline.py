@@ -58,6 +58,7 @@ class Config:
     range_spread: float = 16.0  # Concat inputs / head channels this far apart in range stay float (0: never)
     fidelity_sqnr_db: float = 6.0  # an output, or a slice of one, under this SQNR against FP32 is flagged
     fidelity_cosine: float = 0.9  # … or under this cosine
+    memory_limit: float = 2.0  # GB the calibration passes and AdaRound's cached activations aim to stay within
     latency_runs: int = 20  # batch-1 runs timed per model for the report's speed section (0: not measured)
     calib_size: int = 256
     holdout: int = 32
@@ -103,6 +104,8 @@ class Config:
             raise InputError(f"unknown logits range {self.logits_range!r}")
         if not 0 < self.percentile <= 100:
             raise InputError(f"percentile must be in (0, 100], not {self.percentile}")
+        if self.memory_limit <= 0:
+            raise InputError(f"memory limit must be > 0 GB, not {self.memory_limit}")
         if self.calib_size < 1 or self.batch_size < 1 or self.holdout < 0 or self.latency_runs < 0:
             raise InputError("calibration size and batch size must be >= 1, holdout >= 0")
         if self.data_free and (self.easyquant or self.adaround):
@@ -158,6 +161,10 @@ class Config:
         if not self.easyquant:
             steps.append(ranges)
         return steps + ["bias_overflow"]
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory_limit * 2**30
 
     def override_for(self, *names: str) -> dict:
         for n in names:

@@ -56,7 +56,7 @@ def set_activation_ranges(state, ctx):
     # after AdaRound (white paper Fig. 8: AdaRound comes first) the ranges are those of the network with its
     # rounded weights; otherwise of the FP32 network (with the corrected biases, where bias correction ran)
     model = weight_quantized(state, weights=bool(state.rounded)) if state.rounded or state.biases else state.model
-    n = observe(model, ctx.calib, cfg.batch_size, observers, ctx.progress)
+    n = observe(model, ctx.calib, cfg.batch_size, observers, ctx.progress, memory_limit=cfg.memory_bytes)
     state.report.setdefault("calibration", {})["samples"] = n
     gr = Graph(state.model)
     bounds = activation_bounds(state.layers, gr)

@@ -86,7 +86,8 @@ def _empirical_means(state, gr, layers, ctx) -> dict:
     for layer in layers:
         means[layer.name] = ChannelMean(1 if layer.op == "Conv" else -1)
         obs.setdefault(layer.x, []).append(means[layer.name])
-    observe(sim, ctx.calib, state.config.batch_size, obs, ctx.progress, desc="bias correction")
+    observe(sim, ctx.calib, state.config.batch_size, obs, ctx.progress, desc="bias correction",
+            memory_limit=state.config.memory_bytes)
     return {name: m.mean for name, m in means.items()}
 
 

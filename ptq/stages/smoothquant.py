@@ -83,7 +83,7 @@ def smoothquant(state, ctx):
     peaks = {x: LastAxisPeak() for x in groups}
     rows = {x: RowSample(ROWS) for x in groups}
     observe(state.model, ctx.calib, cfg.batch_size, {x: [peaks[x], rows[x]] for x in groups}, ctx.progress,
-            desc="smoothquant")
+            desc="smoothquant", memory_limit=cfg.memory_bytes)
     taken = set(gr.inits) | set(gr.producer) | {n.name for n in state.model.graph.node}
     for x, layers in groups.items():
         weights = [gr.const(l.weight).astype(np.float32) for l in layers]
