@@ -205,12 +205,7 @@ class DataSource:
             sample = {self.inputs[0].name: _load_array(path)}
         else:
             sample = _load_npz(path, [i.name for i in self.inputs])
-        out = {i.name: _fit(path, i, sample[i.name]) for i in self.inputs}
-        for name, x in out.items():
-            if x.dtype.kind == "f" and not np.isfinite(x).all():
-                bad = int(x.size - np.count_nonzero(np.isfinite(x)))
-                raise InputError(f"{path}: input '{name}' has {bad} non-finite value(s) (inf or nan)")
-        return out
+        return {i.name: _fit(path, i, sample[i.name]) for i in self.inputs}
 
     def samples(self) -> Iterator[tuple[Path, dict[str, np.ndarray]]]:
         for p in self.files:
@@ -324,11 +319,20 @@ def _fit(path: Path, info: InputInfo, x: np.ndarray) -> np.ndarray:
         if k != info.batch_axis and want is not None and d != want:
             raise InputError(f"{path}: sample for input '{info.name}' has shape {list(x.shape)}, the model "
                              f"expects {shape_str(info.shape)}")
-    want_kind = np.dtype(info.dtype).kind
-    if x.dtype.kind != want_kind and not (want_kind == "f" and x.dtype.kind in "iu"):
-        raise InputError(f"{path}: sample for input '{info.name}' is {x.dtype}, the model expects "
-                         f"{np.dtype(info.dtype).name}")
-    return x.astype(info.dtype, copy=False)
+    return checked(path, info, x)
+
+
+def checked(where, info: InputInfo, x: np.ndarray) -> np.ndarray:
+    """``x`` in the input's dtype; InputError where its kind does not fit (ints may feed a float input) or a float
+    value is inf / nan."""
+    want = np.dtype(info.dtype).kind
+    if x.dtype.kind != want and not (want == "f" and x.dtype.kind in "iu"):
+        raise InputError(f"{where}: input '{info.name}' is {x.dtype}, the model expects {np.dtype(info.dtype).name}")
+    x = x.astype(info.dtype, copy=False)
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+        raise InputError(f"{where}: input '{info.name}' has {bad} non-finite value(s) (inf or nan)")
+    return x
 
 
 def shape_str(shape) -> str:

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .data import InputInfo, shape_str
+from .data import InputInfo, checked, shape_str
 from .errors import InputError
 
 
@@ -108,14 +108,7 @@ class FeedSource:
             if x.ndim != len(info.shape) or any(w is not None and d != w for d, w in zip(x.shape, info.shape)):
                 raise InputError(f"{where}: input '{info.name}' has shape {list(x.shape)}, the model expects "
                                  f"{shape_str(info.shape)}")
-            want = np.dtype(info.dtype).kind
-            if x.dtype.kind != want and not (want == "f" and x.dtype.kind in "iu"):
-                raise InputError(f"{where}: input '{info.name}' is {x.dtype}, the model expects "
-                                 f"{np.dtype(info.dtype).name}")
-            x = x.astype(info.dtype, copy=False)
-            if x.dtype.kind == "f" and not np.isfinite(x).all():
-                raise InputError(f"{where}: input '{info.name}' has non-finite values (inf or nan)")
-            out[info.name] = x
+            out[info.name] = checked(where, info, x)
         return out
 
 

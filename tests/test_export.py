@@ -145,21 +145,25 @@ def test_same_seed_gives_byte_identical_model(rng, tmp_path):
     assert a.report["model_sha256"] == hashlib.sha256(b.model.SerializeToString()).hexdigest()
 
 
-def test_bias_overflow_raises_weight_scale_instead_of_clipping(rng, tmp_path):
-    model = conv_bn_relu(rng)
-    # channel 0 of the folded conv: tiny weights, big bias -> |b| / (s_in * s_w) >> 2^31
-    state = prepare(model, Config(holdout=0))
+def overflowing_bias_state(model, rng, tmp_path, config, shrink):
+    """The pipeline state of ``model`` whose first layer's weight is ``shrink(w)`` and channel 0's bias 50."""
+    state = prepare(model, config)
     for t in state.model.graph.initializer:
         if t.name == state.layers[0].weight:
-            w = numpy_helper.to_array(t).copy()
-            w[0] = 1e-9
-            t.CopyFrom(numpy_helper.from_array(w, t.name))
+            t.CopyFrom(numpy_helper.from_array(shrink(numpy_helper.to_array(t)), t.name))
         if t.name == state.layers[0].bias:
             b = numpy_helper.to_array(t).copy()
             b[0] = 50.0
             t.CopyFrom(numpy_helper.from_array(b, t.name))
     calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8)
-    state = run_steps(state, Context(DataSource(calib, model_inputs(model))), {})
+    return run_steps(state, Context(DataSource(calib, model_inputs(model))), {})
+
+
+def test_bias_overflow_raises_weight_scale_instead_of_clipping(rng, tmp_path):
+    model = conv_bn_relu(rng)
+    # channel 0 of the folded conv: tiny weights, big bias -> |b| / (s_in * s_w) >> 2^31
+    state = overflowing_bias_state(model, rng, tmp_path, Config(holdout=0), lambda w: np.concatenate(
+        [np.full_like(w[:1], 1e-9), w[1:]]))
     assert state.report["bias_overflow"]["channels_with_raised_weight_scale"] == {state.layers[0].name: 1}
     q = export_qdq(state)
     bias_q = next(numpy_helper.to_array(t) for t in q.graph.initializer
@@ -195,16 +199,9 @@ def test_4bit_weights_are_int4_at_opset_21_and_int8_below(rng, tmp_path):
 
 def test_bias_overflow_under_a_per_tensor_spec_raises_the_one_scale(rng, tmp_path):
     model = conv_bn_relu(rng)
-    state = prepare(model, Config(holdout=0, per_channel=False))
-    for t in state.model.graph.initializer:  # every weight tiny, one big bias: the one scale must grow
-        if t.name == state.layers[0].weight:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1e-9), t.name))
-        if t.name == state.layers[0].bias:
-            b = numpy_helper.to_array(t).copy()
-            b[0] = 50.0
-            t.CopyFrom(numpy_helper.from_array(b, t.name))
-    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8)
-    state = run_steps(state, Context(DataSource(calib, model_inputs(model))), {})
+    # every weight tiny, one big bias: the one scale must grow
+    state = overflowing_bias_state(model, rng, tmp_path, Config(holdout=0, per_channel=False),
+                                   lambda w: w * np.float32(1e-9))
     enc = state.weights[state.layers[0].name]
     assert state.report["bias_overflow"]["channels_with_raised_weight_scale"][state.layers[0].name] >= 1
     assert np.ndim(enc.scale) == 0 and enc.spec.axis is None  # still one scale

@@ -129,7 +129,7 @@ def test_calib_reader_yields_feeds(rng, tmp_path, capsys):
     assert json.loads((tmp_path / "q.report.json").read_text())["fidelity"]["samples"] == 4
     code = main(["run", str(path), "--calib-reader", f"{reader}:broken", "-o", str(tmp_path / "b.onnx")])
     err = capsys.readouterr().err
-    assert code == 2 and "feed #1: input 'x' has non-finite values" in err and err.count("\n") == 1
+    assert code == 2 and "feed #1: input 'x' has 6 non-finite value(s)" in err and err.count("\n") == 1
     code = main(["run", str(path), "--calib-reader", f"{reader}:feeds", "--calib", str(tmp_path), "-o",
                  str(tmp_path / "b.onnx")])
     assert code == 2 and "give one of --calib / --calib-reader" in capsys.readouterr().err
