@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .errors import PTQError
 from .model import default_opset, remove_unused_initializers, unique_name
 from .quant import Encoding, QuantSpec, quantize
 
@@ -62,7 +63,7 @@ def export_qdq(state) -> onnx.ModelProto:
     def qparams(base: str, enc: Encoding, zp_bits: int, zp_signed: bool):
         s_name = unique_name(taken, base + "/scale")
         z_name = unique_name(taken, base + "/zero_point")
-        inits.append(numpy_helper.from_array(np.asarray(enc.scale, np.float32), s_name))
+        inits.append(numpy_helper.from_array(written_scale(base, enc), s_name))
         inits.append(_int_tensor(z_name, np.asarray(enc.zero_point), zp_bits, zp_signed))
         return s_name, z_name
 
@@ -97,7 +98,7 @@ def export_qdq(state) -> onnx.ModelProto:
         inits.append(_int_tensor(q_name, q_values, bits, signed))
         s_name = unique_name(taken, base + "/scale")
         z_name = unique_name(taken, base + "/zero_point")
-        inits.append(numpy_helper.from_array(np.asarray(enc.scale, np.float32), s_name))
+        inits.append(numpy_helper.from_array(written_scale(base, enc), s_name))
         inits.append(_int_tensor(z_name, np.asarray(enc.zero_point), bits, signed))
         out = unique_name(taken, base + "/dequantized")
         kw = {"axis": axis} if axis is not None and np.asarray(enc.scale).ndim else {}
@@ -153,6 +154,15 @@ def export_qdq(state) -> onnx.ModelProto:
     if needs_ms and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model
+
+
+def written_scale(name: str, enc: Encoding) -> np.ndarray:
+    """The scale as stored: float32, every value finite and normal (a bug otherwise: PTQError, exit 1, naming the
+    tensor; subnormal ones are floored to the smallest normal float32, as range setting does for dead channels)."""
+    s = np.asarray(enc.scale, np.float32)
+    if not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise PTQError(f"internal error: the scale of '{name}' is not a positive finite number ({s.ravel()[:4]})")
+    return np.maximum(s, np.finfo(np.float32).tiny)
 
 
 def _split_bias(node, layer, b, w_ndim, taken, inits, nodes):

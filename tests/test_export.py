@@ -235,3 +235,15 @@ def test_report_has_the_speed_of_both_models(rng, tmp_path):
     assert sp["ratio"] == pytest.approx(sp["quant_ms"] / sp["fp32_ms"], rel=0.05)
     assert sp["unfused"]["QuantizeLinear"] >= 1  # the graph input's quantizer stays a QuantizeLinear
     assert quantize(model_path, calib, holdout=4, latency_runs=0).report["speed"] is None
+
+
+def test_every_written_scale_is_finite_and_normal():
+    from ptq.errors import PTQError
+    from ptq.export import written_scale
+    from ptq.quant import Encoding, QuantSpec
+    spec = QuantSpec(8, signed=True, symmetric=True, axis=0)
+    floored = written_scale("w", Encoding(spec, np.array([1e-40, 0.5], np.float32), np.zeros(2, np.int32), "x"))
+    assert floored[0] == np.finfo(np.float32).tiny and floored[1] == np.float32(0.5)
+    for bad in (np.inf, np.nan, 0.0, -1.0):
+        with pytest.raises(PTQError, match="the scale of 'w'"):
+            written_scale("w", Encoding(spec, np.array([bad, 0.5], np.float32), np.zeros(2, np.int32), "x"))
