@@ -58,7 +58,7 @@ class Config:
     range_spread: float = 16.0  # Concat inputs / head channels this far apart in range stay float (0: never)
     fidelity_sqnr_db: float = 6.0  # an output, or a slice of one, under this SQNR against FP32 is flagged
     fidelity_cosine: float = 0.9  # … or under this cosine
-    memory_limit: float = 2.0  # GB the calibration passes and AdaRound's cached activations aim to stay within
+    memory_limit: float = 2.0  # GB the calibration passes aim to stay within (their batches shrink to fit)
     latency_runs: int = 20  # batch-1 runs timed per model for the report's speed section (0: not measured)
     calib_size: int = 256
     holdout: int = 32

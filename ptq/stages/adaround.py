@@ -83,11 +83,10 @@ def adaround(state, ctx):
     position = {n.name: k for k, n in enumerate(fp32.graph.node)}
     done: dict[str, np.ndarray] = {}  # layer -> AdaRounded weight (grid values)
     report, collect_s = {}, 0.0
-    fp_walk = Walk(ctx.calib, cfg.batch_size, int(cfg.memory_bytes / 4))  # two walks: half the budget
+    fp_walk = Walk(ctx.calib, cfg.batch_size)
     q_walk, sim = None, None  # x̃ = x (adaround_inputs "fp32")
     if cfg.adaround_inputs == "quantized":  # earlier layers AdaRounded as they are solved, later ones nearest
-        q_walk, sim = Walk(ctx.calib, cfg.batch_size, int(cfg.memory_bytes / 4)), \
-            onnx.ModelProto.FromString(fp32.SerializeToString())
+        q_walk, sim = Walk(ctx.calib, cfg.batch_size), onnx.ModelProto.FromString(fp32.SerializeToString())
         for l in layers:
             set_initializer(sim, l.weight, fake_quant(gr.const(l.weight), state.weights[l.name]))
     bar = tqdm(total=len(layers), desc="adaround", unit="layer", disable=not ctx.progress, leave=False)
