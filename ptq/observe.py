@@ -163,25 +163,16 @@ def _first_line(e: Exception) -> str:
 OUTPUT_COPIES = 3  # a batch's requested outputs live about this many times at once (onnxruntime's, numpy's, ours)
 
 
-def rss_bytes() -> int:
-    """This process's resident memory now (VmRSS), 0 where /proc is absent."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def batch_within(sess, names: list[str], source, batch_size: int, memory_limit: float | None) -> int:
-    """The largest batch size up to ``batch_size`` whose requested outputs fit in what ``memory_limit`` (bytes)
-    leaves beside the process's resident memory: one sample is run to measure a sample's outputs."""
+    """The largest batch size up to ``batch_size`` whose requested outputs (OUTPUT_COPIES of them) fit in
+    ``memory_limit`` bytes: one sample is run to measure a sample's outputs. What the process holds already is not
+    counted (memory freed earlier, e.g. by AdaRound, often stays resident), so the batches — and the histograms'
+    bin grids, which follow the first batch's range — change only where the outputs themselves would not fit."""
     if not memory_limit or not names:
         return batch_size
     _, feed = next(iter(source.batches(1)))
     per_sample = sum(v.nbytes for v in sess.run(names, feed)) / max(len(next(iter(feed.values()))), 1)
-    room = memory_limit - rss_bytes()
+    room = memory_limit
     return int(min(batch_size, max(1, room // max(OUTPUT_COPIES * per_sample, 1))))
 
 
