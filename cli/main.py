@@ -7,7 +7,7 @@ import sys
 import click
 
 from ptq import __version__
-from ptq.errors import AccuracyGateError, FidelityError, InputError, PTQError
+from ptq.errors import AccuracyGateError, InputError, PTQError, QualityError
 
 EXIT_INTERNAL, EXIT_INPUT = 1, 2
 
@@ -178,7 +178,7 @@ def run(model, calib, calib_feeds, calib_reader, output, recipe, eval_dir, eval_
                                      calib_reader=calib_reader, eval_data=eval_dir,
                                      eval_preprocess=eval_pre, max_drop=max_drop, progress=show and not quiet,
                                      auto_fix=auto_fix_to if auto_fix else None, metric=metric, strict=strict)
-    except (AccuracyGateError, FidelityError) as e:  # written: say what was written, then fail
+    except QualityError as e:  # written: say what was written, then fail
         if not quiet:
             _print_run(e.result, e.paths)
         raise

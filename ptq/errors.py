@@ -13,9 +13,15 @@ class InputError(PTQError):
     exit_code = 2
 
 
-class AccuracyGateError(PTQError):
-    """The quantized model lost more accuracy than ``--max-drop`` allows. Raised by ``ptq.run.run`` after
-    writing: ``result`` and ``paths`` are what was written (None where it is raised before)."""
+def first_line(e: Exception, width: int = 200) -> str:
+    """The first line of an exception's message (its type name where it has none), cut to ``width``."""
+    text = str(e).strip().splitlines()
+    return text[0][:width] if text else type(e).__name__
+
+
+class QualityError(PTQError):
+    """The quantized model is written but fails a quality check: exit 3. Raised by ``ptq.run.run`` after writing;
+    ``result`` and ``paths`` are what was written (None where it is raised before)."""
 
     exit_code = 3
 
@@ -24,12 +30,9 @@ class AccuracyGateError(PTQError):
         self.result, self.paths = result, paths
 
 
-class FidelityError(PTQError):
-    """``--strict``: an output (or a slice of one) of the quantized model is under the fidelity bounds. Raised
-    after writing, like AccuracyGateError."""
+class AccuracyGateError(QualityError):
+    """The quantized model lost more accuracy than ``--max-drop`` allows."""
 
-    exit_code = 3
 
-    def __init__(self, message: str, result=None, paths=None):
-        super().__init__(message)
-        self.result, self.paths = result, paths
+class FidelityError(QualityError):
+    """``--strict``: an output (or a slice of one) of the quantized model is under the fidelity bounds."""

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 MIN_OPSET, MAX_OPSET = 11, 21
 
@@ -27,22 +27,17 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     except PermissionError:
         raise InputError(f"{path}: cannot read (permission denied)") from None
     except Exception as e:  # protobuf decode errors, missing external data
-        raise InputError(f"{path}: not a valid ONNX model ({_first_line(e)})") from None
+        raise InputError(f"{path}: not a valid ONNX model ({first_line(e)})") from None
     if not model.graph.node:
         raise InputError(f"{path}: not a valid ONNX model (the graph has no nodes)")
     try:
         onnx.checker.check_model(str(path) if model.ByteSize() > 2**31 - 1 else model)
     except Exception as e:
-        raise InputError(f"{path}: invalid ONNX model ({_first_line(e)})") from None
+        raise InputError(f"{path}: invalid ONNX model ({first_line(e)})") from None
     opset = default_opset(model)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise InputError(f"{path}: opset {opset} is not supported (ptq reads opsets {MIN_OPSET}-{MAX_OPSET})")
     return model
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
 
 
 def default_opset(model: onnx.ModelProto) -> int:

@@ -13,7 +13,7 @@ import onnxruntime as ort
 from onnx import helper
 from tqdm import tqdm
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 HALF_BINS = 8192  # bins per sign: ~32 bins per 8-bit step at full range
 CHUNK = 1 << 20
@@ -151,13 +151,8 @@ def check_runnable(model: onnx.ModelProto, name: str = "model") -> None:
     except ValueError:  # over 2 GB: it cannot be checked from memory, the stages load it by parts
         return
     except Exception as e:
-        raise InputError(f"{name}: onnxruntime cannot run this model ({_first_line(e)})") from None
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    line = text[0] if text else type(e).__name__
-    return line.split("] ", 1)[-1][:240]
+        raise InputError(f"{name}: onnxruntime cannot run this model "
+                         f"({first_line(e, 400).split('] ', 1)[-1][:240]})") from None
 
 
 OUTPUT_COPIES = 3  # a batch's requested outputs live about this many times at once (onnxruntime's, numpy's, ours)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from builders import init, make, run, zoo, two_inputs
+from builders import init, make, run, save_npy_samples, two_inputs, zoo
 from onnx import helper
 
 from ptq.canonicalize import canonicalize
@@ -106,17 +106,10 @@ def conv_head(rng):
                 [init("w", w), init("shape", np.array([0, 10, 64], np.int64))])
 
 
-def calib_images(folder, rng, n=40):
-    folder.mkdir()
-    for k in range(n):
-        np.save(folder / f"s{k:02d}.npy", rng.normal(0, 1, (3, 8, 8)).astype(np.float32))
-    return folder
-
-
 def test_concat_of_mixed_ranges_keeps_its_inputs_quantizers_and_stays_float(rng, tmp_path, capsys):
     path = tmp_path / "head.onnx"
     onnx.save(concat_head(rng), str(path))
-    calib = calib_images(tmp_path / "calib", rng)
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 40)
     assert main(["run", str(path), "--calib", str(calib), "-o", str(tmp_path / "q.onnx"), "--holdout", "8",
                  "--strict", "-q"]) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "q.report.json").read_text())
@@ -128,7 +121,7 @@ def test_concat_of_mixed_ranges_keeps_its_inputs_quantizers_and_stays_float(rng,
 def test_a_head_forced_to_one_scale_is_caught_by_the_fidelity_check(rng, tmp_path, capsys):
     path = tmp_path / "head.onnx"
     onnx.save(conv_head(rng), str(path))
-    calib = calib_images(tmp_path / "calib", rng)
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 40)
     args = ["run", str(path), "--calib", str(calib), "-o", str(tmp_path / "q.onnx"), "--holdout", "8"]
     assert main(args + ["--strict"]) == 0, capsys.readouterr().err  # the guard: the head's output stays float
     report = json.loads((tmp_path / "q.report.json").read_text())
