@@ -28,7 +28,7 @@ CACHE = ROOT / "bench" / ".cache"
 sys.path.insert(0, str(ROOT))
 
 from ptq.data import Preprocess, load_image  # noqa: E402
-from ptq.evaluate import evaluate, latency_ms as ptq_latency_ms  # noqa: E402
+from ptq.evaluate import evaluate, latencies_ms, latency_ms as ptq_latency_ms  # noqa: E402
 from ptq.model import load_model  # noqa: E402
 
 NORM_05 = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -113,10 +113,19 @@ def run_measured(cmd: list[str]) -> tuple[float, str]:
     return time.perf_counter() - t0, p.stdout
 
 
-def latency_ms(model_path: Path, shape, runs: int = 50) -> float:
+def _feed(model_path: Path, shape) -> dict:
     name = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
-    x = np.random.default_rng(0).normal(0, 1, shape).astype(np.float32)
-    return ptq_latency_ms(model_path, {name: x}, runs)
+    return {name: np.random.default_rng(0).normal(0, 1, shape).astype(np.float32)}
+
+
+def latency_ms(model_path: Path, shape, runs: int = 50) -> float:
+    return ptq_latency_ms(model_path, _feed(model_path, shape), runs)
+
+
+def latency_ratio(q_path: Path, fp_path: Path, shape, runs: int = 50) -> float:
+    """Quantized / FP32 batch-1 latency, the two models' runs interleaved (ptq.evaluate.latencies_ms)."""
+    q_ms, fp_ms = latencies_ms([q_path, fp_path], _feed(fp_path, shape), runs)
+    return q_ms / fp_ms
 
 
 def cle_invariance(fp, val: ArraySource, limit: int = 256) -> float:
@@ -211,7 +220,7 @@ def measure(args, work: Path) -> int:
             q = load_model(qpath)
             r = evaluate(fp, q, val, 32, val.labels())
             row = Row(name, tool, config, r["quant_top1"], r["quant_top5"], r["top1_drop"], r["top1_agreement"],
-                      seconds, rss, qpath.stat().st_size / 1e6, latency_ms(qpath, shape) / fp_lat, note,
+                      seconds, rss, qpath.stat().st_size / 1e6, latency_ratio(qpath, model_path, shape), note,
                       r["top1_drop_se"])
             add(rows, row)
             print(f"  {tool} {config}: top-1 {row.top1} drop {row.drop} agree {row.agree} "

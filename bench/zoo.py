@@ -68,8 +68,9 @@ def outputs(path, feeds: list[dict]) -> list[list[np.ndarray]]:
 
 
 def latency_ratio(fp, q, feed) -> float:
-    from ptq.evaluate import latency_ms
-    return latency_ms(str(q), feed, 30) / latency_ms(str(fp), feed, 30)
+    from ptq.evaluate import latencies_ms
+    q_ms, fp_ms = latencies_ms([str(q), str(fp)], feed, 30)
+    return q_ms / fp_ms
 
 
 def fidelity(fp_out, q_out) -> tuple[float, float]:

@@ -78,6 +78,9 @@ def quant_options(f):
         click.option("--weight-range", type=click.Choice(["minmax", "mse"]), help="Weight range method (mse)."),
         click.option("--weight-symmetric/--weight-asymmetric", default=None,
                      help="Weight grid: symmetric signed, or asymmetric with a zero point (symmetric)."),
+        click.option("--reduce-range", type=click.Choice(["auto", "always", "never"]),
+                     help="8-bit weights of non-depthwise layers in [-64, 63], as onnxruntime needs where it adds "
+                          "u8×s8 products in saturating int16 (x86 without VNNI); auto: probe this machine (auto)."),
         click.option("--act-range", type=click.Choice(["minmax", "mse", "percentile", "bn"]),
                      help="Activation range method (mse)."),
         click.option("--logits-range", type=click.Choice(["xent", "minmax", "mse", "percentile", "bn"]),

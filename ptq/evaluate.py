@@ -231,13 +231,21 @@ def check_gate(result: dict, max_drop) -> str | None:
 
 def latency_ms(model, feed: dict, runs: int = 50, warmup: int = 5) -> float:
     """Median wall time of one onnxruntime CPU run of ``model`` (a ModelProto or a path) on ``feed``, in ms."""
+    return latencies_ms([model], feed, runs, warmup)[0]
+
+
+def latencies_ms(models: list, feed: dict, runs: int = 50, warmup: int = 5) -> list[float]:
+    """Median wall time (ms) of one onnxruntime CPU run of each model on ``feed``, the models' runs interleaved
+    (one of each per round), so that a machine slowing down or speeding up meanwhile shifts all of them alike."""
     import time
-    s = session(model if not hasattr(model, "__fspath__") else str(model))
+    sessions = [session(m if not hasattr(m, "__fspath__") else str(m)) for m in models]
     for _ in range(warmup):
-        s.run(None, feed)
-    ts = []
+        for s in sessions:
+            s.run(None, feed)
+    ts = [[] for _ in sessions]
     for _ in range(runs):
-        t = time.perf_counter()
-        s.run(None, feed)
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1000
+        for s, t_list in zip(sessions, ts):
+            t = time.perf_counter()
+            s.run(None, feed)
+            t_list.append(time.perf_counter() - t)
+    return [float(np.median(t)) * 1000 for t in ts]

@@ -8,7 +8,10 @@
 - an activation of fewer bits than its storage type (e.g. 7-bit in uint8) gets a Clip to its n-bit range before
   the QuantizeLinear, so its integers stay in that range at run time (QuantizeLinear alone saturates only at the
   type's bounds); onnxruntime does not fuse such a Clip, so those tensors run as float fake-quant
-  (``saturate_low_bits = false`` leaves the Clip out: fast, but values beyond the range use the wider type);
+  (``saturate_low_bits = false`` leaves the Clip out: fast, but values beyond the range use the wider type).
+  Where the activation before it (a ReLU6) already keeps every value inside the n-bit grid, no Clip is written;
+- CLE's per-channel ReLU6 bound Min(Relu(x), b) is left out where the grid's top is within every b_c
+  (``redundant_bounds``): the quantizer saturates there already;
 - each quantized activation tensor t gets Q → DQ right after its producer: the producer now writes
   ``t/fp``, and the DequantizeLinear writes t, so every reader (and a graph output of that name) sees the
   quantized value. A quantized graph input is read through its DQ instead.
@@ -21,7 +24,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import PTQError
-from .model import default_opset, remove_unused_initializers, unique_name
+from .model import Graph, default_opset, remove_unused_initializers, unique_name
+from .patterns import activation_bounds
 from .quant import Encoding, QuantSpec, quantize
 
 MS_DOMAIN = "com.microsoft"
@@ -59,6 +63,7 @@ def export_qdq(state) -> onnx.ModelProto:
     needs_ms = False
     layers = {l.name: l for l in state.layers}
     act_enc = {t: state.acts[r] for t, r in state.placement.root.items() if r in state.acts}
+    value_bounds = activation_bounds(state.layers, Graph(state.model))  # what a fused Relu / Clip guarantees
 
     def qparams(base: str, enc: Encoding, zp_bits: int, zp_signed: bool):
         s_name = unique_name(taken, base + "/scale")
@@ -75,7 +80,7 @@ def export_qdq(state) -> onnx.ModelProto:
         domain = MS_DOMAIN if bits == 16 and opset < 21 else ""
         needs_ms |= domain == MS_DOMAIN
         s, z = qparams(t, enc, bits, enc.spec.signed)
-        if enc.spec.bits < bits and state.config.saturate_low_bits:  # e.g. 7-bit values held in uint8
+        if enc.spec.bits < bits and state.config.saturate_low_bits and not _holds(enc, value_bounds.get(t)):
             lo, hi = (np.float32(v) for v in (enc.lo, enc.hi))
             lo_name, hi_name = unique_name(taken, t + "/clip_lo"), unique_name(taken, t + "/clip_hi")
             inits.extend([numpy_helper.from_array(np.asarray(lo, np.float32), lo_name),
@@ -112,7 +117,11 @@ def export_qdq(state) -> onnx.ModelProto:
             graph_in_map[t] = unique_name(taken, t + "/dequantized")
             qdq_act(t, t, graph_in_map[t])
     inits_by_name = {t.name: t for t in g.initializer}
+    min_free = redundant_bounds(state)  # Relu output -> the CLE Min's output it now writes itself
+    dropped = set(min_free.values())
     for node in g.node:
+        if node.op_type == "Min" and node.output[0] in dropped:
+            continue
         for k, name in enumerate(node.input):
             if name in graph_in_map:
                 node.input[k] = graph_in_map[name]
@@ -146,7 +155,7 @@ def export_qdq(state) -> onnx.ModelProto:
                 renamed.append((t, node.output[k]))
         nodes.append(node)
         for t, fp in renamed:
-            qdq_act(t, fp, t)
+            qdq_act(t, fp, min_free.get(t, t))
     del g.node[:]
     g.node.extend(nodes)
     g.initializer.extend(inits)
@@ -154,6 +163,37 @@ def export_qdq(state) -> onnx.ModelProto:
     if needs_ms and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model
+
+
+def _holds(enc: Encoding, bounds) -> bool:
+    """Whether every value within ``bounds`` (lo, hi) quantizes inside the n-bit range: round(v / s) + z stays in
+    [q_min, q_max] — then the storage type's wider saturation never comes into play and no Clip is needed."""
+    if bounds is None or not all(np.isfinite(bounds)):
+        return False
+    s, z = float(np.float32(enc.scale)), int(enc.zero_point)
+    return bounds[0] / s + z >= enc.spec.qmin - 0.5 and bounds[1] / s + z <= enc.spec.qmax + 0.5
+
+
+def redundant_bounds(state) -> dict[str, str]:
+    """CLE's per-channel bounds Min(Relu(x), b) that the quantizer makes redundant: where the (shared) grid's top
+    s·(q_max − z) is <= min_c b_c, QuantizeLinear saturates at or below every bound, so Q(Relu(x)) equals
+    Q(Min(Relu(x), b)) exactly. {Relu output: Min output} for each; the exporter drops the Min and lets the Relu's
+    Q/DQ write the Min's output, which leaves Conv + Relu + Q for onnxruntime to fuse into one QLinearConv."""
+    gr_inits = {t.name: t for t in state.model.graph.initializer}
+    producer_of = {o: n for n in state.model.graph.node for o in n.output}
+    out = {}
+    for l in state.layers:
+        enc = state.acts.get(state.placement.root.get(l.out, ""))
+        if not l.bound or enc is None or enc.spec.symmetric or l.bound not in gr_inits:
+            continue
+        mn = producer_of.get(l.out)
+        if mn is None or mn.op_type != "Min" or mn.input[1] != l.bound:
+            continue
+        top = float(np.float32(enc.scale) * np.float32(enc.spec.qmax - int(enc.zero_point)))
+        relu_out = mn.input[0]
+        if top <= float(numpy_helper.to_array(gr_inits[l.bound]).min()) and state.placement.root.get(relu_out):
+            out[relu_out] = l.out
+    return out
 
 
 def written_scale(name: str, enc: Encoding) -> np.ndarray:

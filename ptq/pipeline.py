@@ -48,6 +48,7 @@ class Config:
     per_channel: bool = True
     weight_range: str = "mse"
     weight_symmetric: bool = True  # False: an asymmetric grid (zero point) per channel / tensor
+    reduce_range: str = "auto"  # 8-bit weights in [-64, 63] where onnxruntime saturates u8×s8 (auto | always | never)
     act_bits: int = 8
     act_symmetric: bool = False
     act_range: str = "mse"
@@ -83,6 +84,7 @@ class Config:
     easyquant_rounds: int = 3  # at most this many Sᵃ / Sʷ alternations per layer
     easyquant_passes: int = 4  # passes over the calibration data (blocks of consecutive layers)
     cle_relu6: str = "clip"  # "clip": exact per-channel bound; "relu": replace ReLU6 by ReLU (the paper)
+    fusable_tolerance: float = 0.25  # MSE increase accepted for a grid that lets a bound fuse (CLE Min, sub-8-bit)
     bias_correction: str | None = None  # "empirical" | "analytic"
     data_free: bool = False
     input_range: tuple | None = None  # (lo, hi) of the preprocessed model input, for data-free ranges
@@ -115,6 +117,10 @@ class Config:
         if self.data_free:
             self.cle = True
             self.bias_correction = self.bias_correction or "analytic"
+        if self.reduce_range not in ("auto", "always", "never"):
+            raise InputError(f"reduce_range must be auto, always or never, not {self.reduce_range!r}")
+        if self.fusable_tolerance < 0:
+            raise InputError(f"fusable_tolerance must be >= 0, not {self.fusable_tolerance}")
         if self.cle_relu6 not in ("clip", "relu"):
             raise InputError(f"cle_relu6 must be clip or relu, not {self.cle_relu6!r}")
         if self.bias_correction not in (None, "empirical", "analytic"):

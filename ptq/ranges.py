@@ -204,6 +204,50 @@ def activation_encoding(hist: Histogram, spec: QuantSpec, method: str = "mse",
     return enc
 
 
+def capped_encoding(hist: Histogram, enc: Encoding, top: float, tolerance: float) -> tuple[Encoding, dict]:
+    """The quantizer of a tensor bounded per channel by CLE's Min(·, b_c) (ReLU6 after equalization), when its grid
+    can hold the bound itself: with a grid top T <= m = min_c b_c the quantizer saturates every channel at T <= b_c,
+    so Q(Relu(x)) = Q(Min(Relu(x), b)) and the float Min can be left out of the integer model. The histogram is of
+    the Min's output (the FP32 value), so the MSE of a grid with top T on it is exactly the error of that
+    Min-free model. Returns (encoding, facts): ``enc`` unchanged where its top already is <= m; else the MSE-best
+    grid with top <= m when its error is within (1 + tolerance) × that of ``enc`` (no Min left), else ``enc``
+    (the Min stays, in float)."""
+    facts = {"smallest_bound": round(float(top), 6), "grid_top": round(float(np.max(enc.hi)), 6)}
+    if float(np.max(enc.hi)) <= top or enc.spec.symmetric:
+        return enc, dict(facts, min_fused=float(np.max(enc.hi)) <= top, why="the grid's top is within every bound")
+    loss = hist_mse_loss(hist, enc.spec)
+    free = float(loss(np.atleast_1d(enc.lo).astype(np.float64), np.atleast_1d(enc.hi).astype(np.float64))[0])
+    lo, hi = search_range(loss, enc.spec, min(hist.min, 0.0), min(top, max(hist.max, 0.0)))
+    capped = float(loss(np.array([lo]), np.array([hi]))[0])
+    ratio = capped / free if free > 0 else (1.0 if capped == 0 else np.inf)
+    facts.update(error_ratio=round(ratio, 4))
+    if ratio > 1 + tolerance:
+        return enc, dict(facts, min_fused=False,
+                         why=f"a grid within the smallest bound has {ratio:.2f}× the error (> 1 + {tolerance:g})")
+    new = encoding_from_range(enc.spec, lo, hi, enc.method + ", top within the smallest channel bound",
+                              dict(enc.stats))
+    new.stats["sqnr_db"] = _hist_sqnr(hist, new)
+    return new, dict(facts, min_fused=True, grid_top=round(float(np.max(new.hi)), 6),
+                     why=f"a grid within the smallest bound: {ratio:.2f}× the error")
+
+
+def saturating_encoding(hist: Histogram, enc: Encoding, top: float, tolerance: float) -> Encoding:
+    """For an activation of fewer bits than its storage type (7 bits in uint8) after a bounded activation [0, top]
+    (ReLU6): the grid [0, top] itself, when its MSE is within (1 + tolerance) × that of ``enc``. The values then
+    never leave the n-bit range, so no saturating Clip is needed before the QuantizeLinear and the runtime fuses
+    the layer. Else ``enc``."""
+    if enc.spec.symmetric or not np.isfinite(top) or top <= 0 or float(np.max(enc.hi)) >= top:
+        return enc
+    loss = hist_mse_loss(hist, enc.spec)
+    free = float(loss(np.atleast_1d(enc.lo).astype(np.float64), np.atleast_1d(enc.hi).astype(np.float64))[0])
+    full = float(loss(np.array([0.0]), np.array([float(top)]))[0])
+    if full > (1 + tolerance) * free:
+        return enc
+    new = encoding_from_range(enc.spec, 0.0, top, enc.method + ", top at the activation's bound", dict(enc.stats))
+    new.stats["sqnr_db"] = _hist_sqnr(hist, new)
+    return new
+
+
 def xent_encoding(logits: np.ndarray, spec: QuantSpec, hist: Histogram | None = None) -> Encoding:
     """Range of the logits minimizing E[CE(softmax(z), softmax(ẑ))] − H(softmax(z)) = E[KL] over a sample."""
     z = np.asarray(logits, np.float64)  # [R, C]

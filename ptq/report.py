@@ -96,6 +96,10 @@ def sections(r: dict) -> list[Section]:
             f"each). Q/DQ nodes left unfused by onnxruntime: {u['QuantizeLinear']} QuantizeLinear, "
             f"{u['DequantizeLinear']} DequantizeLinear."], header=["op beside an unfused Q/DQ", "count"],
             rows=[[k, v] for k, v in u["beside"].items()]))
+        if sp.get("costs"):
+            out.append(Section("What the layout's choices cost (each measured by timing the model without it)",
+                               header=["choice", "count", "latency × FP32 without it", "with it"],
+                               rows=[[k, v["count"], v["ratio_without"], sp["ratio"]] for k, v in sp["costs"].items()]))
     if r.get("evaluation"):
         e = r["evaluation"]
         sec = Section(f"Evaluation ({e['samples']} samples)")

@@ -166,6 +166,11 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
                 f"the quantized model runs {speed['ratio']:.2f}× slower than FP32 (onnxruntime CPU, batch 1); "
                 f"{u['QuantizeLinear']} Q / {u['DequantizeLinear']} DQ nodes stay unfused" +
                 (f", beside {beside}" if beside else ""))
+        for what, cost in speed["costs"].items():
+            if speed["ratio"] - cost["ratio_without"] > 0.1:
+                state.report.setdefault("warnings", []).append(
+                    f"{cost['count']} × {what}: the model runs at {speed['ratio']:.2f}× FP32 latency, "
+                    f"{cost['ratio_without']:.2f}× without them (the report's speed section)")
     flags = []
     for where, measured in (("held-back calibration samples", fidelity), ("evaluation data", evaluation)):
         flags += [f"{line} on the {where}{nearest_quantizer(state, output)}"
@@ -245,7 +250,7 @@ def _auto_fix(original, state, qmodel, gate_src, gate_scorer, config, max_drop, 
     ``debug_samples`` of those samples) and raise them in that order until it passes. The gate checks run the
     model as the gate itself does (onnxruntime's default session); the ranking runs each Q/DQ exactly."""
     from .debug import auto_fix, gate_met, per_quantizer
-    from .evaluate import latency_ms
+    from .evaluate import latencies_ms
     from .metric import Scorer
     before = gate_scorer.score(qmodel, exact=False)
     out = {"to": "16 bits" if to == "16" else "fp32", "metric": before["metric"], "drop_before": before.get("drop"),
@@ -260,7 +265,7 @@ def _auto_fix(original, state, qmodel, gate_src, gate_scorer, config, max_drop, 
     fixed_state, raised, history, final = auto_fix(state, ranking, gate_scorer, max_drop, to, progress, rank_scorer)
     fixed = export_qdq(fixed_state)
     _, feed = next(iter(gate_src.batches(1)))
-    lat0, lat1 = latency_ms(qmodel, feed, 20), latency_ms(fixed, feed, 20)
+    lat0, lat1 = latencies_ms([qmodel, fixed], feed, 20)
     final = final or gate_scorer.score(fixed, exact=False)
     out.update({"raised": raised, "history": history, "drop_after": final.get("drop"),
                 "met": gate_met(final, max_drop),

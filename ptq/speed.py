@@ -1,17 +1,20 @@
 """What the quantized model costs at run time: batch-1 latency of the FP32 and the quantized model in onnxruntime
 CPU (medians of repeated runs, one after the other in this process), and the Q/DQ nodes that onnxruntime's graph
 optimizations leave standing (not fused into an integer kernel), with the ops beside them — each one is float
-work added around a float op."""
+work added around a float op; and, for each choice the integer kernels cannot absorb (``costly_choices``), the
+latency of the same model without it — what that choice costs, measured."""
 from __future__ import annotations
 
 import collections
 import os
 import tempfile
 
+import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
-from .evaluate import latency_ms
+from .evaluate import latencies_ms
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -47,8 +50,85 @@ def unfused_qdq(model: onnx.ModelProto) -> dict:
             "beside": dict(beside.most_common())}
 
 
+def _bypassed(model: onnx.ModelProto, nodes: list) -> onnx.ModelProto:
+    """A copy of ``model`` whose readers of each node's output read its first input instead (the node dropped)."""
+    out = onnx.ModelProto.FromString(model.SerializeToString())
+    alias = {n.output[0]: n.input[0] for n in nodes}
+    names = {n.name for n in nodes}
+    kept = [n for n in out.graph.node if n.name not in names]
+    for n in kept:
+        for k, i in enumerate(n.input):
+            n.input[k] = alias.get(i, i)
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    return out
+
+
+def _symmetric_weights(model: onnx.ModelProto, zero_points: list) -> onnx.ModelProto:
+    out = onnx.ModelProto.FromString(model.SerializeToString())
+    for init in out.graph.initializer:
+        if init.name in zero_points:
+            init.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(init)), init.name))
+    return out
+
+
+def _narrower(clip, q, inits) -> bool:
+    """Whether ``clip`` bounds values tighter than the QuantizeLinear ``q`` it feeds saturates them (then
+    onnxruntime cannot fold the Clip into the quantization, as it does a ReLU6 before a uint8 [0, 6] grid)."""
+    try:
+        lo, hi = (float(numpy_helper.to_array(inits[clip.input[k]])) for k in (1, 2))
+        scale = float(numpy_helper.to_array(inits[q.input[1]]))
+        zp = numpy_helper.to_array(inits[q.input[2]])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return False
+    info = np.iinfo(zp.dtype)
+    z = float(zp)
+    return lo > scale * (info.min - z) * (1 + 1e-6) + 1e-12 or hi < scale * (info.max - z) * (1 - 1e-6) - 1e-12
+
+
+def costly_choices(q_model: onnx.ModelProto) -> dict:
+    """{choice: (count, the model without it)} for what the QDQ layout holds that onnxruntime's integer kernels
+    cannot absorb: a float Min between DQ and Q (CLE's per-channel ReLU6 bound), a saturating Clip before a
+    QuantizeLinear (activations under 8 bits), a weight DequantizeLinear with a non-zero zero point (asymmetric
+    weights). The models without them are not the same function: they exist only to be timed."""
+    g = q_model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    readers = collections.defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            readers[i].append(n)
+
+    def quantized(t):  # read by a QuantizeLinear, directly or through a Clip
+        return any(r.op_type == "QuantizeLinear" or (r.op_type == "Clip" and quantized(r.output[0]))
+                   for r in readers.get(t, []))
+
+    def between_qdq(n):
+        p = producer.get(n.input[0])
+        return p is not None and p.op_type == "DequantizeLinear" and quantized(n.output[0])
+    mins = [n for n in g.node if n.op_type == "Min" and len(n.input) == 2 and n.input[1] in inits and between_qdq(n)]
+    clips = [n for n in g.node if n.op_type == "Clip" and readers.get(n.output[0])
+             and all(r.op_type == "QuantizeLinear" and _narrower(n, r, inits) for r in readers[n.output[0]])]
+    zps = [n.input[2] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+           and len(n.input) > 2 and n.input[2] in inits and inits[n.input[0]].data_type != onnx.TensorProto.INT32
+           and np.any(numpy_helper.to_array(inits[n.input[2]]) != 0)]
+    out = {}
+    if mins:
+        out["float Min between DQ and Q (CLE's per-channel ReLU6 bound)"] = (len(mins), _bypassed(q_model, mins))
+    if clips:
+        out["saturating Clip before QuantizeLinear (activations under 8 bits)"] = (len(clips),
+                                                                                   _bypassed(q_model, clips))
+    if zps:
+        out["weight zero points != 0 (asymmetric weights)"] = (len(zps), _symmetric_weights(q_model, zps))
+    return out
+
+
 def measure_speed(fp_model: onnx.ModelProto, q_model: onnx.ModelProto, feed: dict, runs: int = 20) -> dict:
-    """Batch-1 latency of both models (ms, median of ``runs``), their ratio and the unfused Q/DQ."""
-    fp_ms, q_ms = latency_ms(fp_model, feed, runs), latency_ms(q_model, feed, runs)
+    """Batch-1 latency of both models (ms, median of ``runs``, interleaved), their ratio, the unfused Q/DQ, and
+    per costly choice (``costly_choices``) how many there are and the ratio to FP32 the model would have without it."""
+    choices = costly_choices(q_model)
+    fp_ms, q_ms, *without_ms = latencies_ms([fp_model, q_model] + [m for _, m in choices.values()], feed, runs)
+    costs = {what: {"count": count, "ratio_without": round(ms / max(fp_ms, 1e-9), 3)}
+             for (what, (count, _)), ms in zip(choices.items(), without_ms)}
     return {"fp32_ms": round(fp_ms, 3), "quant_ms": round(q_ms, 3), "ratio": round(q_ms / max(fp_ms, 1e-9), 3),
-            "runs": runs, "unfused": unfused_qdq(q_model)}
+            "runs": runs, "unfused": unfused_qdq(q_model), "costs": costs}

@@ -5,7 +5,11 @@ HardSwish, Sigmoid, HardSigmoid, Tanh), ``minmax``, ``percentile``, ``bn`` (β �
 produced the tensor; falls back to ``mse`` where there is none) and ``xent`` for the logits.
 
 A quantizer right after a fused Relu / Clip is kept inside the activation's bounds, so the int8 runtime can drop
-the activation (its output range already is the quantizer's).
+the activation (its output range already is the quantizer's). After CLE, a ReLU6 is Relu + Min(·, b_c) with a
+per-channel bound; its quantizer's top is held within the smallest b_c where that costs at most
+``fusable_tolerance`` more MSE (``ranges.capped_encoding``): the exporter then leaves the float Min out.
+Likewise an activation under 8 bits after ReLU6 gets the grid [0, 6] where that costs at most ``fusable_tolerance``
+(``ranges.saturating_encoding``): its values cannot leave the n-bit range, so it needs no saturating Clip.
 
 Two kinds of tensor stay in float, each with a report line (``state.report["left_float"]``):
 - a tensor that carries sentinels (|x| >= 1e30, inf: float min / max used as −∞ in attention masks): any grid
@@ -24,7 +28,7 @@ from ..model import Graph
 from ..observe import Histogram, RowSample, observe
 from ..patterns import activation_bounds, float_activation, head_outputs
 from ..quant import Encoding, QuantSpec
-from ..ranges import activation_encoding, bn_encoding, xent_encoding
+from ..ranges import activation_encoding, bn_encoding, capped_encoding, saturating_encoding, xent_encoding
 from .weight_ranges import weight_quantized
 
 
@@ -61,6 +65,8 @@ def set_activation_ranges(state, ctx):
     gr = Graph(state.model)
     bounds = activation_bounds(state.layers, gr)
     bn_by_out = {l.out: state.bn.get(l.pre_act) for l in state.layers}
+    channel_bound = {l.out: float(np.min(gr.const(l.bound))) for l in state.layers if l.bound and l.out in hists}
+    bound_report: dict = {}
     for r in roots:
         spec = act_spec(cfg, cfg.override_for(r))
         method = methods[r]
@@ -74,7 +80,16 @@ def set_activation_ranges(state, ctx):
                                       float_activation(gr, r) if r == _only_tensor(state.placement, r) else None)
             if method == "bn":
                 enc.method = "mse (no BN before it)"
+        if r in channel_bound:
+            enc, facts = capped_encoding(hists[r], enc, channel_bound[r], cfg.fusable_tolerance)
+            bound_report[r] = facts
+            enc = fit_inside(enc, (0.0, channel_bound[r]) if facts["min_fused"] else None)
+        lo_b, hi_b = bounds.get(r, (-np.inf, np.inf))
+        if spec.bits < 8 and cfg.saturate_low_bits and lo_b == 0.0:
+            enc = saturating_encoding(hists[r], enc, hi_b, cfg.fusable_tolerance)
         state.acts[r] = fit_inside(enc, bounds.get(r))
+    if bound_report:
+        state.report["cle_bounds"] = bound_report
     left = state.report.setdefault("left_float", {})
     for r in roots:
         if hists[r].nonfinite:

@@ -1,24 +1,35 @@
 """Weight range setting (white paper §3.1): one signed quantizer per layer weight, per output channel (default) or
-per tensor, symmetric (default) or asymmetric, by min-max or MSE (see ptq.ranges.weight_encoding)."""
+per tensor, symmetric (default) or asymmetric, by min-max or MSE (see ptq.ranges.weight_encoding). Where the
+runtime saturates u8 × s8 products (``ptq.runtime``, ``reduce_range``), 8-bit weights of non-depthwise layers get
+7 bits, [-64, 63], stored in int8."""
 from __future__ import annotations
 
 import onnx
 
 from ..model import Graph, set_initializer, set_layer_bias
 from ..quant import QuantSpec, dequantize, fake_quant
+from ..runtime import reduce_range
+from ..weights import layer_kind
 
 
 def set_weight_ranges(state, ctx=None):
     from ..ranges import weight_encoding
     cfg = state.config
     gr = Graph(state.model)
+    reduce, why = reduce_range(cfg.reduce_range)
+    reduced = []
     for layer in state.layers:
         o = cfg.override_for(layer.name, layer.weight)
         per_channel = o.get("per_channel", cfg.per_channel)
-        spec = QuantSpec(bits=int(o.get("bits", cfg.weight_bits)), signed=True,
+        bits = int(o.get("bits", cfg.weight_bits))
+        if reduce and bits == 8 and layer_kind(gr, layer) != "depthwise":
+            bits = 7
+            reduced.append(layer.name)
+        spec = QuantSpec(bits=bits, signed=True,
                          symmetric=bool(o.get("symmetric", cfg.weight_symmetric)),
                          axis=layer.w_axis if per_channel else None)
         state.weights[layer.name] = weight_encoding(gr.const(layer.weight), spec, o.get("range", cfg.weight_range))
+    state.report["reduce_range"] = {"layers": len(reduced), "why": why}
     return state
 
 

@@ -1,0 +1,56 @@
+"""What onnxruntime's integer kernels do on this machine, probed rather than guessed from CPU flags.
+
+On x86 without AVX-VNNI, onnxruntime's u8 × s8 GEMM and convolution kernels (MLAS, VPMADDUBSW) add each pair of
+adjacent products in int16 with saturation: two products 255 · 127 sum to 64770 > 32767, and the result is
+silently clipped. Real activations reach the top of their uint8 grid often (a ReLU6 at 6, an input at its
+maximum), so 8-bit weights lose accuracy there that the QDQ model does not show (EfficientNet-Lite0 W8A8: top-1
+drop 3.46 instead of about 0). Weights in [-64, 63] (onnxruntime's ``reduce_range``) keep every pair below
+2^15: 255 · 64 · 2 = 32640. Depthwise convolutions accumulate in int32 and do not saturate."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=None)
+def saturates_u8s8() -> bool:
+    """True where onnxruntime's integer MatMul on this CPU saturates pairs of u8 × s8 products: a 1×64 · 64×8
+    QLinearMatMul (QDQ form) of 255s and 127s, whose exact result 64 · 255 · 127 = 2072640 comes back about halved
+    there."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = 64
+    exact = k * 255 * 127
+    inits = [numpy_helper.from_array(np.float32(1.0), "s"), numpy_helper.from_array(np.uint8(0), "zu"),
+             numpy_helper.from_array(np.full((k, 8), 127, np.int8), "w"), numpy_helper.from_array(np.int8(0), "zs"),
+             numpy_helper.from_array(np.float32(exact / 250), "so")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zu"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "zu"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "s", "zs"], ["wd"]),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"]),
+             helper.make_node("QuantizeLinear", ["y", "so", "zu"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "so", "zu"], ["out"])]
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    s = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    got = float(s.run(None, {"x": np.full((1, k), 255, np.float32)})[0].max())
+    return got < 0.9 * exact
+
+
+def reduce_range(setting: str) -> tuple[bool, str]:
+    """(whether 8-bit weights of non-depthwise layers use [-64, 63], why) for ``reduce_range`` = "auto" (where
+    this machine's onnxruntime saturates), "always" or "never"."""
+    if setting == "always":
+        return True, "reduce_range = always"
+    if setting == "never":
+        return False, "reduce_range = never"
+    if saturates_u8s8():
+        return True, ("onnxruntime on this CPU adds pairs of u8 × s8 products in saturating int16 (no AVX-VNNI), "
+                      "which 8-bit weights overflow: weights of non-depthwise layers use [-64, 63] (7 bits)")
+    return False, "onnxruntime on this CPU does not saturate u8 × s8 products: full 8-bit weights"

@@ -1,0 +1,200 @@
+"""Layouts the int8 runtime can fuse: CLE's ReLU6 bound and sub-8-bit saturation left out only where exact, the
+saturating-kernel guard (reduce_range) against onnxruntime's own exact Q/DQ run, and what the report says the
+remaining choices cost."""
+import numpy as np
+import onnx
+import pytest
+from builders import conv_bn_relu, init, make, run, save_npy_samples
+from onnx import TensorProto, helper, numpy_helper
+from test_cle_bias import chain
+
+import ptq.export
+from ptq.data import DataSource, model_inputs
+from ptq.export import export_qdq
+from ptq.observe import Histogram, session
+from ptq.pipeline import Config, Context, prepare, run_steps
+from ptq.quant import QuantSpec, encoding_from_range, fake_quant
+from ptq.ranges import capped_encoding, hist_mse_loss, saturating_encoding
+from ptq.runtime import reduce_range, saturates_u8s8
+from ptq.speed import costly_choices
+
+
+def state_for(model, calib, **cfg):
+    config = Config(holdout=0, batch_size=4, **cfg)
+    return run_steps(prepare(model, config), Context(DataSource(calib, model_inputs(model))), {})
+
+
+def ops(model):
+    return [n.op_type for n in model.graph.node]
+
+
+def test_a_grid_within_every_cle_bound_drops_the_min_and_computes_the_same(rng, tmp_path, monkeypatch):
+    model = chain(rng, "Clip")
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8, scale=2.0)
+    state = state_for(model, calib, cle=True)
+    bounded = [l for l in state.layers if l.bound]
+    assert bounded
+    for l in bounded:  # hold each bounded tensor's grid within its smallest channel bound
+        r = state.placement.root[l.out]
+        top = float(Graph_const(state, l.bound).min())
+        state.acts[r] = encoding_from_range(state.acts[r].spec, 0.0, top * 0.999)
+    fused = export_qdq(state)
+    assert "Min" not in ops(fused)
+    monkeypatch.setattr(ptq.export, "redundant_bounds", lambda state: {})
+    with_min = export_qdq(state)
+    assert ops(with_min).count("Min") == len(bounded)
+    x = rng.normal(0, 2, (4, 3, 8, 8)).astype(np.float32)
+    a = session(fused, exact_qdq=True).run(None, {"x": x})[0]
+    b = session(with_min, exact_qdq=True).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(a, b)  # Q(Relu(x)) = Q(Min(Relu(x), b)) where the grid's top <= every b_c
+
+
+def Graph_const(state, name):
+    return next(numpy_helper.to_array(t) for t in state.model.graph.initializer if t.name == name)
+
+
+def test_a_grid_beyond_a_cle_bound_keeps_the_min(rng, tmp_path):
+    model = chain(rng, "Clip")
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8, scale=2.0)
+    state = state_for(model, calib, cle=True, fusable_tolerance=0.0)
+    for l in [l for l in state.layers if l.bound]:
+        r = state.placement.root[l.out]
+        state.acts[r] = encoding_from_range(state.acts[r].spec, 0.0, float(Graph_const(state, l.bound).max()) * 2)
+    assert ops(export_qdq(state)).count("Min") == sum(1 for l in state.layers if l.bound)
+
+
+def test_the_capped_grid_error_is_the_error_of_the_model_without_the_min(rng):
+    """The histogram is of Min(Relu(x), b); the Min-free model quantizes Relu(x) with top T <= min b: its error
+    against FP32, computed directly per element, is the histogram MSE of that grid."""
+    b = np.array([1.5, 2.0, 4.0, 8.0], np.float32)
+    relu = np.maximum(rng.normal(1, 2, (4000, 4)), 0).astype(np.float32)
+    fp = np.minimum(relu, b)
+    h = Histogram()
+    h.update(fp)
+    spec = QuantSpec(8, signed=False, symmetric=False)
+    free = encoding_from_range(spec, 0.0, float(fp.max()))
+    enc, facts = capped_encoding(h, free, float(b.min()), tolerance=1e9)
+    assert facts["min_fused"] and float(np.max(enc.hi)) <= b.min() * (1 + 1e-6)
+    direct = float(((fake_quant(relu, enc) - fp) ** 2).sum())
+    hist = float(hist_mse_loss(h, spec)(np.atleast_1d(enc.lo).astype(np.float64),
+                                        np.atleast_1d(enc.hi).astype(np.float64))[0])
+    assert hist == pytest.approx(direct, rel=0.02)
+    kept, facts = capped_encoding(h, free, float(b.min()), tolerance=0.0)
+    assert kept is free and not facts["min_fused"] and facts["error_ratio"] > 1
+
+
+def test_sub_8_bit_after_relu6_needs_no_saturating_clip(rng, tmp_path, monkeypatch):
+    model = conv_bn_relu(rng, act="Clip")
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8, scale=3.0)
+    state = state_for(model, calib, weight_bits=7, act_bits=7, fusable_tolerance=1e9)
+    enc = state.acts[state.placement.root["a1"]]
+    assert float(np.max(enc.hi)) == pytest.approx(6.0, rel=1e-6)  # the grid [0, 6]: ReLU6 keeps values inside
+    q = export_qdq(state)
+    clipped = [n.name for n in q.graph.node if n.op_type == "Clip" and "/Saturate" in n.name]
+    assert clipped and not any(n.startswith("a1/") for n in clipped)  # the input and the output still clip
+    monkeypatch.setattr(ptq.export, "_holds", lambda enc, bounds: False)
+    with_clip = export_qdq(state)
+    assert sum(n.op_type == "Clip" for n in with_clip.graph.node) == sum(n.op_type == "Clip" for n in q.graph.node) + 1
+    x = rng.normal(0, 3, (4, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(session(q, exact_qdq=True).run(None, {"x": x})[0],
+                                  session(with_clip, exact_qdq=True).run(None, {"x": x})[0])
+
+
+def test_saturating_grid_is_kept_only_within_the_tolerance():
+    h = Histogram()
+    h.update(np.linspace(0, 0.5, 5000).astype(np.float32))  # after a ReLU6, but far below 6
+    spec = QuantSpec(7, signed=False, symmetric=False)
+    best = encoding_from_range(spec, 0.0, 0.5)
+    assert saturating_encoding(h, best, 6.0, tolerance=0.25) is best  # [0, 6] costs far more than 25 %
+    assert float(np.max(saturating_encoding(h, best, 6.0, tolerance=1e9).hi)) == pytest.approx(6.0)
+
+
+def worst_case_conv(cin=64):
+    """A 1x1 convolution whose every weight is the same: its quantized products hit 255 · 127."""
+    return make([helper.make_node("Conv", ["x", "w"], ["y"], "conv")], [("x", [None, cin, 2, 2])],
+                [("y", [None, 4, 2, 2])], [init("w", np.ones((4, cin, 1, 1), np.float32))])
+
+
+@pytest.mark.parametrize("setting", ["never", "always"])
+def test_reduce_range_keeps_the_runtime_equal_to_its_exact_qdq_run(tmp_path, setting):
+    """The fused integer kernel against onnxruntime's own exact Q/DQ computation of the same model: with
+    ``always`` they agree on every machine; with ``never`` they differ exactly where the probe says this
+    machine's kernels saturate."""
+    model = worst_case_conv()
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i in range(4):
+        np.save(folder / f"s{i}.npy", np.full((64, 2, 2), 1.0 + 0.1 * i, np.float32))
+    state = state_for(model, folder, reduce_range=setting, act_range="minmax")
+    assert state.weights["conv"].spec.bits == (7 if setting == "always" else 8)
+    q = export_qdq(state)
+    x = np.full((1, 64, 2, 2), 1.3, np.float32)  # the top of the input grid: every product is 255 · q_max
+    fused = session(q).run(None, {"x": x})[0]
+    exact = session(q, exact_qdq=True).run(None, {"x": x})[0]
+    agree = np.allclose(fused, exact, rtol=0.02)
+    assert agree if setting == "always" else agree != saturates_u8s8()
+
+
+def test_reduce_range_auto_follows_the_probe_and_spares_depthwise(rng, tmp_path):
+    assert reduce_range("auto")[0] == saturates_u8s8()
+    assert reduce_range("never")[0] is False and reduce_range("always")[0] is True
+    from builders import zoo
+    model = zoo(rng)
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 16, 16), 4)
+    state = state_for(model, calib, reduce_range="always")
+    from ptq.model import Graph
+    from ptq.weights import layer_kind
+    gr = Graph(state.model)
+    kinds = {l.name: layer_kind(gr, l) for l in state.layers}
+    assert "depthwise" in kinds.values()
+    for name, enc in state.weights.items():
+        assert enc.spec.bits == (8 if kinds[name] == "depthwise" else 7)
+    assert state.report["reduce_range"]["layers"] == sum(k != "depthwise" for k in kinds.values())
+    with pytest.raises(Exception, match="reduce_range"):
+        Config(reduce_range="sometimes").validate()
+
+
+def qdq_model_with_costs():
+    """x -> Q/DQ -> Min(·, b) -> narrow Clip -> Q/DQ -> Conv (asymmetric int8 weight) -> Clip(0, 6) -> Q/DQ."""
+    s, z = np.float32(0.05), np.uint8(0)
+    inits = [init("s", s), init("z", z), init("b", np.full((1, 4, 1, 1), 2.0, np.float32)),
+             init("lo", np.float32(0)), init("hi", np.float32(3.0)), init("six", np.float32(6.0)),
+             init("wq", np.full((4, 4, 1, 1), 3, np.int8)), init("ws", np.float32(0.1)), init("wz", np.int8(2)),
+             init("s6", np.float32(6 / 255))]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], "q0"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], "dq0"),
+             helper.make_node("Min", ["xd", "b"], ["m"], "bound"),
+             helper.make_node("Clip", ["m", "lo", "hi"], ["c"], "saturate"),  # 3 < the grid's 12.75
+             helper.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"], "q1"),
+             helper.make_node("DequantizeLinear", ["cq", "s", "z"], ["cd"], "dq1"),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], "dqw"),
+             helper.make_node("Conv", ["cd", "w"], ["y0"], "conv"),
+             helper.make_node("Clip", ["y0", "lo", "six"], ["y1"], "relu6"),  # [0, 6] = its grid: fusable
+             helper.make_node("QuantizeLinear", ["y1", "s6", "z"], ["yq"], "q2"),
+             helper.make_node("DequantizeLinear", ["yq", "s6", "z"], ["y"], "dq2")]
+    g = helper.make_graph(nodes, "costs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 2, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_costly_choices_are_found_and_each_variant_lacks_only_its_choice():
+    m = qdq_model_with_costs()
+    costs = costly_choices(m)
+    assert {k.split(" (")[0]: v[0] for k, v in costs.items()} == {
+        "float Min between DQ and Q": 1, "saturating Clip before QuantizeLinear": 1,
+        "weight zero points != 0": 1}
+    x = {"x": np.linspace(0, 10, 16, dtype=np.float32).reshape(1, 4, 2, 2)}
+    for what, (_, variant) in costs.items():
+        onnx.checker.check_model(variant)
+        run(variant, x)  # each variant runs
+        if "Min" in what:
+            assert "Min" not in ops(variant) and ops(variant).count("Clip") == 2
+        elif "Clip" in what:
+            assert "saturate" not in [n.name for n in variant.graph.node] and "relu6" in \
+                [n.name for n in variant.graph.node]  # the ReLU6 before a [0, 6] grid is no cost
+        else:
+            zp = next(t for t in variant.graph.initializer if t.name == "wz")
+            assert numpy_helper.to_array(zp) == 0
