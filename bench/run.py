@@ -64,6 +64,7 @@ class Row:
     latency: float = float("nan")
     note: str = ""
     drop_se: float = float("nan")  # paired standard error of the drop (rows measured since 2026-11-24)
+    saturating: bool | None = None  # measured where onnxruntime saturates u8×s8 (ptq.runtime); None: not recorded
 
 
 class ArraySource:
@@ -378,6 +379,8 @@ def load_rows() -> dict:
 
 
 def add(rows: dict, row: Row) -> None:
+    from ptq.runtime import saturates_u8s8
+    row.saturating = saturates_u8s8()
     rows[(row.model, row.tool, row.config)] = row
 
 
@@ -394,7 +397,11 @@ def write(rows: dict, out: str):
              f"standard error (README, Evaluation), in rows measured since it was added. Time and peak RSS are of "
              f"the quantization process alone; latency is onnxruntime CPU, batch 1, relative to FP32. "
              f"ptq defaults: weights per-channel MSE, activations MSE, logits cross-entropy (mse+xent); "
-             f"BC = empirical bias correction; data-free uses no calibration images.", "",
+             f"BC = empirical bias correction; data-free uses no calibration images. Rows marked † were measured on "
+             f"an x86 CPU whose onnxruntime adds u8×s8 products in saturating int16 (no AVX-VNNI), where ptq's "
+             f"default `--reduce-range auto` gives the 8-bit weights of non-depthwise layers 7 bits (README, "
+             f"Saturating int8 kernels) and onnxruntime quantize_static's 8-bit models saturate; the others on a CPU "
+             f"without that saturation.", "",
              "| model | tool | config | top-1 | top-5 | drop | top-1 agreement % | quant time s | peak RSS MB | "
              "size MB | latency × FP32 | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def f(v, nd=2):
@@ -403,7 +410,8 @@ def write(rows: dict, out: str):
         return str(v)
     pm = lambda se: "" if np.isnan(se) else f" ± {se:.2f}"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r.model} | {r.tool} | {r.config} | {f(r.top1)} | {f(r.top5)} | {f(r.drop)}{pm(r.drop_se)} "
+        mark = " †" if r.saturating else ""
+        lines.append(f"| {r.model} | {r.tool} | {r.config}{mark} | {f(r.top1)} | {f(r.top5)} | {f(r.drop)}{pm(r.drop_se)} "
                      f"| {f(r.agree)} | {f(r.seconds, 1)} | {f(r.rss_mb, 0)} | {f(r.size_mb)} | {f(r.latency)} "
                      f"| {r.note} |")
     import zoo

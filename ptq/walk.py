@@ -40,17 +40,23 @@ class Walk:
         self.saved: list[dict[str, np.ndarray]] | None = None  # None: the source's batches are the checkpoint
         self.runs = 0  # segments run (for tests and the report)
 
-    def _start(self):
-        if self.saved is not None:
+    def _start(self, release: bool = False):
+        """The checkpoint's batches; with ``release``, each is dropped from the checkpoint once handed out (the
+        checkpoint is being replaced: old and new never both sit in memory whole)."""
+        if self.saved is not None and release:
+            while self.saved:
+                yield self.saved[0]
+                self.saved.pop(0)  # only once the next one is asked for: a run closed after one batch drops none
+        elif self.saved is not None:
             yield from self.saved
         else:
             for _, feed in self.source.batches(self.batch_size):
                 yield feed
 
-    def _run(self, model, outputs):
+    def _run(self, model, outputs, release: bool = False):
         """Stream the checkpoint through the nodes between it and ``outputs``."""
         sess = None
-        for feed in self._start():
+        for feed in self._start(release):
             todo = [o for o in outputs if o not in feed]
             if sess is None and todo:
                 sess = session(truncate(model, todo, {k: v.dtype for k, v in feed.items()}))
@@ -71,15 +77,17 @@ class Walk:
             yield from self._run(model, names)
 
     def _advance(self, model, index):
-        """Move the checkpoint to node ``index`` if its live tensors fit in the budget (judged on the first batch)."""
+        """Move the checkpoint to node ``index`` if its live tensors fit in the budget (judged on the first batch);
+        the old checkpoint is released batch by batch as the new one fills, so the walk holds about one
+        checkpoint at a time."""
         live = live_tensors(model, index)
-        run = self._run(model, live)
+        run = self._run(model, live, release=True)
         first = next(run, None)
         if first is None:
             return
         per_batch = sum(v.nbytes for v in first.values())
         if per_batch * -(-len(self.source) // self.batch_size) > self.budget:
-            run.close()
+            run.close()  # nothing released yet
             return
         saved = [first, *run]
         self.saved, self.index = saved, index

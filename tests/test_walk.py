@@ -38,3 +38,40 @@ def test_walk_equals_a_full_run_while_weights_change(rng, tmp_path, budget):
         assert walk.runs == len(layers) - 1 and walk.index == layers[-1][0]  # the first layer reads the input
     else:  # nothing fits: every layer streams from the calibration source
         assert walk.saved is None and walk.index == 0
+
+
+def test_advancing_releases_the_old_checkpoint_as_it_goes(tmp_path, rng, monkeypatch):
+    """Moving the checkpoint drops the old one batch by batch: while the new one is computed, the old batches
+    still alive and the new ones made never add up to much more than one checkpoint (not two)."""
+    import weakref
+
+    import ptq.walk
+    from builders import init, make
+    from onnx import helper
+    nodes = [helper.make_node("Conv", [f"t{k}", f"w{k}"], [f"t{k + 1}"], f"conv{k}") for k in range(3)]
+    model = make(nodes, [("t0", [None, 4, 8, 8])], [("t3", [None, 4, 8, 8])],
+                 [init(f"w{k}", rng.normal(0, 0.5, (4, 4, 1, 1)).astype(np.float32)) for k in range(3)])
+    src = DataSource(save_npy_samples(tmp_path / "c", rng, (4, 8, 8), 40), model_inputs(model))
+    walk = Walk(src, 4, budget=1 << 30)
+    convs = [0, 1, 2]  # a chain: the tensor at one checkpoint is not live at the next
+    list(walk.batches(model, convs[1], [model.graph.node[convs[1]].input[0]]))
+    old = [weakref.ref(a) for b in walk.saved for a in b.values()]
+    assert len(walk.saved) == 10
+    alive = []
+    real = ptq.walk.session
+
+    class Counting:
+        def __init__(self, m):
+            self.s = real(m)
+
+        def get_inputs(self):
+            return self.s.get_inputs()
+
+        def run(self, names, feed):
+            alive.append(sum(r() is not None for r in old))
+            return self.s.run(names, feed)
+    monkeypatch.setattr(ptq.walk, "session", Counting)
+    list(walk.batches(model, convs[2], [model.graph.node[convs[2]].input[0]]))
+    assert walk.index == convs[2] and len(alive) == 10
+    # at the k-th batch of the new checkpoint, k batches of it exist: old + new stay within one checkpoint + 1 batch
+    assert all(n_old + k <= 10 + 1 for k, n_old in enumerate(alive)), alive

@@ -21,8 +21,8 @@ per channel. Adam's steps run in float32; the reported errors in float64.
 
 Layer inputs: the layers are visited in topological order, each solved before the next, so x̃ is exactly the
 input of the network whose earlier layers are AdaRounded. ``Walk`` (ptq/walk.py) keeps both networks'
-activations at the last visited layer while they fit in memory, so each node runs about once per network over
-the calibration set. ``adaround_inputs = "fp32"`` takes x̃ = x instead. Each output channel keeps AdaRound's
+activations at the last visited layer while they fit in 0.4 × ``memory_limit`` each, so each node runs about once
+per network over the calibration set (where a checkpoint does not fit, from the last one that did). ``adaround_inputs = "fp32"`` takes x̃ = x instead. Each output channel keeps AdaRound's
 rounding only where it beats nearest rounding on the layer's data (channels are independent in the loss).
 
 Three additions of ours, each switchable:
@@ -53,6 +53,8 @@ from ..patches import paired_rows, rows_per_sample
 from ..patterns import clip_bounds
 from ..quant import Encoding, fake_quant, quantize
 from ..walk import Walk
+
+WALK_SHARE = 0.4  # of --memory-limit, for each of the two walks' checkpoints
 from ..weights import as_matrix, from_matrix, layer_kind, reconstruction_layers
 from ..rounding import Problem, brute_force, no_worse_than_nearest, search_scale, solve
 
@@ -83,10 +85,11 @@ def adaround(state, ctx):
     position = {n.name: k for k, n in enumerate(fp32.graph.node)}
     done: dict[str, np.ndarray] = {}  # layer -> AdaRounded weight (grid values)
     report, collect_s = {}, 0.0
-    fp_walk = Walk(ctx.calib, cfg.batch_size)
+    budget = int(cfg.memory_bytes * WALK_SHARE)  # per walk: both together stay within most of --memory-limit
+    fp_walk = Walk(ctx.calib, cfg.batch_size, budget)
     q_walk, sim = None, None  # x̃ = x (adaround_inputs "fp32")
     if cfg.adaround_inputs == "quantized":  # earlier layers AdaRounded as they are solved, later ones nearest
-        q_walk, sim = Walk(ctx.calib, cfg.batch_size), onnx.ModelProto.FromString(fp32.SerializeToString())
+        q_walk, sim = Walk(ctx.calib, cfg.batch_size, budget), onnx.ModelProto.FromString(fp32.SerializeToString())
         for l in layers:
             set_initializer(sim, l.weight, fake_quant(gr.const(l.weight), state.weights[l.name]))
     bar = tqdm(total=len(layers), desc="adaround", unit="layer", disable=not ctx.progress, leave=False)
