@@ -411,7 +411,8 @@ def write(rows: dict, out: str):
     pm = lambda se: "" if np.isnan(se) else f" ± {se:.2f}"  # noqa: E731
     for r in rows:
         mark = " †" if r.saturating else ""
-        lines.append(f"| {r.model} | {r.tool} | {r.config}{mark} | {f(r.top1)} | {f(r.top5)} | {f(r.drop)}{pm(r.drop_se)} "
+        lines.append(f"| {r.model} | {r.tool} | {r.config}{mark} | {f(r.top1)} | {f(r.top5)} "
+                     f"| {f(r.drop)}{pm(r.drop_se)} "
                      f"| {f(r.agree)} | {f(r.seconds, 1)} | {f(r.rss_mb, 0)} | {f(r.size_mb)} | {f(r.latency)} "
                      f"| {r.note} |")
     import zoo

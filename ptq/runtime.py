@@ -3,9 +3,10 @@
 On x86 without AVX-VNNI, onnxruntime's u8 × s8 GEMM and convolution kernels (MLAS, VPMADDUBSW) add each pair of
 adjacent products in int16 with saturation: two products 255 · 127 sum to 64770 > 32767, and the result is
 silently clipped. Real activations reach the top of their uint8 grid often (a ReLU6 at 6, an input at its
-maximum), so 8-bit weights lose accuracy there that the QDQ model does not show (EfficientNet-Lite0 W8A8: top-1
-drop 3.46 instead of about 0). Weights in [-64, 63] (onnxruntime's ``reduce_range``) keep every pair below
-2^15: 255 · 64 · 2 = 32640. Depthwise convolutions accumulate in int32 and do not saturate."""
+maximum), so 8-bit weights can lose accuracy there that the QDQ model does not show (EfficientNet-Lite0 W8A8
+per-channel: top-1 drop 3.46 instead of about 0). Weights in [-64, 63] (onnxruntime's ``reduce_range``) keep every
+pair below 2^15: 255 · 64 · 2 = 32640, at the cost of one bit of weight precision. Depthwise convolutions
+accumulate in int32 and do not saturate."""
 from __future__ import annotations
 
 import functools
@@ -44,13 +45,10 @@ def saturates_u8s8() -> bool:
 
 
 def reduce_range(setting: str) -> tuple[bool, str]:
-    """(whether 8-bit weights of non-depthwise layers use [-64, 63], why) for ``reduce_range`` = "auto" (where
-    this machine's onnxruntime saturates), "always" or "never"."""
+    """(whether the weight-range stage gives 8-bit weights of non-depthwise layers [-64, 63], why). ``always``
+    and ``never`` say so; ``auto`` quantizes with full 8 bits, and where this machine saturates, ``ptq.run``
+    quantizes again with ``always`` and keeps the model whose held-back outputs are closer to FP32
+    (saturation hurts where large activations meet large weights: data decide, not the weights alone)."""
     if setting == "always":
         return True, "reduce_range = always"
-    if setting == "never":
-        return False, "reduce_range = never"
-    if saturates_u8s8():
-        return True, ("onnxruntime on this CPU adds pairs of u8 × s8 products in saturating int16 (no AVX-VNNI), "
-                      "which 8-bit weights overflow: weights of non-depthwise layers use [-64, 63] (7 bits)")
-    return False, "onnxruntime on this CPU does not saturate u8 × s8 products: full 8-bit weights"
+    return False, f"reduce_range = {setting}"

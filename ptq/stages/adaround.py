@@ -22,8 +22,9 @@ per channel. Adam's steps run in float32; the reported errors in float64.
 Layer inputs: the layers are visited in topological order, each solved before the next, so x̃ is exactly the
 input of the network whose earlier layers are AdaRounded. ``Walk`` (ptq/walk.py) keeps both networks'
 activations at the last visited layer while they fit in 0.4 × ``memory_limit`` each, so each node runs about once
-per network over the calibration set (where a checkpoint does not fit, from the last one that did). ``adaround_inputs = "fp32"`` takes x̃ = x instead. Each output channel keeps AdaRound's
-rounding only where it beats nearest rounding on the layer's data (channels are independent in the loss).
+per network over the calibration set (where a checkpoint does not fit, from the last one that did).
+``adaround_inputs = "fp32"`` takes x̃ = x instead. Each output channel keeps AdaRound's rounding only where it
+beats nearest rounding on the layer's data (channels are independent in the loss).
 
 Three additions of ours, each switchable:
 - grid (``adaround_scale_search``): before rounding, each layer's weight scale is chosen again, per channel (or

@@ -1,7 +1,7 @@
 """Weight range setting (white paper §3.1): one signed quantizer per layer weight, per output channel (default) or
-per tensor, symmetric (default) or asymmetric, by min-max or MSE (see ptq.ranges.weight_encoding). Where the
-runtime saturates u8 × s8 products (``ptq.runtime``, ``reduce_range``), 8-bit weights of non-depthwise layers get
-7 bits, [-64, 63], stored in int8."""
+per tensor, symmetric (default) or asymmetric, by min-max or MSE (see ptq.ranges.weight_encoding). With
+``reduce_range = always`` (``ptq.runtime``), 8-bit weights of non-depthwise layers get 7 bits, [-64, 63], stored
+in int8, as runtimes that add u8 × s8 products in saturating int16 need."""
 from __future__ import annotations
 
 import onnx
@@ -17,19 +17,21 @@ def set_weight_ranges(state, ctx=None):
     cfg = state.config
     gr = Graph(state.model)
     reduce, why = reduce_range(cfg.reduce_range)
-    reduced = []
+    reduced, could = [], 0
     for layer in state.layers:
         o = cfg.override_for(layer.name, layer.weight)
         per_channel = o.get("per_channel", cfg.per_channel)
         bits = int(o.get("bits", cfg.weight_bits))
-        if reduce and bits == 8 and layer_kind(gr, layer) != "depthwise":
-            bits = 7
-            reduced.append(layer.name)
+        if bits == 8 and layer_kind(gr, layer) != "depthwise":
+            could += 1
+            if reduce:
+                bits = 7
+                reduced.append(layer.name)
         spec = QuantSpec(bits=bits, signed=True,
                          symmetric=bool(o.get("symmetric", cfg.weight_symmetric)),
                          axis=layer.w_axis if per_channel else None)
         state.weights[layer.name] = weight_encoding(gr.const(layer.weight), spec, o.get("range", cfg.weight_range))
-    state.report["reduce_range"] = {"layers": len(reduced), "why": why}
+    state.report["reduce_range"] = {"layers": len(reduced), "could": could, "why": why}
     return state
 
 
