@@ -19,6 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper, shape_inference, version_converter
 
+from .external import session_options
 from .errors import InputError
 from .fuse import fold_bias_adds, fuse_hardswish
 from .model import (Graph, attr, default_opset, remove_unused_initializers, set_attr, topological_sort,
@@ -145,6 +146,7 @@ def fold_constants(model: onnx.ModelProto) -> int:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.log_severity_level = 3
+        session_options(model, opts)
         try:
             sess = ort.InferenceSession(sub_model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
             for name, v in zip(produced, sess.run(produced, {})):

@@ -63,7 +63,8 @@ def export_qdq(state) -> onnx.ModelProto:
     needs_ms = False
     layers = {l.name: l for l in state.layers}
     act_enc = {t: state.acts[r] for t, r in state.placement.root.items() if r in state.acts}
-    value_bounds = activation_bounds(state.layers, Graph(state.model))  # what a fused Relu / Clip guarantees
+    ref = Graph(state.model)
+    value_bounds = activation_bounds(state.layers, ref)  # what a fused Relu / Clip guarantees
 
     def qparams(base: str, enc: Encoding, zp_bits: int, zp_signed: bool):
         s_name = unique_name(taken, base + "/scale")
@@ -116,7 +117,6 @@ def export_qdq(state) -> onnx.ModelProto:
         if t in act_enc:
             graph_in_map[t] = unique_name(taken, t + "/dequantized")
             qdq_act(t, t, graph_in_map[t])
-    inits_by_name = {t.name: t for t in g.initializer}
     min_free = redundant_bounds(state)  # Relu output -> the CLE Min's output it now writes itself
     dropped = set(min_free.values())
     for node in g.node:
@@ -128,7 +128,7 @@ def export_qdq(state) -> onnx.ModelProto:
         layer = layers.get(node.name)
         if layer is not None and layer.name in state.weights:
             wenc = state.weights[layer.name]
-            w = numpy_helper.to_array(inits_by_name[layer.weight])
+            w = ref.const(layer.weight)
             bits = storage_bits(wenc.spec.bits, opset)
             q_w = state.rounded.get(layer.name)
             q_w = quantize(w, wenc) if q_w is None else q_w
@@ -136,7 +136,7 @@ def export_qdq(state) -> onnx.ModelProto:
             x_enc = act_enc.get(layer.x)
             b = state.biases.get(layer.name)  # the decided bias (bias correction, AdaRound), else the reference's
             if b is None and layer.bias is not None:
-                b = numpy_helper.to_array(inits_by_name[layer.bias])
+                b = ref.const(layer.bias)
             while b is not None and len(node.input) < 3:
                 node.input.append("")
             if b is not None and x_enc is not None:
@@ -179,19 +179,19 @@ def redundant_bounds(state) -> dict[str, str]:
     s·(q_max − z) is <= min_c b_c, QuantizeLinear saturates at or below every bound, so Q(Relu(x)) equals
     Q(Min(Relu(x), b)) exactly. {Relu output: Min output} for each; the exporter drops the Min and lets the Relu's
     Q/DQ write the Min's output, which leaves Conv + Relu + Q for onnxruntime to fuse into one QLinearConv."""
-    gr_inits = {t.name: t for t in state.model.graph.initializer}
+    gr = Graph(state.model)
     producer_of = {o: n for n in state.model.graph.node for o in n.output}
     out = {}
     for l in state.layers:
         enc = state.acts.get(state.placement.root.get(l.out, ""))
-        if not l.bound or enc is None or enc.spec.symmetric or l.bound not in gr_inits:
+        if not l.bound or enc is None or enc.spec.symmetric or not gr.is_const(l.bound):
             continue
         mn = producer_of.get(l.out)
         if mn is None or mn.op_type != "Min" or mn.input[1] != l.bound:
             continue
         top = float(np.float32(enc.scale) * np.float32(enc.spec.qmax - int(enc.zero_point)))
         relu_out = mn.input[0]
-        if top <= float(numpy_helper.to_array(gr_inits[l.bound]).min()) and state.placement.root.get(relu_out):
+        if top <= float(gr.const(l.bound).min()) and state.placement.root.get(relu_out):
             out[relu_out] = l.out
     return out
 

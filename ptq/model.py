@@ -10,20 +10,28 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import external
 from .errors import InputError, first_line
 
 MIN_OPSET, MAX_OPSET = 11, 21
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load and check an ONNX model (external data resolved beside the file). Raises InputError with one line."""
+    """Load and check an ONNX model. External data beside the file is loaded, unless it is over
+    ``external.LARGE_BYTES``: then the weights stay on disk and are read by parts (ptq.external). Raises InputError
+    with one line."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if not path.is_file():
         raise InputError(f"{path}: not a file")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
+        on_disk = external.external_bytes(model) > external.LARGE_BYTES
+        if on_disk:
+            external.keep_on_disk(model, str(path.parent))
+        elif external.external_bytes(model):
+            onnx.load_external_data_for_model(model, str(path.parent))
     except PermissionError:
         raise InputError(f"{path}: cannot read (permission denied)") from None
     except Exception as e:  # protobuf decode errors, missing external data
@@ -31,7 +39,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node:
         raise InputError(f"{path}: not a valid ONNX model (the graph has no nodes)")
     try:
-        onnx.checker.check_model(str(path) if model.ByteSize() > 2**31 - 1 else model)
+        onnx.checker.check_model(str(path) if on_disk or model.ByteSize() > 2**31 - 1 else model)
     except Exception as e:
         raise InputError(f"{path}: invalid ONNX model ({first_line(e)})") from None
     opset = default_opset(model)
@@ -73,7 +81,11 @@ class Graph:
     def const(self, name: str) -> np.ndarray | None:
         """The value of an initializer, or None if ``name`` is not a constant."""
         t = self.inits.get(name)
-        return None if t is None else numpy_helper.to_array(t)
+        if t is None:
+            return None
+        if external.is_external(t):
+            return external.read(t, external.folder(self.model))
+        return numpy_helper.to_array(t)
 
     def is_const(self, name: str) -> bool:
         return name in self.inits
@@ -102,8 +114,10 @@ def set_attr(node: onnx.NodeProto, name: str, value) -> None:
 
 
 def set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
-    """Add or replace an initializer."""
-    t = numpy_helper.from_array(np.asarray(value), name)
+    """Add or replace an initializer (in a file of the working folder, for a large value of a model whose
+    weights stay on disk: ptq.external)."""
+    t = external.external_tensor(model, name, value)
+    t = numpy_helper.from_array(np.asarray(value), name) if t is None else t
     for i, old in enumerate(model.graph.initializer):
         if old.name == name:
             model.graph.initializer[i].CopyFrom(t)

@@ -14,6 +14,7 @@ from onnx import helper
 from tqdm import tqdm
 
 from .errors import InputError, first_line
+from .external import session_options
 
 HALF_BINS = 8192  # bins per sign: ~32 bins per 8-bit step at full range
 CHUNK = 1 << 20
@@ -139,6 +140,7 @@ def session(model: onnx.ModelProto | bytes | str, extra_outputs=(), optimize: bo
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if exact_qdq:
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    session_options(model, opts)
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 

@@ -83,11 +83,11 @@ class OutputSet:
     def stage_text(self, target, text: str) -> None:
         self.stage_bytes(target, text.encode("utf-8"))
 
-    def stage_model(self, target, model: onnx.ModelProto) -> str:
-        """The model at ``target``; over 2 GB its tensors go to ``<target name>.data`` beside it (external data).
-        Returns the SHA-256 of the model file."""
+    def stage_model(self, target, model: onnx.ModelProto, external_data: bool = False) -> str:
+        """The model at ``target``; over 2 GB, or with ``external_data``, its tensors go to ``<target name>.data``
+        beside it (external data). Returns the SHA-256 of the model file."""
         target = Path(target)
-        if model.ByteSize() <= TWO_GB:
+        if model.ByteSize() <= TWO_GB and not external_data:
             data = model.SerializeToString()
             self.stage_bytes(target, data)
             return hashlib.sha256(data).hexdigest()
@@ -96,6 +96,8 @@ class OutputSet:
         data_name = target.name + ".data"
         onnx.save_model(model, str(work / target.name), save_as_external_data=True, location=data_name)
         for name, final in ((target.name, target), (data_name, target.with_name(data_name))):
+            if not (work / name).exists():  # no tensor was large enough to go to the data file
+                continue
             os.chmod(work / name, self._mode)
             self._temps[final] = work / name
         with open(work / target.name, "rb") as f:

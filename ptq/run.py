@@ -19,6 +19,7 @@ from .data import DataSource, Preprocess, calibration_sources, model_inputs
 from .errors import AccuracyGateError, FidelityError, InputError
 from .evaluate import check_gate, evaluate, fidelity_flags, parse_max_drop
 from .export import export_qdq
+from .external import folder, self_contained
 from .feeds import calibration_input
 from .model import load_model
 from .observe import check_runnable
@@ -50,7 +51,8 @@ class Result:
         paths = (output, *report_paths(output))
         with (outputs or OutputSet(paths, inputs)) as out:
             self.report["output"] = str(output)
-            self.report["model_sha256"] = out.stage_model(output, self.model)
+            self.report["model_sha256"] = out.stage_model(output, self_contained(self.model),
+                                                          external_data=folder(self.model) is not None)
             for path, text in zip(paths[1:], render_reports(self.report)):
                 out.stage_text(path, text)
             out.commit()

@@ -15,6 +15,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from .evaluate import latencies_ms
+from .external import session_options
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -28,6 +29,7 @@ def unfused_qdq(model: onnx.ModelProto) -> dict:
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         opts.optimized_model_filepath = path
+        session_options(model, opts)
         ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         optimized = onnx.load(path, load_external_data=False)
     g = optimized.graph
