@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
 ALIGN = 4096  # page-aligned offsets, so a runtime may map the weights instead of copying them
