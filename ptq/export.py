@@ -24,6 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import PTQError
+from .external import external_tensor
 from .model import Graph, default_opset, remove_unused_initializers, unique_name
 from .patterns import activation_bounds
 from .quant import Encoding, QuantSpec, quantize
@@ -101,7 +102,9 @@ def export_qdq(state) -> onnx.ModelProto:
         domain = MS_DOMAIN if bits == 16 and opset < 21 else ""
         needs_ms |= domain == MS_DOMAIN
         q_name = unique_name(taken, base + "/quantized")
-        inits.append(_int_tensor(q_name, q_values, bits, signed))
+        on_disk = external_tensor(model, q_name, np.asarray(q_values).astype(_INT_TYPES[(bits, signed)][1])) \
+            if bits != 4 else None  # a model whose weights stay on disk: its integers go to a file as well
+        inits.append(on_disk if on_disk is not None else _int_tensor(q_name, q_values, bits, signed))
         s_name = unique_name(taken, base + "/scale")
         z_name = unique_name(taken, base + "/zero_point")
         inits.append(numpy_helper.from_array(written_scale(base, enc), s_name))

@@ -21,6 +21,7 @@ from .quant import Encoding, QuantSpec, encoding_from_range, fake_quant_grid, sq
 WEIGHT_METHODS = ("minmax", "mse")
 ACT_METHODS = ("minmax", "mse", "percentile", "bn")
 GOLDEN = (np.sqrt(5) - 1) / 2
+WIDE_ROWS = 4096  # weight rows longer than this are searched in float32
 
 
 def grid_golden_min(loss, lo: np.ndarray, hi: np.ndarray, grid: int = 20, iters: int = 16) -> np.ndarray:
@@ -62,9 +63,12 @@ def weight_encoding(w: np.ndarray, spec: QuantSpec, method: str = "mse") -> Enco
     if spec.symmetric:
         absmax = np.abs(w2).max(axis=1).astype(np.float64)  # [C]
         if method == "mse":
+            # rows over WIDE_ROWS (an 8192-wide MatMul) are searched in float32: half the memory traffic
+            wq = w2.astype(np.float32) if w2.shape[1] > WIDE_ROWS else w2
+
             def loss(clip):  # [C] -> [C]
-                s = np.maximum(clip / spec.qmax, 1e-12)[:, None]
-                return np.sum((w2 - fake_quant_grid(w2, s, 0, spec.qmin, spec.qmax)) ** 2, axis=1)
+                s = np.maximum(clip / spec.qmax, 1e-12)[:, None].astype(wq.dtype)
+                return np.sum((wq - fake_quant_grid(wq, s, 0, spec.qmin, spec.qmax)) ** 2, axis=1, dtype=np.float64)
             clip = grid_golden_min(loss, absmax * 0.01, absmax)
         else:
             clip = absmax

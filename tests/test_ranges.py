@@ -27,6 +27,20 @@ def test_weight_mse_matches_brute_force_per_channel(rng):
     assert mse(w, enc) < mse(w, minmax)  # heavy tails: MSE clips
 
 
+def test_weight_mse_of_wide_rows_in_float32_matches_brute_force(rng, monkeypatch):
+    import ptq.ranges
+    monkeypatch.setattr(ptq.ranges, "WIDE_ROWS", 100)  # these 300-wide rows take the float32 search
+    w = rng.standard_t(3, (3, 300)).astype(np.float32)
+    enc = weight_encoding(w, W_SPEC, "mse")
+    for c in range(3):
+        row = w[c]
+        top = np.abs(row).max()
+        brute = min(mse(row, encoding_from_range(W_SPEC.with_(axis=None), -t, t))
+                    for t in np.linspace(0.01 * top, top, 4000))
+        got = mse(row, encoding_from_range(W_SPEC.with_(axis=None), -enc.hi[c], enc.hi[c]))
+        assert got <= brute * 1.01 + 1e-9
+
+
 def test_golden_section_finds_parabola_minimum():
     target = np.array([0.3, 1.7, 2.2])
     t = grid_golden_min(lambda x: (x - target) ** 2, np.zeros(3), np.full(3, 3.0))
