@@ -1,7 +1,8 @@
 """Write the quantized model in QDQ format (QuantizeLinear / DequantizeLinear around FP32 ops).
 
 - Weights are stored quantized (int8; INT4 where the opset is >= 21 and bits <= 4) behind a DequantizeLinear
-  (per channel: ``axis`` = the output-channel axis);
+  (per channel: ``axis`` = the output-channel axis); 8-bit MatMul / Gemm weights as uint8 + 128 where weight
+  ranges marked them (a runtime whose u8 × s8 kernels saturate);
 - biases (the decided ones, ``state.biases``, else the reference's) are stored as int32 with scale s_in · s_w (per
   channel) and zero point 0, as integer kernels add them (where int32 cannot hold them, as with 16-bit grids, a
   float Add after the layer carries the bias);
@@ -65,6 +66,7 @@ def export_qdq(state) -> onnx.ModelProto:
     layers = {l.name: l for l in state.layers}
     act_enc = {t: state.acts[r] for t, r in state.placement.root.items() if r in state.acts}
     ref = Graph(state.model)
+    dense_uint8 = state.report.get("reduce_range", {}).get("dense_uint8", False)  # see stages/weight_ranges.py
     value_bounds = activation_bounds(state.layers, ref)  # what a fused Relu / Clip guarantees
 
     def qparams(base: str, enc: Encoding, zp_bits: int, zp_signed: bool):
@@ -97,10 +99,15 @@ def export_qdq(state) -> onnx.ModelProto:
         nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [out],
                                       unique_name(taken, t + "/Dequantize"), domain=domain))
 
-    def dq_const(base: str, q_values: np.ndarray, enc: Encoding, bits: int, signed: bool, axis) -> str:
+    def dq_const(base: str, q_values: np.ndarray, enc: Encoding, bits: int, signed: bool, axis,
+                 shift: int = 0) -> str:
+        """DequantizeLinear of constant integers; ``shift`` 128 stores a signed 8-bit grid as uint8 (q + 128, zero
+        point z + 128): the same values."""
         nonlocal needs_ms
         domain = MS_DOMAIN if bits == 16 and opset < 21 else ""
         needs_ms |= domain == MS_DOMAIN
+        if shift:
+            q_values, signed = np.asarray(q_values, np.int32) + shift, False
         q_name = unique_name(taken, base + "/quantized")
         on_disk = external_tensor(model, q_name, np.asarray(q_values).astype(_INT_TYPES[(bits, signed)][1])) \
             if bits != 4 else None  # a model whose weights stay on disk: its integers go to a file as well
@@ -108,7 +115,7 @@ def export_qdq(state) -> onnx.ModelProto:
         s_name = unique_name(taken, base + "/scale")
         z_name = unique_name(taken, base + "/zero_point")
         inits.append(numpy_helper.from_array(written_scale(base, enc), s_name))
-        inits.append(_int_tensor(z_name, np.asarray(enc.zero_point), bits, signed))
+        inits.append(_int_tensor(z_name, np.asarray(enc.zero_point) + shift, bits, signed))
         out = unique_name(taken, base + "/dequantized")
         kw = {"axis": axis} if axis is not None and np.asarray(enc.scale).ndim else {}
         nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out],
@@ -135,7 +142,9 @@ def export_qdq(state) -> onnx.ModelProto:
             bits = storage_bits(wenc.spec.bits, opset)
             q_w = state.rounded.get(layer.name)
             q_w = quantize(w, wenc) if q_w is None else q_w
-            node.input[1] = dq_const(layer.name + "/weight", q_w, wenc, bits, True, layer.w_axis)
+            shift = 128 if dense_uint8 and layer.op in ("MatMul", "Gemm") and bits == 8 and wenc.spec.bits == 8 \
+                and wenc.spec.symmetric else 0
+            node.input[1] = dq_const(layer.name + "/weight", q_w, wenc, bits, True, layer.w_axis, shift)
             x_enc = act_enc.get(layer.x)
             b = state.biases.get(layer.name)  # the decided bias (bias correction, AdaRound), else the reference's
             if b is None and layer.bias is not None:

@@ -167,11 +167,32 @@ def test_reduce_range_always_spares_depthwise(rng, tmp_path):
     gr = Graph(state.model)
     kinds = {l.name: layer_kind(gr, l) for l in state.layers}
     assert "depthwise" in kinds.values()
+    dense_uint8 = saturates_u8s8()  # MatMul / Gemm keep 8 bits, stored as uint8, where the runtime saturates
     for name, enc in state.weights.items():
-        assert enc.spec.bits == (8 if kinds[name] == "depthwise" else 7)
-    assert state.report["reduce_range"]["layers"] == sum(k != "depthwise" for k in kinds.values())
+        assert enc.spec.bits == (8 if kinds[name] == "depthwise" or (kinds[name] == "dense" and dense_uint8) else 7)
+    assert state.report["reduce_range"]["layers"] == sum(k == "conv" or (k == "dense" and not dense_uint8)
+                                                         for k in kinds.values())
     with pytest.raises(Exception, match="reduce_range"):
         Config(reduce_range="sometimes").validate()
+
+
+def test_dense_weights_stored_as_uint8_keep_the_runtime_exact(tmp_path):
+    """A MatMul whose every product pair would overflow int16: where this machine saturates, its 8-bit weights
+    are written as uint8 + 128 (the same values) and the fused kernel equals onnxruntime's exact Q/DQ run."""
+    model = make([helper.make_node("MatMul", ["x", "w"], ["y"], "matmul")], [("x", [None, 64])], [("y", [None, 8])],
+                 [init("w", np.ones((64, 8), np.float32))])
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i in range(4):
+        np.save(folder / f"s{i}.npy", np.full(64, 1.0 + 0.1 * i, np.float32))
+    state = state_for(model, folder, act_range="minmax")
+    q = export_qdq(state)
+    w = next(t for t in q.graph.initializer if t.name.startswith("matmul/weight/quantized"))
+    assert w.data_type == (TensorProto.UINT8 if saturates_u8s8() else TensorProto.INT8)
+    assert state.weights["matmul"].spec.bits == 8
+    x = np.full((2, 64), 1.3, np.float32)
+    np.testing.assert_allclose(session(q).run(None, {"x": x})[0], session(q, exact_qdq=True).run(None, {"x": x})[0],
+                               rtol=0.02)
 
 
 def qdq_model_with_costs():

@@ -1,14 +1,16 @@
 """Weight range setting (white paper §3.1): one signed quantizer per layer weight, per output channel (default) or
-per tensor, symmetric (default) or asymmetric, by min-max or MSE (see ptq.ranges.weight_encoding). With
-``reduce_range = always`` (``ptq.runtime``), 8-bit weights of non-depthwise layers get 7 bits, [-64, 63], stored
-in int8, as runtimes that add u8 × s8 products in saturating int16 need."""
+per tensor, symmetric (default) or asymmetric, by min-max or MSE (see ptq.ranges.weight_encoding). Where
+this machine's onnxruntime adds u8 × s8 products in saturating int16 (``ptq.runtime``) and ``reduce_range`` is not
+``never``, the 8-bit weights of MatMul / Gemm layers are marked for uint8 storage (q + 128, zero point 128: the
+same values, computed by the u8 × u8 kernels, which do not saturate); with ``reduce_range = always`` the 8-bit
+weights of the convolutions (not depthwise) get 7 bits, [-64, 63], stored in int8."""
 from __future__ import annotations
 
 import onnx
 
 from ..model import Graph, set_initializer, set_layer_bias
 from ..quant import QuantSpec, dequantize, fake_quant
-from ..runtime import reduce_range
+from ..runtime import reduce_range, saturates_u8s8
 from ..weights import layer_kind
 
 
@@ -17,12 +19,14 @@ def set_weight_ranges(state, ctx=None):
     cfg = state.config
     gr = Graph(state.model)
     reduce, why = reduce_range(cfg.reduce_range)
+    dense_uint8 = cfg.reduce_range != "never" and saturates_u8s8()
     reduced, could = [], 0
     for layer in state.layers:
         o = cfg.override_for(layer.name, layer.weight)
         per_channel = o.get("per_channel", cfg.per_channel)
         bits = int(o.get("bits", cfg.weight_bits))
-        if bits == 8 and layer_kind(gr, layer) != "depthwise":
+        kind = layer_kind(gr, layer)
+        if bits == 8 and kind not in ("depthwise", "dense" if dense_uint8 else None):
             could += 1
             if reduce:
                 bits = 7
@@ -31,7 +35,7 @@ def set_weight_ranges(state, ctx=None):
                          symmetric=bool(o.get("symmetric", cfg.weight_symmetric)),
                          axis=layer.w_axis if per_channel else None)
         state.weights[layer.name] = weight_encoding(gr.const(layer.weight), spec, o.get("range", cfg.weight_range))
-    state.report["reduce_range"] = {"layers": len(reduced), "could": could, "why": why}
+    state.report["reduce_range"] = {"layers": len(reduced), "could": could, "why": why, "dense_uint8": dense_uint8}
     return state
 
 
