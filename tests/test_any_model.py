@@ -231,3 +231,74 @@ def test_smoothquant_keeps_fp32_and_lowers_the_8_bit_error_of_outlier_channels(r
     base = product_error(x, w, np.ones(16, np.float32), 8, 8)
     s = smoothing_scales(np.abs(x).max(0), np.max([np.abs(v).max(1) for v in w], axis=0), entry["alpha"])
     assert product_error(x, w, s, 8, 8) < 0.9 * base  # the same measure, on the whole calibration set
+
+
+def smoothing_producers(rng, producer: str, residual: bool = False):
+    """h [N, 16] with three outlier channels, made by a layer (``producer``: "matmul" = MatMul + bias Add + Relu,
+    "gemm" = Gemm with transB and bias, "layernorm" = LayerNormalization), read by MatMuls q and k (and by a
+    residual Add when ``residual``)."""
+    big = np.ones(16, np.float32)
+    big[[2, 7, 11]] = 40.0
+    if producer == "layernorm":
+        nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], "ln", axis=-1)]
+        inits = [init("g", (rng.uniform(0.5, 1.5, 16) * big).astype(np.float32)),
+                 init("b", rng.normal(0, 0.1, 16).astype(np.float32))]
+    elif producer == "gemm":
+        nodes = [helper.make_node("Gemm", ["x", "w0", "b0"], ["h"], "fc", transB=1)]
+        inits = [init("w0", (rng.normal(0, 0.3, (16, 16)) * big[:, None]).astype(np.float32)),
+                 init("b0", rng.normal(0, 0.1, 16).astype(np.float32))]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "w0"], ["m"], "fc"), helper.make_node("Add", ["m", "b0"], ["a"]),
+                 helper.make_node("Relu", ["a"], ["h"], "relu")]
+        inits = [init("w0", (rng.normal(0, 0.3, (16, 16)) * big[None, :]).astype(np.float32)),
+                 init("b0", rng.normal(0.5, 0.1, 16).astype(np.float32))]
+    nodes += [helper.make_node("MatMul", ["h", "wq"], ["q"], "q"), helper.make_node("MatMul", ["h", "wk"], ["k"], "k"),
+              helper.make_node("Add", ["q", "k"], ["y"], "sum")]
+    if residual:
+        nodes[-1].output[0] = "qk"
+        nodes.append(helper.make_node("Add", ["qk", "h"], ["y"], "res"))
+    inits += [init("wq", rng.normal(0, 1, (16, 16)).astype(np.float32)),
+              init("wk", rng.normal(0, 1, (16, 16)).astype(np.float32))]
+    return make(nodes, [("x", [None, 16])], [("y", [None, 16])], inits, opset=17)
+
+
+@pytest.mark.parametrize("producer,into", [("matmul", "fc"), ("gemm", "fc"), ("layernorm", "ln")])
+def test_smoothquant_folds_the_division_into_the_producing_layer(rng, tmp_path, producer, into):
+    """X / s taken by the layer making X (its output channels, bias, γ and β divided by s): no Mul is added, the
+    FP32 function is kept, and the values are the ones the inserted Mul would have given."""
+    from ptq.pipeline import Config, Context, prepare, run_steps
+    model = smoothing_producers(rng, producer)
+    calib = save_npy_samples(tmp_path / "calib", rng, (16,), 64)
+    x = np.stack([np.load(f) for f in sorted(calib.glob("*.npy"))])
+    state = run_steps(prepare(model, Config(steps=["smoothquant"])), Context(DataSource(calib, model_inputs(model))),
+                      {})
+    entry = state.report["smoothquant"]["h"]
+    assert entry["applied"] and entry["folded_into"] == into
+    assert not any(n.op_type == "Mul" and "h" in n.input for n in state.model.graph.node)  # no Mul on h
+    assert {n.input[0] for n in state.model.graph.node if n.name in ("q", "k")} == {"h"}
+    np.testing.assert_allclose(run(state.model, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-4, atol=1e-3)
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in state.model.graph.initializer}
+    s = after["wq"][:, 0] / before["wq"][:, 0]  # row j of the readers' weights times s_j
+    assert np.all(s > 0) and not np.allclose(s, 1)
+    np.testing.assert_allclose(after["wk"], before["wk"] * s[:, None], rtol=1e-5)
+    for name, value in before.items():
+        if name in ("b0", "g", "b"):
+            np.testing.assert_allclose(after[name] * s, value, rtol=1e-5)
+        elif name == "w0":  # output channel j divided by s_j (its rows may carry x's own smoothing too)
+            r = after[name] * (s[:, None] if producer == "gemm" else s[None, :]) / value
+            np.testing.assert_allclose(r, np.broadcast_to(r[:1, :] if producer == "gemm" else r[:, :1], r.shape),
+                                       rtol=1e-4)
+
+
+def test_smoothquant_keeps_the_mul_where_the_tensor_has_other_readers(rng, tmp_path):
+    from ptq.pipeline import Config, Context, prepare, run_steps
+    model = smoothing_producers(rng, "layernorm", residual=True)
+    calib = save_npy_samples(tmp_path / "calib", rng, (16,), 64)
+    x = np.stack([np.load(f) for f in sorted(calib.glob("*.npy"))])
+    state = run_steps(prepare(model, Config(steps=["smoothquant"])), Context(DataSource(calib, model_inputs(model))),
+                      {})
+    entry = state.report["smoothquant"]["h"]
+    assert entry["applied"] and "folded_into" not in entry
+    assert [n.op_type for n in state.model.graph.node].count("Mul") == 1
+    np.testing.assert_allclose(run(state.model, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-4, atol=1e-3)

@@ -9,10 +9,14 @@ MatMul reading the same X (query, key and value) shares s (max|W_j| over all of 
 
 α is searched per input tensor on calibration rows among 0.3 … 0.8: the one whose 8-bit product (activations per
 tensor, weights per output channel, min-max grids) is closest to X W; the tensor is left alone unless that error is
-at least 10 % under the error without smoothing. The division is a float Mul inserted before the MatMuls (X may
-have other readers, such as a residual Add, which keep the unscaled X). Only MatMuls with a constant weight are
-considered (a CNN's Conv / Gemm layers are not). A function-preserving step: it edits the FP32 model before the
-reference is frozen, like CLE.
+at least 10 % under the error without smoothing. Where the smoothed MatMuls are X's only readers and X comes from
+a layer that is linear in its output channels — a MatMul / Gemm with a constant weight (through a constant bias
+Add and a ReLU, which commute with a positive per-channel scale) or a LayerNormalization with constant scale and
+bias, as in the paper — the division is folded into that layer (its output column j, bias j or γ_j, β_j divided
+by s_j) and costs nothing at run time; otherwise it is a float Mul inserted before the MatMuls (X may have other
+readers, such as a residual Add, which keep the unscaled X). Only MatMuls with a constant weight are considered (a
+CNN's Conv / Gemm layers are not). A function-preserving step: it edits the FP32 model before the reference is
+frozen, like CLE.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import numpy as np
 from onnx import helper
 
 from ..data import require_calibration
-from ..model import Graph, set_initializer, unique_name
+from ..model import Graph, attr, set_initializer, unique_name
 from ..observe import SENTINEL, RowSample, observe
 from ..patterns import place_activation_quantizers
 from ..quant import QuantSpec, encoding_from_range, fake_quant
@@ -66,6 +70,74 @@ def product_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, act_b
     return err
 
 
+def _own_const(gr: Graph, name: str, node) -> np.ndarray | None:
+    """A float initializer read by ``node`` alone (safe to change), else None."""
+    value = gr.const(name)
+    if value is None or value.dtype.kind != "f" or [n.name for n in gr.consumers.get(name, [])] != [node.name]:
+        return None
+    return value
+
+
+def _per_channel(value: np.ndarray | None, n: int) -> bool:
+    return value is not None and value.ndim >= 1 and value.shape[-1] == n and value.size == n
+
+
+def fold_division(gr: Graph, x: str, readers: set, s: np.ndarray) -> tuple[str, dict] | None:
+    """Where X's readers are exactly ``readers`` and X = [Relu](Add(L(·), b)) or [Relu](L(·)) with L a MatMul /
+    Gemm with a constant weight or a LayerNormalization over the last axis, all their constants used by them
+    alone: (L's name, {initializer: new value}) with L's output channel j, b_j (and γ_j, β_j) divided by s_j, so
+    that X becomes X / s; else None."""
+    n = len(s)
+    if x in gr.outputs or {c.name for c in gr.consumers.get(x, [])} != readers:
+        return None
+    edits = {}
+    node = gr.producer.get(x)
+    for op in ("Relu", "Add"):
+        if node is None or node.op_type != op:
+            continue
+        if op == "Add":
+            k = next((i for i, name in enumerate(node.input[:2]) if gr.is_const(name)), None)
+            bias = _own_const(gr, node.input[k], node) if k is not None else None
+            if not _per_channel(bias, n):
+                return None
+            edits[node.input[k]] = bias / s.reshape(bias.shape)
+            inner = node.input[1 - k]
+        else:
+            inner = node.input[0]
+        if gr.only_consumer(inner) is not node:
+            return None
+        node = gr.producer.get(inner)
+    if node is None:
+        return None
+    if node.op_type == "MatMul" and len(node.input) == 2:
+        w = _own_const(gr, node.input[1], node)
+        if w is None or w.ndim != 2 or w.shape[1] != n:
+            return None
+        edits[node.input[1]] = w / s[None, :]
+    elif node.op_type == "Gemm" and not attr(node, "transA", 0):
+        w = _own_const(gr, node.input[1], node)
+        trans = attr(node, "transB", 0)
+        if w is None or w.ndim != 2 or w.shape[0 if trans else 1] != n:
+            return None
+        edits[node.input[1]] = w / (s[:, None] if trans else s[None, :])
+        if len(node.input) > 2 and node.input[2]:
+            c = _own_const(gr, node.input[2], node)
+            if not _per_channel(c, n):
+                return None
+            edits[node.input[2]] = c / s.reshape(c.shape)
+    elif node.op_type == "LayerNormalization" and attr(node, "axis", -1) == -1:
+        for name in node.input[1:3]:
+            if not name:
+                continue
+            v = _own_const(gr, name, node)
+            if not _per_channel(v, n):
+                return None
+            edits[name] = v / s.reshape(v.shape)
+    else:
+        return None
+    return node.name, {k: v.astype(np.float32) for k, v in edits.items()}
+
+
 def smoothquant(state, ctx):
     """The SmoothQuant step (see module docstring): edits the FP32 model and the layers' inputs."""
     cfg = state.config
@@ -100,6 +172,15 @@ def smoothquant(state, ctx):
                  "error_ratio": round(tried[alpha] / max(base, 1e-30), 4)}
         if tried[alpha] < GAIN * base:
             s = smoothing_scales(peaks[x].peak, w_peak, alpha)
+            folded = fold_division(gr, x, {l.name for l in layers}, s)
+            if folded is not None:
+                for name, value in folded[1].items():
+                    set_initializer(state.model, name, value)
+                for layer, w in zip(layers, weights):
+                    set_initializer(state.model, layer.weight, (w * s[:, None]).astype(np.float32))
+                entry.update(applied=True, folded_into=folded[0])
+                report[x] = entry
+                continue
             inv = unique_name(taken, x + "/smooth_inv")
             out = unique_name(taken, x + "/smoothed")
             set_initializer(state.model, inv, (1.0 / s).astype(np.float32))
