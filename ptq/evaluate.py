@@ -234,18 +234,25 @@ def latency_ms(model, feed: dict, runs: int = 50, warmup: int = 5) -> float:
     return latencies_ms([model], feed, runs, warmup)[0]
 
 
-def latencies_ms(models: list, feed: dict, runs: int = 50, warmup: int = 5) -> list[float]:
+def latencies_ms(models: list, feed: dict, runs: int = 50, warmup: int = 5, interleave: bool = True) -> list[float]:
     """Median wall time (ms) of one onnxruntime CPU run of each model on ``feed``, the models' runs interleaved
-    (one of each per round), so that a machine slowing down or speeding up meanwhile shifts all of them alike."""
+    (one of each per round), so that a machine slowing down or speeding up meanwhile shifts all of them alike;
+    ``interleave=False``: one model after the other, one session alive at a time (models too large to hold
+    together)."""
     import time
-    sessions = [session(m if not hasattr(m, "__fspath__") else str(m)) for m in models]
-    for _ in range(warmup):
-        for s in sessions:
-            s.run(None, feed)
-    ts = [[] for _ in sessions]
-    for _ in range(runs):
-        for s, t_list in zip(sessions, ts):
-            t = time.perf_counter()
-            s.run(None, feed)
-            t_list.append(time.perf_counter() - t)
-    return [float(np.median(t)) * 1000 for t in ts]
+
+    def timed(sessions):
+        for _ in range(warmup):
+            for s in sessions:
+                s.run(None, feed)
+        ts = [[] for _ in sessions]
+        for _ in range(runs):
+            for s, t_list in zip(sessions, ts):
+                t = time.perf_counter()
+                s.run(None, feed)
+                t_list.append(time.perf_counter() - t)
+        return [float(np.median(t)) * 1000 for t in ts]
+    load = lambda m: session(m if not hasattr(m, "__fspath__") else str(m))  # noqa: E731
+    if interleave:
+        return timed([load(m) for m in models])
+    return [timed([load(m)])[0] for m in models]

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from .evaluate import latencies_ms
-from .external import session_options
+from .external import folder, session_options
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -66,12 +66,22 @@ def _bypassed(model: onnx.ModelProto, nodes: list) -> onnx.ModelProto:
     return out
 
 
+def _symmetric_zero(zp: np.ndarray) -> int:
+    """The zero point of a symmetric weight grid: 0 for int8, 128 for uint8 (8-bit weights stored as q + 128)."""
+    return 128 if zp.dtype == np.uint8 else 0
+
+
 def _symmetric_weights(model: onnx.ModelProto, zero_points: list) -> onnx.ModelProto:
     out = onnx.ModelProto.FromString(model.SerializeToString())
     for init in out.graph.initializer:
         if init.name in zero_points:
-            init.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(init)), init.name))
+            zp = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array(np.full_like(zp, _symmetric_zero(zp)), init.name))
     return out
+
+
+def _asymmetric(zp: np.ndarray) -> bool:
+    return bool(np.any(zp != _symmetric_zero(zp)))
 
 
 def _narrower(clip, q, inits) -> bool:
@@ -91,8 +101,9 @@ def _narrower(clip, q, inits) -> bool:
 def costly_choices(q_model: onnx.ModelProto) -> dict:
     """{choice: (count, the model without it)} for what the QDQ layout holds that onnxruntime's integer kernels
     cannot absorb: a float Min between DQ and Q (CLE's per-channel ReLU6 bound), a saturating Clip before a
-    QuantizeLinear (activations under 8 bits), a weight DequantizeLinear with a non-zero zero point (asymmetric
-    weights). The models without them are not the same function: they exist only to be timed."""
+    QuantizeLinear (activations under 8 bits), a weight DequantizeLinear whose zero point is off the grid's
+    middle (asymmetric weights: not 0 for int8, not 128 for uint8). The models without them are not the same
+    function: they exist only to be timed."""
     g = q_model.graph
     producer = {o: n for n in g.node for o in n.output}
     inits = {t.name: t for t in g.initializer}
@@ -113,7 +124,7 @@ def costly_choices(q_model: onnx.ModelProto) -> dict:
              and all(r.op_type == "QuantizeLinear" and _narrower(n, r, inits) for r in readers[n.output[0]])]
     zps = [n.input[2] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
            and len(n.input) > 2 and n.input[2] in inits and inits[n.input[0]].data_type != onnx.TensorProto.INT32
-           and np.any(numpy_helper.to_array(inits[n.input[2]]) != 0)]
+           and _asymmetric(numpy_helper.to_array(inits[n.input[2]]))]
     out = {}
     if mins:
         out["float Min between DQ and Q (CLE's per-channel ReLU6 bound)"] = (len(mins), _bypassed(q_model, mins))
@@ -121,15 +132,18 @@ def costly_choices(q_model: onnx.ModelProto) -> dict:
         out["saturating Clip before QuantizeLinear (activations under 8 bits)"] = (len(clips),
                                                                                    _bypassed(q_model, clips))
     if zps:
-        out["weight zero points != 0 (asymmetric weights)"] = (len(zps), _symmetric_weights(q_model, zps))
+        out["weight zero points off the grid's middle (asymmetric weights)"] = (len(zps),
+                                                                               _symmetric_weights(q_model, zps))
     return out
 
 
 def measure_speed(fp_model: onnx.ModelProto, q_model: onnx.ModelProto, feed: dict, runs: int = 20) -> dict:
-    """Batch-1 latency of both models (ms, median of ``runs``, interleaved), their ratio, the unfused Q/DQ, and
+    """Batch-1 latency of both models (ms, median of ``runs``; interleaved, except for models kept on disk, timed
+    one at a time to hold one session), their ratio, the unfused Q/DQ, and
     per costly choice (``costly_choices``) how many there are and the ratio to FP32 the model would have without it."""
     choices = costly_choices(q_model)
-    fp_ms, q_ms, *without_ms = latencies_ms([fp_model, q_model] + [m for _, m in choices.values()], feed, runs)
+    fp_ms, q_ms, *without_ms = latencies_ms([fp_model, q_model] + [m for _, m in choices.values()], feed, runs,
+                                            interleave=folder(fp_model) is None)
     costs = {what: {"count": count, "ratio_without": round(ms / max(fp_ms, 1e-9), 3)}
              for (what, (count, _)), ms in zip(choices.items(), without_ms)}
     return {"fp32_ms": round(fp_ms, 3), "quant_ms": round(q_ms, 3), "ratio": round(q_ms / max(fp_ms, 1e-9), 3),

@@ -226,7 +226,7 @@ def test_costly_choices_are_found_and_each_variant_lacks_only_its_choice():
     costs = costly_choices(m)
     assert {k.split(" (")[0]: v[0] for k, v in costs.items()} == {
         "float Min between DQ and Q": 1, "saturating Clip before QuantizeLinear": 1,
-        "weight zero points != 0": 1}
+        "weight zero points off the grid's middle": 1}
     x = {"x": np.linspace(0, 10, 16, dtype=np.float32).reshape(1, 4, 2, 2)}
     for what, (_, variant) in costs.items():
         onnx.checker.check_model(variant)
@@ -239,3 +239,20 @@ def test_costly_choices_are_found_and_each_variant_lacks_only_its_choice():
         else:
             zp = next(t for t in variant.graph.initializer if t.name == "wz")
             assert numpy_helper.to_array(zp) == 0
+
+
+def test_uint8_weights_at_zero_point_128_are_symmetric_and_cost_nothing():
+    """8-bit weights stored as uint8 q + 128 (where u8 × s8 saturates) are a symmetric grid: not counted as
+    asymmetric; a uint8 weight at zero point 127 is, and its timed variant moves it to 128."""
+    for wz, counted in ((128, False), (127, True)):
+        m = qdq_model_with_costs()
+        for t in m.graph.initializer:
+            if t.name == "wq":
+                t.CopyFrom(numpy_helper.from_array(np.full((4, 4, 1, 1), 131, np.uint8), "wq"))
+            elif t.name == "wz":
+                t.CopyFrom(numpy_helper.from_array(np.uint8(wz), "wz"))
+        costs = {k.split(" (")[0]: v for k, v in costly_choices(m).items()}
+        assert ("weight zero points off the grid's middle" in costs) == counted
+        if counted:
+            variant = costs["weight zero points off the grid's middle"][1]
+            assert numpy_helper.to_array(next(t for t in variant.graph.initializer if t.name == "wz")) == 128
