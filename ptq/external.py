@@ -45,6 +45,11 @@ def external_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def total_bytes(model: onnx.ModelProto) -> int:
+    """The model's size: its proto and its external data."""
+    return model.ByteSize() + external_bytes(model)
+
+
 def keep_on_disk(model: onnx.ModelProto, base_dir: str) -> None:
     """Mark ``model`` (loaded without its external data) as kept on disk in ``base_dir``."""
     base = os.path.abspath(base_dir)

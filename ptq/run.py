@@ -19,7 +19,7 @@ from .data import DataSource, Preprocess, calibration_sources, model_inputs
 from .errors import AccuracyGateError, FidelityError, InputError
 from .evaluate import check_gate, evaluate, fidelity_flags, parse_max_drop
 from .export import export_qdq
-from .external import folder, self_contained
+from .external import folder, self_contained, total_bytes
 from .feeds import calibration_input
 from .model import load_model
 from .observe import check_runnable
@@ -327,7 +327,7 @@ def peak_rss_mb() -> float:
 
 
 def build_report(model_name, state, timings, fidelity, evaluation, original, qmodel) -> dict:
-    fp_bytes, q_bytes = original.ByteSize(), qmodel.ByteSize()
+    fp_bytes, q_bytes = total_bytes(original), total_bytes(qmodel)
     shared = {}
     for t, r in state.placement.root.items():
         if t != r:
