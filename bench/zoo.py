@@ -424,8 +424,7 @@ def measure(work: Path, names=None) -> list[ZooRow]:
             if tool == "ptq":
                 code, err, peak_mb = run_ptq(["run", str(fp_path), "--calib", str(spec["calib"]), "-o", str(out), "-q"])
                 note = err.strip().splitlines()[-1][:160] if err.strip() else ""
-                if name == "big_matmul":
-                    note = f"peak RSS {peak_mb:.0f} MB; " + note
+                note = f"peak RSS {peak_mb:.0f} MB" + (f"; {note}" if note else "")
             elif spec.get("ort") is False:
                 rows[(name, tool)] = ZooRow(name, spec["family"], tool, -1, note="not run: " + spec["ort_note"])
                 save(rows)
