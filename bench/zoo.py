@@ -57,6 +57,7 @@ class ZooRow:
     latency: float = float("nan")  # quantized / FP32, onnxruntime CPU batch 1
     seconds: float = float("nan")
     note: str = ""
+    saturating: bool | None = None  # measured where onnxruntime saturates u8×s8 (ptq.runtime); None: not recorded
 
 
 def session(path) -> ort.InferenceSession:
@@ -404,6 +405,8 @@ def ort_quantize(path: Path, calib: Path, out: Path) -> float:
 
 
 def measure(work: Path, names=None) -> list[ZooRow]:
+    from ptq.runtime import saturates_u8s8
+    saturating = saturates_u8s8()
     rows = load()
     for name in names or ZOO:
         data = CACHE / "data" / name
@@ -413,7 +416,8 @@ def measure(work: Path, names=None) -> list[ZooRow]:
         if spec.get("feeds"):  # complete feeds (a stateful model): what ptq says of it
             p = subprocess.run([sys.executable, "-m", "ptq", "run", str(fp_path), "--calib-feeds", str(spec["feeds"]),
                                 "-o", str(work / f"{name}.onnx")], capture_output=True, text=True)
-            rows[(name, "ptq")] = ZooRow(name, spec["family"], "ptq", p.returncode, note=p.stderr.strip()[-200:])
+            rows[(name, "ptq")] = ZooRow(name, spec["family"], "ptq", p.returncode, note=p.stderr.strip()[-200:],
+                                         saturating=saturating)
             save(rows)
             print(f"{name} ptq: exit {p.returncode} {p.stderr.strip()[-200:]}", flush=True)
             continue
@@ -426,7 +430,8 @@ def measure(work: Path, names=None) -> list[ZooRow]:
                 note = err.strip().splitlines()[-1][:160] if err.strip() else ""
                 note = f"peak RSS {peak_mb:.0f} MB" + (f"; {note}" if note else "")
             elif spec.get("ort") is False:
-                rows[(name, tool)] = ZooRow(name, spec["family"], tool, -1, note="not run: " + spec["ort_note"])
+                rows[(name, tool)] = ZooRow(name, spec["family"], tool, -1, note="not run: " + spec["ort_note"],
+                                            saturating=saturating)
                 save(rows)
                 continue
             else:
@@ -436,7 +441,7 @@ def measure(work: Path, names=None) -> list[ZooRow]:
                 except Exception as e:
                     code, note = 1, f"{type(e).__name__}: {str(e)[:120]}"
             seconds = time.perf_counter() - t0
-            row = ZooRow(name, spec["family"], tool, code, seconds=round(seconds, 1), note=note)
+            row = ZooRow(name, spec["family"], tool, code, seconds=round(seconds, 1), note=note, saturating=saturating)
             if out.exists():
                 q_out = outputs(out, spec["eval"])
                 row.metrics = spec["score"](fp_out, q_out)
@@ -477,12 +482,14 @@ def table() -> list[str]:
              "per-channel S8 weights, U8 activations, MinMax) on the same calibration data; the task metric on "
              "evaluation data made on this machine (bench/zoo.py): FP32 → quantized, the comparisons "
              "(agreement, F1, cosine) against the FP32 model's own results. SQNR: the worst output over its "
-             "whole tensor; worst slice: the worst slice of axis 1 of any output.", "",
+             "whole tensor; worst slice: the worst slice of axis 1 of any output. Rows marked † were measured on an "
+             "x86 CPU whose onnxruntime saturates u8×s8 products (see the first table); the others on one without.", "",
              "| model | family | tool | exit | task metric: FP32 → quantized | SQNR dB | worst slice dB | "
              "latency × FP32 | time s | note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (model, tool) in sorted(rows):
         r = rows[(model, tool)]
-        lines.append(f"| {r.model} | {r.family} | {r.tool} | {r.exit} | {metric_text(r.metrics)} "
+        mark = " †" if r.saturating else ""
+        lines.append(f"| {r.model} | {r.family} | {r.tool}{mark} | {r.exit} | {metric_text(r.metrics)} "
                      f"| {f(r.sqnr_db, 1)} | {f(r.worst_slice_db, 1)} | {f(r.latency)} | {f(r.seconds, 1)} "
                      f"| {r.note} |")
     return lines
