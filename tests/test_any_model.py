@@ -262,16 +262,21 @@ def smoothing_producers(rng, producer: str, residual: bool = False):
     return make(nodes, [("x", [None, 16])], [("y", [None, 16])], inits, opset=17)
 
 
+def smoothquant_on_samples(model, rng, tmp_path):
+    """(the 64 calibration rows [64, 16], the state after the SmoothQuant step alone on them)."""
+    from ptq.pipeline import Config, Context, prepare, run_steps
+    calib = save_npy_samples(tmp_path / "calib", rng, (16,), 64)
+    x = np.stack([np.load(f) for f in sorted(calib.glob("*.npy"))])
+    return x, run_steps(prepare(model, Config(steps=["smoothquant"])),
+                        Context(DataSource(calib, model_inputs(model))), {})
+
+
 @pytest.mark.parametrize("producer,into", [("matmul", "fc"), ("gemm", "fc"), ("layernorm", "ln")])
 def test_smoothquant_folds_the_division_into_the_producing_layer(rng, tmp_path, producer, into):
     """X / s taken by the layer making X (its output channels, bias, γ and β divided by s): no Mul is added, the
     FP32 function is kept, and the values are the ones the inserted Mul would have given."""
-    from ptq.pipeline import Config, Context, prepare, run_steps
     model = smoothing_producers(rng, producer)
-    calib = save_npy_samples(tmp_path / "calib", rng, (16,), 64)
-    x = np.stack([np.load(f) for f in sorted(calib.glob("*.npy"))])
-    state = run_steps(prepare(model, Config(steps=["smoothquant"])), Context(DataSource(calib, model_inputs(model))),
-                      {})
+    x, state = smoothquant_on_samples(model, rng, tmp_path)
     entry = state.report["smoothquant"]["h"]
     assert entry["applied"] and entry["folded_into"] == into
     assert not any(n.op_type == "Mul" and "h" in n.input for n in state.model.graph.node)  # no Mul on h
@@ -292,12 +297,8 @@ def test_smoothquant_folds_the_division_into_the_producing_layer(rng, tmp_path, 
 
 
 def test_smoothquant_keeps_the_mul_where_the_tensor_has_other_readers(rng, tmp_path):
-    from ptq.pipeline import Config, Context, prepare, run_steps
     model = smoothing_producers(rng, "layernorm", residual=True)
-    calib = save_npy_samples(tmp_path / "calib", rng, (16,), 64)
-    x = np.stack([np.load(f) for f in sorted(calib.glob("*.npy"))])
-    state = run_steps(prepare(model, Config(steps=["smoothquant"])), Context(DataSource(calib, model_inputs(model))),
-                      {})
+    x, state = smoothquant_on_samples(model, rng, tmp_path)
     entry = state.report["smoothquant"]["h"]
     assert entry["applied"] and "folded_into" not in entry
     assert [n.op_type for n in state.model.graph.node].count("Mul") == 1

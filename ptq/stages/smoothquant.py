@@ -172,27 +172,25 @@ def smoothquant(state, ctx):
                  "error_ratio": round(tried[alpha] / max(base, 1e-30), 4)}
         if tried[alpha] < GAIN * base:
             s = smoothing_scales(peaks[x].peak, w_peak, alpha)
+            for layer, w in zip(layers, weights):  # row j of the readers' weights times s_j
+                set_initializer(state.model, layer.weight, (w * s[:, None]).astype(np.float32))
             folded = fold_division(gr, x, {l.name for l in layers}, s)
-            if folded is not None:
+            if folded is not None:  # X / s made by the layer before
                 for name, value in folded[1].items():
                     set_initializer(state.model, name, value)
-                for layer, w in zip(layers, weights):
-                    set_initializer(state.model, layer.weight, (w * s[:, None]).astype(np.float32))
-                entry.update(applied=True, folded_into=folded[0])
-                report[x] = entry
-                continue
-            inv = unique_name(taken, x + "/smooth_inv")
-            out = unique_name(taken, x + "/smoothed")
-            set_initializer(state.model, inv, (1.0 / s).astype(np.float32))
-            mul = helper.make_node("Mul", [x, inv], [out], unique_name(taken, x + "/SmoothQuant"))
-            nodes = list(state.model.graph.node)
-            at = next((k + 1 for k, n in enumerate(nodes) if x in n.output), 0)
-            state.model.graph.node.insert(at, mul)
-            by_name = {n.name: n for n in state.model.graph.node}
-            for layer, w in zip(layers, weights):
-                set_initializer(state.model, layer.weight, (w * s[:, None]).astype(np.float32))
-                by_name[layer.name].input[0] = out
-                layer.x = out
+                entry["folded_into"] = folded[0]
+            else:  # X / s by a float Mul that only the smoothed MatMuls read
+                inv = unique_name(taken, x + "/smooth_inv")
+                out = unique_name(taken, x + "/smoothed")
+                set_initializer(state.model, inv, (1.0 / s).astype(np.float32))
+                mul = helper.make_node("Mul", [x, inv], [out], unique_name(taken, x + "/SmoothQuant"))
+                nodes = list(state.model.graph.node)
+                at = next((k + 1 for k, n in enumerate(nodes) if x in n.output), 0)
+                state.model.graph.node.insert(at, mul)
+                by_name = {n.name: n for n in state.model.graph.node}
+                for layer in layers:
+                    by_name[layer.name].input[0] = out
+                    layer.x = out
             entry["applied"] = True
         report[x] = entry
     state.placement = place_activation_quantizers(state.model, state.layers)
