@@ -252,7 +252,9 @@ def latencies_ms(models: list, feed: dict, runs: int = 50, warmup: int = 5, inte
                 s.run(None, feed)
                 t_list.append(time.perf_counter() - t)
         return [float(np.median(t)) * 1000 for t in ts]
-    load = lambda m: session(m if not hasattr(m, "__fspath__") else str(m))  # noqa: E731
+
+    def load(m):
+        return session(m if not hasattr(m, "__fspath__") else str(m))
     if interleave:
         return timed([load(m) for m in models])
     return [timed([load(m)])[0] for m in models]
