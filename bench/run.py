@@ -293,10 +293,12 @@ def measure(args, work: Path) -> int:
                                 [f"--{gran}", *bflags, *extra])
         if "adaround" in suites and name in args.adaround_models:
             images = ["--calib-size", "1024", "--calib", str(calib_dir)]
-            for config, extra in (("W4A8 per-channel nearest", ["--per-channel", "--weight-bits", "4"]),
+            for config, extra in (("W4A8 per-channel nearest", ["--per-channel", "--weight-bits", "4",
+                                                                "--no-adaround"]),
                                   ("W4A8 per-channel AdaRound", ["--per-channel", "--weight-bits", "4",
                                                                  "--adaround", *images]),
-                                  ("W4A8 per-tensor CLE nearest", ["--per-tensor", "--weight-bits", "4", "--cle"]),
+                                  ("W4A8 per-tensor CLE nearest", ["--per-tensor", "--weight-bits", "4", "--cle",
+                                                                   "--no-adaround"]),
                                   ("W4A8 per-tensor CLE+AdaRound", ["--per-tensor", "--weight-bits", "4", "--cle",
                                                                     "--adaround", *images]),
                                   ("W4A8 per-channel CLE+AdaRound", ["--per-channel", "--weight-bits", "4", "--cle",
@@ -307,7 +309,7 @@ def measure(args, work: Path) -> int:
                                   ("W8A8 per-channel AdaRound", ["--per-channel", "--adaround", *images])):
                 ptq_run(config, work / f"{name}-{config.replace(' ', '_').replace('+', 'p')}.onnx", extra)
         if "debug" in suites and name in args.debug_models:
-            w4 = ["--per-tensor", "--weight-bits", "4"]
+            w4 = ["--per-tensor", "--weight-bits", "4", "--no-adaround"]
             val_flags = ["--eval", str(val_dir), "--eval-resize", str(val_pre.resize), "--eval-crop",
                          str(val_pre.crop)]
             html = work / f"{name}-debug.html"

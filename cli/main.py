@@ -100,6 +100,13 @@ def quant_options(f):
                      help="choose each layer's weight grid by its output error before rounding (on)."),
         click.option("--adaround-bias/--no-adaround-bias", default=None,
                      help="re-fit each layer's bias to the mean output error left after rounding (on)."),
+        click.option("--block-recon/--no-block-recon", default=None,
+                     help="Block reconstruction (BRECQ): each block's rounding learned jointly, with QDrop and LSQ "
+                          "activation steps; needs torch: pip install 'ptq[recon]' (off)."),
+        click.option("--recon-iters", type=int, help="Adam steps per block (500)."),
+        click.option("--qdrop", type=float,
+                     help="probability an activation is quantized while reconstructing; 1: always (0.5)."),
+        click.option("--lsq/--no-lsq", default=None, help="learn the block's activation steps (on)."),
         click.option("--easyquant/--no-easyquant", default=None,
                      help="EasyQuant: search weight and input scales for the best output cosine, per layer (off)."),
         click.option("--bias-correction", type=click.Choice(["empirical", "analytic"]),

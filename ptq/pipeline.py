@@ -32,6 +32,7 @@ from .stages.adaround import adaround
 from .stages.bias_absorption import absorb_high_biases
 from .stages.bias_correction import correct_biases
 from .stages.bias_overflow import guard_bias_overflow
+from .stages.block_reconstruction import reconstruct_blocks
 from .stages.cle import equalize
 from .stages.data_free_ranges import set_data_free_ranges
 from .stages.easyquant import easyquant
@@ -68,7 +69,7 @@ class Config:
     xent_rows: int = 512
     smoothquant: bool = True  # SmoothQuant on MatMuls whose inputs have outlier channels, where it measures better
     cle: bool = False
-    adaround: bool = False
+    adaround: bool | None = None  # None: on for weights of 4 bits or fewer (``validate`` says why in ``choices``)
     adaround_iters: int = 500  # 1000 and 3000 scored no better (docs/FINDINGS.md)
     adaround_batch: int = 1024  # rows per Adam step (layers with an activation)
     adaround_lambda: float = 0.1  # on the normalized loss (see rounding.solve)
@@ -77,6 +78,13 @@ class Config:
     adaround_rows: int = 16384  # rows (output positions) kept per layer with an activation
     adaround_bias: bool = True  # each layer's bias re-fit to its mean output error after rounding (our addition)
     adaround_scale_search: bool = True  # each layer's weight grid chosen by its output error first (our addition)
+    block_recon: bool = False  # BRECQ block reconstruction with QDrop and LSQ steps (needs torch: the recon extra)
+    recon_iters: int = 500  # Adam steps per block
+    recon_batch: int = 32  # samples per Adam step
+    recon_block_layers: int = 4  # a plain chain's layers reconstructed together, at most
+    recon_crop: int = 32  # spatial side of the crops a block of local ops learns on (0: whole maps where they fit)
+    qdrop: float = 0.5  # probability that an activation element is quantized while reconstructing (1: BRECQ)
+    lsq: bool = True  # learn the block's activation steps jointly with the rounding
     easyquant: bool = False
     easyquant_steps: int = 100  # candidate scales per search (the paper: 100)
     easyquant_range: tuple = (0.5, 2.0)  # candidates α·S₀ for α in this range (the paper: [0.5, 2])
@@ -92,7 +100,17 @@ class Config:
     overrides: dict = field(default_factory=dict)  # tensor / layer / weight name -> {bits, symmetric, range, ...}
 
     def validate(self) -> "Config":
+        """Check every setting (InputError) and resolve the ones left to ptq; ``choices`` {setting: why} says
+        what was chosen for the user."""
         check_types(self.to_json(), _defaults(), OPTIONAL_TYPES)
+        self.choices = getattr(self, "choices", {})  # kept when validated again
+        if self.adaround is None:
+            self.adaround = self.weight_bits <= 4 and not self.data_free
+            if self.adaround:
+                self.choices["adaround"] = (
+                    f"on: {self.weight_bits}-bit weights at nearest rounding lose most of a model's accuracy "
+                    "(EfficientNet-Lite0 W4A8 per-channel: 78 points, AdaRound: 5; README, Measured); "
+                    "--no-adaround turns it off")
         check_overrides(self.overrides, tuple(dict.fromkeys(WEIGHT_METHODS + ACT_METHODS + ("xent",))))
         if not 2 <= self.weight_bits <= 8:
             raise InputError(f"weight bits must be 2-8, not {self.weight_bits}")
@@ -133,6 +151,12 @@ class Config:
         self.easyquant_range = (float(lo), float(hi))
         if min(self.adaround_iters, self.adaround_batch, self.adaround_rows) < 1 or self.adaround_lambda < 0:
             raise InputError("adaround settings: iters, batch and rows must be >= 1, lambda >= 0")
+        if min(self.recon_iters, self.recon_batch, self.recon_block_layers) < 1 or not 0 <= self.qdrop <= 1 \
+                or self.recon_crop < 0:
+            raise InputError("block reconstruction settings: iters, batch and block layers must be >= 1, "
+                             "qdrop in [0, 1], crop >= 0")
+        if self.data_free and self.block_recon:
+            raise InputError("--data-free cannot be combined with block reconstruction: it needs calibration data")
         if self.adaround_inputs not in ("quantized", "fp32"):
             raise InputError(f"adaround_inputs must be quantized or fp32, not {self.adaround_inputs!r}")
         if self.input_range is not None:
@@ -151,7 +175,9 @@ class Config:
 
     def default_steps(self) -> list[str]:
         """The white paper's order (Fig. 8): CLE → bias absorption → weight ranges → AdaRound → bias
-        correction (of the layers AdaRound left alone) → activation ranges; then the int32 bias guard.
+        correction (of the layers AdaRound left alone) → activation ranges → block reconstruction (it learns
+        through the activation quantizers, starting from AdaRound's grids where AdaRound ran); then the int32
+        bias guard.
         With EasyQuant the activation ranges come before it (it searches around both initial scales), and
         AdaRound then rounds on the grids EasyQuant chose."""
         steps = ["smoothquant"] if self.smoothquant and not self.data_free else []
@@ -166,6 +192,8 @@ class Config:
             steps.append("bias_correction")
         if not self.easyquant:
             steps.append(ranges)
+        if self.block_recon:  # needs the activation quantizers it learns through
+            steps.append("block_reconstruction")
         return steps + ["bias_overflow"]
 
     @property
@@ -182,7 +210,8 @@ class Config:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-OPTIONAL_TYPES = {"bias_correction": str, "input_range": tuple, "steps": list}  # settings whose default is None
+# settings whose default is None
+OPTIONAL_TYPES = {"adaround": bool, "bias_correction": str, "input_range": tuple, "steps": list}
 
 
 def _defaults() -> dict:
@@ -283,6 +312,8 @@ def prepare(model: onnx.ModelProto, config: Config) -> State:
               if o.name in placement.root and o.name in by_out and by_out[o.name].act is None
               and by_out[o.name].op in ("Gemm", "MatMul")]
     state = State(config, model, layers, placement, bn, logits)
+    if config.choices:
+        state.report["choices"] = dict(config.choices)
     if inner:
         state.report.setdefault("warnings", []).append(
             f"{inner} Conv / Gemm / MatMul ops inside If / Loop / Scan bodies are left in float")
@@ -302,6 +333,7 @@ STEPS = {
     "activation_ranges": set_activation_ranges,
     "data_free_ranges": set_data_free_ranges,
     "easyquant": easyquant,
+    "block_reconstruction": reconstruct_blocks,
     "bias_overflow": guard_bias_overflow,
 }
 

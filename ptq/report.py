@@ -75,7 +75,8 @@ def sections(r: dict) -> list[Section]:
         f"{'symmetric' if s['weight_symmetric'] else 'asymmetric'}, range `{s['weight_range']}`; activations: "
         f"{s['act_bits']}-bit {'symmetric' if s['act_symmetric'] else 'asymmetric'}, range `{s['act_range']}` "
         f"(logits `{s['logits_range']}`)",
-        f"Steps: {', '.join(s['steps'])}",
+        f"Steps: {', '.join(s['steps'])}"] + [
+        f"Chosen by ptq: `{k}` {why}" for k, why in ((r.get("stages") or {}).get("choices") or {}).items()] + [
         f"Sizes: FP32 {r['sizes']['fp32_bytes'] / 1e6:.2f} MB → quantized {r['sizes']['quant_bytes'] / 1e6:.2f} MB "
         f"({r['sizes']['ratio']:.2f}× smaller); peak memory {r.get('peak_rss_mb')} MB; total time "
         f"{r['timings']['total']:.1f} s"] + [f"**Warning:** {w}" for w in (r.get("stages") or {}).get("warnings", [])
@@ -162,7 +163,19 @@ def sections(r: dict) -> list[Section]:
             rows=[[k, f"{v['loss_nearest']:.4g}", f"{v['loss_adaround']:.4g}", v["scale_vs_range_setting"],
                    f"{100 * v['changed_from_nearest']:.1f} %", v["channels_nearest"], f"{v['bias_shift_max']:.3g}",
                    "yes" if v["skip_error"] else "", v["seconds"], v["data"]] for k, v in ada["layers"].items()]))
-    rest = {k: v for k, v in stages.items() if k not in ("adaround", "warnings")}
+    blk = stages.get("block_reconstruction")
+    if blk:
+        out.append(Section("Block reconstruction", text=[
+            f"{blk['iters']} Adam steps of {blk['batch']} samples per block, QDrop probability {blk['qdrop']}, "
+            f"activation steps {'learned (LSQ)' if blk['lsq'] else 'fixed'}; {blk['seconds']} s. Loss: squared error "
+            "of the block's outputs per held-out sample, at the start (nearest rounding, or AdaRound's) and after; "
+            "a block keeps its result only where the loss went down."],
+            header=["block", "layers", "samples", "crop", "loss, start", "loss, after", "kept", "seconds"],
+            rows=[[f"{b['layers'][0]} … {b['layers'][-1]}" if len(b["layers"]) > 1 else b["layers"][0],
+                   len(b["layers"]), b.get("samples", ""), b.get("crop") or "", _fmt(b.get("loss_start", "")),
+                   _fmt(b.get("loss_end", "")), "yes" if b.get("kept") else b.get("skipped", "no"), b["seconds"]]
+                  for b in blk["blocks"]]))
+    rest = {k: v for k, v in stages.items() if k not in ("adaround", "block_reconstruction", "warnings", "choices")}
     if cle:
         rest["cle"] = {k: v for k, v in cle.items() if k != "channel_ranges"}
     if rest:

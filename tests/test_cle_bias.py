@@ -98,7 +98,7 @@ def test_empirical_bias_correction_removes_mean_output_error(rng, tmp_path):
     calib = save_npy_samples(tmp_path / "c", rng, (6,), 64)
     for f in calib.glob("*.npy"):  # inputs with a non-zero mean
         np.save(f, np.load(f) + 2.0)
-    cfg = dict(weight_bits=4, weight_range="minmax", batch_size=16)
+    cfg = dict(weight_bits=4, adaround=False, weight_range="minmax", batch_size=16)
     x = np.stack([np.load(f) for f in sorted(calib.glob("*.npy"))])
     errors = {}
     for bc in (None, "empirical"):

@@ -1,0 +1,344 @@
+"""Block reconstruction (BRECQ: Li et al. 2021) with QDrop (Wei et al. 2022) and LSQ activation steps (Esser et al.
+2020): the rounding of all the layers of a block learned jointly, against the block's FP32 output.
+
+Blocks are runs of nodes between single-tensor cuts (ptq/blocks.py): a residual block, or up to
+``recon_block_layers`` layers of a plain chain. For each block, in topological order, with x its input in the FP32
+network and x̃ its input in the quantized network as decided so far (earlier blocks reconstructed, their
+activation quantizers in place), minimize over the rounding variables V of every layer of the block
+
+    L = ‖B(x; W) − B̃(x̃; W̃(V), s)‖² / L₀  +  λ · mean(1 − |2h(V) − 1|^β)        (BRECQ eq. 10; AdaRound eq. 25)
+
+where W̃ = s_w · clip(⌊W/s_w⌋ + h(V), n, p), h the rectified sigmoid (AdaRound eq. 22-23; ζ = 1.1, γ = −0.1), β
+annealed 20 → 2 after a 20 % warm start, λ = ``adaround_lambda`` and L₀ the loss at nearest rounding (so λ means
+what it means for AdaRound). In B̃ every tensor with an activation quantizer is fake-quantized
+
+    x̂ = s · (clip(⌊x/s⌉ + z, q_min, q_max) − z),   ⌊·⌉ with the straight-through gradient,
+
+elementwise with probability ``qdrop`` and left in float otherwise (QDrop: the rounding learned does not lean on
+one exact quantized input; 1 is BRECQ's always-quantized block). With ``lsq`` the step s of each activation
+quantizer that belongs to the block is learned jointly; its gradient is the straight-through one above (LSQ eq. 3)
+scaled by g = 1/√(N·Q_p) (LSQ §2.2; N the tensor's elements per sample, Q_p = q_max − z).
+
+Data: up to the number of calibration samples that fit in 0.4 × ``--memory-limit`` (both networks' inputs kept);
+blocks made only of local ops (Conv, elementwise ops, global pooling) see a random square crop of each sample
+(side ``recon_crop``, or less where the samples would not fit), the same for both networks: the early, wide
+blocks then cost about what the late ones do. One eighth of the samples is held out: a block keeps
+its learned rounding and steps only where they lower the held-out loss below where it started (nearest rounding,
+or AdaRound's integers when AdaRound ran before; then h(V) starts on AdaRound's side of ½, as far from it as the
+fractional part is).
+
+Adam on V (lr 0.01) and on the steps (relative, lr 0.001), ``recon_iters`` steps of ``recon_batch`` samples.
+
+Output (decisions; the FP32 reference is not touched): the integers per layer (``state.rounded``) and the learned
+activation encodings (``state.acts``). Needs torch (the ``recon`` extra).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from ..blocks import find_blocks
+from ..data import require_calibration
+from ..model import Graph, topological_sort, truncate
+from ..observe import session
+from ..quant import Encoding
+from ..rounding import GAMMA, ZETA, init_v
+from ..torch_graph import LOCAL_OPS, TorchSegment, import_torch, unsupported
+
+DATA_SHARE = 0.4  # of --memory-limit, for the block inputs of both networks
+MIN_CROP = 16  # spatial side of the smallest crop
+HOLDOUT = 8  # one sample in this many checks the result
+LR_V, LR_STEP = 0.01, 0.001
+
+
+def reconstruct_blocks(state, ctx):
+    """The block reconstruction stage (see module docstring)."""
+    torch = import_torch()
+    cfg = state.config
+    require_calibration(ctx, "block reconstruction")
+    torch.manual_seed(cfg.seed)
+    gr = Graph(state.model)
+    fp32 = onnx.ModelProto.FromString(state.model.SerializeToString())
+    topological_sort(fp32)
+    layers = [l for l in state.layers if l.name in state.weights]
+    blocks = find_blocks(fp32, layers, cfg.recon_block_layers)
+    rng = np.random.default_rng(cfg.seed)
+    report, t_all = [], time.perf_counter()
+    bar = tqdm(total=len(blocks), desc="block reconstruction", unit="block", disable=not ctx.progress, leave=False)
+    for block in blocks:
+        t0 = time.perf_counter()
+        nodes = [fp32.graph.node[k] for k in block.nodes]
+        row = {"layers": [l.name for l in block.layers]}
+        bad = unsupported(nodes)
+        if bad:
+            row["skipped"] = f"ops {', '.join(bad)} not supported"
+        else:
+            row.update(_block(state, ctx, gr, block, TorchSegment(nodes, gr.const), rng))
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        report.append(row)
+        bar.update(1)
+    bar.close()
+    state.report["block_reconstruction"] = {
+        "blocks": report, "iters": cfg.recon_iters, "batch": cfg.recon_batch, "qdrop": cfg.qdrop, "lsq": cfg.lsq,
+        "seconds": round(time.perf_counter() - t_all, 1)}
+    return state
+
+
+def _block(state, ctx, gr, block, seg, rng) -> dict:
+    torch = seg.torch
+    cfg = state.config
+    sim, raw = ctx.simulate(state)
+    xf, xq, crop, shapes = _inputs(state, ctx, sim, raw, block, seg, rng)
+    n = len(xf[block.inputs[0]])
+    n_hold = max(1, n // HOLDOUT) if n >= 2 else 0
+    train, hold = np.arange(n - n_hold), np.arange(n - n_hold, n)
+    weights = {l.name: _SoftWeight(torch, gr, l, state) for l in block.layers}
+    acts = _act_quantizers(torch, state, block, seg)
+    override = {l.bias: torch.from_numpy(np.asarray(state.bias(l, gr), np.float32))
+                for l in block.layers if l.bias and l.name in state.biases}
+
+    def target(idx):
+        with torch.no_grad():
+            env = seg.run({k: torch.from_numpy(v[idx]) for k, v in xf.items()}, shapes=shapes)
+            return [env[o] for o in block.outputs]
+
+    def predict(idx, hard, drop):
+        w = {wt.layer.weight: wt.value(hard) for wt in weights.values()}
+        env = {k: torch.from_numpy(v[idx]) for k, v in xq.items()}
+        env = {k: acts[k](x, drop) if k in acts else x for k, x in env.items()}
+        out = seg.run(env, {**override, **w}, lambda name, x: acts[name](x, drop) if name in acts else x, shapes)
+        return [out[o] for o in block.outputs]
+
+    def loss_on(idx, hard=True):
+        total = 0.0
+        with torch.no_grad():
+            for k in range(0, len(idx), cfg.recon_batch):
+                b = idx[k:k + cfg.recon_batch]
+                total += sum(float(((p - t) ** 2).sum()) for p, t in zip(predict(b, hard, 0.0), target(b)))
+        return total / max(len(idx), 1)
+
+    for wt in weights.values():
+        wt.start()
+    start = loss_on(hold) if n_hold else None
+    for wt in weights.values():
+        wt.nearest()
+    norm = max(loss_on(train[: cfg.recon_batch * 4]), 1e-30)  # per sample, at nearest rounding
+    params = [{"params": [wt.v for wt in weights.values()], "lr": LR_V}]
+    steps = list({id(q): q.u for q in acts.values() if q.u is not None}.values())
+    if steps:
+        params.append({"params": steps, "lr": LR_STEP})
+    opt = torch.optim.Adam(params)
+    n_v = sum(wt.v.numel() for wt in weights.values())
+    warm = 0.2 * cfg.recon_iters
+    for it in range(cfg.recon_iters):
+        idx = rng.choice(train, size=min(cfg.recon_batch, len(train)), replace=False)
+        rec = sum(((p - t) ** 2).sum() for p, t in zip(predict(idx, False, cfg.qdrop), target(idx))) / (norm * len(idx))
+        loss = rec
+        if it >= warm:
+            beta = 20 + (2 - 20) * (it - warm) / max(cfg.recon_iters - warm, 1)
+            reg = sum((1 - (2 * wt.h() - 1).abs() ** beta).sum() for wt in weights.values()) / n_v
+            loss = loss + cfg.adaround_lambda * reg
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end = loss_on(hold) if n_hold else None
+    kept = end is not None and start is not None and end < start
+    row = {"samples": n, "crop": crop, "act_quantizers": len(acts),
+           "loss_start": _g(start), "loss_end": _g(end), "kept": bool(kept)}
+    if kept:
+        for wt in weights.values():
+            state.rounded[wt.layer.name] = wt.integers()
+        for q in {id(q): q for q in acts.values() if q.u is not None}.values():
+            state.acts[q.root] = q.encoding()
+        row["changed_from_nearest"] = round(float(np.mean(np.concatenate(
+            [(wt.integers() != wt.nearest_integers()).ravel() for wt in weights.values()]))), 4)
+    return row
+
+
+def _g(v):
+    return None if v is None else float(f"{v:.6g}")
+
+
+def _inputs(state, ctx, sim, raw, block, seg, rng):
+    """The block's inputs in both networks for the samples that fit in the data budget: ({name: [N, ...]} FP32,
+    the same for the quantized network (the value its quantizer reads), crop side or None, {tensor: shape of one
+    sample} for the tensors the block's Shape nodes read)."""
+    cfg = state.config
+    given = {i.name for i in state.model.graph.input}  # graph inputs come from the feed itself
+    computed = [t for t in block.inputs if t not in given]
+    shaped = [t for t in block.shape_of if t not in given and t not in computed]
+    q_names = [raw.get(t, t) for t in computed]
+    fp_sess = session(truncate(state.model, computed + shaped)) if computed or shaped else None
+    q_sess = session(truncate(sim, q_names)) if computed else None
+    local = all(n.op_type in LOCAL_OPS for n in seg.nodes)
+    xf, xq, crop, limit = {t: [] for t in block.inputs}, {t: [] for t in block.inputs}, None, None
+    n, shapes = 0, {}
+    for _, feed in ctx.calib.batches(cfg.batch_size):
+        a = {t: feed[t] for t in block.inputs if t in given}
+        b = dict(a)
+        if computed or shaped:
+            a.update(zip(computed + shaped, fp_sess.run(computed + shaped, feed)))
+            b.update(zip(computed, q_sess.run(q_names, feed)))
+        if not shapes:
+            shapes = {t: tuple((feed if t in given else a)[t].shape[1:]) for t in block.shape_of}
+            for t in shaped:
+                a.pop(t)
+        if limit is None:
+            limit, crop = _budget(cfg, a, local, len(ctx.calib))
+        for k in range(len(next(iter(a.values())))):
+            if n >= limit:
+                break
+            window = _window(a, crop, rng)
+            for t in block.inputs:
+                xf[t].append(np.asarray(a[t][k][window], np.float32))
+                xq[t].append(np.asarray(b[t][k][window], np.float32))
+            n += 1
+        if n >= limit:
+            break
+    return ({t: np.stack(v) for t, v in xf.items()}, {t: np.stack(v) for t, v in xq.items()}, crop, shapes)
+
+
+def _budget(cfg, batch: dict, local: bool, want: int):
+    """(samples kept, crop side or None): the samples, up to the calibration set, whose inputs fit in the budget.
+    Where every input is a 4-D map of one spatial size and the block is made of local ops, each sample is a square
+    crop of side ``recon_crop`` (0: none), or smaller where the calibration set would not fit otherwise."""
+    per = sum(v[0].nbytes for v in batch.values()) * 2  # both networks
+    budget = DATA_SHARE * cfg.memory_bytes
+    spatial = {v.shape[2:] for v in batch.values()}
+    crop = None
+    if local and all(v.ndim == 4 for v in batch.values()) and len(spatial) == 1:
+        h, w = next(iter(spatial))
+        side = min(h, w, cfg.recon_crop or min(h, w))
+        if per * want * side * side / (h * w) > budget:  # smaller crops, down to MIN_CROP, then fewer samples
+            side = max(min(MIN_CROP, side), int(math.sqrt(budget / want / per * h * w)))
+        if side < min(h, w):
+            crop, per = side, per * side * side / (h * w)
+    return max(2, min(want, int(budget // per))), crop
+
+
+def _window(batch: dict, crop, rng):
+    if crop is None:
+        return (Ellipsis,)
+    h, w = next(iter(batch.values())).shape[2:]
+    i, j = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
+    return (slice(None), slice(i, i + crop), slice(j, j + crop))
+
+
+class _SoftWeight:
+    """A layer's weight on its grid with learnable rounding: s · clip(⌊W/s⌋ + h(V), q_min − z, q_max − z)."""
+
+    def __init__(self, torch, gr, layer, state):
+        self.torch, self.layer = torch, layer
+        enc = state.weights[layer.name]
+        w = gr.const(layer.weight).astype(np.float64)
+        shape = [1] * w.ndim
+        if enc.spec.axis is not None and np.ndim(enc.scale):
+            shape[enc.spec.axis] = -1
+        self.enc, self.shape = enc, shape
+        s = np.asarray(enc.scale, np.float64).reshape(shape)
+        z = np.asarray(enc.zero_point, np.float64).reshape(shape)
+        self.floor = np.floor(w / s)
+        self.frac = w / s - self.floor
+        self.lo, self.hi = enc.spec.qmin - z, enc.spec.qmax - z
+        self.z = z
+        self.start_q = state.rounded.get(layer.name)  # AdaRound's integers, when it ran
+        self.s = torch.from_numpy(s.astype(np.float32))
+        self.t_floor = torch.from_numpy(self.floor.astype(np.float32))
+        self.t_lo = torch.from_numpy(np.broadcast_to(self.lo, w.shape).astype(np.float32))
+        self.t_hi = torch.from_numpy(np.broadcast_to(self.hi, w.shape).astype(np.float32))
+        h0 = self.frac  # h(V) starts at the fractional part (nearest rounding), or mirrored to where it rounds
+        if self.start_q is not None:  # as AdaRound did, as far from the boundary as the fraction is
+            up = (np.asarray(self.start_q, np.float64) - z) > self.floor
+            h0 = np.where(up == (self.frac >= 0.5), self.frac, 1 - self.frac)
+        self.v = torch.nn.Parameter(torch.from_numpy(init_v(h0).astype(np.float32)))
+        self.fixed = None  # integers (relative to z) used instead of V while set
+
+    def h(self):
+        return self.torch.clamp(self.torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def value(self, hard: bool):
+        if self.fixed is not None:
+            return self.s * self.fixed
+        h = (self.v >= 0).float() if hard else self.h()
+        return self.s * self.torch.maximum(self.torch.minimum(self.t_floor + h, self.t_hi), self.t_lo)
+
+    def nearest_integers(self) -> np.ndarray:
+        return np.clip(self.floor + (self.frac >= 0.5), self.lo, self.hi).astype(np.int64) + self.z.astype(np.int64)
+
+    def start(self):
+        q = self.start_q if self.start_q is not None else self.nearest_integers()
+        self.fixed = self.torch.from_numpy((np.asarray(q, np.float64) - self.z).astype(np.float32))
+
+    def nearest(self):
+        self.fixed = None
+
+    def integers(self) -> np.ndarray:
+        up = self.v.detach().numpy() >= 0
+        return (np.clip(self.floor + up, self.lo, self.hi) + self.z).astype(np.int32)
+
+
+class _ActQuant:
+    """An activation quantizer in the block: fake-quant with the straight-through rounding, applied elementwise
+    with probability ``drop`` (QDrop); with a learnable relative step ``u`` (LSQ) when the block owns it."""
+
+    def __init__(self, torch, root, enc: Encoding, learn: bool):
+        self.torch, self.root, self.enc = torch, root, enc
+        self.s0 = float(np.asarray(enc.scale, np.float64).reshape(-1)[0]) if np.ndim(enc.scale) == 0 else None
+        self.scale = torch.from_numpy(np.asarray(enc.scale, np.float32))
+        self.z = float(np.asarray(enc.zero_point).reshape(-1)[0]) if np.ndim(enc.zero_point) == 0 else None
+        self.u = torch.nn.Parameter(torch.ones(())) if learn and self.s0 is not None else None
+        self.g = None  # LSQ's gradient scale, from the first tensor it quantizes
+
+    def step(self, x):
+        if self.u is None:
+            return self.scale
+        if self.g is None:
+            self.g = 1.0 / math.sqrt(x[0].numel() * max(self.enc.spec.qmax - self.z, 1))
+        u = self.u * self.g + (self.u - self.u * self.g).detach()  # the value u, the gradient scaled by g (LSQ)
+        return self.scale * u
+
+    def __call__(self, x, drop: float):
+        t = self.torch
+        if self.s0 is None:  # per-channel activation encodings: not learned, applied along axis 1
+            s = self.scale.reshape(1, -1, *([1] * (x.dim() - 2)))
+            z = t.from_numpy(np.asarray(self.enc.zero_point, np.float32)).reshape(s.shape)
+        else:
+            s, z = self.step(x), self.z
+        v = x / s
+        v = v + (t.round(v) - v).detach()
+        q = (t.clamp(v + z, self.enc.spec.qmin, self.enc.spec.qmax) - z) * s
+        if drop >= 1.0:
+            return q
+        if drop <= 0.0:
+            return x
+        keep = t.empty_like(x).bernoulli_(drop)
+        return x + keep * (q - x)
+
+    def encoding(self) -> Encoding:
+        scale = np.float32(float(self.scale) * float(self.u.detach()))
+        return Encoding(self.enc.spec, np.asarray(scale, np.float32), self.enc.zero_point, self.enc.method,
+                        {**self.enc.stats, "lsq_step_ratio": round(float(self.u.detach()), 4)})
+
+
+def _act_quantizers(torch, state, block, seg) -> dict:
+    """{tensor: _ActQuant} for the block's inputs and the tensors its nodes write that carry an activation
+    quantizer; a quantizer's step is learned only if every tensor sharing it is written inside the block."""
+    root_of = state.placement.root
+    written = {o for n in seg.nodes for o in n.output if o}
+    members: dict[str, list] = {}
+    for t, r in root_of.items():
+        members.setdefault(r, []).append(t)
+    out, made = {}, {}
+    for t in list(block.inputs) + [o for n in seg.nodes for o in n.output if o]:
+        r = root_of.get(t)
+        if r is None or r not in state.acts:
+            continue
+        if r not in made:
+            learn = state.config.lsq and all(m in written for m in members[r])
+            made[r] = _ActQuant(torch, r, state.acts[r], learn)
+        out[t] = made[r]
+    return out

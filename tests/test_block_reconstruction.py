@@ -1,0 +1,183 @@
+"""Block reconstruction: the torch evaluation of a graph segment against onnxruntime, the blocks found by hand,
+and the stage end to end (its integers on the grid, its result no worse than nearest rounding in onnxruntime, the
+learned activation steps written to the model, a clear error without torch)."""
+import builtins
+
+import numpy as np
+import pytest
+from onnx import helper
+from builders import init, make, run, save_npy_samples
+
+from ptq.blocks import cut_points, find_blocks
+from ptq.data import DataSource, model_inputs
+from ptq.errors import InputError
+from ptq.export import export_qdq
+from ptq.model import Graph
+from ptq.patterns import find_layers
+from ptq.pipeline import Config, Context, prepare, run_steps
+from ptq.torch_graph import TorchSegment
+
+import torch  # the recon extra, which `make install` installs
+
+
+def many_ops(rng):
+    """Conv (asymmetric pads, stride 2, groups) → HardSwish → Clip → Add → GlobalAveragePool → Reshape by a
+    Shape / Gather chain → Gemm → LayerNormalization → MatMul → Softmax, and a Concat / Transpose branch."""
+    f = np.float32
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], "conv1", pads=[0, 1, 1, 0], strides=[2, 2]),
+        helper.make_node("HardSwish", ["c1"], ["h1"], "hs"),
+        helper.make_node("Conv", ["h1", "w2"], ["c2"], "dw", pads=[1, 1, 1, 1], group=4),
+        helper.make_node("Clip", ["c2", "lo", "hi"], ["r2"], "clip"),
+        helper.make_node("Add", ["r2", "h1"], ["s"], "add"),
+        helper.make_node("Concat", ["s", "h1"], ["cat"], "cat", axis=1),
+        helper.make_node("Transpose", ["cat"], ["tr"], "tr", perm=[0, 2, 3, 1]),
+        helper.make_node("ReduceMean", ["tr"], ["side"], "rm", axes=[1, 2], keepdims=0),
+        helper.make_node("GlobalAveragePool", ["s"], ["gap"], "gap"),
+        helper.make_node("Shape", ["x"], ["shp"], "shape"),
+        helper.make_node("Gather", ["shp", "zero"], ["n"], "gather", axis=0),
+        helper.make_node("Unsqueeze", ["n", "ax0"], ["n1"], "unsq"),
+        helper.make_node("Concat", ["n1", "minus1"], ["target"], "cat_shape", axis=0),
+        helper.make_node("Reshape", ["gap", "target"], ["flat"], "reshape"),
+        helper.make_node("Gemm", ["flat", "wg", "bg"], ["g"], "gemm", transB=1),
+        helper.make_node("LayerNormalization", ["g", "gamma", "beta"], ["ln"], "ln", axis=-1, epsilon=1e-5),
+        helper.make_node("MatMul", ["ln", "wm"], ["m"], "matmul"),
+        helper.make_node("Softmax", ["m"], ["y"], "softmax", axis=-1),
+    ]
+    inits = [init("w1", rng.normal(0, .4, (4, 3, 3, 3)).astype(f)), init("b1", rng.normal(0, .1, 4).astype(f)),
+             init("w2", rng.normal(0, .4, (4, 1, 3, 3)).astype(f)), init("lo", f(0)), init("hi", f(1.5)),
+             init("zero", np.int64(0)), init("ax0", np.array([0], np.int64)),
+             init("minus1", np.array([-1], np.int64)), init("wg", rng.normal(0, .5, (6, 4)).astype(f)),
+             init("bg", rng.normal(0, .1, 6).astype(f)), init("gamma", rng.uniform(.5, 1.5, 6).astype(f)),
+             init("beta", rng.normal(0, .1, 6).astype(f)), init("wm", rng.normal(0, .5, (6, 5)).astype(f))]
+    return make(nodes, [("x", [None, 3, 9, 9])], [("y", [None, 5]), ("side", [None, 8])], inits, opset=17)
+
+
+def test_torch_segment_computes_what_onnxruntime_computes(rng):
+    model = many_ops(rng)
+    x = rng.normal(0, 1, (3, 3, 9, 9)).astype(np.float32)
+    gr = Graph(model)
+    env = TorchSegment(model.graph.node, gr.const).run({"x": torch.from_numpy(x)})
+    for name, want in zip(["y", "side"], run(model, {"x": x})):
+        np.testing.assert_allclose(env[name].numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def residual_chain(rng, hw=8):
+    """stem Conv+Relu → [Conv+Relu → Conv, + skip] → Conv+Relu → Conv+Relu → GlobalAveragePool → Flatten → Gemm"""
+    f = np.float32
+    c = 6
+    w = {k: rng.normal(0, 0.35, shape).astype(f) for k, shape in
+         [("ws", (c, 3, 3, 3)), ("wa", (c, c, 3, 3)), ("wb", (c, c, 1, 1)), ("wc", (c, c, 1, 1)),
+          ("wd", (c, c, 3, 3)), ("wf", (4, c))]}
+    nodes = [helper.make_node("Conv", ["x", "ws"], ["s0"], "stem", pads=[1] * 4),
+             helper.make_node("Relu", ["s0"], ["s"], "stem_relu"),
+             helper.make_node("Conv", ["s", "wa"], ["a0"], "conv_a", pads=[1] * 4),
+             helper.make_node("Relu", ["a0"], ["a"], "relu_a"),
+             helper.make_node("Conv", ["a", "wb"], ["b"], "conv_b"),
+             helper.make_node("Add", ["b", "s"], ["r"], "add"),
+             helper.make_node("Conv", ["r", "wc"], ["c0"], "conv_c"),
+             helper.make_node("Relu", ["c0"], ["cc"], "relu_c"),
+             helper.make_node("Conv", ["cc", "wd"], ["d0"], "conv_d", pads=[1] * 4),
+             helper.make_node("Relu", ["d0"], ["d"], "relu_d"),
+             helper.make_node("GlobalAveragePool", ["d"], ["gap"], "gap"),
+             helper.make_node("Flatten", ["gap"], ["flat"], "flatten"),
+             helper.make_node("Gemm", ["flat", "wf"], ["y"], "fc", transB=1)]
+    return make(nodes, [("x", [None, 3, hw, hw])], [("y", [None, 4])], [init(k, v) for k, v in w.items()])
+
+
+def test_blocks_are_cut_where_one_tensor_carries_everything(rng):
+    model = residual_chain(rng)
+    names = [n.name for n in model.graph.node]
+    # after stem_relu only s is live; inside the residual block s and a / b are; after add only r; and so on
+    assert [names[k] for k in cut_points(model)] == ["stem", "stem_relu", "add", "conv_c", "relu_c", "conv_d",
+                                                      "relu_d", "gap", "flatten"]
+    blocks = find_blocks(model, find_layers(model), max_layers=2)
+    assert [[l.name for l in b.layers] for b in blocks] == [["stem"], ["conv_a", "conv_b"], ["conv_c", "conv_d"],
+                                                            ["fc"]]
+    assert blocks[1].inputs == ["s"] and blocks[1].outputs == ["r"]
+    blocks = find_blocks(model, find_layers(model), max_layers=4)  # segments join while they hold <= 4 layers
+    assert [([l.name for l in b.layers], b.outputs) for b in blocks] == [
+        (["stem", "conv_a", "conv_b", "conv_c"], ["cc"]), (["conv_d", "fc"], ["y"])]
+
+
+def quantize_state(model, calib, **kw):
+    cfg = dict(weight_bits=3, holdout=0, batch_size=8, calib_size=48, recon_iters=150, recon_batch=8, seed=0,
+               adaround=False)  # the block reconstruction starts from nearest rounding
+    cfg.update(kw)
+    return run_steps(prepare(model, Config(**cfg)), Context(DataSource(calib, model_inputs(model))), {})
+
+
+def output_error(model, state, x):
+    want = run(model, {"x": x})[0]
+    got = run(export_qdq(state), {"x": x})[0]
+    return float(np.mean((got - want) ** 2))
+
+
+def test_block_reconstruction_beats_nearest_rounding_in_onnxruntime(rng, tmp_path):
+    model = residual_chain(rng)
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 48)
+    near = quantize_state(model, calib)
+    recon = quantize_state(model, calib, block_recon=True)
+    again = quantize_state(model, calib, block_recon=True)
+    rows = recon.report["block_reconstruction"]["blocks"]
+    assert [r["layers"] for r in rows] == [["stem", "conv_a", "conv_b", "conv_c"], ["conv_d", "fc"]]
+    assert any(r["kept"] for r in rows)
+    for r in rows:  # a block keeps its result only where its held-out loss went down
+        assert r["kept"] == (r["loss_end"] < r["loss_start"])
+    for l in recon.layers:
+        enc = recon.weights[l.name]
+        if l.name in recon.rounded:
+            q = recon.rounded[l.name]
+            assert q.min() >= enc.spec.qmin and q.max() <= enc.spec.qmax
+            s = np.asarray(enc.scale).reshape(-1, *[1] * (q.ndim - 1))
+            down = np.floor(Graph(recon.model).const(l.weight) / s)
+            ends = [np.clip(down + k, enc.spec.qmin, enc.spec.qmax) for k in (0, 1)]
+            assert np.all((q == ends[0]) | (q == ends[1]))  # each weight rounded down or up, nothing else
+    assert export_qdq(recon).SerializeToString() == export_qdq(again).SerializeToString()  # deterministic
+    x = rng.normal(0, 1, (64, 3, 8, 8)).astype(np.float32)  # fresh inputs, not the calibration ones
+    assert output_error(model, recon, x) < output_error(model, near, x)
+
+
+def test_learned_activation_steps_are_the_ones_exported(rng, tmp_path):
+    model = residual_chain(rng)
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 48)
+    before = quantize_state(model, calib, act_bits=4)
+    state = quantize_state(model, calib, block_recon=True, act_bits=4, qdrop=1.0)
+    learned = {r: e for r, e in state.acts.items() if "lsq_step_ratio" in e.stats}
+    assert learned, "no activation step was learned"
+    exported = Graph(export_qdq(state))
+    for root, enc in learned.items():
+        assert not np.isclose(float(enc.scale), float(before.acts[root].scale), rtol=1e-6)
+        assert float(enc.scale) == pytest.approx(float(before.acts[root].scale) * enc.stats["lsq_step_ratio"],
+                                                 rel=1e-3)
+        assert float(exported.const(root + "/scale")) == float(enc.scale)
+
+
+def test_without_torch_the_error_says_how_to_install_it(rng, tmp_path, monkeypatch):
+    model = residual_chain(rng)
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 8)
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kw):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kw)
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    with pytest.raises(InputError, match=r"pip install 'ptq\[recon\]'"):
+        quantize_state(model, calib, block_recon=True)
+
+
+@pytest.mark.parametrize("bad", [dict(qdrop=1.5), dict(recon_iters=0), dict(recon_batch=0),
+                                 dict(block_recon=True, data_free=True)])
+def test_block_reconstruction_settings_are_checked(bad):
+    with pytest.raises(InputError):
+        Config(**bad).validate()
+
+
+def test_blocks_of_local_ops_learn_on_crops(rng, tmp_path):
+    model = residual_chain(rng, hw=24)
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 24, 24), 16)
+    state = quantize_state(model, calib, block_recon=True, recon_crop=10, recon_iters=20, calib_size=16)
+    rows = state.report["block_reconstruction"]["blocks"]
+    assert [r["crop"] for r in rows] == [10, None]  # the block with the pooling and the Gemm sees whole maps
+    assert [r["samples"] for r in rows] == [16, 16]
