@@ -107,6 +107,8 @@ def quant_options(f):
         click.option("--qdrop", type=float,
                      help="probability an activation is quantized while reconstructing; 1: always (0.5)."),
         click.option("--lsq/--no-lsq", default=None, help="learn the block's activation steps (on)."),
+        click.option("--recon-fisher/--no-recon-fisher", default=None,
+                     help="weigh each block output channel by the Fisher information of the task loss (off)."),
         click.option("--easyquant/--no-easyquant", default=None,
                      help="EasyQuant: search weight and input scales for the best output cosine, per layer (off)."),
         click.option("--bias-correction", type=click.Choice(["empirical", "analytic"]),

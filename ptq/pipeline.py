@@ -85,6 +85,7 @@ class Config:
     recon_crop: int = 32  # spatial side of the crops a block of local ops learns on (0: whole maps where they fit)
     qdrop: float = 0.5  # probability that an activation element is quantized while reconstructing (1: BRECQ)
     lsq: bool = True  # learn the block's activation steps jointly with the rounding
+    recon_fisher: bool = False  # weigh each block output channel by the task loss's Fisher information
     easyquant: bool = False
     easyquant_steps: int = 100  # candidate scales per search (the paper: 100)
     easyquant_range: tuple = (0.5, 2.0)  # candidates α·S₀ for α in this range (the paper: [0.5, 2])

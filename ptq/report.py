@@ -167,7 +167,8 @@ def sections(r: dict) -> list[Section]:
     if blk:
         out.append(Section("Block reconstruction", text=[
             f"{blk['iters']} Adam steps of {blk['batch']} samples per block, QDrop probability {blk['qdrop']}, "
-            f"activation steps {'learned (LSQ)' if blk['lsq'] else 'fixed'}; {blk['seconds']} s. Loss: squared error "
+            f"activation steps {'learned (LSQ)' if blk['lsq'] else 'fixed'}; {blk['seconds']} s. "
+            + (f"Fisher weighting: {blk['fisher']}. " if blk.get("fisher") else "") + "Loss: squared error "
             "of the block's outputs per held-out sample, at the start (nearest rounding, or AdaRound's) and after; "
             "a block keeps its result only where the loss went down."],
             header=["block", "layers", "samples", "crop", "loss, start", "loss, after", "kept", "seconds"],

@@ -15,6 +15,7 @@ from ptq.export import export_qdq
 from ptq.model import Graph
 from ptq.patterns import find_layers
 from ptq.pipeline import Config, Context, prepare, run_steps
+from ptq.stages.block_reconstruction import fisher_weights
 from ptq.torch_graph import TorchSegment
 
 import torch  # the recon extra, which `make install` installs
@@ -181,3 +182,26 @@ def test_blocks_of_local_ops_learn_on_crops(rng, tmp_path):
     rows = state.report["block_reconstruction"]["blocks"]
     assert [r["crop"] for r in rows] == [10, None]  # the block with the pooling and the Gemm sees whole maps
     assert [r["samples"] for r in rows] == [16, 16]
+
+
+def softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_fisher_weights_of_the_logits_are_the_kl_gradient_by_hand(rng, tmp_path):
+    model = residual_chain(rng)
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 16)
+    state = quantize_state(model, calib, calib_size=16)
+    ctx = Context(DataSource(calib, model_inputs(model)))
+    gr = Graph(state.model)
+    weights, note = fisher_weights(state, ctx, gr, state.model, ["y"], torch)
+    assert "from 16 samples" in note
+    x = np.concatenate([feed["x"] for _, feed in ctx.calib.batches(16)])
+    # ∂KL(p ‖ softmax(z))/∂z = softmax(z) − p: per logit, the mean of its square over the samples
+    g2 = np.mean((softmax(run(export_qdq(state), {"x": x})[0]) - softmax(run(model, {"x": x})[0])) ** 2, axis=0)
+    np.testing.assert_allclose(weights["y"].numpy(), np.maximum(g2 / g2.mean(), 0.1), rtol=0.05)
+    recon = quantize_state(model, calib, block_recon=True, recon_fisher=True, recon_iters=20)
+    rows = recon.report["block_reconstruction"]
+    assert rows["fisher"].startswith("per-channel Fisher weights of 2 block outputs")
+    assert all(r["fisher"] for r in rows["blocks"])

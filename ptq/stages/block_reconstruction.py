@@ -45,7 +45,7 @@ from ..blocks import find_blocks
 from ..data import require_calibration
 from ..model import Graph, topological_sort, truncate
 from ..observe import session
-from ..quant import Encoding
+from ..quant import Encoding, dequantize, quantize
 from ..rounding import GAMMA, ZETA, init_v
 from ..torch_graph import LOCAL_OPS, TorchSegment, import_torch, unsupported
 
@@ -53,6 +53,9 @@ DATA_SHARE = 0.4  # of --memory-limit, for the block inputs of both networks
 MIN_CROP = 16  # spatial side of the smallest crop
 HOLDOUT = 8  # one sample in this many checks the result
 LR_V, LR_STEP = 0.01, 0.001
+DROP_POOL = 1 << 24  # Bernoulli draws kept for QDrop's masks
+FISHER_SAMPLES = 64  # calibration samples the Fisher weights are estimated on
+FISHER_FLOOR = 0.1  # a channel's weight, relative to the mean, is at least this
 
 
 def reconstruct_blocks(state, ctx):
@@ -61,6 +64,7 @@ def reconstruct_blocks(state, ctx):
     cfg = state.config
     require_calibration(ctx, "block reconstruction")
     torch.manual_seed(cfg.seed)
+    masks = _DropMasks(torch)
     gr = Graph(state.model)
     fp32 = onnx.ModelProto.FromString(state.model.SerializeToString())
     topological_sort(fp32)
@@ -68,6 +72,9 @@ def reconstruct_blocks(state, ctx):
     blocks = find_blocks(fp32, layers, cfg.recon_block_layers)
     rng = np.random.default_rng(cfg.seed)
     report, t_all = [], time.perf_counter()
+    fisher, fisher_note = {}, None
+    if cfg.recon_fisher:
+        fisher, fisher_note = fisher_weights(state, ctx, gr, fp32, [o for b in blocks for o in b.outputs], torch)
     bar = tqdm(total=len(blocks), desc="block reconstruction", unit="block", disable=not ctx.progress, leave=False)
     for block in blocks:
         t0 = time.perf_counter()
@@ -77,18 +84,19 @@ def reconstruct_blocks(state, ctx):
         if bad:
             row["skipped"] = f"ops {', '.join(bad)} not supported"
         else:
-            row.update(_block(state, ctx, gr, block, TorchSegment(nodes, gr.const), rng))
+            row.update(_block(state, ctx, gr, block, TorchSegment(nodes, gr.const), rng, fisher, masks))
         row["seconds"] = round(time.perf_counter() - t0, 1)
         report.append(row)
         bar.update(1)
     bar.close()
     state.report["block_reconstruction"] = {
         "blocks": report, "iters": cfg.recon_iters, "batch": cfg.recon_batch, "qdrop": cfg.qdrop, "lsq": cfg.lsq,
+        "fisher": fisher_note,
         "seconds": round(time.perf_counter() - t_all, 1)}
     return state
 
 
-def _block(state, ctx, gr, block, seg, rng) -> dict:
+def _block(state, ctx, gr, block, seg, rng, fisher: dict, masks) -> dict:
     torch = seg.torch
     cfg = state.config
     sim, raw = ctx.simulate(state)
@@ -97,9 +105,14 @@ def _block(state, ctx, gr, block, seg, rng) -> dict:
     n_hold = max(1, n // HOLDOUT) if n >= 2 else 0
     train, hold = np.arange(n - n_hold), np.arange(n - n_hold, n)
     weights = {l.name: _SoftWeight(torch, gr, l, state) for l in block.layers}
-    acts = _act_quantizers(torch, state, block, seg)
+    acts = _act_quantizers(torch, state, block.inputs, seg, masks)
     override = {l.bias: torch.from_numpy(np.asarray(state.bias(l, gr), np.float32))
                 for l in block.layers if l.bias and l.name in state.biases}
+    weigh = [fisher.get(o) for o in block.outputs]  # per output: its channels' Fisher weights, or None
+
+    def error(pred, tgt):
+        return sum(((p - t) ** 2 if f is None else f.reshape(1, -1, *[1] * (p.dim() - 2)) * (p - t) ** 2).sum()
+                   for p, t, f in zip(pred, tgt, weigh))
 
     def target(idx):
         with torch.no_grad():
@@ -118,7 +131,7 @@ def _block(state, ctx, gr, block, seg, rng) -> dict:
         with torch.no_grad():
             for k in range(0, len(idx), cfg.recon_batch):
                 b = idx[k:k + cfg.recon_batch]
-                total += sum(float(((p - t) ** 2).sum()) for p, t in zip(predict(b, hard, 0.0), target(b)))
+                total += float(error(predict(b, hard, 0.0), target(b)))
         return total / max(len(idx), 1)
 
     for wt in weights.values():
@@ -136,7 +149,7 @@ def _block(state, ctx, gr, block, seg, rng) -> dict:
     warm = 0.2 * cfg.recon_iters
     for it in range(cfg.recon_iters):
         idx = rng.choice(train, size=min(cfg.recon_batch, len(train)), replace=False)
-        rec = sum(((p - t) ** 2).sum() for p, t in zip(predict(idx, False, cfg.qdrop), target(idx))) / (norm * len(idx))
+        rec = error(predict(idx, False, cfg.qdrop), target(idx)) / (norm * len(idx))
         loss = rec
         if it >= warm:
             beta = 20 + (2 - 20) * (it - warm) / max(cfg.recon_iters - warm, 1)
@@ -147,7 +160,7 @@ def _block(state, ctx, gr, block, seg, rng) -> dict:
         opt.step()
     end = loss_on(hold) if n_hold else None
     kept = end is not None and start is not None and end < start
-    row = {"samples": n, "crop": crop, "act_quantizers": len(acts),
+    row = {"samples": n, "crop": crop, "act_quantizers": len(acts), "fisher": any(f is not None for f in weigh),
            "loss_start": _g(start), "loss_end": _g(end), "kept": bool(kept)}
     if kept:
         for wt in weights.values():
@@ -157,6 +170,67 @@ def _block(state, ctx, gr, block, seg, rng) -> dict:
         row["changed_from_nearest"] = round(float(np.mean(np.concatenate(
             [(wt.integers() != wt.nearest_integers()).ravel() for wt in weights.values()]))), 4)
     return row
+
+
+def fisher_weights(state, ctx, gr, fp32, names, torch) -> tuple[dict, str]:
+    """Per channel (axis 1) of each tensor in ``names``, the diagonal Fisher information of the task loss averaged
+    over the channel's positions, F_c = E[(∂L/∂z_c)²] (BRECQ eq. 9, one weight per channel instead of per element),
+    divided by its mean over the channels and floored at FISHER_FLOOR; ({name: torch [C]}, what was done).
+
+    L is measured in the quantized network as decided so far (weights rounded, every activation quantizer in
+    place), against FP32: KL(softmax(FP32 logits) ‖ softmax(quantized logits)) where the model has logits, else
+    the squared error of its outputs. Its gradient at the FP32 point itself would be zero. FISHER_SAMPLES
+    calibration samples; the whole graph must run in torch (``unsupported``), else no weighting."""
+    nodes = list(fp32.graph.node)
+    bad = unsupported(nodes)
+    if bad:
+        return {}, f"not used: the model has {', '.join(bad)}"
+    seg = TorchSegment(nodes, gr.const)
+    override = {}
+    for l in state.layers:
+        enc = state.weights.get(l.name)
+        if enc is None:
+            continue
+        q = state.rounded.get(l.name)
+        override[l.weight] = torch.from_numpy(dequantize(q if q is not None else quantize(gr.const(l.weight), enc),
+                                                         enc))
+        if l.bias and l.name in state.biases:
+            override[l.bias] = torch.from_numpy(np.asarray(state.biases[l.name], np.float32))
+    given = [i.name for i in fp32.graph.input if i.name not in gr.inits]
+    acts = _act_quantizers(torch, state, given, seg)
+    outs = [o.name for o in fp32.graph.output]
+    logits = set(state.logits)
+    sums, count = {}, 0
+    for _, feed in ctx.calib.batches(min(state.config.batch_size, 8)):
+        x = {k: torch.from_numpy(np.asarray(feed[k], np.float32)) for k in given}
+        with torch.no_grad():
+            ref = seg.run(x)
+        xq = {k: (acts[k](v, 1.0) if k in acts else v).requires_grad_(True) for k, v in x.items()}
+        env = seg.run(xq, override, lambda name, v: acts[name](v, 1.0) if name in acts else v)
+        for t in names:
+            if env[t].requires_grad:
+                env[t].retain_grad()
+        loss = 0
+        for o in outs:
+            if o in logits:
+                p = torch.softmax(ref[o], -1)
+                loss = loss + (p * (torch.log_softmax(ref[o], -1) - torch.log_softmax(env[o], -1))).sum()
+            else:
+                loss = loss + ((env[o] - ref[o]) ** 2).sum()
+        loss.backward()
+        for t in names:
+            g = env[t].grad
+            if g is not None and g.dim() >= 2:
+                dims = [0] + list(range(2, g.dim()))
+                sums[t] = sums.get(t, 0) + (g.detach() ** 2).sum(dim=dims).double()
+        count += len(next(iter(x.values())))
+        if count >= FISHER_SAMPLES:
+            break
+    out = {}
+    for t, v in sums.items():
+        f = v / max(float(v.mean()), 1e-300)
+        out[t] = torch.clamp(f, min=FISHER_FLOOR).float()
+    return out, f"per-channel Fisher weights of {len(out)} block outputs from {count} samples"
 
 
 def _g(v):
@@ -281,12 +355,28 @@ class _SoftWeight:
         return (np.clip(self.floor + up, self.lo, self.hi) + self.z).astype(np.int32)
 
 
+class _DropMasks:
+    """QDrop's Bernoulli(p) masks: slices, at random offsets, of a pool of draws made once per probability
+    (drawing every element again costs more than the rest of a reconstruction step)."""
+
+    def __init__(self, torch):
+        self.torch, self.pools = torch, {}
+
+    def __call__(self, shape, p: float):
+        n = int(np.prod(shape))
+        pool = self.pools.get(p)
+        if pool is None or len(pool) < 2 * n:
+            pool = self.pools[p] = self.torch.rand(max(2 * n, DROP_POOL)) < p
+        start = int(self.torch.randint(0, len(pool) - n + 1, ()))
+        return pool[start:start + n].reshape(shape)
+
+
 class _ActQuant:
     """An activation quantizer in the block: fake-quant with the straight-through rounding, applied elementwise
     with probability ``drop`` (QDrop); with a learnable relative step ``u`` (LSQ) when the block owns it."""
 
-    def __init__(self, torch, root, enc: Encoding, learn: bool):
-        self.torch, self.root, self.enc = torch, root, enc
+    def __init__(self, torch, root, enc: Encoding, learn: bool, masks=None):
+        self.torch, self.root, self.enc, self.masks = torch, root, enc, masks
         self.s0 = float(np.asarray(enc.scale, np.float64).reshape(-1)[0]) if np.ndim(enc.scale) == 0 else None
         self.scale = torch.from_numpy(np.asarray(enc.scale, np.float32))
         self.z = float(np.asarray(enc.zero_point).reshape(-1)[0]) if np.ndim(enc.zero_point) == 0 else None
@@ -315,8 +405,7 @@ class _ActQuant:
             return q
         if drop <= 0.0:
             return x
-        keep = t.empty_like(x).bernoulli_(drop)
-        return x + keep * (q - x)
+        return t.where(self.masks(x.shape, drop), q, x)
 
     def encoding(self) -> Encoding:
         scale = np.float32(float(self.scale) * float(self.u.detach()))
@@ -324,21 +413,21 @@ class _ActQuant:
                         {**self.enc.stats, "lsq_step_ratio": round(float(self.u.detach()), 4)})
 
 
-def _act_quantizers(torch, state, block, seg) -> dict:
-    """{tensor: _ActQuant} for the block's inputs and the tensors its nodes write that carry an activation
-    quantizer; a quantizer's step is learned only if every tensor sharing it is written inside the block."""
+def _act_quantizers(torch, state, inputs, seg, masks=None) -> dict:
+    """{tensor: _ActQuant} for the segment's ``inputs`` and the tensors its nodes write that carry an activation
+    quantizer; a quantizer's step is learned only if every tensor sharing it is written inside the segment."""
     root_of = state.placement.root
     written = {o for n in seg.nodes for o in n.output if o}
     members: dict[str, list] = {}
     for t, r in root_of.items():
         members.setdefault(r, []).append(t)
     out, made = {}, {}
-    for t in list(block.inputs) + [o for n in seg.nodes for o in n.output if o]:
+    for t in list(inputs) + [o for n in seg.nodes for o in n.output if o]:
         r = root_of.get(t)
         if r is None or r not in state.acts:
             continue
         if r not in made:
             learn = state.config.lsq and all(m in written for m in members[r])
-            made[r] = _ActQuant(torch, r, state.acts[r], learn)
+            made[r] = _ActQuant(torch, r, state.acts[r], learn, masks)
         out[t] = made[r]
     return out
