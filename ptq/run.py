@@ -71,7 +71,9 @@ def make_config(config: Config | None = None, **settings) -> Config:
     if unknown:
         raise InputError(f"unknown setting(s) {', '.join(unknown)}")
     base = {f.name: getattr(config, f.name) for f in fields(Config)} if config else {}
-    return Config(**{**base, **settings}).validate()
+    out = Config(**{**base, **settings})
+    out.choices = {k: why for k, why in getattr(config, "choices", {}).items() if k not in settings}
+    return out.validate()
 
 
 def quantize(model, calib=None, *, config: Config | None = None, preprocess: Preprocess | None = None,

@@ -445,3 +445,17 @@ def test_asymmetric_scale_search_by_hand(rng, per_channel):
     else:
         assert got.sum() == pytest.approx(errs.sum(axis=1).min(), rel=1e-5)
     assert np.all(got.sum() < 0.5 * errs[0].sum())
+
+
+def test_adaround_is_chosen_for_four_bit_weights_and_said_so(rng):
+    cfg = Config(weight_bits=4).validate()
+    assert cfg.adaround and "adaround" in cfg.steps and "--no-adaround" in cfg.choices["adaround"]
+    assert Config(weight_bits=4).validate().validate().choices == cfg.choices  # validating again keeps the reason
+    for kw in (dict(weight_bits=4, adaround=False), dict(weight_bits=5), dict(weight_bits=4, data_free=True)):
+        c = Config(**kw).validate()
+        assert not c.adaround and "adaround" not in c.choices
+    state = prepare(conv_bn_relu(rng), Config(weight_bits=3))
+    assert state.report["choices"] == {"adaround": state.config.choices["adaround"]}
+    from ptq.run import make_config  # the CLI's path: a validated Config with settings over it
+    assert make_config(cfg, holdout=0).choices == cfg.choices
+    assert make_config(cfg, adaround=False).choices == {}

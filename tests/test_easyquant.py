@@ -133,7 +133,7 @@ def test_easyquant_then_adaround_rounds_on_easyquant_grids(rng, tmp_path):
     src = calib_source(tmp_path, rng, model, (3, 8, 8))
     cfg = dict(weight_bits=4, adaround=False, batch_size=8, holdout=0, easyquant_steps=30)
     eq = run_steps(prepare(model, Config(**cfg, easyquant=True)), Context(src), {})
-    both_cfg = Config(**cfg, easyquant=True, adaround=True, adaround_iters=200).validate()
+    both_cfg = Config(**{**cfg, "adaround": True}, easyquant=True, adaround_iters=200).validate()
     assert both_cfg.steps == ["smoothquant", "weight_ranges", "activation_ranges", "easyquant", "adaround",
                               "bias_overflow"]
     both = run_steps(prepare(model, both_cfg), Context(src), {})

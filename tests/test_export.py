@@ -51,7 +51,7 @@ def test_exported_conv_net_matches_numpy_reference(rng, tmp_path, bits, symmetri
     model = conv_bn_relu(rng, act="Clip")
     calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 12)
     # the integer kernels equal the reference where they do not saturate (ptq.runtime)
-    state = quantized_state(model, calib, Config(holdout=0, batch_size=4, weight_bits=bits,
+    state = quantized_state(model, calib, Config(holdout=0, batch_size=4, weight_bits=bits, adaround=False,
                                                  weight_symmetric=symmetric,
                                                  reduce_range="always" if saturates_u8s8() else "never"))
     for layer in state.layers:  # asymmetric: the zero points are stored, and used
