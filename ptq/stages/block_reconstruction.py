@@ -138,12 +138,12 @@ def _block(state, ctx, gr, block, seg, rng, fisher: dict, masks) -> dict:
         wt.start()
     start = loss_on(hold) if n_hold else None
     for wt in weights.values():
-        wt.nearest()
-    norm = max(loss_on(train[: cfg.recon_batch * 4]), 1e-30)  # per sample, at nearest rounding
+        wt.learn()
+    norm = max(loss_on(train[: cfg.recon_batch * 4]), 1e-30)  # per sample, at V's starting rounding
     params = [{"params": [wt.v for wt in weights.values()], "lr": LR_V}]
-    steps = list({id(q): q.u for q in acts.values() if q.u is not None}.values())
-    if steps:
-        params.append({"params": steps, "lr": LR_STEP})
+    learned = list({id(q): q for q in acts.values() if q.u is not None}.values())  # shared quantizers once
+    if learned:
+        params.append({"params": [q.u for q in learned], "lr": LR_STEP})
     opt = torch.optim.Adam(params)
     n_v = sum(wt.v.numel() for wt in weights.values())
     warm = 0.2 * cfg.recon_iters
@@ -165,7 +165,7 @@ def _block(state, ctx, gr, block, seg, rng, fisher: dict, masks) -> dict:
     if kept:
         for wt in weights.values():
             state.rounded[wt.layer.name] = wt.integers()
-        for q in {id(q): q for q in acts.values() if q.u is not None}.values():
+        for q in learned:
             state.acts[q.root] = q.encoding()
         row["changed_from_nearest"] = round(float(np.mean(np.concatenate(
             [(wt.integers() != wt.nearest_integers()).ravel() for wt in weights.values()]))), 4)
@@ -347,7 +347,8 @@ class _SoftWeight:
         q = self.start_q if self.start_q is not None else self.nearest_integers()
         self.fixed = self.torch.from_numpy((np.asarray(q, np.float64) - self.z).astype(np.float32))
 
-    def nearest(self):
+    def learn(self):
+        """Back to the learnable rounding (V starts at the nearest rounding, or at AdaRound's)."""
         self.fixed = None
 
     def integers(self) -> np.ndarray:
@@ -377,10 +378,10 @@ class _ActQuant:
 
     def __init__(self, torch, root, enc: Encoding, learn: bool, masks=None):
         self.torch, self.root, self.enc, self.masks = torch, root, enc, masks
-        self.s0 = float(np.asarray(enc.scale, np.float64).reshape(-1)[0]) if np.ndim(enc.scale) == 0 else None
+        self.per_tensor = np.ndim(enc.scale) == 0
         self.scale = torch.from_numpy(np.asarray(enc.scale, np.float32))
         self.z = float(np.asarray(enc.zero_point).reshape(-1)[0]) if np.ndim(enc.zero_point) == 0 else None
-        self.u = torch.nn.Parameter(torch.ones(())) if learn and self.s0 is not None else None
+        self.u = torch.nn.Parameter(torch.ones(())) if learn and self.per_tensor else None
         self.g = None  # LSQ's gradient scale, from the first tensor it quantizes
 
     def step(self, x):
@@ -393,7 +394,7 @@ class _ActQuant:
 
     def __call__(self, x, drop: float):
         t = self.torch
-        if self.s0 is None:  # per-channel activation encodings: not learned, applied along axis 1
+        if not self.per_tensor:  # per-channel activation encodings: not learned, applied along axis 1
             s = self.scale.reshape(1, -1, *([1] * (x.dim() - 2)))
             z = t.from_numpy(np.asarray(self.enc.zero_point, np.float32)).reshape(s.shape)
         else:
