@@ -205,3 +205,29 @@ def test_fisher_weights_of_the_logits_are_the_kl_gradient_by_hand(rng, tmp_path)
     rows = recon.report["block_reconstruction"]
     assert rows["fisher"].startswith("per-channel Fisher weights of 2 block outputs")
     assert all(r["fisher"] for r in rows["blocks"])
+
+
+def test_the_block_starts_from_the_exported_network_with_biases_added_to_bias_free_layers(rng, tmp_path):
+    """Conv (no bias) → Relu → Conv (no bias): AdaRound gives both a bias, which the exporter adds; the block's
+    starting held-out loss must be the exported model's squared error on those samples in onnxruntime."""
+    f = np.float32
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], "conv2")]
+    inits = [init("w1", rng.normal(0.05, 0.4, (6, 3, 3, 3)).astype(f)),
+             init("w2", rng.normal(0.1, 0.4, (4, 6, 1, 1)).astype(f))]
+    model = make(nodes, [("x", [None, 3, 8, 8])], [("y", [None, 4, 8, 8])], inits)
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 48)
+    kw = dict(adaround=True, weight_bits=3, recon_crop=0)
+    before = quantize_state(model, calib, **kw)
+    assert {"conv1", "conv2"} <= set(before.biases)
+    recon = quantize_state(model, calib, block_recon=True, recon_iters=1, **kw)
+    row, = recon.report["block_reconstruction"]["blocks"]
+    x = np.concatenate([feed["x"] for _, feed in DataSource(calib, model_inputs(model)).batches(8)])[-48 // 8:]
+    want = run(model, {"x": x})[0]
+
+    def error(state):
+        return float(np.sum((run(export_qdq(state), {"x": x})[0] - want) ** 2)) / len(x)
+    assert row["loss_start"] == pytest.approx(error(before), rel=5e-3)  # float32 sums, ties
+    before.biases.clear()
+    assert abs(row["loss_start"] - error(before)) > 0.02 * row["loss_start"]  # the added biases matter (4 %)

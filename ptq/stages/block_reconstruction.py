@@ -108,6 +108,7 @@ def _block(state, ctx, gr, block, seg, rng, fisher: dict, masks) -> dict:
     acts = _act_quantizers(torch, state, block.inputs, seg, masks)
     override = {l.bias: torch.from_numpy(np.asarray(state.bias(l, gr), np.float32))
                 for l in block.layers if l.bias and l.name in state.biases}
+    added = _added_biases(torch, state, gr, block.layers)
     weigh = [fisher.get(o) for o in block.outputs]  # per output: its channels' Fisher weights, or None
 
     def error(pred, tgt):
@@ -123,7 +124,7 @@ def _block(state, ctx, gr, block, seg, rng, fisher: dict, masks) -> dict:
         w = {wt.layer.weight: wt.value(hard) for wt in weights.values()}
         env = {k: torch.from_numpy(v[idx]) for k, v in xq.items()}
         env = {k: acts[k](x, drop) if k in acts else x for k, x in env.items()}
-        out = seg.run(env, {**override, **w}, lambda name, x: acts[name](x, drop) if name in acts else x, shapes)
+        out = seg.run(env, {**override, **w}, lambda name, x: _quantized(acts, added, name, x, drop), shapes)
         return [out[o] for o in block.outputs]
 
     def loss_on(idx, hard=True):
@@ -196,6 +197,7 @@ def fisher_weights(state, ctx, gr, fp32, names, torch) -> tuple[dict, str]:
                                                          enc))
         if l.bias and l.name in state.biases:
             override[l.bias] = torch.from_numpy(np.asarray(state.biases[l.name], np.float32))
+    added = _added_biases(torch, state, gr, state.layers)
     given = [i.name for i in fp32.graph.input if i.name not in gr.inits]
     acts = _act_quantizers(torch, state, given, seg)
     outs = [o.name for o in fp32.graph.output]
@@ -206,7 +208,7 @@ def fisher_weights(state, ctx, gr, fp32, names, torch) -> tuple[dict, str]:
         with torch.no_grad():
             ref = seg.run(x)
         xq = {k: (acts[k](v, 1.0) if k in acts else v).requires_grad_(True) for k, v in x.items()}
-        env = seg.run(xq, override, lambda name, v: acts[name](v, 1.0) if name in acts else v)
+        env = seg.run(xq, override, lambda name, v: _quantized(acts, added, name, v, 1.0))
         for t in names:
             if env[t].requires_grad:
                 env[t].retain_grad()
@@ -231,6 +233,28 @@ def fisher_weights(state, ctx, gr, fp32, names, torch) -> tuple[dict, str]:
         f = v / max(float(v.mean()), 1e-300)
         out[t] = torch.clamp(f, min=FISHER_FLOOR).float()
     return out, f"per-channel Fisher weights of {len(out)} block outputs from {count} samples"
+
+
+def _added_biases(torch, state, gr, layers) -> dict:
+    """{layer output before its activation: the decided bias, shaped to broadcast over it} for the layers without
+    a bias input that a stage gave one (AdaRound's re-fit, bias correction): the exporter adds it as the layer's
+    bias, so the simulation adds it at the layer's output."""
+    out = {}
+    for l in layers:
+        if not l.bias and l.name in state.biases:
+            b = np.asarray(state.biases[l.name], np.float32)
+            if l.op == "Conv":
+                b = b.reshape(-1, *[1] * (gr.const(l.weight).ndim - 2))
+            out[l.pre_act] = torch.from_numpy(b)
+    return out
+
+
+def _quantized(acts: dict, added: dict, name: str, x, drop: float):
+    """A tensor the segment writes, as the quantized network has it: plus its added bias, then its activation
+    quantizer (elementwise with probability ``drop``)."""
+    if name in added:
+        x = x + added[name]
+    return acts[name](x, drop) if name in acts else x
 
 
 def _g(v):
