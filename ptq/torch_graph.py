@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
@@ -25,32 +26,48 @@ _ELEMENTWISE = {"Relu", "Sigmoid", "Tanh", "Erf", "Sqrt", "Exp", "Neg", "Abs", "
 LOCAL_OPS = _ELEMENTWISE | {"Conv", "GlobalAveragePool"}  # ops that compute the same on a spatial crop's interior
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
 HEAP_BYTES = 1 << 30  # allocations up to this size come from the heap, and freed memory stays there
+DEFAULT_MMAP, DEFAULT_TRIM = 128 << 10, 128 << 10  # glibc's initial thresholds
 SUPPORTED = LOCAL_OPS | {"Gemm", "MatMul", "AveragePool", "MaxPool", "Flatten", "Reshape", "Transpose", "Concat",
                          "Softmax", "ReduceMean", "Squeeze", "Unsqueeze", "LayerNormalization", "Shape", "Gather",
                          "Cast"}
 
 
 def import_torch():
-    """torch, or InputError saying how to install it (block reconstruction's optional extra). On glibc, large
-    allocations are kept in the heap instead of being mapped and unmapped for each tensor: a reconstruction step
-    allocates the same large tensors again and again, and fresh pages cost more than the arithmetic (measured in
-    docs/FINDINGS.md)."""
+    """torch, or InputError saying how to install it (block reconstruction's optional extra)."""
     try:
         import torch
     except ImportError:
         raise InputError("block reconstruction needs PyTorch (CPU is enough): pip install 'ptq[recon]' "
                          "(or: pip install torch)") from None
-    _keep_heap()
     return torch
 
 
-def _keep_heap():
+def _libc():
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to tune
+        return None
+
+
+@contextmanager
+def tensor_heap():
+    """Within the block: on glibc, allocations up to HEAP_BYTES come from the heap and freed memory stays there,
+    instead of being mapped and unmapped for each tensor (a reconstruction step allocates the same large tensors
+    again and again, and fresh pages cost more than the arithmetic: docs/FINDINGS.md). Yields ``release()``,
+    which hands the heap's free memory back to the system (``malloc_trim``); on exit the thresholds are glibc's
+    initial ones again and the heap is released."""
+    libc = _libc()
+    if libc is None:
+        yield lambda: None
         return
     libc.mallopt(M_MMAP_THRESHOLD, HEAP_BYTES)
     libc.mallopt(M_TRIM_THRESHOLD, HEAP_BYTES)
+    try:
+        yield lambda: libc.malloc_trim(0)
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP)
+        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM)
+        libc.malloc_trim(0)
 
 
 def unsupported(nodes) -> list[str]:

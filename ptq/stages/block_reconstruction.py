@@ -47,7 +47,7 @@ from ..model import Graph, topological_sort, truncate
 from ..observe import session
 from ..quant import Encoding, dequantize, quantize
 from ..rounding import GAMMA, ZETA, init_v
-from ..torch_graph import LOCAL_OPS, TorchSegment, import_torch, unsupported
+from ..torch_graph import LOCAL_OPS, TorchSegment, import_torch, tensor_heap, unsupported
 
 DATA_SHARE = 0.4  # of --memory-limit, for the block inputs of both networks
 MIN_CROP = 16  # spatial side of the smallest crop
@@ -76,18 +76,20 @@ def reconstruct_blocks(state, ctx):
     if cfg.recon_fisher:
         fisher, fisher_note = fisher_weights(state, ctx, gr, fp32, [o for b in blocks for o in b.outputs], torch)
     bar = tqdm(total=len(blocks), desc="block reconstruction", unit="block", disable=not ctx.progress, leave=False)
-    for block in blocks:
-        t0 = time.perf_counter()
-        nodes = [fp32.graph.node[k] for k in block.nodes]
-        row = {"layers": [l.name for l in block.layers]}
-        bad = unsupported(nodes)
-        if bad:
-            row["skipped"] = f"ops {', '.join(bad)} not supported"
-        else:
-            row.update(_block(state, ctx, gr, block, TorchSegment(nodes, gr.const), rng, fisher, masks))
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        report.append(row)
-        bar.update(1)
+    with tensor_heap() as release:
+        for block in blocks:
+            t0 = time.perf_counter()
+            nodes = [fp32.graph.node[k] for k in block.nodes]
+            row = {"layers": [l.name for l in block.layers]}
+            bad = unsupported(nodes)
+            if bad:
+                row["skipped"] = f"ops {', '.join(bad)} not supported"
+            else:
+                row.update(_block(state, ctx, gr, block, TorchSegment(nodes, gr.const), rng, fisher, masks))
+            release()  # the block's data and sessions are gone: their memory goes back to the system
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            report.append(row)
+            bar.update(1)
     bar.close()
     state.report["block_reconstruction"] = {
         "blocks": report, "iters": cfg.recon_iters, "batch": cfg.recon_batch, "qdrop": cfg.qdrop, "lsq": cfg.lsq,
