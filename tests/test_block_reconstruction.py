@@ -218,7 +218,7 @@ def test_the_block_starts_from_the_exported_network_with_biases_added_to_bias_fr
              init("w2", rng.normal(0.1, 0.4, (4, 6, 1, 1)).astype(f))]
     model = make(nodes, [("x", [None, 3, 8, 8])], [("y", [None, 4, 8, 8])], inits)
     calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 48)
-    kw = dict(adaround=True, weight_bits=3, recon_crop=0)
+    kw = dict(adaround=True, weight_bits=3, act_bits=4, recon_crop=0)
     before = quantize_state(model, calib, **kw)
     assert {"conv1", "conv2"} <= set(before.biases)
     recon = quantize_state(model, calib, block_recon=True, recon_iters=1, **kw)
@@ -228,6 +228,6 @@ def test_the_block_starts_from_the_exported_network_with_biases_added_to_bias_fr
 
     def error(state):
         return float(np.sum((run(export_qdq(state), {"x": x})[0] - want) ** 2)) / len(x)
-    assert row["loss_start"] == pytest.approx(error(before), rel=5e-3)  # float32 sums, ties
+    assert row["loss_start"] == pytest.approx(error(before), rel=1e-3)
     before.biases.clear()
-    assert abs(row["loss_start"] - error(before)) > 0.02 * row["loss_start"]  # the added biases matter (4 %)
+    assert abs(row["loss_start"] - error(before)) > 0.01 * row["loss_start"]  # the added biases matter (1.6 %)

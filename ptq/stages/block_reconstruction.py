@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from ..blocks import find_blocks
 from ..data import require_calibration
+from ..export import bias_encoding
 from ..model import Graph, topological_sort, truncate
 from ..observe import session
 from ..quant import Encoding, dequantize, quantize
@@ -108,9 +109,7 @@ def _block(state, ctx, gr, block, seg, rng, fisher: dict, masks) -> dict:
     train, hold = np.arange(n - n_hold), np.arange(n - n_hold, n)
     weights = {l.name: _SoftWeight(torch, gr, l, state) for l in block.layers}
     acts = _act_quantizers(torch, state, block.inputs, seg, masks)
-    override = {l.bias: torch.from_numpy(np.asarray(state.bias(l, gr), np.float32))
-                for l in block.layers if l.bias and l.name in state.biases}
-    added = _added_biases(torch, state, gr, block.layers)
+    override, added = _biases(torch, state, gr, block.layers)
     weigh = [fisher.get(o) for o in block.outputs]  # per output: its channels' Fisher weights, or None
 
     def error(pred, tgt):
@@ -134,7 +133,7 @@ def _block(state, ctx, gr, block, seg, rng, fisher: dict, masks) -> dict:
         with torch.no_grad():
             for k in range(0, len(idx), cfg.recon_batch):
                 b = idx[k:k + cfg.recon_batch]
-                total += float(error(predict(b, hard, 0.0), target(b)))
+                total += float(error(predict(b, hard, 1.0), target(b)))
         return total / max(len(idx), 1)
 
     for wt in weights.values():
@@ -189,17 +188,12 @@ def fisher_weights(state, ctx, gr, fp32, names, torch) -> tuple[dict, str]:
     if bad:
         return {}, f"not used: the model has {', '.join(bad)}"
     seg = TorchSegment(nodes, gr.const)
-    override = {}
-    for l in state.layers:
-        enc = state.weights.get(l.name)
-        if enc is None:
-            continue
-        q = state.rounded.get(l.name)
+    quantized = [l for l in state.layers if l.name in state.weights]
+    override, added = _biases(torch, state, gr, quantized)
+    for l in quantized:
+        enc, q = state.weights[l.name], state.rounded.get(l.name)
         override[l.weight] = torch.from_numpy(dequantize(q if q is not None else quantize(gr.const(l.weight), enc),
                                                          enc))
-        if l.bias and l.name in state.biases:
-            override[l.bias] = torch.from_numpy(np.asarray(state.biases[l.name], np.float32))
-    added = _added_biases(torch, state, gr, state.layers)
     given = [i.name for i in fp32.graph.input if i.name not in gr.inits]
     acts = _act_quantizers(torch, state, given, seg)
     outs = [o.name for o in fp32.graph.output]
@@ -237,18 +231,30 @@ def fisher_weights(state, ctx, gr, fp32, names, torch) -> tuple[dict, str]:
     return out, f"per-channel Fisher weights of {len(out)} block outputs from {count} samples"
 
 
-def _added_biases(torch, state, gr, layers) -> dict:
-    """{layer output before its activation: the decided bias, shaped to broadcast over it} for the layers without
-    a bias input that a stage gave one (AdaRound's re-fit, bias correction): the exporter adds it as the layer's
-    bias, so the simulation adds it at the layer's output."""
-    out = {}
+def _biases(torch, state, gr, layers) -> tuple[dict, dict]:
+    """The layers' biases as the exported model has them: the decided one (AdaRound's re-fit, bias correction),
+    else the reference's, on the int32 grid s_in · s_w where the layer's input is quantized and the bias fits it
+    (ptq.export). Returns ({bias initializer: value}, {layer output before its activation: value}): the second
+    for layers without a bias input, whose bias the exporter adds as one; the simulation adds it at that
+    output, shaped to broadcast over it."""
+    override, added = {}, {}
     for l in layers:
-        if not l.bias and l.name in state.biases:
-            b = np.asarray(state.biases[l.name], np.float32)
-            if l.op == "Conv":
-                b = b.reshape(-1, *[1] * (gr.const(l.weight).ndim - 2))
-            out[l.pre_act] = torch.from_numpy(b)
-    return out
+        b = state.bias(l, gr)
+        if b is None:
+            continue
+        b = np.asarray(b, np.float32)
+        root = state.placement.root.get(l.x)
+        wenc, xenc = state.weights.get(l.name), state.acts.get(root)
+        if wenc is not None and xenc is not None:
+            benc = bias_encoding(wenc, xenc)
+            if np.all(np.abs(b / benc.scale) < 2**31 - 1):
+                b = dequantize(quantize(b, benc), benc).astype(np.float32)
+        if l.bias:
+            override[l.bias] = torch.from_numpy(b)
+        else:
+            added[l.pre_act] = torch.from_numpy(b.reshape(-1, *[1] * (gr.const(l.weight).ndim - 2))
+                                                if l.op == "Conv" else b)
+    return override, added
 
 
 def _quantized(acts: dict, added: dict, name: str, x, drop: float):
