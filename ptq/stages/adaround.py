@@ -218,7 +218,7 @@ def _collect(state, gr, group, fp_batches, q_batches, n_samples: int, skips: dic
                                        cfg.seed, skips):
         p, kind, act, b, rows_x, rows_t = probs[l.name]
         xf, xq = xf.astype(np.float32), xq.astype(np.float32)
-        kept = sum(len(r) for r in rows_x)
+        kept = sum(rows_x[1:]) if kind == "depthwise" else sum(len(r) for r in rows_x)
         if act is None:
             if _refits_bias(cfg, l):  # the means ``Problem.center`` needs
                 sums[l.name] = _summed(sums.get(l.name), tuple(
@@ -236,15 +236,29 @@ def _collect(state, gr, group, fp_batches, q_batches, n_samples: int, skips: dic
                 if e is not None:
                     p.skip = _summed(p.skip, _f64(e.T @ xq, e.T @ xf, np.sum(e.astype(np.float64) ** 2, axis=0)))
         elif kept < budget[l.name]:
-            rows_x.append(xq)
             t = np.clip(_output(xf, p.w, b, kind), *act)
             rows_t.append(t if e is None else t + e)
+            if kind == "depthwise":  # written channel-major into one buffer (no second copy of the largest data)
+                take = min(len(xq), budget[l.name] - kept)
+                if not rows_x:
+                    rows_x.append(np.empty((xq.shape[1], budget[l.name], xq.shape[2]), np.float32))
+                rows_x[0][:, kept:kept + take] = xq[:take].transpose(1, 0, 2)
+                rows_x.append(take)  # rows written so far: the sum of these counts
+            else:
+                rows_x.append(xq)
     for l in group:
         p, kind, act, b, rows_x, rows_t = probs[l.name]
         if act is None:
             if _refits_bias(cfg, l):
                 p.center(sums[l.name])
             p.damp()
+        elif kind == "depthwise":
+            n = sum(rows_x[1:])
+            t = np.concatenate(rows_t)[:n]
+            x = rows_x[0] if n == rows_x[0].shape[1] else np.ascontiguousarray(rows_x[0][:, :n])
+            p.set_rows(x, t, b, act[0], act[1], owned=True)
+            rows_x.clear(), rows_t.clear()
+            del x, t
         else:
             x, t = np.concatenate(rows_x)[: budget[l.name]], np.concatenate(rows_t)[: budget[l.name]]
             rows_x.clear(), rows_t.clear()  # the batches' copies go before the problem makes its own
