@@ -231,3 +231,22 @@ def test_the_block_starts_from_the_exported_network_with_biases_added_to_bias_fr
     assert row["loss_start"] == pytest.approx(error(before), rel=1e-3)
     before.biases.clear()
     assert abs(row["loss_start"] - error(before)) > 0.01 * row["loss_start"]  # the added biases matter (1.6 %)
+
+
+def test_undecided_share_is_that_of_the_fractions_before_any_learning(rng, tmp_path):
+    """From nearest rounding h(V) starts at the fractional part of W/s; after one Adam step (lr 0.01) the share of
+    h(V) strictly inside (0.02, 0.98) is still that of the fractions, computed here from the weights and grids."""
+    model = residual_chain(rng)
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 16)
+    state = quantize_state(model, calib, block_recon=True, recon_iters=1, calib_size=16)
+    gr = Graph(state.model)
+    for row in state.report["block_reconstruction"]["blocks"]:
+        fracs = []
+        for name in row["layers"]:
+            l = next(l for l in state.layers if l.name == name)
+            w, s = gr.const(l.weight), np.asarray(state.weights[name].scale)
+            r = w / (s.reshape(-1, *[1] * (w.ndim - 1)) if s.ndim else s)
+            fracs.append((r - np.floor(r)).ravel())
+        f = np.concatenate(fracs)
+        assert row["undecided"] == pytest.approx(np.mean((f > 0.02) & (f < 0.98)), abs=0.01)
+        assert 0 < row["undecided"] < 1 and row["loss_end_soft"] > 0

@@ -29,6 +29,11 @@ fractional part is).
 
 Adam on V (lr 0.01) and on the steps (relative, lr 0.001), ``recon_iters`` steps of ``recon_batch`` samples.
 
+The report's row per block has the held-out loss at the start and after (hard rounding, every activation
+quantized), the same after with the soft weights h(V) ("loss_end_soft": the relaxation's own loss) and the share
+of h(V) still between UNDECIDED and 1 − UNDECIDED: a soft loss far below the hard one with many undecided
+weights means the regularizer had not yet forced the relaxation onto the grid.
+
 Output (decisions; the FP32 reference is not touched): the integers per layer (``state.rounded``) and the learned
 activation encodings (``state.acts``). Needs torch (the ``recon`` extra).
 """
@@ -55,6 +60,7 @@ MIN_CROP = 16  # spatial side of the smallest crop
 HOLDOUT = 8  # one sample in this many checks the result
 LR_V, LR_STEP = 0.01, 0.001
 DROP_POOL = 1 << 24  # Bernoulli draws kept for QDrop's masks
+UNDECIDED = 0.02  # h(V) farther than this from 0 and 1 at the end: the soft rounding had not decided
 FISHER_SAMPLES = 64  # calibration samples the Fisher weights are estimated on
 FISHER_FLOOR = 0.1  # a channel's weight, relative to the mean, is at least this
 
@@ -161,9 +167,13 @@ def _block(state, ctx, gr, block, seg, rng, fisher: dict, masks) -> dict:
         loss.backward()
         opt.step()
     end = loss_on(hold) if n_hold else None
+    with torch.no_grad():
+        h = torch.cat([wt.h().reshape(-1) for wt in weights.values()])
+        undecided = float(((h > UNDECIDED) & (h < 1 - UNDECIDED)).float().mean())
     kept = end is not None and start is not None and end < start
     row = {"samples": n, "crop": crop, "act_quantizers": len(acts), "fisher": any(f is not None for f in weigh),
-           "loss_start": _g(start), "loss_end": _g(end), "kept": bool(kept)}
+           "loss_start": _g(start), "loss_end": _g(end), "loss_end_soft": _g(loss_on(hold, hard=False))
+           if n_hold else None, "undecided": round(undecided, 4), "kept": bool(kept)}
     if kept:
         for wt in weights.values():
             state.rounded[wt.layer.name] = wt.integers()
