@@ -28,7 +28,7 @@ from .errors import PTQError
 from .external import external_tensor
 from .model import Graph, default_opset, remove_unused_initializers, unique_name
 from .patterns import activation_bounds
-from .quant import Encoding, QuantSpec, quantize
+from .quant import Encoding, bias_encoding, quantize
 
 MS_DOMAIN = "com.microsoft"
 _INT_TYPES = {(8, True): (TensorProto.INT8, np.int8), (8, False): (TensorProto.UINT8, np.uint8),
@@ -229,13 +229,6 @@ def _split_bias(node, layer, b, w_ndim, taken, inits, nodes):
     inits.append(numpy_helper.from_array(b.reshape(shape).astype(np.float32), name))
     nodes.append(node)
     return helper.make_node("Add", [node.output[0], name], [out], unique_name(taken, layer.name + "/BiasAdd"))
-
-
-def bias_encoding(wenc: Encoding, x_enc: Encoding) -> Encoding:
-    """int32 bias quantizer: scale s_in · s_w (per output channel), zero point 0."""
-    scale = (np.asarray(wenc.scale, np.float64) * float(x_enc.scale)).astype(np.float32)
-    spec = QuantSpec(bits=32, signed=True, symmetric=True, axis=0 if scale.ndim else None)
-    return Encoding(spec, scale, np.zeros(scale.shape, np.int32), "bias")
 
 
 def quantizer_inputs(qmodel: onnx.ModelProto) -> dict[str, str]:

@@ -136,3 +136,10 @@ def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
     if signal == 0:
         return float("-inf")
     return 10.0 * np.log10(signal / noise)
+
+
+def bias_encoding(wenc: Encoding, x_enc: Encoding) -> Encoding:
+    """int32 bias quantizer: scale s_in · s_w (per output channel), zero point 0."""
+    scale = (np.asarray(wenc.scale, np.float64) * float(x_enc.scale)).astype(np.float32)
+    spec = QuantSpec(bits=32, signed=True, symmetric=True, axis=0 if scale.ndim else None)
+    return Encoding(spec, scale, np.zeros(scale.shape, np.int32), "bias")

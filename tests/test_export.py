@@ -82,7 +82,7 @@ def test_exported_conv_net_matches_numpy_reference(rng, tmp_path, bits, symmetri
 
 
 def _bias_enc(state, layer, act):
-    from ptq.export import bias_encoding
+    from ptq.quant import bias_encoding
     return bias_encoding(state.weights[layer.name], act(layer.x))
 
 

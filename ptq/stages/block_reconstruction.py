@@ -48,10 +48,9 @@ from tqdm import tqdm
 
 from ..blocks import find_blocks
 from ..data import require_calibration
-from ..export import bias_encoding
 from ..model import Graph, topological_sort, truncate
 from ..observe import session
-from ..quant import Encoding, dequantize, quantize
+from ..quant import Encoding, bias_encoding, dequantize, quantize
 from ..rounding import GAMMA, ZETA, init_v
 from ..torch_graph import LOCAL_OPS, TorchSegment, import_torch, tensor_heap, unsupported
 
