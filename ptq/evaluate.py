@@ -153,7 +153,7 @@ def evaluate(fp_model, q_model, source, batch_size: int = 16, labels: dict | Non
     """Run both models over ``source``; returns samples, per-output fidelity and, for a classification output
     ([N, C] class scores of a Gemm / MatMul, ptq.patterns.class_score_outputs), top-1 agreement and — with
     labels — top-1 / top-5 of both."""
-    fp, q = session(fp_model), session(q_model)
+    fp, q = session(fp_model, arena=False), session(q_model, arena=False)
     names = [o.name for o in fp.get_outputs()]
     acc = Accumulator(names, labels, class_score_outputs(fp_model) if hasattr(fp_model, "graph") else None)
     with tqdm(total=len(source), desc=desc, unit="img", disable=not progress, leave=False) as bar:

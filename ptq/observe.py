@@ -123,7 +123,7 @@ class RowSample:
 
 
 def session(model: onnx.ModelProto | bytes | str, extra_outputs=(), optimize: bool = True,
-            exact_qdq: bool = False) -> ort.InferenceSession:
+            exact_qdq: bool = False, arena: bool = True) -> ort.InferenceSession:
     """A CPU onnxruntime session, with ``extra_outputs`` (intermediate tensor names) exposed as outputs.
 
     ``exact_qdq``: run Q/DQ as written, without onnxruntime's QDQ transformers. Those fuse into integer kernels,
@@ -140,6 +140,8 @@ def session(model: onnx.ModelProto | bytes | str, extra_outputs=(), optimize: bo
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if exact_qdq:
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    if not arena:  # each run's tensors go back to the system after it: two sessions alive at once do not each
+        opts.enable_cpu_mem_arena = False  # keep their largest run's memory
     session_options(model, opts)
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
