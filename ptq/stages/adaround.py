@@ -21,7 +21,7 @@ per channel. Adam's steps run in float32; the reported errors in float64.
 
 Layer inputs: the layers are visited in topological order, each solved before the next, so x̃ is exactly the
 input of the network whose earlier layers are AdaRounded. ``Walk`` (ptq/walk.py) keeps both networks'
-activations at the last visited layer while they fit in 0.4 × ``memory_limit`` each, so each node runs about once
+activations at the last visited layer while they fit in 0.25 × ``memory_limit`` each, so each node runs about once
 per network over the calibration set (where a checkpoint does not fit, from the last one that did).
 ``adaround_inputs = "fp32"`` takes x̃ = x instead. Each output channel keeps AdaRound's rounding only where it
 beats nearest rounding on the layer's data (channels are independent in the loss).
@@ -55,7 +55,7 @@ from ..patterns import clip_bounds
 from ..quant import Encoding, fake_quant, quantize
 from ..walk import Walk
 
-WALK_SHARE = 0.4  # of --memory-limit, for each of the two walks' checkpoints
+WALK_SHARE = 0.25  # of --memory-limit, for each of the two walks' checkpoints
 from ..weights import as_matrix, from_matrix, layer_kind, reconstruction_layers
 from ..rounding import Problem, brute_force, no_worse_than_nearest, search_scale, solve
 
