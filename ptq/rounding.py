@@ -21,6 +21,7 @@ from .quant import QuantSpec, encoding_from_range
 
 ZETA, GAMMA = 1.1, -0.1
 BIAS_STEPS = 10  # Gauss-Newton steps of the bias fit on a clipped output
+BIAS_COLUMNS = 128  # output channels whose float64 bias steps run at once (rows form)
 SHUFFLE_BLOCK = 32  # depthwise channels copied at a time by the rows' shuffle (``Problem.rows``)
 
 
@@ -130,20 +131,13 @@ class Problem:
         x, t, b, lo, hi = self._rows
         wt = wt.astype(x.dtype)
         if self.depthwise:  # [C, R]; b, lo, hi [C, 1]
-            y, axis = np.matmul(x, wt[:, :, None])[..., 0], 1
-        else:  # [R, O]
-            y, axis = x @ wt.T, 0
-        y, t = y.astype(np.float64) + b, t.astype(np.float64)
-        delta = np.zeros(y.shape[0] if self.depthwise else y.shape[1])
-        shape = (-1, 1) if self.depthwise else (1, -1)
-        for _ in range(BIAS_STEPS):
-            z = y + delta.reshape(shape)
-            m = (z > lo) & (z < hi)
-            np.clip(z, lo, hi, out=z)
-            np.subtract(t, z, out=z)
-            z *= m
-            delta += np.sum(z, axis=axis) / np.maximum(m.sum(axis), 1)
-        return delta
+            return _gauss_newton_bias(np.matmul(x, wt[:, :, None])[..., 0], t, b, lo, hi, axis=1)
+        y = x @ wt.T  # [R, O]: the columns are independent, so the float64 steps go a block of them at a time
+        out = np.empty(y.shape[1])
+        for j in range(0, y.shape[1], BIAS_COLUMNS):
+            c = slice(j, j + BIAS_COLUMNS)
+            out[c] = _gauss_newton_bias(y[:, c], t[:, c], *(v[c] if np.ndim(v) else v for v in (b, lo, hi)), axis=0)
+        return out
 
     def shift_bias(self, delta):
         """Rows form: add ``delta`` [O] to the bias the rows' outputs are computed with."""
@@ -246,6 +240,21 @@ class Problem:
         y *= x.dtype.type(2.0 / y.size)
         grad = np.matmul(y[:, None, :], x)[:, 0] if self.depthwise else y.T @ x
         return loss, grad.astype(np.float64)
+
+
+def _gauss_newton_bias(y, t, b, lo, hi, axis: int) -> np.ndarray:
+    """BIAS_STEPS of δ += Σ m(t − clip(y + b + δ)) / Σ m along ``axis`` (m: in the linear range), in float64."""
+    y, t = y.astype(np.float64) + b, t.astype(np.float64)
+    delta = np.zeros(y.shape[1 - axis])
+    shape = (-1, 1) if axis == 1 else (1, -1)
+    for _ in range(BIAS_STEPS):
+        z = y + delta.reshape(shape)
+        m = (z > lo) & (z < hi)
+        np.clip(z, lo, hi, out=z)
+        np.subtract(t, z, out=z)
+        z *= m
+        delta += np.sum(z, axis=axis) / np.maximum(m.sum(axis), 1)
+    return delta
 
 
 def solve(problem: Problem, iters: int = 500, batch: int = 1024, lam: float = 0.1, warm: float = 0.2,
