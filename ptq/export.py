@@ -28,7 +28,7 @@ from .errors import PTQError
 from .external import external_tensor
 from .model import Graph, default_opset, remove_unused_initializers, unique_name
 from .patterns import activation_bounds
-from .quant import Encoding, bias_encoding, quantize
+from .quant import Encoding, int32_bias, quantize
 
 MS_DOMAIN = "com.microsoft"
 _INT_TYPES = {(8, True): (TensorProto.INT8, np.int8), (8, False): (TensorProto.UINT8, np.uint8),
@@ -152,9 +152,9 @@ def export_qdq(state) -> onnx.ModelProto:
             while b is not None and len(node.input) < 3:
                 node.input.append("")
             if b is not None and x_enc is not None:
-                benc = bias_encoding(wenc, x_enc)
-                if np.all(np.abs(b / benc.scale) < 2**31 - 1):
-                    node.input[2] = dq_const(layer.name + "/bias", quantize(b, benc), benc, 32, True, 0)
+                qb = int32_bias(b, wenc, x_enc)
+                if qb is not None:
+                    node.input[2] = dq_const(layer.name + "/bias", *qb, 32, True, 0)
                 else:
                     node = _split_bias(node, layer, b, w.ndim, taken, inits, nodes)
             elif layer.name in state.biases:  # a float bias

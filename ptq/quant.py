@@ -143,3 +143,12 @@ def bias_encoding(wenc: Encoding, x_enc: Encoding) -> Encoding:
     scale = (np.asarray(wenc.scale, np.float64) * float(x_enc.scale)).astype(np.float32)
     spec = QuantSpec(bits=32, signed=True, symmetric=True, axis=0 if scale.ndim else None)
     return Encoding(spec, scale, np.zeros(scale.shape, np.int32), "bias")
+
+
+def int32_bias(b: np.ndarray, wenc: Encoding, x_enc: Encoding) -> tuple[np.ndarray, Encoding] | None:
+    """The bias on its int32 grid s_in · s_w: (integers, encoding), or None where some b / s falls outside int32
+    (then it cannot be stored as the layer's quantized bias)."""
+    benc = bias_encoding(wenc, x_enc)
+    if not np.all(np.abs(b / benc.scale) < 2**31 - 1):
+        return None
+    return quantize(b, benc), benc

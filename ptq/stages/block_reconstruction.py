@@ -50,7 +50,7 @@ from ..blocks import find_blocks
 from ..data import require_calibration
 from ..model import Graph, topological_sort, truncate
 from ..observe import session
-from ..quant import Encoding, bias_encoding, dequantize, quantize
+from ..quant import Encoding, dequantize, int32_bias, quantize
 from ..rounding import GAMMA, ZETA, init_v
 from ..torch_graph import LOCAL_OPS, TorchSegment, import_torch, tensor_heap, unsupported
 
@@ -254,10 +254,9 @@ def _biases(torch, state, gr, layers) -> tuple[dict, dict]:
         b = np.asarray(b, np.float32)
         root = state.placement.root.get(l.x)
         wenc, xenc = state.weights.get(l.name), state.acts.get(root)
-        if wenc is not None and xenc is not None:
-            benc = bias_encoding(wenc, xenc)
-            if np.all(np.abs(b / benc.scale) < 2**31 - 1):
-                b = dequantize(quantize(b, benc), benc).astype(np.float32)
+        qb = int32_bias(b, wenc, xenc) if wenc is not None and xenc is not None else None
+        if qb is not None:
+            b = dequantize(*qb).astype(np.float32)
         if l.bias:
             override[l.bias] = torch.from_numpy(b)
         else:
