@@ -211,6 +211,7 @@ def _collect(state, gr, group, fp_batches, q_batches, n_samples: int, skips: dic
     budget = {l.name: _row_budget(cfg.adaround_rows, probs[l.name][1]) for l in group}
 
     sums: dict = {}  # Gram layers: (Σ x̃, Σ x, Σ e) over their rows
+    written: dict = {}  # depthwise layers with an activation: rows written into their channel-major buffer
 
     def per_sample(layer):
         return rows_per_sample(GRAM_ROWS if probs[layer.name][2] is None else budget[layer.name], n_samples)
@@ -218,7 +219,7 @@ def _collect(state, gr, group, fp_batches, q_batches, n_samples: int, skips: dic
                                        cfg.seed, skips):
         p, kind, act, b, rows_x, rows_t = probs[l.name]
         xf, xq = xf.astype(np.float32), xq.astype(np.float32)
-        kept = sum(rows_x[1:]) if kind == "depthwise" else sum(len(r) for r in rows_x)
+        kept = written.get(l.name, 0) if kind == "depthwise" else sum(len(r) for r in rows_x)
         if act is None:
             if _refits_bias(cfg, l):  # the means ``Problem.center`` needs
                 sums[l.name] = _summed(sums.get(l.name), tuple(
@@ -243,7 +244,7 @@ def _collect(state, gr, group, fp_batches, q_batches, n_samples: int, skips: dic
                 if not rows_x:
                     rows_x.append(np.empty((xq.shape[1], budget[l.name], xq.shape[2]), np.float32))
                 rows_x[0][:, kept:kept + take] = xq[:take].transpose(1, 0, 2)
-                rows_x.append(take)  # rows written so far: the sum of these counts
+                written[l.name] = kept + take
             else:
                 rows_x.append(xq)
     for l in group:
@@ -253,7 +254,7 @@ def _collect(state, gr, group, fp_batches, q_batches, n_samples: int, skips: dic
                 p.center(sums[l.name])
             p.damp()
         elif kind == "depthwise":
-            n = sum(rows_x[1:])
+            n = written[l.name]
             t = np.concatenate(rows_t)[:n]
             x = rows_x[0] if n == rows_x[0].shape[1] else np.ascontiguousarray(rows_x[0][:, :n])
             p.set_rows(x, t, b, act[0], act[1], owned=True)
