@@ -6,7 +6,7 @@
    evaluated once with onnxruntime and replaced by its value — this removes the Shape/ConstantOfShape/Slice/Pad
    chains that PyTorch exports for "same" padding;
 4. a zero-constant Pad in front of a Conv is merged into the Conv's ``pads``;
-5. a bias Add after a Conv / Gemm joins its bias, HardSwish decompositions become x · HardSigmoid(x)
+5. a per-channel Mul after a Conv / Gemm joins its weight and bias, a bias Add its bias, HardSwish decompositions become x · HardSigmoid(x)
    (ptq.fuse);
 6. a weight or bias initializer read by several Conv / Gemm / MatMul nodes gets a copy per node, so that a stage
    rescaling one layer (CLE, bias absorption) never changes another;
@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper, shape_inference, version_converter
 
 from .external import session_options
 from .errors import InputError
-from .fuse import fold_bias_adds, fuse_hardswish
+from .fuse import fold_bias_adds, fold_scale_muls, fuse_hardswish
 from .model import (Graph, attr, default_opset, remove_unused_initializers, set_attr, topological_sort,
                     unique_name)
 
@@ -39,6 +39,7 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     model = _infer_shapes(model)
     fold_constants(model)
     merge_pads_into_conv(model)
+    fold_scale_muls(model)
     fold_bias_adds(model)
     fuse_hardswish(model)
     unshare_initializers(model)

@@ -1,5 +1,8 @@
 """Function-preserving rewrites into the forms onnxruntime runs fast on integers (part of canonicalization):
 
+- a Conv / Gemm whose output only a Mul by a per-channel constant reads takes the constant into its weight and
+  bias (W ← c·W, b ← c·b; PP-LCNetV3's learnable affine blocks scale every convolution's output): the Mul otherwise
+  runs in float between the integer convolution and what reads it;
 - a Conv / Gemm whose output only an Add of a per-channel constant reads takes the constant into its bias
   (b ← b + c): the exporter's separate bias Adds (Paddle writes one after every Conv without BatchNorm) otherwise
   sit between the integer convolution and whatever reads it;
@@ -15,31 +18,73 @@ from onnx import helper
 from .model import Graph, attr, set_initializer, unique_name
 
 
+def fold_scale_muls(model: onnx.ModelProto) -> int:
+    """Fold Mul(layer output, per-channel constant c) into the Conv / Gemm: W ← c·W along the output channels,
+    b ← c·b. The folded weight and bias are new initializers (a shared one is left as it was). Returns the number
+    folded."""
+    gr = Graph(model)
+    removed = []
+    taken = set(gr.inits) | set(gr.producer)
+    for node in model.graph.node:
+        layer = _affine_layer(gr, node, "Mul")
+        if layer is None:
+            continue
+        mul, c, channels = layer
+        w = gr.const(node.input[1])
+        axis = 0 if node.op_type == "Conv" or attr(node, "transB", 0) else 1
+        scale = np.broadcast_to(c.astype(np.float64).ravel(), (channels,))
+        shape = [1] * w.ndim
+        shape[axis] = channels
+        node.input[1] = unique_name(taken, node.input[1] + "/scaled")
+        set_initializer(model, node.input[1], (w.astype(np.float64) * scale.reshape(shape)).astype(w.dtype))
+        if len(node.input) > 2 and node.input[2]:
+            b = gr.const(node.input[2])
+            node.input[2] = unique_name(taken, node.input[2] + "/scaled")
+            set_initializer(model, node.input[2], (b.astype(np.float64) * scale).astype(b.dtype))
+        node.output[0] = mul.output[0]
+        removed.append(mul)
+    for n in removed:
+        model.graph.node.remove(n)
+    return len(removed)
+
+
+def _affine_layer(gr: Graph, node, op: str):
+    """(the consumer, its constant, the layer's output channels) where ``node`` is a Conv / Gemm with a constant
+    float weight (and constant bias) whose output only an ``op`` (Add / Mul) with one value per output channel
+    reads; else None."""
+    if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or not gr.is_const(node.input[1]):
+        return None
+    nxt = gr.only_consumer(node.output[0])
+    if nxt is None or nxt.op_type != op or len(nxt.input) != 2:
+        return None
+    other = nxt.input[1] if nxt.input[0] == node.output[0] else nxt.input[0]
+    c, w = gr.const(other), gr.const(node.input[1])
+    if c is None or w.dtype.kind != "f" or c.dtype.kind != "f":
+        return None
+    if len(node.input) > 2 and node.input[2] and gr.const(node.input[2]) is None:
+        return None
+    if node.op_type == "Conv":
+        channels = w.shape[0]
+        fits = _per_channel_shape(c.shape, channels, w.ndim)
+    else:
+        if attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0:
+            return None
+        channels = w.shape[0] if attr(node, "transB", 0) else w.shape[1]
+        fits = c.size in (1, channels) and (c.ndim <= 1 or (c.ndim == 2 and c.shape[0] == 1))
+    return (nxt, c, channels) if fits else None
+
+
 def fold_bias_adds(model: onnx.ModelProto) -> int:
     """Fold Add(layer output, per-channel constant) into the Conv / Gemm's bias. Returns the number folded."""
     gr = Graph(model)
     removed = []
     taken = set(gr.inits) | set(gr.producer)
     for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or not gr.is_const(node.input[1]):
+        layer = _affine_layer(gr, node, "Add")
+        if layer is None:
             continue
-        add = gr.only_consumer(node.output[0])
-        if add is None or add.op_type != "Add" or add in removed:
-            continue
-        other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-        c, w = gr.const(other), gr.const(node.input[1])
-        if c is None or w.dtype.kind != "f":
-            continue
-        if node.op_type == "Conv":
-            channels = w.shape[0]
-            fits = _per_channel_shape(c.shape, channels, w.ndim)
-        else:
-            if attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0:
-                continue
-            channels = w.shape[0] if attr(node, "transB", 0) else w.shape[1]
-            fits = c.size in (1, channels) and (c.ndim <= 1 or (c.ndim == 2 and c.shape[0] == 1))
-        if not fits:
-            continue
+        add, c, channels = layer
+        w = gr.const(node.input[1])
         bias = gr.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(channels, w.dtype)
         if bias is None or (len(node.input) > 2 and node.input[2] and len(gr.consumers[node.input[2]]) != 1):
             continue

@@ -115,3 +115,30 @@ def test_bias_adds_and_hardswish_decompositions_are_rewritten_exactly(rng):
     assert ops == ["Conv", "HardSigmoid", "Mul", "Conv", "Add"]
     x = rng.normal(0, 2, (2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(run(out, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_per_channel_mul_after_a_conv_joins_its_weight_and_bias_exactly(rng):
+    """PP-LCNetV3's affine blocks: Conv -> Mul(a) -> Add(b). The Mul folds into the weight and bias (a per-channel
+    a, a scalar one), then the Add into the bias; a weight shared with another Conv is left as it was for that
+    one; outputs unchanged in onnxruntime."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], "conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["c", "a"], ["ca"], "lab_scale"),
+             helper.make_node("Add", ["ca", "shift"], ["cab"], "lab_shift"),
+             helper.make_node("Conv", ["x", "w", "b"], ["d"], "same_weights", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["a1", "d"], ["da"], "scalar_scale"),
+             helper.make_node("Add", ["cab", "da"], ["s"], "sum"),
+             helper.make_node("Conv", ["s", "w2"], ["e"], "conv2"),
+             helper.make_node("Mul", ["e", "a_wide"], ["y"], "not_per_channel")]  # varies along W: stays
+    inits = [init("w", rng.normal(0, 1, (4, 3, 3, 3)).astype(np.float32)),
+             init("b", rng.normal(0, 1, 4).astype(np.float32)),
+             init("a", rng.normal(0, 1, (1, 4, 1, 1)).astype(np.float32)),
+             init("shift", np.float32(0.3)), init("a1", np.array([-1.7], np.float32)),
+             init("w2", rng.normal(0, 1, (2, 4, 1, 1)).astype(np.float32)),
+             init("a_wide", rng.normal(0, 1, (8,)).astype(np.float32))]
+    model = make(nodes, [("x", [None, 3, 8, 8])], [("y", [None, 2, 8, 8])], inits)
+    out = canonicalize(model)
+    assert ops(out) == ["Conv", "Conv", "Add", "Conv", "Mul"]
+    weights = {n.input[1] for n in out.graph.node if n.op_type == "Conv"}
+    assert len(weights) == 3
+    x = rng.normal(0, 2, (2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(out, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
