@@ -27,8 +27,8 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import PTQError
 from .external import external_tensor
 from .model import Graph, default_opset, remove_unused_initializers, unique_name
-from .patterns import activation_bounds
-from .quant import Encoding, int32_bias, quantize
+from .patterns import activation_bounds, scalar_operand
+from .quant import Encoding, encoding_from_range, int32_bias, quantize
 
 MS_DOMAIN = "com.microsoft"
 _INT_TYPES = {(8, True): (TensorProto.INT8, np.int8), (8, False): (TensorProto.UINT8, np.uint8),
@@ -122,6 +122,15 @@ def export_qdq(state) -> onnx.ModelProto:
                                       unique_name(taken, base + "/Dequantize"), domain=domain, **kw))
         return out
 
+    def integer_operand(node, operand: str):
+        """The Add / Mul's one-value constant on its exact grid (patterns.scalar_operand), of the output's type."""
+        enc = act_enc[node.output[0]]
+        c = ref.const(operand)
+        c_enc = encoding_from_range(enc.spec.with_(axis=None), c.item(), c.item(), "exact")
+        k = list(node.input).index(operand)
+        node.input[k] = dq_const(node.name + "/operand", quantize(c, c_enc), c_enc,
+                                 storage_bits(enc.spec.bits, opset), enc.spec.signed, None)
+
     graph_in_map = {}
     for t in [i.name for i in g.input]:
         if t in act_enc:
@@ -132,6 +141,9 @@ def export_qdq(state) -> onnx.ModelProto:
     for node in g.node:
         if node.op_type == "Min" and node.output[0] in dropped:
             continue
+        operand = scalar_operand(ref, node) if node.output and node.output[0] in act_enc else None
+        if operand is not None and all(i == operand or i in act_enc for i in node.input):
+            integer_operand(node, operand)
         for k, name in enumerate(node.input):
             if name in graph_in_map:
                 node.input[k] = graph_in_map[name]

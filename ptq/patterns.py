@@ -2,8 +2,10 @@
 
 Activation quantizers are placed as int8 runtimes execute (white paper §2.3): an activation function
 (Relu, Clip) is fused into the layer before it, so the quantizer sits after the activation; the data input of
-every quantized layer is quantized; Add, Concat and average pools get output quantizers (and quantized inputs);
-MaxPool and pure data-movement ops share their input's quantizer (same scale and zero point), which is what
+every quantized layer is quantized; Add, Concat, average pools and Sigmoid, and a Mul of two computed tensors
+(SiLU's x · σ(x), a squeeze-excitation gate), get output quantizers (and quantized inputs) where an integer kernel
+reads their output — onnxruntime then runs them as QLinearAdd / QLinearConcat / QLinearSigmoid / QLinearMul;
+MaxPool, Split and pure data-movement ops share their input's quantizer (same scale and zero point), which is what
 lets onnxruntime run them on integers.
 """
 from __future__ import annotations
@@ -16,8 +18,8 @@ import onnx
 from .model import Graph, attr
 
 FUSABLE_ACTIVATIONS = {"Relu", "Clip"}
-QUANTIZED_OUTPUT_OPS = {"Add", "Concat", "AveragePool", "GlobalAveragePool"}
-SHARED_QUANTIZER_OPS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
+QUANTIZED_OUTPUT_OPS = {"Add", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid"}
+SHARED_QUANTIZER_OPS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Split"}
 FLOAT = onnx.TensorProto.FLOAT
 
 
@@ -161,11 +163,44 @@ def integer_inputs(model: onnx.ModelProto, layers: list[Layer]) -> set[str]:
         if node.name in by_node:
             out.add(by_node[node.name].x)
         elif any(o in out for o in node.output):
-            if node.op_type in QUANTIZED_OUTPUT_OPS:
+            if _integer_op(gr, node):
                 out.update(i for i in node.input if i and not gr.is_const(i))
             elif node.op_type in SHARED_QUANTIZER_OPS and node.input:
                 out.add(node.input[0])
     return out
+
+
+INTEGER_PRODUCERS = {"Conv", "Gemm", "MatMul", "Relu", "Clip"} | QUANTIZED_OUTPUT_OPS | SHARED_QUANTIZER_OPS
+
+
+def _integer_op(gr: Graph, node) -> bool:
+    """An op that onnxruntime runs on integers when its inputs and output are quantized: Concat, the average pools,
+    Sigmoid, an Add, and a Mul of tensors that integer kernels make (QLinearAdd / QLinearMul). A constant operand
+    of an Add or Mul must be one value (the exporter writes it exactly on a grid of its own, ``scalar_operand``); a
+    Mul reading a float op (HardSigmoid's gate) stays float: its operand would need a Q of its own, which costs
+    more than the float Mul saves (measured on PP-OCR's classifier)."""
+    if node.op_type in ("Add", "Mul"):
+        if len(node.input) != 2 or all(gr.is_const(i) for i in node.input):
+            return False
+        if any(gr.is_const(i) and i != scalar_operand(gr, node) for i in node.input):
+            return False
+        return node.op_type == "Add" or all(
+            gr.is_const(i) or i not in gr.producer or gr.producer[i].op_type in INTEGER_PRODUCERS
+            for i in node.input)
+    return node.op_type in QUANTIZED_OUTPUT_OPS
+
+
+def scalar_operand(gr: Graph, node) -> str | None:
+    """The constant one-value float operand of an Add / Mul (an affine block's a or b, HardSwish's + 3), or None.
+    One value c is exact on a grid of its own — c = s·(q − z) with q and z at opposite ends of the integer range —
+    so the integer kernel computes what the float op computes."""
+    if node.op_type not in ("Add", "Mul") or len(node.input) != 2:
+        return None
+    for i in node.input:
+        c = gr.const(i)
+        if c is not None and c.size == 1 and c.dtype == np.float32 and np.isfinite(c).all():
+            return i
+    return None
 
 
 def place_activation_quantizers(model: onnx.ModelProto, layers: list[Layer]) -> Placement:
@@ -179,8 +214,9 @@ def place_activation_quantizers(model: onnx.ModelProto, layers: list[Layer]) -> 
         if layer.op != "MatMul" or layer.out in reads:
             wanted.add(layer.out)
     layer_nodes = {l.name for l in layers} | {l.act_node for l in layers if l.act_node}
+    gr = Graph(model)
     for node in model.graph.node:
-        if node.op_type in QUANTIZED_OUTPUT_OPS and node.output[0] in reads:
+        if _integer_op(gr, node) and node.output[0] in reads:
             wanted.add(node.output[0])
     root: dict[str, str] = {}
     for node in model.graph.node:  # topological: a shared quantizer's input is decided before its output
@@ -188,13 +224,14 @@ def place_activation_quantizers(model: onnx.ModelProto, layers: list[Layer]) -> 
             if t in wanted and t not in root:
                 root[t] = t
         if node.op_type in SHARED_QUANTIZER_OPS and node.input and node.input[0] in root:
-            root[node.output[0]] = root[node.input[0]]
+            for o in node.output:
+                root[o] = root[node.input[0]]
         for t in node.output:
             if t in wanted and t not in root:
                 root[t] = t
     root = {t: r for t, r in root.items() if t not in not_float and r not in not_float}
     fp32_ops = sorted({n.op_type for n in model.graph.node
-                       if n.name not in layer_nodes and n.op_type not in QUANTIZED_OUTPUT_OPS
+                       if n.name not in layer_nodes and not _integer_op(gr, n)
                        and n.op_type not in SHARED_QUANTIZER_OPS})
     return Placement(root, fp32_ops)
 

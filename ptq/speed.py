@@ -101,8 +101,8 @@ def _narrower(clip, q, inits) -> bool:
 def costly_choices(q_model: onnx.ModelProto) -> dict:
     """{choice: (count, the model without it)} for what the QDQ layout holds that onnxruntime's integer kernels
     cannot absorb: a float Min between DQ and Q (CLE's per-channel ReLU6 bound), a saturating Clip before a
-    QuantizeLinear (activations under 8 bits), a weight DequantizeLinear whose zero point is off the grid's
-    middle (asymmetric weights: not 0 for int8, not 128 for uint8). The models without them are not the same
+    QuantizeLinear (activations under 8 bits), a weight DequantizeLinear (more than one value) whose zero point is
+    off the grid's middle (asymmetric weights: not 0 for int8, not 128 for uint8). The models without them are not the same
     function: they exist only to be timed."""
     g = q_model.graph
     producer = {o: n for n in g.node for o in n.output}
@@ -124,6 +124,7 @@ def costly_choices(q_model: onnx.ModelProto) -> dict:
              and all(r.op_type == "QuantizeLinear" and _narrower(n, r, inits) for r in readers[n.output[0]])]
     zps = [n.input[2] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
            and len(n.input) > 2 and n.input[2] in inits and inits[n.input[0]].data_type != onnx.TensorProto.INT32
+           and int(np.prod(inits[n.input[0]].dims)) > 1  # one value is an Add / Mul operand's exact grid
            and _asymmetric(numpy_helper.to_array(inits[n.input[2]]))]
     out = {}
     if mins:

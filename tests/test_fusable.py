@@ -1,8 +1,11 @@
 """Layouts the int8 runtime can fuse: CLE's ReLU6 bound and sub-8-bit saturation left out only where exact, the
 saturating-kernel guard (reduce_range) against onnxruntime's own exact Q/DQ run, and what the report says the
 remaining choices cost."""
+import collections
+
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from builders import conv_bn_relu, init, make, run, save_npy_samples
 from onnx import TensorProto, helper, numpy_helper
@@ -256,3 +259,78 @@ def test_uint8_weights_at_zero_point_128_are_symmetric_and_cost_nothing():
         if counted:
             variant = costs["weight zero points off the grid's middle"][1]
             assert numpy_helper.to_array(next(t for t in variant.graph.initializer if t.name == "wz")) == 128
+
+
+def silu_split_affine(rng):
+    """x -> Conv -> SiLU (x · Sigmoid(x)) -> Split in two -> Conv, Conv -> Add -> Mul(0.5) -> Add(-0.25) -> Conv."""
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], "conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c0"], ["sg"], "sigmoid"),
+             helper.make_node("Mul", ["c0", "sg"], ["silu"], "silu"),
+             helper.make_node("Split", ["silu"], ["s1", "s2"], "split", axis=1),
+             helper.make_node("Conv", ["s1", "w1"], ["c1"], "conv1"),
+             helper.make_node("Conv", ["s2", "w2"], ["c2"], "conv2"),
+             helper.make_node("Add", ["c1", "c2"], ["sum"], "add"),
+             helper.make_node("Mul", ["sum", "half"], ["scaled"], "scale"),
+             helper.make_node("Add", ["scaled", "shift"], ["shifted"], "shift"),
+             helper.make_node("Conv", ["shifted", "w3"], ["y"], "conv3")]
+    inits = [init("w0", rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32)),
+             init("b0", rng.normal(0, 0.2, 8).astype(np.float32)),
+             init("w1", rng.normal(0, 0.4, (4, 4, 1, 1)).astype(np.float32)),
+             init("w2", rng.normal(0, 0.4, (4, 4, 1, 1)).astype(np.float32)),
+             init("half", np.array([0.5], np.float32)), init("shift", np.float32(-0.25)),
+             init("w3", rng.normal(0, 0.4, (2, 4, 1, 1)).astype(np.float32))]
+    return make(nodes, [("x", [None, 3, 8, 8])], [("y", [None, 2, 8, 8])], inits)
+
+
+def test_silu_split_and_scalar_affine_ops_run_on_integers(rng, tmp_path):
+    """SiLU becomes QLinearSigmoid · QLinearMul, Split shares its input's grid, the Mul / Add by one constant
+    value run as QLinearMul / QLinearAdd with the value written exactly; onnxruntime leaves no Q / DQ but the
+    graph input's and the output's, and the fused model computes what the QDQ model computes."""
+    model = silu_split_affine(rng)
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8)
+    state = state_for(model, calib)
+    root = state.placement.root
+    assert {"sg", "silu", "s1", "s2", "sum", "scaled", "shifted"} <= set(root)
+    assert root["s1"] == root["s2"] == root["silu"]
+    q = export_qdq(state)
+    operands = {}
+    for n in q.graph.node:
+        if n.op_type in ("Mul", "Add") and n.name in ("scale", "shift"):
+            dq = next(d for d in q.graph.node if d.output[0] in n.input and d.op_type == "DequantizeLinear"
+                      and d.input[0] in {i.name for i in q.graph.initializer})
+            v = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+            operands[n.name] = float(v[dq.input[1]]) * (int(v[dq.input[0]].item()) - int(v[dq.input[2]]))
+    assert operands["scale"] == pytest.approx(0.5, rel=1e-6) and operands["shift"] == pytest.approx(-0.25, rel=1e-6)
+    opt = tmp_path / "opt.onnx"
+    x = rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
+    fused = session(q).run(None, {"x": x})[0]
+    o = ort.SessionOptions()
+    o.log_severity_level = 3
+    o.optimized_model_filepath = str(opt)
+    ort.InferenceSession(q.SerializeToString(), o, providers=["CPUExecutionProvider"])
+    count = collections.Counter(ops(onnx.load(str(opt))))
+    assert count["QLinearSigmoid"] == 1 and count["QLinearMul"] == 2 and count["QLinearAdd"] == 2
+    assert count["QuantizeLinear"] == 1 and count["DequantizeLinear"] == 1  # the graph input's and the output's
+    exact = session(q, exact_qdq=True).run(None, {"x": x})[0]
+    step = float(state.acts[root["shifted"]].scale) * float(np.abs(numpy_helper.to_array(
+        next(i for i in model.graph.initializer if i.name == "w3"))).sum(axis=(1, 2, 3)).max())
+    assert np.max(np.abs(fused - exact)) <= 2 * step  # integer kernels round where the QDQ model does not
+    y = session(model).run(None, {"x": x})[0]
+    assert np.corrcoef(fused.ravel(), y.ravel())[0, 1] > 0.99
+
+
+def test_a_mul_by_a_float_gate_and_a_wide_constant_add_stay_float(rng, tmp_path):
+    """HardSigmoid has no integer kernel, so x · HardSigmoid(x) keeps a float Mul (no Q on the gate); an Add of
+    a constant with more than one value is not integer either, so its input gets no quantizer of its own."""
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], "conv0"),
+             helper.make_node("HardSigmoid", ["c0"], ["hs"], "gate", alpha=1 / 6, beta=0.5),
+             helper.make_node("Mul", ["c0", "hs"], ["m"], "hswish"),
+             helper.make_node("Add", ["m", "wide"], ["a"], "wide_add"),
+             helper.make_node("Conv", ["a", "w1"], ["y"], "conv1")]
+    inits = [init("w0", rng.normal(0, 0.4, (4, 3, 1, 1)).astype(np.float32)),
+             init("wide", rng.normal(0, 1, (8,)).astype(np.float32)),
+             init("w1", rng.normal(0, 0.4, (2, 4, 1, 1)).astype(np.float32))]
+    model = make(nodes, [("x", [None, 3, 8, 8])], [("y", [None, 2, 8, 8])], inits)
+    state = state_for(model, save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8))
+    assert "hs" not in state.placement.root and "m" not in state.placement.root
+    assert {"c0", "a"} <= set(state.placement.root)
