@@ -6,8 +6,8 @@
    evaluated once with onnxruntime and replaced by its value — this removes the Shape/ConstantOfShape/Slice/Pad
    chains that PyTorch exports for "same" padding;
 4. a zero-constant Pad in front of a Conv is merged into the Conv's ``pads``;
-5. a per-channel Mul after a Conv / Gemm joins its weight and bias, a bias Add its bias, HardSwish decompositions become x · HardSigmoid(x)
-   (ptq.fuse);
+5. a per-channel Mul after a Conv / Gemm joins its weight and bias, a bias Add its bias, HardSwish decompositions
+   become x · HardSigmoid(x), and a Mul by one value before layers moves into their weights (ptq.fuse);
 6. a weight or bias initializer read by several Conv / Gemm / MatMul nodes gets a copy per node, so that a stage
    rescaling one layer (CLE, bias absorption) never changes another;
 7. shape inference and a topological order.
@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper, shape_inference, version_converter
 
 from .external import session_options
 from .errors import InputError
-from .fuse import fold_bias_adds, fold_scale_muls, fuse_hardswish
+from .fuse import fold_bias_adds, fold_scale_muls, fold_scales_forward, fuse_hardswish
 from .model import (Graph, attr, default_opset, remove_unused_initializers, set_attr, topological_sort,
                     unique_name)
 
@@ -42,6 +42,7 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     fold_scale_muls(model)
     fold_bias_adds(model)
     fuse_hardswish(model)
+    fold_scales_forward(model)
     unshare_initializers(model)
     remove_unused_initializers(model)
     topological_sort(model)

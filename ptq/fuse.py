@@ -6,6 +6,8 @@
 - a Conv / Gemm whose output only an Add of a per-channel constant reads takes the constant into its bias
   (b ← b + c): the exporter's separate bias Adds (Paddle writes one after every Conv without BatchNorm) otherwise
   sit between the integer convolution and whatever reads it;
+- a Mul by one value c (and an Add of one value d after it) whose result only layers read moves into their
+  weights, L(c·x + d) = L_{c·W}(x + d/c): PP-LCNetV3's affine block after each activation;
 - the HardSwish decomposition x · Clip(x + 3, 0, 6) / 6 (or · 1/6) becomes x · HardSigmoid(x) with α = 1/6,
   β = 0.5: two ops instead of four, and a pattern the activation ranges recognize.
 """
@@ -160,3 +162,70 @@ def _divides_by_6(gr: Graph, node, src: str) -> bool:
     v = float(np.ravel(gr.const(other[0]))[0])
     return (node.op_type == "Div" and node.input[0] == src and np.isclose(v, 6.0)) or \
         (node.op_type == "Mul" and np.isclose(v, 1 / 6.0))
+
+
+def fold_scales_forward(model: onnx.ModelProto) -> int:
+    """Move a Mul by one value c (optionally followed by an Add of one value d) into the layers that read it:
+
+        L(c·x + d) = L_{c·W}(x + d/c)
+
+    where every reader of the result is a Conv / Gemm / MatMul taking it as its data input with a constant float
+    weight (c ≠ 0). Zero padding commutes with the scale (c·0 = 0), so a padded convolution stays exact; the Add,
+    if any, stays (with d/c), the Mul goes. PP-LCNetV3's affine block after each activation is this pattern.
+    Scaled weights are new initializers. Returns the number of Muls removed."""
+    gr = Graph(model)
+    taken = set(gr.inits) | set(gr.producer) | {n.name for n in model.graph.node}
+    removed = []
+    for mul in model.graph.node:
+        c = _one_value(gr, mul, "Mul")
+        if c is None or c[1] == 0.0:
+            continue
+        (name, scale), x = c, next(i for i in mul.input if i != c[0])
+        add = gr.only_consumer(mul.output[0])
+        shift = _one_value(gr, add, "Add") if add is not None else None
+        last = add.output[0] if shift is not None else mul.output[0]
+        readers = gr.consumers.get(last, [])
+        if not readers or last in gr.outputs or mul.output[0] in gr.outputs or gr.is_const(x) \
+                or not all(_linear_reader(gr, r, last) for r in readers):
+            continue
+        for r in readers:
+            w = gr.const(r.input[1])
+            r.input[1] = unique_name(taken, r.input[1] + "/scaled")
+            set_initializer(model, r.input[1], (w.astype(np.float64) * scale).astype(w.dtype))
+        if shift is not None:
+            d_name = unique_name(taken, shift[0] + "/unscaled")
+            set_initializer(model, d_name, np.asarray(shift[1] / scale, np.float32).reshape(gr.const(shift[0]).shape))
+            add.input[:] = [x, d_name]
+        else:
+            for r in readers:
+                r.input[0] = x
+        removed.append(mul)
+    for n in removed:
+        model.graph.node.remove(n)
+    return len(removed)
+
+
+def _one_value(gr: Graph, node, op: str):
+    """(the constant's name, its value) where ``node`` is an ``op`` of a computed tensor and a one-value finite
+    float32 constant; else None."""
+    if node is None or node.op_type != op or len(node.input) != 2:
+        return None
+    consts = [i for i in node.input if gr.is_const(i)]
+    if len(consts) != 1:
+        return None
+    v = gr.const(consts[0])
+    if v.size != 1 or v.dtype != np.float32 or not np.isfinite(v).all():
+        return None
+    return consts[0], float(v.ravel()[0])
+
+
+def _linear_reader(gr: Graph, node, x: str) -> bool:
+    """Whether ``node`` is a Conv / Gemm / MatMul reading ``x`` as its data input (only there) with a constant
+    float weight, so that scaling its input by c is scaling its weight by c."""
+    if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[0] != x \
+            or x in node.input[1:]:
+        return False
+    w = gr.const(node.input[1])
+    if w is None or w.dtype.kind != "f":
+        return False
+    return node.op_type != "Gemm" or not attr(node, "transA", 0)

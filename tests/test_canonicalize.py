@@ -142,3 +142,28 @@ def test_a_per_channel_mul_after_a_conv_joins_its_weight_and_bias_exactly(rng):
     assert len(weights) == 3
     x = rng.normal(0, 2, (2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(run(out, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_scalar_affine_before_layers_moves_into_their_weights_exactly(rng):
+    """Relu -> Mul(c) -> Add(d) -> {padded Conv, depthwise Conv}: the Mul goes (the layers' weights times c, the
+    Add's d / c); a Mul whose result a non-layer also reads stays; onnxruntime's outputs unchanged."""
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], "conv0"),
+             helper.make_node("Relu", ["c0"], ["r"], "relu"),
+             helper.make_node("Mul", ["r", "c"], ["rc"], "lab_scale"),
+             helper.make_node("Add", ["rc", "d"], ["rcd"], "lab_shift"),
+             helper.make_node("Conv", ["rcd", "w1"], ["y1"], "padded", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["rcd", "wd"], ["y2"], "depthwise", pads=[1, 1, 1, 1], group=4),
+             helper.make_node("Mul", ["y2", "c2"], ["y2c"], "read_by_add"),
+             helper.make_node("Add", ["y2c", "y2"], ["y3"], "not_a_layer"),
+             helper.make_node("Conv", ["y3", "w2"], ["y"], "conv_last")]
+    inits = [init("w0", rng.normal(0, 1, (4, 3, 1, 1)).astype(np.float32)),
+             init("c", np.array([-0.7], np.float32)), init("d", np.float32(0.4)),
+             init("w1", rng.normal(0, 1, (4, 4, 3, 3)).astype(np.float32)),
+             init("wd", rng.normal(0, 1, (4, 1, 3, 3)).astype(np.float32)),
+             init("c2", np.float32(1.3)), init("w2", rng.normal(0, 1, (2, 4, 1, 1)).astype(np.float32))]
+    model = make(nodes, [("x", [None, 3, 8, 8])], [("y1", [None, 4, 8, 8]), ("y", [None, 2, 8, 8])], inits)
+    out = canonicalize(model)
+    assert ops(out) == ["Conv", "Relu", "Add", "Conv", "Conv", "Mul", "Add", "Conv"]
+    x = rng.normal(0, 2, (2, 3, 8, 8)).astype(np.float32)
+    for a, b in zip(run(out, {"x": x}), run(model, {"x": x})):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -262,7 +262,8 @@ def test_uint8_weights_at_zero_point_128_are_symmetric_and_cost_nothing():
 
 
 def silu_split_affine(rng):
-    """x -> Conv -> SiLU (x · Sigmoid(x)) -> Split in two -> Conv, Conv -> Add -> Mul(0.5) -> Add(-0.25) -> Conv."""
+    """x -> Conv -> SiLU (x · Sigmoid(x)) -> Split in two -> Conv, Conv -> Add -> Mul(0.5) -> Add(-0.25) -> Add
+    (the first Add's output) -> Conv."""
     nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], "conv0", pads=[1, 1, 1, 1]),
              helper.make_node("Sigmoid", ["c0"], ["sg"], "sigmoid"),
              helper.make_node("Mul", ["c0", "sg"], ["silu"], "silu"),
@@ -272,7 +273,8 @@ def silu_split_affine(rng):
              helper.make_node("Add", ["c1", "c2"], ["sum"], "add"),
              helper.make_node("Mul", ["sum", "half"], ["scaled"], "scale"),
              helper.make_node("Add", ["scaled", "shift"], ["shifted"], "shift"),
-             helper.make_node("Conv", ["shifted", "w3"], ["y"], "conv3")]
+             helper.make_node("Add", ["shifted", "sum"], ["res"], "residual"),  # not a layer: the Mul stays
+             helper.make_node("Conv", ["res", "w3"], ["y"], "conv3")]
     inits = [init("w0", rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32)),
              init("b0", rng.normal(0, 0.2, 8).astype(np.float32)),
              init("w1", rng.normal(0, 0.4, (4, 4, 1, 1)).astype(np.float32)),
@@ -309,10 +311,10 @@ def test_silu_split_and_scalar_affine_ops_run_on_integers(rng, tmp_path):
     o.optimized_model_filepath = str(opt)
     ort.InferenceSession(q.SerializeToString(), o, providers=["CPUExecutionProvider"])
     count = collections.Counter(ops(onnx.load(str(opt))))
-    assert count["QLinearSigmoid"] == 1 and count["QLinearMul"] == 2 and count["QLinearAdd"] == 2
+    assert count["QLinearSigmoid"] == 1 and count["QLinearMul"] == 2 and count["QLinearAdd"] == 3
     assert count["QuantizeLinear"] == 1 and count["DequantizeLinear"] == 1  # the graph input's and the output's
     exact = session(q, exact_qdq=True).run(None, {"x": x})[0]
-    step = float(state.acts[root["shifted"]].scale) * float(np.abs(numpy_helper.to_array(
+    step = float(state.acts[root["res"]].scale) * float(np.abs(numpy_helper.to_array(
         next(i for i in model.graph.initializer if i.name == "w3"))).sum(axis=(1, 2, 3)).max())
     assert np.max(np.abs(fused - exact)) <= 2 * step  # integer kernels round where the QDQ model does not
     y = session(model).run(None, {"x": x})[0]
