@@ -24,30 +24,60 @@ def fold_scale_muls(model: onnx.ModelProto) -> int:
     """Fold Mul(layer output, per-channel constant c) into the Conv / Gemm: W ← c·W along the output channels,
     b ← c·b. The folded weight and bias are new initializers (a shared one is left as it was). Returns the number
     folded."""
+    return _fold_after_layers(model, "Mul", _scale_layer)
+
+
+def fold_bias_adds(model: onnx.ModelProto) -> int:
+    """Fold Add(layer output, per-channel constant c) into the Conv / Gemm's bias (b ← b + c). Returns the number
+    folded."""
+    return _fold_after_layers(model, "Add", _shift_bias)
+
+
+def _fold_after_layers(model: onnx.ModelProto, op: str, fold) -> int:
+    """For each layer whose output only an ``op`` with one value per output channel reads (``_affine_layer``):
+    ``fold(model, gr, layer node, c as [channels] float64, taken)`` rewrites the layer (False: it could not), and
+    the layer then writes the ``op``'s output in its place."""
     gr = Graph(model)
     removed = []
     taken = set(gr.inits) | set(gr.producer)
     for node in model.graph.node:
-        layer = _affine_layer(gr, node, "Mul")
-        if layer is None:
+        found = _affine_layer(gr, node, op)
+        if found is None:
             continue
-        mul, c, channels = layer
-        w = gr.const(node.input[1])
-        axis = 0 if node.op_type == "Conv" or attr(node, "transB", 0) else 1
-        scale = np.broadcast_to(c.astype(np.float64).ravel(), (channels,))
-        shape = [1] * w.ndim
-        shape[axis] = channels
-        node.input[1] = unique_name(taken, node.input[1] + "/scaled")
-        set_initializer(model, node.input[1], (w.astype(np.float64) * scale.reshape(shape)).astype(w.dtype))
-        if len(node.input) > 2 and node.input[2]:
-            b = gr.const(node.input[2])
-            node.input[2] = unique_name(taken, node.input[2] + "/scaled")
-            set_initializer(model, node.input[2], (b.astype(np.float64) * scale).astype(b.dtype))
-        node.output[0] = mul.output[0]
-        removed.append(mul)
+        nxt, c, channels = found
+        if fold(model, gr, node, np.broadcast_to(c.astype(np.float64).ravel(), (channels,)), taken) is False:
+            continue
+        node.output[0] = nxt.output[0]
+        removed.append(nxt)
     for n in removed:
         model.graph.node.remove(n)
     return len(removed)
+
+
+def _scale_layer(model, gr: Graph, node, scale: np.ndarray, taken: set) -> None:
+    w = gr.const(node.input[1])
+    shape = [1] * w.ndim
+    shape[0 if node.op_type == "Conv" or attr(node, "transB", 0) else 1] = len(scale)
+    node.input[1] = unique_name(taken, node.input[1] + "/scaled")
+    set_initializer(model, node.input[1], (w.astype(np.float64) * scale.reshape(shape)).astype(w.dtype))
+    if len(node.input) > 2 and node.input[2]:
+        b = gr.const(node.input[2])
+        node.input[2] = unique_name(taken, node.input[2] + "/scaled")
+        set_initializer(model, node.input[2], (b.astype(np.float64) * scale).astype(b.dtype))
+
+
+def _shift_bias(model, gr: Graph, node, shift: np.ndarray, taken: set) -> bool:
+    w = gr.const(node.input[1])
+    has_bias = len(node.input) > 2 and node.input[2]
+    if has_bias and len(gr.consumers[node.input[2]]) != 1:
+        return False
+    bias = gr.const(node.input[2]) if has_bias else np.zeros(len(shift), w.dtype)
+    name = node.input[2] if has_bias else unique_name(taken, node.name + "/bias")
+    set_initializer(model, name, (bias.astype(np.float64) + shift).astype(w.dtype))
+    while len(node.input) < 3:
+        node.input.append("")
+    node.input[2] = name
+    return True
 
 
 def _affine_layer(gr: Graph, node, op: str):
@@ -74,33 +104,6 @@ def _affine_layer(gr: Graph, node, op: str):
         channels = w.shape[0] if attr(node, "transB", 0) else w.shape[1]
         fits = c.size in (1, channels) and (c.ndim <= 1 or (c.ndim == 2 and c.shape[0] == 1))
     return (nxt, c, channels) if fits else None
-
-
-def fold_bias_adds(model: onnx.ModelProto) -> int:
-    """Fold Add(layer output, per-channel constant) into the Conv / Gemm's bias. Returns the number folded."""
-    gr = Graph(model)
-    removed = []
-    taken = set(gr.inits) | set(gr.producer)
-    for node in model.graph.node:
-        layer = _affine_layer(gr, node, "Add")
-        if layer is None:
-            continue
-        add, c, channels = layer
-        w = gr.const(node.input[1])
-        bias = gr.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(channels, w.dtype)
-        if bias is None or (len(node.input) > 2 and node.input[2] and len(gr.consumers[node.input[2]]) != 1):
-            continue
-        new = (bias.astype(np.float64) + np.broadcast_to(c.astype(np.float64).ravel(), (channels,))).astype(w.dtype)
-        name = node.input[2] if len(node.input) > 2 and node.input[2] else unique_name(taken, node.name + "/bias")
-        set_initializer(model, name, new)
-        while len(node.input) < 3:
-            node.input.append("")
-        node.input[2] = name
-        node.output[0] = add.output[0]
-        removed.append(add)
-    for n in removed:
-        model.graph.node.remove(n)
-    return len(removed)
 
 
 def _per_channel_shape(shape, channels: int, rank: int) -> bool:
