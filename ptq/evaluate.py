@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import AccuracyGateError, InputError
+from .external import folder
 from .observe import session
 from .patterns import class_score_outputs
 
@@ -150,15 +151,25 @@ def check_comparable(fp_model, q_model, fp_name="FP32 model", q_name="quantized 
 
 def evaluate(fp_model, q_model, source, batch_size: int = 16, labels: dict | None = None,
              progress: bool = False, desc: str = "evaluating") -> dict:
-    """Run both models over ``source``; returns samples, per-output fidelity and, for a classification output
+    """Run both models over ``source`` (a model kept on disk: the FP32 one first, then the quantized one, so that
+    one session's weights are in memory at a time); returns samples, per-output fidelity and, for a classification output
     ([N, C] class scores of a Gemm / MatMul, ptq.patterns.class_score_outputs), top-1 agreement and — with
     labels — top-1 / top-5 of both."""
-    fp, q = session(fp_model, arena=False), session(q_model, arena=False)
+    on_disk = hasattr(fp_model, "graph") and folder(fp_model) is not None
+    fp = session(fp_model, arena=False)
     names = [o.name for o in fp.get_outputs()]
     acc = Accumulator(names, labels, class_score_outputs(fp_model) if hasattr(fp_model, "graph") else None)
-    with tqdm(total=len(source), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for paths, feed in source.batches(batch_size):
-            acc.update(paths, fp.run(names, feed), q.run(names, feed))
+    with tqdm(total=len(source) * (2 if on_disk else 1), desc=desc, unit="img", disable=not progress,
+              leave=False) as bar:
+        if on_disk:  # weights kept on disk (over 2 GB): one session at a time, the FP32 outputs kept meanwhile
+            fp_out = []
+            for paths, feed in source.batches(batch_size):
+                fp_out.append(fp.run(names, feed))
+                bar.update(len(paths))
+            del fp
+        q = session(q_model, arena=False)
+        for k, (paths, feed) in enumerate(source.batches(batch_size)):
+            acc.update(paths, fp_out[k] if on_disk else fp.run(names, feed), q.run(names, feed))
             bar.update(len(paths))
     return acc.result()
 

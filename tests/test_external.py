@@ -34,7 +34,20 @@ def test_a_model_kept_on_disk_quantizes_as_it_does_from_memory(rng, tmp_path, mo
     assert all(external.is_external(t) and not t.raw_data for t in loaded.graph.initializer if t.dims)
     for t in model.graph.initializer:  # read by parts: the same values
         np.testing.assert_array_equal(Graph(loaded).const(t.name), onnx.numpy_helper.to_array(t))
+    import weakref
+
+    import ptq.evaluate
+    made, most = [], [0]
+
+    def counted(*args, **kw):  # evaluation sessions alive at once
+        s = session(*args, **kw)
+        made.append(weakref.ref(s))
+        most[0] = max(most[0], sum(r() is not None for r in made))
+        return s
+    session = ptq.evaluate.session
+    monkeypatch.setattr(ptq.evaluate, "session", counted)
     on_disk = quantize(path, calib, **settings)
+    assert len(made) >= 2 and most[0] == 1  # the FP32 model's session goes before the quantized one's comes
 
     x = rng.normal(0, 1, (4, 16, 8, 8)).astype(np.float32)
     np.testing.assert_array_equal(run(external.self_contained(on_disk.model), {"x": x})[0],
