@@ -43,6 +43,7 @@ from zoo_models import CACHE, cache_wheel  # noqa: E402
 SHARED = ROOT.parent / "shared" / "bench"
 RESULTS = ROOT / "bench" / "zoo_results.json"
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
+LATENCY_RUNS = 100  # per model, interleaved (ptq.evaluate.latencies_ms): fewer leave the ratio to the machine's noise
 
 
 @dataclass
@@ -73,7 +74,7 @@ def outputs(path, feeds: list[dict]) -> list[list[np.ndarray]]:
 
 def latency_ratio(fp, q, feed) -> float:
     from ptq.evaluate import latencies_ms
-    q_ms, fp_ms = latencies_ms([str(q), str(fp)], feed, 30)
+    q_ms, fp_ms = latencies_ms([str(q), str(fp)], feed, LATENCY_RUNS)
     return q_ms / fp_ms
 
 

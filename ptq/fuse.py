@@ -183,7 +183,7 @@ def fold_scales_forward(model: onnx.ModelProto) -> int:
         c = _one_value(gr, mul, "Mul")
         if c is None or c[1] == 0.0:
             continue
-        (name, scale), x = c, next(i for i in mul.input if i != c[0])
+        scale, x = c[1], next(i for i in mul.input if i != c[0])
         add = gr.only_consumer(mul.output[0])
         shift = _one_value(gr, add, "Add") if add is not None else None
         last = add.output[0] if shift is not None else mul.output[0]
