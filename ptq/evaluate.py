@@ -152,9 +152,9 @@ def check_comparable(fp_model, q_model, fp_name="FP32 model", q_name="quantized 
 def evaluate(fp_model, q_model, source, batch_size: int = 16, labels: dict | None = None,
              progress: bool = False, desc: str = "evaluating") -> dict:
     """Run both models over ``source`` (a model kept on disk: the FP32 one first, then the quantized one, so that
-    one session's weights are in memory at a time); returns samples, per-output fidelity and, for a classification output
-    ([N, C] class scores of a Gemm / MatMul, ptq.patterns.class_score_outputs), top-1 agreement and — with
-    labels — top-1 / top-5 of both."""
+    one session's weights are in memory at a time); returns samples, per-output fidelity and, for a
+    classification output ([N, C] class scores of a Gemm / MatMul, ptq.patterns.class_score_outputs), top-1
+    agreement and — with labels — top-1 / top-5 of both."""
     on_disk = hasattr(fp_model, "graph") and folder(fp_model) is not None
     fp = session(fp_model, arena=False)
     names = [o.name for o in fp.get_outputs()]

@@ -101,9 +101,9 @@ def _narrower(clip, q, inits) -> bool:
 def costly_choices(q_model: onnx.ModelProto) -> dict:
     """{choice: (count, the model without it)} for what the QDQ layout holds that onnxruntime's integer kernels
     cannot absorb: a float Min between DQ and Q (CLE's per-channel ReLU6 bound), a saturating Clip before a
-    QuantizeLinear (activations under 8 bits), a weight DequantizeLinear (more than one value) whose zero point is
-    off the grid's middle (asymmetric weights: not 0 for int8, not 128 for uint8). The models without them are not the same
-    function: they exist only to be timed."""
+    QuantizeLinear (activations under 8 bits), a weight DequantizeLinear (more than one value) whose zero point
+    is off the grid's middle (asymmetric weights: not 0 for int8, not 128 for uint8). The models without them are
+    not the same function: they exist only to be timed."""
     g = q_model.graph
     producer = {o: n for n in g.node for o in n.output}
     inits = {t.name: t for t in g.initializer}
