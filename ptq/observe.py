@@ -181,7 +181,7 @@ def observe(model: onnx.ModelProto, source, batch_size: int, observers: dict, pr
     with ``update``) batch by batch, the batches made smaller where their outputs would not fit in
     ``memory_limit`` bytes (``batch_within``). Returns the number of samples seen."""
     names = list(observers)
-    sess = session(model, names)
+    sess = session(model, names, arena=False)
     batch_size = batch_within(sess, names, source, batch_size, memory_limit)
     seen = 0
     with tqdm(total=len(source), desc=desc, unit="img", disable=not progress, leave=False) as bar:

@@ -22,7 +22,7 @@ CHECKPOINT_BYTES = 2 << 30  # per walk
 def streamed(model: onnx.ModelProto, names, source, batch_size: int):
     """Per calibration batch, {name: array} for ``names``, from ``model`` truncated at them (nothing kept)."""
     names = list(dict.fromkeys(names))
-    sess = session(truncate(model, names))
+    sess = session(truncate(model, names), arena=False)
     for _, feed in source.batches(batch_size):
         yield dict(zip(names, sess.run(names, feed)))
 
@@ -59,7 +59,7 @@ class Walk:
         for feed in self._start(release):
             todo = [o for o in outputs if o not in feed]
             if sess is None and todo:
-                sess = session(truncate(model, todo, {k: v.dtype for k, v in feed.items()}))
+                sess = session(truncate(model, todo, {k: v.dtype for k, v in feed.items()}), arena=False)
                 need = {i.name for i in sess.get_inputs()}
                 self.runs += 1
             out = dict(zip(todo, sess.run(todo, {k: v for k, v in feed.items() if k in need}))) if todo else {}

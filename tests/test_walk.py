@@ -61,8 +61,8 @@ def test_advancing_releases_the_old_checkpoint_as_it_goes(tmp_path, rng, monkeyp
     real = ptq.walk.session
 
     class Counting:
-        def __init__(self, m):
-            self.s = real(m)
+        def __init__(self, m, **kw):
+            self.s = real(m, **kw)
 
         def get_inputs(self):
             return self.s.get_inputs()
