@@ -303,6 +303,7 @@ def test_silu_split_and_scalar_affine_ops_run_on_integers(rng, tmp_path):
             v = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
             operands[n.name] = float(v[dq.input[1]]) * (int(v[dq.input[0]].item()) - int(v[dq.input[2]]))
     assert operands["scale"] == pytest.approx(0.5, rel=1e-6) and operands["shift"] == pytest.approx(-0.25, rel=1e-6)
+    assert costly_choices(q) == {}  # -0.25's zero point is 255: an operand's grid, not an asymmetric weight
     opt = tmp_path / "opt.onnx"
     x = rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
     fused = session(q).run(None, {"x": x})[0]
