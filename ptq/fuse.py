@@ -18,6 +18,7 @@ import onnx
 from onnx import helper
 
 from .model import Graph, attr, set_initializer, unique_name
+from .patterns import scalar_operand
 
 
 def fold_scale_muls(model: onnx.ModelProto) -> int:
@@ -180,24 +181,26 @@ def fold_scales_forward(model: onnx.ModelProto) -> int:
     taken = set(gr.inits) | set(gr.producer) | {n.name for n in model.graph.node}
     removed = []
     for mul in model.graph.node:
-        c = _one_value(gr, mul, "Mul")
-        if c is None or c[1] == 0.0:
+        c = scalar_operand(gr, mul) if mul.op_type == "Mul" else None
+        scale = gr.const(c).item() if c is not None else 0.0
+        if scale == 0.0:
             continue
-        scale, x = c[1], next(i for i in mul.input if i != c[0])
+        x = next((i for i in mul.input if i != c), None)  # None: the Mul squares its constant
         add = gr.only_consumer(mul.output[0])
-        shift = _one_value(gr, add, "Add") if add is not None else None
-        last = add.output[0] if shift is not None else mul.output[0]
+        d = scalar_operand(gr, add) if add is not None and add.op_type == "Add" else None
+        last = add.output[0] if d is not None else mul.output[0]
         readers = gr.consumers.get(last, [])
-        if not readers or last in gr.outputs or mul.output[0] in gr.outputs or gr.is_const(x) \
+        if not readers or x is None or gr.is_const(x) or last in gr.outputs or mul.output[0] in gr.outputs \
                 or not all(_linear_reader(gr, r, last) for r in readers):
             continue
         for r in readers:
             w = gr.const(r.input[1])
             r.input[1] = unique_name(taken, r.input[1] + "/scaled")
             set_initializer(model, r.input[1], (w.astype(np.float64) * scale).astype(w.dtype))
-        if shift is not None:
-            d_name = unique_name(taken, shift[0] + "/unscaled")
-            set_initializer(model, d_name, np.asarray(shift[1] / scale, np.float32).reshape(gr.const(shift[0]).shape))
+        if d is not None:
+            d_name = unique_name(taken, d + "/unscaled")
+            shift = gr.const(d)
+            set_initializer(model, d_name, (shift.astype(np.float64) / scale).astype(np.float32))
             add.input[:] = [x, d_name]
         else:
             for r in readers:
@@ -206,20 +209,6 @@ def fold_scales_forward(model: onnx.ModelProto) -> int:
     for n in removed:
         model.graph.node.remove(n)
     return len(removed)
-
-
-def _one_value(gr: Graph, node, op: str):
-    """(the constant's name, its value) where ``node`` is an ``op`` of a computed tensor and a one-value finite
-    float32 constant; else None."""
-    if node is None or node.op_type != op or len(node.input) != 2:
-        return None
-    consts = [i for i in node.input if gr.is_const(i)]
-    if len(consts) != 1:
-        return None
-    v = gr.const(consts[0])
-    if v.size != 1 or v.dtype != np.float32 or not np.isfinite(v).all():
-        return None
-    return consts[0], float(v.ravel()[0])
 
 
 def _linear_reader(gr: Graph, node, x: str) -> bool:

@@ -20,6 +20,7 @@ from .model import Graph, attr
 FUSABLE_ACTIVATIONS = {"Relu", "Clip"}
 QUANTIZED_OUTPUT_OPS = {"Add", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid"}
 SHARED_QUANTIZER_OPS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Split"}
+INTEGER_PRODUCERS = {"Conv", "Gemm", "MatMul", "Relu", "Clip"} | QUANTIZED_OUTPUT_OPS | SHARED_QUANTIZER_OPS
 FLOAT = onnx.TensorProto.FLOAT
 
 
@@ -170,9 +171,6 @@ def integer_inputs(model: onnx.ModelProto, layers: list[Layer]) -> set[str]:
     return out
 
 
-INTEGER_PRODUCERS = {"Conv", "Gemm", "MatMul", "Relu", "Clip"} | QUANTIZED_OUTPUT_OPS | SHARED_QUANTIZER_OPS
-
-
 def _integer_op(gr: Graph, node) -> bool:
     """An op that onnxruntime runs on integers when its inputs and output are quantized: Concat, the average pools,
     Sigmoid, an Add, and a Mul of tensors that integer kernels make (QLinearAdd / QLinearMul). A constant operand
@@ -180,9 +178,10 @@ def _integer_op(gr: Graph, node) -> bool:
     Mul reading a float op (HardSigmoid's gate) stays float: its operand would need a Q of its own, which costs
     more than the float Mul saves (measured on PP-OCR's classifier)."""
     if node.op_type in ("Add", "Mul"):
+        scalar = scalar_operand(gr, node)
         if len(node.input) != 2 or all(gr.is_const(i) for i in node.input):
             return False
-        if any(gr.is_const(i) and i != scalar_operand(gr, node) for i in node.input):
+        if any(gr.is_const(i) and i != scalar for i in node.input):
             return False
         return node.op_type == "Add" or all(
             gr.is_const(i) or i not in gr.producer or gr.producer[i].op_type in INTEGER_PRODUCERS
@@ -197,8 +196,8 @@ def scalar_operand(gr: Graph, node) -> str | None:
     if node.op_type not in ("Add", "Mul") or len(node.input) != 2:
         return None
     for i in node.input:
-        c = gr.const(i)
-        if c is not None and c.size == 1 and c.dtype == np.float32 and np.isfinite(c).all():
+        t = gr.inits.get(i)  # size and type from the proto: a large (or on-disk) constant is not read
+        if t is not None and t.data_type == FLOAT and int(np.prod(t.dims)) == 1 and np.isfinite(gr.const(i)).all():
             return i
     return None
 
