@@ -31,6 +31,9 @@ from ptq.data import Preprocess, load_image  # noqa: E402
 from ptq.evaluate import evaluate, latencies_ms, latency_ms as ptq_latency_ms  # noqa: E402
 from ptq.model import load_model  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from latency import random_feed  # noqa: E402
+
 NORM_05 = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 NORM_0498 = dict(mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502))
 MODELS = {  # name: (calibration preprocessing, validation preprocessing) — from ../shared/bench/README.md
@@ -114,18 +117,13 @@ def run_measured(cmd: list[str]) -> tuple[float, str]:
     return time.perf_counter() - t0, p.stdout
 
 
-def _feed(model_path: Path, shape) -> dict:
-    name = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
-    return {name: np.random.default_rng(0).normal(0, 1, shape).astype(np.float32)}
-
-
 def latency_ms(model_path: Path, shape, runs: int = 50) -> float:
-    return ptq_latency_ms(model_path, _feed(model_path, shape), runs)
+    return ptq_latency_ms(model_path, random_feed(str(model_path), list(shape)), runs)
 
 
 def latency_ratio(q_path: Path, fp_path: Path, shape, runs: int = 50) -> float:
     """Quantized / FP32 batch-1 latency, the two models' runs interleaved (ptq.evaluate.latencies_ms)."""
-    q_ms, fp_ms = latencies_ms([q_path, fp_path], _feed(fp_path, shape), runs)
+    q_ms, fp_ms = latencies_ms([q_path, fp_path], random_feed(str(fp_path), list(shape)), runs)
     return q_ms / fp_ms
 
 
