@@ -6,13 +6,22 @@
 - biases (the decided ones, ``state.biases``, else the reference's) are stored as int32 with scale s_in · s_w (per
   channel) and zero point 0, as integer kernels add them (where int32 cannot hold them, as with 16-bit grids, a
   float Add after the layer carries the bias);
-- an activation of fewer bits than its storage type (e.g. 7-bit in uint8) gets a Clip to its n-bit range before
-  the QuantizeLinear, so its integers stay in that range at run time (QuantizeLinear alone saturates only at the
-  type's bounds); onnxruntime does not fuse such a Clip, so those tensors run as float fake-quant
-  (``saturate_low_bits = false`` leaves the Clip out: fast, but values beyond the range use the wider type).
-  Where the activation before it (a ReLU6) already keeps every value inside the n-bit grid, no Clip is written;
-- CLE's per-channel ReLU6 bound Min(Relu(x), b) is left out where the grid's top is within every b_c
-  (``redundant_bounds``): the quantizer saturates there already;
+- an activation of fewer bits than its storage type (e.g. 7-bit in uint8) gets a Clip of its integers to the
+  n-bit range [q_min, q_max] between its QuantizeLinear and DequantizeLinear (QuantizeLinear alone saturates only
+  at the type's bounds); clipping the integers equals quantizing the clipped float, since Q is monotone and maps
+  the grid's ends to q_min / q_max, and it leaves the layer before it to onnxruntime's integer kernel
+  (``saturate_low_bits = false`` leaves the Clip out: values beyond the range then use the wider type);
+- a layer's fused Relu / Clip before an unsigned grid moves onto the integers too (``integer_activations``):
+  Conv → QuantizeLinear → Clip(q, Q(lo), Q(hi)) → DequantizeLinear, one Clip with the saturation's bounds, none
+  where [Q(lo), Q(hi)] covers the whole type (onnxruntime folds such an activation into the quantization itself,
+  but not one narrower than the type, as a ReLU6 before a 7-bit grid in uint8 is);
+- CLE's per-channel ReLU6 bound Min(Relu(x), b) is applied to the integers as well: Q(min(r, b_c)) =
+  min(Q(r), Q(b_c)) for a monotone Q, so Relu → QuantizeLinear → Min(q, Q(b)) → DequantizeLinear computes the
+  same as the float Min between two quantizers of the same grid (``bound_mins``), and leaves Conv + Relu + Q to
+  onnxruntime's QLinearConv. Where every Q(b_c) is at the grid's top the Min is left out (the quantizer
+  saturates there already). Where this onnxruntime has no integer Min / Clip (``runtime.integer_min_clip``),
+  and with ``export_qdq(integers=False)``, all three stay in float before the QuantizeLinear (a saturating Clip
+  is then left out where the activation before it keeps every value inside the n-bit grid);
 - each quantized activation tensor t gets Q → DQ right after its producer: the producer now writes
   ``t/fp``, and the DequantizeLinear writes t, so every reader (and a graph output of that name) sees the
   quantized value. A quantized graph input is read through its DQ instead.
@@ -27,8 +36,9 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import PTQError
 from .external import external_tensor
 from .model import Graph, default_opset, remove_unused_initializers, unique_name
-from .patterns import activation_bounds, scalar_operand
+from .patterns import activation_bounds, clip_bounds, scalar_operand
 from .quant import Encoding, encoding_from_range, int32_bias, quantize
+from .runtime import integer_min_clip
 
 MS_DOMAIN = "com.microsoft"
 _INT_TYPES = {(8, True): (TensorProto.INT8, np.int8), (8, False): (TensorProto.UINT8, np.uint8),
@@ -52,8 +62,11 @@ def _int_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> onnx.
     return numpy_helper.from_array(values.astype(np_type), name)
 
 
-def export_qdq(state) -> onnx.ModelProto:
-    """Build the QDQ model from the pipeline state (its FP32 model, layers, placement and encodings)."""
+def export_qdq(state, integers: bool = True) -> onnx.ModelProto:
+    """Build the QDQ model from the pipeline state (its FP32 model, layers, placement and encodings).
+    ``integers`` False writes the saturating Clip and CLE's bound Min in float, around the quantizers (the same
+    function: stages that read the float tensor a QuantizeLinear quantizes, ``quantizer_inputs``, need it)."""
+    integers = integers and integer_min_clip()
     model = onnx.ModelProto.FromString(state.model.SerializeToString())
     g = model.graph
     opset = default_opset(model)
@@ -76,15 +89,24 @@ def export_qdq(state) -> onnx.ModelProto:
         inits.append(_int_tensor(z_name, np.asarray(enc.zero_point), zp_bits, zp_signed))
         return s_name, z_name
 
-    def qdq_act(t: str, src: str, out: str):
-        """Q(src) -> DQ -> out with t's encoding."""
+    def int_const(base: str, values, enc: Encoding) -> str:
+        name = unique_name(taken, base)
+        inits.append(_int_tensor(name, np.asarray(values), storage_bits(enc.spec.bits, opset), enc.spec.signed))
+        return name
+
+    def qdq_act(t: str, src: str, out: str, bound: str | None = None, act: tuple | None = None):
+        """Q(src) -> DQ -> out with t's encoding; between them, on the integers (``integers``), a Clip for the
+        activation ``act`` = (lo, hi) moved there and for a grid narrower than its type, and the per-channel Min
+        of CLE's ``bound`` (see the module docstring). Without ``integers``: the float saturating Clip before Q."""
         nonlocal needs_ms
         enc = act_enc[t]
         bits = storage_bits(enc.spec.bits, opset)
         domain = MS_DOMAIN if bits == 16 and opset < 21 else ""
         needs_ms |= domain == MS_DOMAIN
         s, z = qparams(t, enc, bits, enc.spec.signed)
-        if enc.spec.bits < bits and state.config.saturate_low_bits and not _holds(enc, value_bounds.get(t)):
+        narrow = enc.spec.bits < bits and state.config.saturate_low_bits
+        saturate = narrow and (act is not None or not _holds(enc, value_bounds.get(t)))
+        if saturate and not integers:
             lo, hi = (np.float32(v) for v in (enc.lo, enc.hi))
             lo_name, hi_name = unique_name(taken, t + "/clip_lo"), unique_name(taken, t + "/clip_hi")
             inits.extend([numpy_helper.from_array(np.asarray(lo, np.float32), lo_name),
@@ -96,6 +118,24 @@ def export_qdq(state) -> onnx.ModelProto:
         q = unique_name(taken, t + "/q")
         nodes.append(helper.make_node("QuantizeLinear", [src, s, z], [q], unique_name(taken, t + "/Quantize"),
                                       domain=domain))
+        if integers:
+            t_lo, t_hi = type_range(bits, enc.spec.signed)
+            lo_i, hi_i = (enc.spec.qmin, enc.spec.qmax) if saturate else (t_lo, t_hi)
+            if act is not None:
+                lo_i, hi_i = max(lo_i, grid_integer(act[0], enc, bits)), min(hi_i, grid_integer(act[1], enc, bits))
+            if (lo_i, hi_i) != (t_lo, t_hi):
+                clipped = unique_name(taken, t + "/q_clipped")
+                nodes.append(helper.make_node("Clip", [q, int_const(t + "/q_lo", lo_i, enc),
+                                                       int_const(t + "/q_hi", hi_i, enc)], [clipped],
+                                              unique_name(taken, t + "/Saturate")))
+                q = clipped
+            if bound is not None:
+                q_bound = grid_integer(ref.const(bound), enc, bits)
+                if np.any(q_bound < hi_i):
+                    bounded_q = unique_name(taken, t + "/q_bounded")
+                    nodes.append(helper.make_node("Min", [q, int_const(bound + "/quantized", q_bound, enc)],
+                                                  [bounded_q], unique_name(taken, t + "/Bound")))
+                    q = bounded_q
         nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [out],
                                       unique_name(taken, t + "/Dequantize"), domain=domain))
 
@@ -136,10 +176,12 @@ def export_qdq(state) -> onnx.ModelProto:
         if t in act_enc:
             graph_in_map[t] = unique_name(taken, t + "/dequantized")
             qdq_act(t, t, graph_in_map[t])
-    min_free = redundant_bounds(state)  # Relu output -> the CLE Min's output it now writes itself
-    dropped = set(min_free.values())
+    bounded = bound_mins(state) if integers else {}  # Relu output -> (the CLE Min's output, its bound)
+    moved = integer_activations(state) if integers else {}  # pre-activation -> (Relu / Clip node, its output, lo, hi)
+    dropped = {o for o, _ in bounded.values()}
+    moved_nodes = {v[0] for v in moved.values()}
     for node in g.node:
-        if node.op_type == "Min" and node.output[0] in dropped:
+        if (node.op_type == "Min" and node.output[0] in dropped) or node.name in moved_nodes:
             continue
         operand = scalar_operand(ref, node) if node.output and node.output[0] in act_enc else None
         if operand is not None and all(i == operand or i in act_enc for i in node.input):
@@ -179,7 +221,11 @@ def export_qdq(state) -> onnx.ModelProto:
                 renamed.append((t, node.output[k]))
         nodes.append(node)
         for t, fp in renamed:
-            qdq_act(t, fp, min_free.get(t, t))
+            qdq_act(t, fp, *bounded.get(t, (t, None)))
+        for o in node.output:
+            if o in moved:
+                _, t, lo, hi = moved[o]
+                qdq_act(t, o, *bounded.get(t, (t, None)), act=(lo, hi))
     del g.node[:]
     g.node.extend(nodes)
     g.initializer.extend(inits)
@@ -198,25 +244,67 @@ def _holds(enc: Encoding, bounds) -> bool:
     return bounds[0] / s + z >= enc.spec.qmin - 0.5 and bounds[1] / s + z <= enc.spec.qmax + 0.5
 
 
-def redundant_bounds(state) -> dict[str, str]:
-    """CLE's per-channel bounds Min(Relu(x), b) that the quantizer makes redundant: where the (shared) grid's top
-    s·(q_max − z) is <= min_c b_c, QuantizeLinear saturates at or below every bound, so Q(Relu(x)) equals
-    Q(Min(Relu(x), b)) exactly. {Relu output: Min output} for each; the exporter drops the Min and lets the Relu's
-    Q/DQ write the Min's output, which leaves Conv + Relu + Q for onnxruntime to fuse into one QLinearConv."""
+def type_range(bits: int, signed: bool) -> tuple[int, int]:
+    """The integers a ``bits``-wide storage type holds."""
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def grid_integer(v, enc: Encoding, bits: int):
+    """QuantizeLinear of ``v`` (float32 division, half-to-even as onnxruntime) on a per-tensor grid, saturated at
+    the storage type's bounds rather than the grid's (±inf go to those bounds): int, or an int array."""
+    t_lo, t_hi = type_range(bits, enc.spec.signed)
+    with np.errstate(over="ignore", invalid="ignore"):
+        q = np.rint(np.asarray(v, np.float32) / np.float32(enc.scale)) + int(enc.zero_point)
+    q = np.clip(np.nan_to_num(q, posinf=t_hi, neginf=t_lo), t_lo, t_hi).astype(np.int64)
+    return int(q) if q.ndim == 0 else q
+
+
+def integer_activations(state) -> dict[str, tuple[str, str, float, float]]:
+    """The layers' fused Relu / Clip whose output t is quantized and whose input (the layer's own output) is read
+    by it alone and not quantized itself: {pre-activation: (activation node, t, lo, hi)}. The exporter quantizes
+    the pre-activation with t's grid and clips the integers to [Q(lo), Q(hi)] instead: Q(clip(x, lo, hi)) =
+    clip(Q(x), Q(lo), Q(hi)) for a monotone Q, so no float activation stands between the layer and its
+    QuantizeLinear (onnxruntime folds a Relu / Clip into the quantization only where its bounds cover the whole
+    storage type, not before a grid narrower than its type, e.g. 7-bit in uint8). Unsigned grids only: with int8
+    activations onnxruntime's CPU convolution stays in float either way, and its float Relu is the cheaper op."""
     gr = Graph(state.model)
-    producer_of = {o: n for n in state.model.graph.node for o in n.output}
+    root = state.placement.root
     out = {}
     for l in state.layers:
-        enc = state.acts.get(state.placement.root.get(l.out, ""))
-        if not l.bound or enc is None or enc.spec.symmetric or not gr.is_const(l.bound):
+        node = gr.nodes.get(l.act_node) if l.act_node else None
+        if node is None or node.op_type not in ("Relu", "Clip") or node.input[0] != l.pre_act:
+            continue
+        t = node.output[0]
+        if root.get(t) not in state.acts or state.acts[root[t]].spec.signed or l.pre_act in root \
+                or len(gr.consumers[l.pre_act]) != 1 or l.pre_act in gr.outputs:
+            continue
+        out[l.pre_act] = (node.name, t, *clip_bounds(gr, node))
+    return out
+
+
+def bound_mins(state) -> dict[str, tuple[str, str]]:
+    """CLE's per-channel bounds Min(Relu(x), b) whose Relu output shares the Min output's quantizer and is read by
+    the Min alone: {Relu output: (Min output, b)}. The exporter quantizes the Relu output with that grid and
+    applies the Min to its integers (min(Q(r), Q(b)) = Q(min(r, b))), which leaves Conv + Relu + Q for
+    onnxruntime to fuse into one QLinearConv."""
+    gr = Graph(state.model)
+    producer_of = {o: n for n in state.model.graph.node for o in n.output}
+    readers = {}
+    for n in state.model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    root = state.placement.root
+    out = {}
+    for l in state.layers:
+        r = root.get(l.out)
+        if not l.bound or r not in state.acts or not gr.is_const(l.bound):
             continue
         mn = producer_of.get(l.out)
         if mn is None or mn.op_type != "Min" or mn.input[1] != l.bound:
             continue
-        top = float(np.float32(enc.scale) * np.float32(enc.spec.qmax - int(enc.zero_point)))
         relu_out = mn.input[0]
-        if top <= float(gr.const(l.bound).min()) and state.placement.root.get(relu_out):
-            out[relu_out] = l.out
+        if root.get(relu_out) == r and readers.get(relu_out) == 1:
+            out[relu_out] = (l.out, l.bound)
     return out
 
 
@@ -245,13 +333,17 @@ def _split_bias(node, layer, b, w_ndim, taken, inits, nodes):
 
 def quantizer_inputs(qmodel: onnx.ModelProto) -> dict[str, str]:
     """Activation tensor (as the FP32 model names it) -> the float tensor its QuantizeLinear reads in ``qmodel``:
-    the value before quantization, where the quantized-so-far network feeds it."""
+    the value before quantization (and before its saturating Clip), where the quantized-so-far network feeds it.
+    A tensor whose CLE bound is applied to the integers (``export_qdq(integers=True)``) maps to the Relu's
+    output, before the bound: stages read ``export_qdq(state, integers=False)``."""
     producer = {o: n for n in qmodel.graph.node for o in n.output}
     graph_inputs = {i.name for i in qmodel.graph.input}
     out = {}
     for n in qmodel.graph.node:
         if n.op_type == "DequantizeLinear" and n.input[0] in producer:
             q = producer[n.input[0]]
+            if q.op_type == "Clip" and "/Saturate" in q.name and q.input[0] in producer:  # on the integers
+                q = producer[q.input[0]]
             if q.op_type == "QuantizeLinear":
                 raw = q.input[0]
                 sat = producer.get(raw)

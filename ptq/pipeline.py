@@ -264,7 +264,7 @@ class State:
 
 def _simulate(state):
     from .export import export_qdq, quantizer_inputs
-    model = export_qdq(state)
+    model = export_qdq(state, integers=False)  # float bounds: every quantizer's float input is a tensor
     return model, quantizer_inputs(model)
 
 

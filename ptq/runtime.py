@@ -52,3 +52,28 @@ def reduce_range(setting: str) -> tuple[bool, str]:
     if setting == "always":
         return True, "reduce_range = always"
     return False, f"reduce_range = {setting}"
+
+
+@functools.lru_cache(maxsize=None)
+def integer_min_clip() -> bool:
+    """True where this onnxruntime runs Min and Clip on uint8 / int8 tensors (the exporter then bounds and
+    saturates activations on their integers, between QuantizeLinear and DequantizeLinear): a uint8 Min against a
+    per-channel constant and a uint8 Clip, checked for their exact results."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array([[3], [200]], np.uint8), "b"),
+             numpy_helper.from_array(np.uint8(1), "lo"), numpy_helper.from_array(np.uint8(127), "hi")]
+    nodes = [helper.make_node("Min", ["x", "b"], ["m"]), helper.make_node("Clip", ["m", "lo", "hi"], ["y"])]
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.UINT8, [2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [2, 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        s = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        got = s.run(None, {"x": np.array([[0, 9], [150, 255]], np.uint8)})[0]
+    except Exception:  # noqa: BLE001 - an onnxruntime without these kernels refuses the model (its error types vary)
+        return False
+    return got.tolist() == [[1, 3], [127, 127]]

@@ -101,7 +101,8 @@ def _narrower(clip, q, inits) -> bool:
 def costly_choices(q_model: onnx.ModelProto) -> dict:
     """{choice: (count, the model without it)} for what the QDQ layout holds that onnxruntime's integer kernels
     cannot absorb: a float Min between DQ and Q (CLE's per-channel ReLU6 bound), a saturating Clip before a
-    QuantizeLinear (activations under 8 bits), a weight DequantizeLinear (more than one value) whose zero point
+    QuantizeLinear (activations under 8 bits), the same two on the integers between Q and DQ (cheaper: the
+    layer before them stays fused), a weight DequantizeLinear (more than one value) whose zero point
     is off the grid's middle (asymmetric weights: not 0 for int8, not 128 for uint8). The models without them are
     not the same function: they exist only to be timed."""
     g = q_model.graph
@@ -119,9 +120,16 @@ def costly_choices(q_model: onnx.ModelProto) -> dict:
     def between_qdq(n):
         p = producer.get(n.input[0])
         return p is not None and p.op_type == "DequantizeLinear" and quantized(n.output[0])
+    def on_integers(n):  # between a QuantizeLinear (directly or through another such node) and DequantizeLinear
+        p = producer.get(n.input[0])
+        while p is not None and p.op_type in ("Min", "Clip") and p.input[0] in producer:
+            p = producer[p.input[0]]
+        return p is not None and p.op_type == "QuantizeLinear"
     mins = [n for n in g.node if n.op_type == "Min" and len(n.input) == 2 and n.input[1] in inits and between_qdq(n)]
     clips = [n for n in g.node if n.op_type == "Clip" and readers.get(n.output[0])
              and all(r.op_type == "QuantizeLinear" and _narrower(n, r, inits) for r in readers[n.output[0]])]
+    int_mins = [n for n in g.node if n.op_type == "Min" and on_integers(n)]
+    int_clips = [n for n in g.node if n.op_type == "Clip" and on_integers(n)]
     zps = [n.input[2] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
            and len(n.input) > 2 and n.input[2] in inits and inits[n.input[0]].data_type != onnx.TensorProto.INT32
            and int(np.prod(inits[n.input[0]].dims)) > 1  # one value is an Add / Mul operand's exact grid
@@ -132,6 +140,12 @@ def costly_choices(q_model: onnx.ModelProto) -> dict:
     if clips:
         out["saturating Clip before QuantizeLinear (activations under 8 bits)"] = (len(clips),
                                                                                    _bypassed(q_model, clips))
+    if int_mins:
+        out["integer Min after QuantizeLinear (CLE's per-channel ReLU6 bound)"] = (len(int_mins),
+                                                                                  _bypassed(q_model, int_mins))
+    if int_clips:
+        out["integer Clip after QuantizeLinear (activations under 8 bits)"] = (len(int_clips),
+                                                                              _bypassed(q_model, int_clips))
     if zps:
         out["weight zero points off the grid's middle (asymmetric weights)"] = (len(zps),
                                                                                _symmetric_weights(q_model, zps))

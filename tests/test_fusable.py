@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_cle_bias import chain
 
 import ptq.export
+import ptq.stages.activation_ranges
 from ptq.data import DataSource, model_inputs
 from ptq.export import export_qdq
 from ptq.observe import Histogram, session
@@ -19,7 +20,7 @@ from ptq.pipeline import Config, Context, prepare, run_steps
 from ptq.quant import QuantSpec, encoding_from_range, fake_quant
 from ptq.ranges import capped_encoding, hist_mse_loss, saturating_encoding
 from ptq.runtime import reduce_range, saturates_u8s8
-from ptq.speed import costly_choices
+from ptq.speed import costly_choices, unfused_qdq
 
 
 def state_for(model, calib, **cfg):
@@ -31,39 +32,55 @@ def ops(model):
     return [n.op_type for n in model.graph.node]
 
 
-def test_a_grid_within_every_cle_bound_drops_the_min_and_computes_the_same(rng, tmp_path, monkeypatch):
+def bounded_state(rng, tmp_path, top_of):
+    """A CLE'd ReLU6 chain whose bounded tensors' grids are [0, top_of(bounds)]."""
     model = chain(rng, "Clip")
     calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8, scale=2.0)
-    state = state_for(model, calib, cle=True)
+    state = state_for(model, calib, cle=True, fusable_tolerance=0.0)
     bounded = [l for l in state.layers if l.bound]
     assert bounded
-    for l in bounded:  # hold each bounded tensor's grid within its smallest channel bound
+    for l in bounded:
         r = state.placement.root[l.out]
-        top = float(Graph_const(state, l.bound).min())
-        state.acts[r] = encoding_from_range(state.acts[r].spec, 0.0, top * 0.999)
+        state.acts[r] = encoding_from_range(state.acts[r].spec, 0.0, top_of(Graph_const(state, l.bound)))
+    return state, bounded
+
+
+def same_outputs(rng, a, b):
+    x = rng.normal(0, 2, (4, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(session(a, exact_qdq=True).run(None, {"x": x})[0],
+                                  session(b, exact_qdq=True).run(None, {"x": x})[0])
+
+
+def test_a_grid_within_every_cle_bound_drops_the_min_and_computes_the_same(rng, tmp_path):
+    state, bounded = bounded_state(rng, tmp_path, lambda b: float(b.min()) * 0.999)
     fused = export_qdq(state)
     assert "Min" not in ops(fused)
-    monkeypatch.setattr(ptq.export, "redundant_bounds", lambda state: {})
-    with_min = export_qdq(state)
+    with_min = export_qdq(state, integers=False)  # the float Min between two quantizers of the same grid
     assert ops(with_min).count("Min") == len(bounded)
-    x = rng.normal(0, 2, (4, 3, 8, 8)).astype(np.float32)
-    a = session(fused, exact_qdq=True).run(None, {"x": x})[0]
-    b = session(with_min, exact_qdq=True).run(None, {"x": x})[0]
-    np.testing.assert_array_equal(a, b)  # Q(Relu(x)) = Q(Min(Relu(x), b)) where the grid's top <= every b_c
+    same_outputs(rng, fused, with_min)  # Q(Relu(x)) = Q(Min(Relu(x), b)) where the grid's top <= every b_c
 
 
 def Graph_const(state, name):
     return next(numpy_helper.to_array(t) for t in state.model.graph.initializer if t.name == name)
 
 
-def test_a_grid_beyond_a_cle_bound_keeps_the_min(rng, tmp_path):
-    model = chain(rng, "Clip")
-    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8, scale=2.0)
-    state = state_for(model, calib, cle=True, fusable_tolerance=0.0)
-    for l in [l for l in state.layers if l.bound]:
-        r = state.placement.root[l.out]
-        state.acts[r] = encoding_from_range(state.acts[r].spec, 0.0, float(Graph_const(state, l.bound).max()) * 2)
-    assert ops(export_qdq(state)).count("Min") == sum(1 for l in state.layers if l.bound)
+def test_a_grid_beyond_a_cle_bound_bounds_the_integers_and_computes_the_same(rng, tmp_path):
+    """min(Q(r), Q(b)) = Q(min(r, b)): the integer Min equals the float one between two quantizers, exactly, and
+    leaves every convolution to onnxruntime's QLinearConv (no Q/DQ standing beside a Conv or a Min)."""
+    state, bounded = bounded_state(rng, tmp_path, lambda b: float(b.max()) * 2)
+    q = export_qdq(state)
+    mins = [n for n in q.graph.node if n.op_type == "Min"]
+    producer = {o: n for n in q.graph.node for o in n.output}
+    assert len(mins) == len(bounded) and all(producer[n.input[0]].op_type == "QuantizeLinear" for n in mins)
+    floats = export_qdq(state, integers=False)
+    assert ops(floats).count("Min") == len(bounded)
+    same_outputs(rng, q, floats)
+    beside = unfused_qdq(q)["beside"]
+    assert not {"Conv", "Min", "Relu"} & set(beside), beside
+    assert {"Conv", "Min"} & set(unfused_qdq(floats)["beside"])  # the float layout leaves Q/DQ standing there
+    costs = costly_choices(q)
+    assert [v[0] for k, v in costs.items() if k.startswith("integer Min")] == [len(bounded)]
+    assert not any(k.startswith("float Min") for k in costs)
 
 
 def test_the_capped_grid_error_is_the_error_of_the_model_without_the_min(rng):
@@ -87,20 +104,54 @@ def test_the_capped_grid_error_is_the_error_of_the_model_without_the_min(rng):
 
 
 def test_sub_8_bit_after_relu6_needs_no_saturating_clip(rng, tmp_path, monkeypatch):
+    """In float (the layout of an onnxruntime without integer Clip, and the one stages simulate), a 7-bit grid
+    [0, 6] after a ReLU6 needs no saturating Clip; on the integers the ReLU6 itself moves behind the
+    QuantizeLinear (clip(Q(x), Q(0), Q(6)) = Q(clip(x, 0, 6))), which leaves the convolution fused, with the same
+    outputs."""
     model = conv_bn_relu(rng, act="Clip")
     calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8, scale=3.0)
+    monkeypatch.setattr(ptq.stages.activation_ranges, "integer_min_clip", lambda: False)
     state = state_for(model, calib, weight_bits=7, act_bits=7, fusable_tolerance=1e9)
     enc = state.acts[state.placement.root["a1"]]
     assert float(np.max(enc.hi)) == pytest.approx(6.0, rel=1e-6)  # the grid [0, 6]: ReLU6 keeps values inside
-    q = export_qdq(state)
-    clipped = [n.name for n in q.graph.node if n.op_type == "Clip" and "/Saturate" in n.name]
+    floats = export_qdq(state, integers=False)
+    clipped = [n.name for n in floats.graph.node if n.op_type == "Clip" and "/Saturate" in n.name]
     assert clipped and not any(n.startswith("a1/") for n in clipped)  # the input and the output still clip
+    q = export_qdq(state)
+    producer = {o: n for n in q.graph.node for o in n.output}
+    a1 = [n for n in q.graph.node if n.name.startswith("a1/") and n.op_type == "Clip"]
+    assert len(a1) == 1 and producer[a1[0].input[0]].op_type == "QuantizeLinear"
+    assert ops(q).count("Clip") == len(clipped) + 1 and ops(floats).count("Clip") == len(clipped) + 1
+    same_outputs(rng, q, floats)
+    assert not {"Conv", "Clip"} & set(unfused_qdq(q)["beside"])
+    assert "Clip" in unfused_qdq(floats)["beside"] or "FusedConv" in unfused_qdq(floats)["beside"]
     monkeypatch.setattr(ptq.export, "_holds", lambda enc, bounds: False)
-    with_clip = export_qdq(state)
-    assert sum(n.op_type == "Clip" for n in with_clip.graph.node) == sum(n.op_type == "Clip" for n in q.graph.node) + 1
-    x = rng.normal(0, 3, (4, 3, 8, 8)).astype(np.float32)
-    np.testing.assert_array_equal(session(q, exact_qdq=True).run(None, {"x": x})[0],
-                                  session(with_clip, exact_qdq=True).run(None, {"x": x})[0])
+    with_clip = export_qdq(state, integers=False)
+    assert ops(with_clip).count("Clip") == ops(floats).count("Clip") + 1
+    same_outputs(rng, floats, with_clip)
+
+
+def test_saturation_on_the_integers_equals_the_float_clip_and_leaves_the_conv_fused(rng, tmp_path):
+    """An activation grid of 5 bits in uint8: Q → Clip(q_min, q_max) → DQ equals Clip(lo, hi) → Q → DQ exactly
+    (Q is monotone and maps the grid's ends to q_min / q_max), keeps every value within the 5-bit grid (32
+    levels), and leaves the convolution to QLinearConv."""
+    model = conv_bn_relu(rng, act="Relu")
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8, scale=3.0)
+    state = state_for(model, calib, weight_bits=8, act_bits=5)
+    q, floats = export_qdq(state), export_qdq(state, integers=False)
+    producer = {o: n for n in q.graph.node for o in n.output}
+    sat = [n for n in q.graph.node if n.op_type == "Clip" and "/Saturate" in n.name]
+    assert sat and all(producer[n.input[0]].op_type == "QuantizeLinear" for n in sat)
+    float_sat = {n.output[0] for n in floats.graph.node if n.op_type == "Clip" and "/Saturate" in n.name}
+    assert len(float_sat) == len(sat) and all(n.op_type == "QuantizeLinear" for n in floats.graph.node
+                                              if float_sat & set(n.input))
+    x = rng.normal(0, 6, (4, 3, 8, 8)).astype(np.float32)  # wider than the calibration: saturation matters
+    a = session(q, exact_qdq=True).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(a, session(floats, exact_qdq=True).run(None, {"x": x})[0])
+    out_enc = state.acts[state.placement.root[q.graph.output[0].name]]
+    levels = np.round(a / float(out_enc.scale)) + int(out_enc.zero_point)
+    assert levels.min() >= 0 and levels.max() <= 31
+    assert "Conv" not in unfused_qdq(q)["beside"]
 
 
 def test_saturating_grid_is_kept_only_within_the_tolerance():
@@ -337,3 +388,24 @@ def test_a_mul_by_a_float_gate_and_a_wide_constant_add_stay_float(rng, tmp_path)
     state = state_for(model, save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8))
     assert "hs" not in state.placement.root and "m" not in state.placement.root
     assert {"c0", "a"} <= set(state.placement.root)
+
+
+@pytest.mark.parametrize("cfg", [{}, {"act_symmetric": True}, {"act_bits": 5}, {"cle": True, "act_bits": 6},
+                                 {"weight_bits": 4, "act_bits": 4, "adaround": False}])
+def test_the_integer_layout_computes_what_the_float_layout_does(rng, tmp_path, cfg):
+    """Activations, saturation and CLE bounds moved onto the integers change no output (onnxruntime's exact Q/DQ
+    run of both layouts, on inputs far beyond the calibration range), leave no more Q/DQ standing, and none beside
+    a convolution, Relu, Clip or Min (with uint8 activations)."""
+    from builders import zoo
+    model = zoo(rng)
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 16, 16), 8)
+    state = state_for(model, calib, **cfg)
+    q, floats = export_qdq(state), export_qdq(state, integers=False)
+    x = rng.normal(0, 4, (3, 3, 16, 16)).astype(np.float32)
+    got, want = (session(m, exact_qdq=True).run(None, {"x": x}) for m in (q, floats))
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    u, uf = unfused_qdq(q), unfused_qdq(floats)
+    assert u["QuantizeLinear"] + u["DequantizeLinear"] <= uf["QuantizeLinear"] + uf["DequantizeLinear"]
+    if not cfg.get("act_symmetric"):  # onnxruntime's CPU QLinearConv reads uint8 activations
+        assert not {"Conv", "FusedConv", "Relu", "Clip", "Min"} & set(u["beside"]), u
