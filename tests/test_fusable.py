@@ -409,3 +409,70 @@ def test_the_integer_layout_computes_what_the_float_layout_does(rng, tmp_path, c
     assert u["QuantizeLinear"] + u["DequantizeLinear"] <= uf["QuantizeLinear"] + uf["DequantizeLinear"]
     if not cfg.get("act_symmetric"):  # onnxruntime's CPU QLinearConv reads uint8 activations
         assert not {"Conv", "FusedConv", "Relu", "Clip", "Min"} & set(u["beside"]), u
+
+
+def concat_model(rng, second_scale, b_read_twice=False):
+    """x -> conv a (Relu), conv b (Relu, weights × second_scale) -> Concat -> conv -> y; with ``b_read_twice`` b
+    also feeds a convolution of its own (output y2)."""
+    w = rng.normal(0, 0.3, (6, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["ca"], "conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["ca"], ["a"], "relu_a"),
+             helper.make_node("Conv", ["x", "wb"], ["cb"], "conv_b", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["cb"], ["b"], "relu_b"),
+             helper.make_node("Concat", ["a", "b"], ["cat"], "cat", axis=1),
+             helper.make_node("Conv", ["cat", "wc"], ["y"], "conv_c")]
+    inits = [init("wa", w), init("wb", (w[::-1] * second_scale).astype(np.float32)),
+             init("wc", rng.normal(0, 0.3, (4, 12, 1, 1)).astype(np.float32))]
+    outputs = [("y", [None, 4, 8, 8])]
+    if b_read_twice:
+        nodes.append(helper.make_node("Conv", ["b", "wd"], ["y2"], "conv_d"))
+        inits.append(init("wd", rng.normal(0, 0.3, (2, 6, 1, 1)).astype(np.float32)))
+        outputs.append(("y2", [None, 2, 8, 8]))
+    return make(nodes, [("x", [None, 3, 8, 8])], outputs, inits)
+
+
+def concat_values(model, calib, names):
+    from ptq.walk import streamed
+    batches = list(streamed(model, names, DataSource(calib, model_inputs(model)), 8))
+    return {t: np.concatenate([b[t] for b in batches]) for t in names}
+
+
+def test_concat_inputs_read_by_the_concat_alone_take_its_grid(rng, tmp_path, monkeypatch):
+    """b's range is 5× below a's: on the Concat's grid it loses resolution, but what the Concat's reader sees
+    only gains (one rounding onto the output grid instead of two), so both inputs share the grid: one scale in
+    the exported model, QLinearConcat copying, and the Concat's quantized output no farther from FP32."""
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 16)
+    model = concat_model(rng, 0.2)
+    state = state_for(model, calib)
+    root = state.placement.root
+    facts = state.report["concat_grids"]["cat"]
+    assert facts[root["b"]]["error_ratio"] > 2 and not facts[root["b"]]["other_readers"]
+    assert state.acts[root["a"]] is state.acts[root["cat"]] is state.acts[root["b"]]
+    shared = export_qdq(state)
+    monkeypatch.setattr(ptq.stages.activation_ranges, "share_concat_grids", lambda *a: {})
+    apart = export_qdq(state_for(model, calib))
+    inits = {t.name: numpy_helper.to_array(t) for t in shared.graph.initializer}
+    assert len({float(inits[n.input[1]]) for n in shared.graph.node if n.op_type == "QuantizeLinear"}) == 3
+    assert "Concat" not in unfused_qdq(shared)["beside"]
+    fp = concat_values(model, calib, ["cat"])["cat"]
+    err = [float(((concat_values(m, calib, ["cat"])["cat"] - fp) ** 2).sum()) for m in (shared, apart)]
+    assert err[0] <= err[1]
+
+
+def test_concat_inputs_with_other_readers_share_only_within_the_tolerance(rng, tmp_path):
+    """b also feeds a convolution of its own: at 0.95× a's range it shares the grid (its reported error ratio is
+    the MSE ratio computed directly on its values), at 0.2× it keeps its own."""
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 16)
+    model = concat_model(rng, 0.95, b_read_twice=True)
+    state = state_for(model, calib)
+    root = state.placement.root
+    facts = state.report["concat_grids"]["cat"][root["b"]]
+    assert facts["other_readers"] and 1 < facts["error_ratio"] <= 1.25
+    own = state_for(model, calib, fusable_tolerance=0.0)
+    assert own.acts[own.placement.root["b"]] is not own.acts[own.placement.root["cat"]]
+    vals = concat_values(model, calib, ["b"])["b"].ravel()
+    mine, on_cat = own.acts[own.placement.root["b"]], state.acts[root["cat"]]
+    direct = ((fake_quant(vals, on_cat) - vals) ** 2).sum() / ((fake_quant(vals, mine) - vals) ** 2).sum()
+    assert facts["error_ratio"] == pytest.approx(direct, rel=0.05)
+    apart = state_for(concat_model(rng, 0.2, b_read_twice=True), calib)
+    assert apart.acts[apart.placement.root["b"]] is not apart.acts[apart.placement.root["cat"]]

@@ -13,6 +13,10 @@ integers, after the fused layer), an activation under 8 bits after ReLU6 gets th
 most ``fusable_tolerance`` (``ranges.saturating_encoding``): its values cannot leave the n-bit range, so it needs no
 saturating float Clip.
 
+A Concat's inputs take its output's grid (``share_concat_grids``: onnxruntime's QLinearConcat then copies bytes
+instead of requantizing), an input that other ops read too only where that costs it at most ``fusable_tolerance``
+more MSE.
+
 Two kinds of tensor stay in float, each with a report line (``state.report["left_float"]``):
 - a tensor that carries sentinels (|x| >= 1e30, inf: float min / max used as −∞ in attention masks): any grid
   would turn −∞ into a finite value and let the masked positions through the softmax;
@@ -31,7 +35,8 @@ from ..observe import Histogram, RowSample, observe
 from ..patterns import activation_bounds, float_activation, head_outputs
 from ..quant import Encoding, QuantSpec
 from ..runtime import integer_min_clip
-from ..ranges import activation_encoding, bn_encoding, capped_encoding, saturating_encoding, xent_encoding
+from ..ranges import (activation_encoding, bn_encoding, capped_encoding, hist_mse_loss, saturating_encoding,
+                      xent_encoding)
 from .weight_ranges import weight_quantized
 
 
@@ -108,7 +113,67 @@ def set_activation_ranges(state, ctx):
         if cfg.range_spread and spread > cfg.range_spread and state.acts.pop(t, None) is not None:
             left[t] = (f"a head layer's output whose channels' ranges differ {spread:.0f}× (more than "
                        f"range_spread = {cfg.range_spread:g}); one scale would crush the smallest: kept in float")
+    shared = share_concat_grids(state.model, state.placement.root, state.acts, hists, cfg.fusable_tolerance)
+    if shared:
+        state.report["concat_grids"] = shared
     return state
+
+
+def share_concat_grids(model, root: dict, acts: dict, hists: dict, tolerance: float) -> dict:
+    """Put a Concat's inputs on its output's grid, so onnxruntime's QLinearConcat copies their bytes instead of
+    requantizing each through a lookup table. What the Concat's readers see does not get worse: without sharing
+    an input is rounded onto its own grid and then again onto the output's, with sharing once onto the output's
+    (whose range covers every input's). Only an input's other readers (a bottleneck reading the same tensor,
+    a graph output) see the coarser grid, so an input that has any is shared only where its histogram MSE on the
+    output's grid is within (1 + ``tolerance``) × its MSE on its own grid. Concats are visited from the graph's
+    end: one that feeds another first takes the later one's grid, then hands it to its own inputs; an input
+    already on another Concat's grid keeps it (the Concat is skipped). Edits ``acts``; returns
+    {Concat: {input quantizer: {"error_ratio", "other_readers"}}}."""
+    gr = Graph(model)
+    members: dict[str, list[str]] = {}
+    for t, r in root.items():
+        members.setdefault(r, []).append(t)
+
+    def other_readers(r: str, concat) -> bool:
+        for t in members.get(r, []):
+            if t in gr.outputs:
+                return True
+            for c in gr.consumers.get(t, []):
+                if c is not concat and not all(root.get(o) == r for o in c.output):
+                    return True
+        return False
+    given: dict[str, str] = {}  # input quantizer -> the Concat output quantizer whose grid it took
+    out = {}
+    for node in reversed(list(model.graph.node)):
+        r_out = root.get(node.output[0]) if node.op_type == "Concat" else None
+        if r_out not in acts:
+            continue
+        ins = list(dict.fromkeys(root.get(i) for i in node.input if i))
+        if any(r not in acts or r not in hists for r in ins):
+            continue
+        enc = acts[r_out]
+        facts = {}
+        for r in ins:
+            if r == r_out or acts[r] is enc:
+                continue
+            if r in given or enc.spec != acts[r].spec:
+                facts = None
+                break
+            loss = hist_mse_loss(hists[r], enc.spec)
+            own, on_out = (float(loss(np.atleast_1d(e.lo).astype(np.float64),
+                                      np.atleast_1d(e.hi).astype(np.float64))[0]) for e in (acts[r], enc))
+            ratio = on_out / own if own > 0 else (1.0 if on_out == 0 else np.inf)
+            others = other_readers(r, node)
+            if others and ratio > 1 + tolerance:
+                facts = None
+                break
+            facts[r] = {"error_ratio": round(ratio, 4), "other_readers": others}
+        if not facts:
+            continue
+        for r in facts:
+            acts[r], given[r] = enc, r_out
+        out[node.name] = facts
+    return out
 
 
 def _only_tensor(placement, root: str) -> str | None:
