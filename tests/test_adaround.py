@@ -158,7 +158,7 @@ def test_adaround_stage_is_deterministic_and_on_grid(rng, tmp_path, inputs, symm
     model = conv_bn_relu(rng, act="Clip")
     calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 16)
     cfg = dict(weight_bits=4, adaround=True, adaround_iters=200, holdout=0, batch_size=8, adaround_inputs=inputs,
-               weight_symmetric=symmetric)
+               weight_symmetric=symmetric, cle=False)  # the FP32 weights stay as they are
     states = [run_steps(prepare(model, Config(**cfg)), Context(DataSource(calib, model_inputs(model))), {})
               for _ in range(2)]
     gr = Graph(prepare(model, Config(**cfg)).model)  # canonical (BN folded), before any step
@@ -447,15 +447,20 @@ def test_asymmetric_scale_search_by_hand(rng, per_channel):
     assert np.all(got.sum() < 0.5 * errs[0].sum())
 
 
-def test_adaround_is_chosen_for_four_bit_weights_and_said_so(rng):
+def test_adaround_and_cle_are_chosen_for_four_bit_weights_and_said_so(rng):
     cfg = Config(weight_bits=4).validate()
     assert cfg.adaround and "adaround" in cfg.steps and "--no-adaround" in cfg.choices["adaround"]
+    assert cfg.cle and "cle" in cfg.steps and "--no-cle" in cfg.choices["cle"]
     assert Config(weight_bits=4).validate().validate().choices == cfg.choices  # validating again keeps the reason
     for kw in (dict(weight_bits=4, adaround=False), dict(weight_bits=5), dict(weight_bits=4, data_free=True)):
         c = Config(**kw).validate()
         assert not c.adaround and "adaround" not in c.choices
+    for kw, on in ((dict(weight_bits=4, cle=False), False), (dict(weight_bits=5), False),
+                   (dict(weight_bits=4, data_free=True), True), (dict(weight_bits=8, cle=True), True)):
+        c = Config(**kw).validate()
+        assert c.cle is on and "cle" not in c.choices  # set by the user, or by --data-free: nothing to explain
     state = prepare(conv_bn_relu(rng), Config(weight_bits=3))
-    assert state.report["choices"] == {"adaround": state.config.choices["adaround"]}
+    assert state.report["choices"] == {k: state.config.choices[k] for k in ("adaround", "cle")}
     from ptq.run import make_config  # the CLI's path: a validated Config with settings over it
     assert make_config(cfg, holdout=0).choices == cfg.choices
-    assert make_config(cfg, adaround=False).choices == {}
+    assert make_config(cfg, adaround=False, cle=False).choices == {}

@@ -91,8 +91,8 @@ def calib_source(tmp_path, rng, model, shape):
 def test_stage_never_worse_than_initial_scales(rng, tmp_path):
     model = zoo(rng)
     src = calib_source(tmp_path, rng, model, (3, 16, 16))
-    cfg = Config(weight_bits=4, adaround=False, act_bits=6, easyquant=True, easyquant_steps=40, batch_size=8,
-                 holdout=0).validate()
+    cfg = Config(weight_bits=4, adaround=False, cle=False, act_bits=6, easyquant=True, easyquant_steps=40,
+                 batch_size=8, holdout=0).validate()
     assert cfg.steps == ["smoothquant", "weight_ranges", "activation_ranges", "easyquant", "bias_overflow"]
     state = run_steps(prepare(model, cfg), Context(src), {})
     rep = state.report["easyquant"]["layers"]
@@ -131,7 +131,7 @@ def test_int7_model_keeps_7_bit_integers(rng, tmp_path):
 def test_easyquant_then_adaround_rounds_on_easyquant_grids(rng, tmp_path):
     model = conv_bn_relu(rng, act="Clip")
     src = calib_source(tmp_path, rng, model, (3, 8, 8))
-    cfg = dict(weight_bits=4, adaround=False, batch_size=8, holdout=0, easyquant_steps=30)
+    cfg = dict(weight_bits=4, adaround=False, cle=False, batch_size=8, holdout=0, easyquant_steps=30)
     eq = run_steps(prepare(model, Config(**cfg, easyquant=True)), Context(src), {})
     both_cfg = Config(**{**cfg, "adaround": True}, easyquant=True, adaround_iters=200).validate()
     assert both_cfg.steps == ["smoothquant", "weight_ranges", "activation_ranges", "easyquant", "adaround",
