@@ -292,9 +292,9 @@ def measure(args, work: Path) -> int:
         if "adaround" in suites and name in args.adaround_models:
             images = ["--calib-size", "1024", "--calib", str(calib_dir)]
             for config, extra in (("W4A8 per-channel nearest", ["--per-channel", "--weight-bits", "4",
-                                                                "--no-adaround"]),
+                                                                "--no-adaround", "--no-cle"]),
                                   ("W4A8 per-channel AdaRound", ["--per-channel", "--weight-bits", "4",
-                                                                 "--adaround", *images]),
+                                                                 "--adaround", "--no-cle", *images]),
                                   ("W4A8 per-tensor CLE nearest", ["--per-tensor", "--weight-bits", "4", "--cle",
                                                                    "--no-adaround"]),
                                   ("W4A8 per-tensor CLE+AdaRound", ["--per-tensor", "--weight-bits", "4", "--cle",
@@ -307,7 +307,7 @@ def measure(args, work: Path) -> int:
                                   ("W8A8 per-channel AdaRound", ["--per-channel", "--adaround", *images])):
                 ptq_run(config, work / f"{name}-{config.replace(' ', '_').replace('+', 'p')}.onnx", extra)
         if "debug" in suites and name in args.debug_models:
-            w4 = ["--per-tensor", "--weight-bits", "4", "--no-adaround"]
+            w4 = ["--per-tensor", "--weight-bits", "4", "--no-adaround", "--no-cle"]
             val_flags = ["--eval", str(val_dir), "--eval-resize", str(val_pre.resize), "--eval-crop",
                          str(val_pre.crop)]
             html = work / f"{name}-debug.html"
