@@ -88,8 +88,8 @@ def quant_options(f):
         click.option("--act-symmetric/--act-asymmetric", default=None, help="Activation grid (asymmetric uint8)."),
         click.option("--percentile", type=float, help="Percentile for --act-range percentile (99.99)."),
         click.option("--cle/--no-cle", default=None,
-                     help="Cross-layer equalization + high-bias absorption (on for weights of 4 bits or fewer, "
-                          "else off)."),
+                     help="Cross-layer equalization + high-bias absorption (off; for weights of 4 bits or "
+                          "fewer: both, keeping the model closer to FP32)."),
         click.option("--smoothquant/--no-smoothquant", default=None,
                      help="SmoothQuant on MatMuls with outlier input channels, where it measures better (on)."),
         click.option("--adaround/--no-adaround", default=None,

@@ -112,13 +112,16 @@ class Config:
                     f"on: {self.weight_bits}-bit weights at nearest rounding lose most of a model's accuracy "
                     "(EfficientNet-Lite0 W4A8 per-channel: 78 points, AdaRound: 5; README, Measured); "
                     "--no-adaround turns it off")
+        if self.cle is None and self.steps is not None:  # the user's own steps say whether CLE runs
+            self.cle = "cle" in self.steps
         if self.cle is None:
             self.cle = self.weight_bits <= 4 or self.data_free
             if self.cle and not self.data_free:
                 self.choices["cle"] = (
-                    f"on: with {self.weight_bits}-bit weights, equalized layers lose less (EfficientNet-Lite0 W4A8 "
-                    "per-channel drop 5.00 -> 1.92 points, Lite1 1.00 -> 0.53; docs/FINDINGS.md); ReLU6 stays exact "
-                    "as a per-channel Min on the integers, timed in the speed section; --no-cle turns it off")
+                    f"on, to be compared: with {self.weight_bits}-bit weights ptq.quantize also quantizes without "
+                    "CLE and keeps the model closer to FP32 on the held-back samples (it helps some models, "
+                    "EfficientNet-Lite0 W4A8: drop 5.00 -> 1.92 points, and not others; docs/FINDINGS.md); "
+                    "--cle / --no-cle decide it yourself")
         check_overrides(self.overrides, tuple(dict.fromkeys(WEIGHT_METHODS + ACT_METHODS + ("xent",))))
         if not 2 <= self.weight_bits <= 8:
             raise InputError(f"weight bits must be 2-8, not {self.weight_bits}")

@@ -163,3 +163,26 @@ def test_data_free_falls_back_to_synthetic_inputs_for_unreached_tensors(rng):
     assert "no BatchNormalization" in state.report["warnings"][0]  # this model has none: warned
     assert state.acts["s"].method == "minmax (synthetic inputs)"
     assert 0.0 <= float(state.acts["s"].lo) and float(state.acts["s"].hi) <= 1.0 + 1e-6
+
+
+def test_cle_by_default_at_four_bits_keeps_the_model_closer_to_fp32(rng, tmp_path):
+    """At 4-bit weights CLE comes on by default and ptq.quantize also quantizes without it: the model it returns
+    is the one whose worst held-back output is closer to FP32 (its own fidelity equals the better of the two
+    SQNRs the report gives), and the report's choices say which was kept. A user's --cle / --no-cle skips the
+    comparison."""
+    import onnx
+    from ptq.run import quantize
+    path = tmp_path / "chain.onnx"
+    onnx.save(chain(rng), str(path))
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 24, scale=2.0)
+    kw = dict(weight_bits=4, holdout=8, latency_runs=0, adaround_iters=20)
+    r = quantize(path, calib, **kw)
+    choice = r.report["stages"]["cle_choice"]
+    best = max(choice["sqnr_db_with"], choice["sqnr_db_without"])
+    assert r.fidelity["outputs"]["y"]["sqnr_db"] == pytest.approx(best, abs=0.01)
+    kept_cle = choice["kept"] == "cle"
+    assert kept_cle == (choice["sqnr_db_with"] >= choice["sqnr_db_without"])
+    assert ("cle" in r.report["stages"]) == kept_cle
+    assert r.report["stages"]["choices"]["cle"].startswith("on" if kept_cle else "off")
+    for cle in (True, False):
+        assert "cle_choice" not in quantize(path, calib, cle=cle, **kw).report["stages"]
