@@ -176,8 +176,8 @@ def export_qdq(state, integers: bool = True) -> onnx.ModelProto:
         if t in act_enc:
             graph_in_map[t] = unique_name(taken, t + "/dequantized")
             qdq_act(t, t, graph_in_map[t])
-    bounded = bound_mins(state) if integers else {}  # Relu output -> (the CLE Min's output, its bound)
-    moved = integer_activations(state) if integers else {}  # pre-activation -> (Relu / Clip node, its output, lo, hi)
+    bounded = bound_mins(state, ref) if integers else {}  # Relu output -> (the CLE Min's output, its bound)
+    moved = integer_activations(state, ref) if integers else {}  # pre-activation -> (Relu / Clip, output, lo, hi)
     dropped = {o for o, _ in bounded.values()}
     moved_nodes = {v[0] for v in moved.values()}
     for node in g.node:
@@ -259,15 +259,15 @@ def grid_integer(v, enc: Encoding, bits: int):
     return int(q) if q.ndim == 0 else q
 
 
-def integer_activations(state) -> dict[str, tuple[str, str, float, float]]:
+def integer_activations(state, gr: Graph) -> dict[str, tuple[str, str, float, float]]:
     """The layers' fused Relu / Clip whose output t is quantized and whose input (the layer's own output) is read
     by it alone and not quantized itself: {pre-activation: (activation node, t, lo, hi)}. The exporter quantizes
     the pre-activation with t's grid and clips the integers to [Q(lo), Q(hi)] instead: Q(clip(x, lo, hi)) =
     clip(Q(x), Q(lo), Q(hi)) for a monotone Q, so no float activation stands between the layer and its
     QuantizeLinear (onnxruntime folds a Relu / Clip into the quantization only where its bounds cover the whole
     storage type, not before a grid narrower than its type, e.g. 7-bit in uint8). Unsigned grids only: with int8
-    activations onnxruntime's CPU convolution stays in float either way, and its float Relu is the cheaper op."""
-    gr = Graph(state.model)
+    activations onnxruntime's CPU convolution stays in float either way, and its float Relu is the cheaper op.
+    ``gr``: the Graph of ``state.model``."""
     root = state.placement.root
     out = {}
     for l in state.layers:
@@ -282,28 +282,22 @@ def integer_activations(state) -> dict[str, tuple[str, str, float, float]]:
     return out
 
 
-def bound_mins(state) -> dict[str, tuple[str, str]]:
+def bound_mins(state, gr: Graph) -> dict[str, tuple[str, str]]:
     """CLE's per-channel bounds Min(Relu(x), b) whose Relu output shares the Min output's quantizer and is read by
     the Min alone: {Relu output: (Min output, b)}. The exporter quantizes the Relu output with that grid and
     applies the Min to its integers (min(Q(r), Q(b)) = Q(min(r, b))), which leaves Conv + Relu + Q for
-    onnxruntime to fuse into one QLinearConv."""
-    gr = Graph(state.model)
-    producer_of = {o: n for n in state.model.graph.node for o in n.output}
-    readers = {}
-    for n in state.model.graph.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+    onnxruntime to fuse into one QLinearConv. ``gr``: the Graph of ``state.model``."""
     root = state.placement.root
     out = {}
     for l in state.layers:
         r = root.get(l.out)
         if not l.bound or r not in state.acts or not gr.is_const(l.bound):
             continue
-        mn = producer_of.get(l.out)
+        mn = gr.producer.get(l.out)
         if mn is None or mn.op_type != "Min" or mn.input[1] != l.bound:
             continue
         relu_out = mn.input[0]
-        if root.get(relu_out) == r and readers.get(relu_out) == 1:
+        if root.get(relu_out) == r and len(gr.consumers.get(relu_out, [])) == 1:
             out[relu_out] = (l.out, l.bound)
     return out
 

@@ -171,6 +171,16 @@ def hist_mse_loss(hist: Histogram, spec: QuantSpec, through=None):
     return loss
 
 
+def encoding_mse(loss, enc: Encoding) -> float:
+    """``loss`` (a ``hist_mse_loss``) at the per-tensor grid of ``enc``."""
+    return float(loss(np.atleast_1d(enc.lo).astype(np.float64), np.atleast_1d(enc.hi).astype(np.float64))[0])
+
+
+def mse_ratio(new: float, base: float) -> float:
+    """new / base, with 0 / 0 = 1 and x / 0 = inf."""
+    return new / base if base > 0 else (1.0 if new == 0 else np.inf)
+
+
 def _hist_sqnr(hist: Histogram, enc: Encoding) -> float:
     centers, counts = hist.centers_counts()
     if counts.size == 0:
@@ -220,10 +230,9 @@ def capped_encoding(hist: Histogram, enc: Encoding, top: float, tolerance: float
     if float(np.max(enc.hi)) <= top or enc.spec.symmetric:
         return enc, dict(facts, min_fused=float(np.max(enc.hi)) <= top, why="the grid's top is within every bound")
     loss = hist_mse_loss(hist, enc.spec)
-    free = float(loss(np.atleast_1d(enc.lo).astype(np.float64), np.atleast_1d(enc.hi).astype(np.float64))[0])
+    free = encoding_mse(loss, enc)
     lo, hi = search_range(loss, enc.spec, min(hist.min, 0.0), min(top, max(hist.max, 0.0)))
-    capped = float(loss(np.array([lo]), np.array([hi]))[0])
-    ratio = capped / free if free > 0 else (1.0 if capped == 0 else np.inf)
+    ratio = mse_ratio(float(loss(np.array([lo]), np.array([hi]))[0]), free)
     facts.update(error_ratio=round(ratio, 4))
     if ratio > 1 + tolerance:
         return enc, dict(facts, min_fused=False,
@@ -243,7 +252,7 @@ def saturating_encoding(hist: Histogram, enc: Encoding, top: float, tolerance: f
     if enc.spec.symmetric or not np.isfinite(top) or top <= 0 or float(np.max(enc.hi)) >= top:
         return enc
     loss = hist_mse_loss(hist, enc.spec)
-    free = float(loss(np.atleast_1d(enc.lo).astype(np.float64), np.atleast_1d(enc.hi).astype(np.float64))[0])
+    free = encoding_mse(loss, enc)
     full = float(loss(np.array([0.0]), np.array([float(top)]))[0])
     if full > (1 + tolerance) * free:
         return enc

@@ -126,8 +126,7 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
     t0 = time.perf_counter()
     qmodel = export_qdq(state)
     timings["export"] = round(time.perf_counter() - t0, 3)
-    if "cle" in config.choices and config.cle and not config.data_free and calib_src is not None \
-            and (state.report.get("cle") or {}).get("pairs"):
+    if "cle" in config.choices and calib_src is not None and (state.report.get("cle") or {}).get("pairs"):
         t0 = time.perf_counter()
         state, qmodel = _choose_cle(original, state, qmodel, calib_src, held, progress)
         timings["cle_choice"] = round(time.perf_counter() - t0, 3)
@@ -209,6 +208,12 @@ def _closeness(original, model, held, batch_size: int) -> float:
     return min((float(o["sqnr_db"]) for o in outs.values()), default=float("inf"))
 
 
+def _quantize_again(original, config: Config, calib_src, progress) -> tuple:
+    """(state, QDQ model) of ``original`` quantized once more with ``config``."""
+    state = run_steps(prepare(original, config), Context(calib_src, progress), {})
+    return state, export_qdq(state)
+
+
 def _choose_cle(original, state, qmodel, calib_src, held, progress):
     """CLE came on by default (weights of 4 bits or fewer): quantize again without it and keep the model whose
     outputs on the held-back samples (the calibration samples where none are held back) are closer to FP32
@@ -219,8 +224,7 @@ def _choose_cle(original, state, qmodel, calib_src, held, progress):
     held = held if held is not None else calib_src
     plain_cfg = dataclasses.replace(state.config, cle=False, steps=None)  # the default steps, without CLE
     plain_cfg.choices = {k: v for k, v in state.config.choices.items() if k != "cle"}
-    plain = run_steps(prepare(original, plain_cfg), Context(calib_src, progress), {})
-    plain_model = export_qdq(plain)
+    plain, plain_model = _quantize_again(original, plain_cfg, calib_src, progress)
     cle_db, plain_db = (_closeness(original, m, held, state.config.batch_size) for m in (qmodel, plain_model))
     keep_cle = cle_db >= plain_db
     chosen, model = (state, qmodel) if keep_cle else (plain, plain_model)
@@ -247,8 +251,7 @@ def _choose_weight_range(original, state, qmodel, calib_src, held, config, progr
     def closeness(model):
         return _closeness(original, model, held, config.batch_size)
     reduced_cfg = dataclasses.replace(config, reduce_range="always")
-    reduced = run_steps(prepare(original, reduced_cfg), Context(calib_src, progress), {})
-    reduced_model = export_qdq(reduced)
+    reduced, reduced_model = _quantize_again(original, reduced_cfg, calib_src, progress)
     full_db, reduced_db = closeness(qmodel), closeness(reduced_model)
     keep_reduced = reduced_db > full_db
     chosen, model = (reduced, reduced_model) if keep_reduced else (state, qmodel)

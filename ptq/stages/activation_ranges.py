@@ -7,7 +7,7 @@ produced the tensor; falls back to ``mse`` where there is none) and ``xent`` for
 A quantizer right after a fused Relu / Clip is kept inside the activation's bounds, so the int8 runtime can drop
 the activation (its output range already is the quantizer's). After CLE, a ReLU6 is Relu + Min(·, b_c) with a
 per-channel bound; its quantizer's top is held within the smallest b_c where that costs at most
-``fusable_tolerance`` more MSE (``ranges.capped_encoding``): the exporter then leaves the float Min out.
+``fusable_tolerance`` more MSE (``ranges.capped_encoding``): the exporter then leaves the Min out.
 Where this onnxruntime has no integer Clip (``runtime.integer_min_clip``; the exporter otherwise saturates on the
 integers, after the fused layer), an activation under 8 bits after ReLU6 gets the grid [0, 6] where that costs at
 most ``fusable_tolerance`` (``ranges.saturating_encoding``): its values cannot leave the n-bit range, so it needs no
@@ -35,8 +35,8 @@ from ..observe import Histogram, RowSample, observe
 from ..patterns import activation_bounds, float_activation, head_outputs
 from ..quant import Encoding, QuantSpec
 from ..runtime import integer_min_clip
-from ..ranges import (activation_encoding, bn_encoding, capped_encoding, hist_mse_loss, saturating_encoding,
-                      xent_encoding)
+from ..ranges import (activation_encoding, bn_encoding, capped_encoding, encoding_mse, hist_mse_loss, mse_ratio,
+                      saturating_encoding, xent_encoding)
 from .weight_ranges import weight_quantized
 
 
@@ -113,13 +113,13 @@ def set_activation_ranges(state, ctx):
         if cfg.range_spread and spread > cfg.range_spread and state.acts.pop(t, None) is not None:
             left[t] = (f"a head layer's output whose channels' ranges differ {spread:.0f}× (more than "
                        f"range_spread = {cfg.range_spread:g}); one scale would crush the smallest: kept in float")
-    shared = share_concat_grids(state.model, state.placement.root, state.acts, hists, cfg.fusable_tolerance)
+    shared = share_concat_grids(gr, state.placement.root, state.acts, hists, cfg.fusable_tolerance)
     if shared:
         state.report["concat_grids"] = shared
     return state
 
 
-def share_concat_grids(model, root: dict, acts: dict, hists: dict, tolerance: float) -> dict:
+def share_concat_grids(gr: Graph, root: dict, acts: dict, hists: dict, tolerance: float) -> dict:
     """Put a Concat's inputs on its output's grid, so onnxruntime's QLinearConcat copies their bytes instead of
     requantizing each through a lookup table. What the Concat's readers see does not get worse: without sharing
     an input is rounded onto its own grid and then again onto the output's, with sharing once onto the output's
@@ -128,8 +128,7 @@ def share_concat_grids(model, root: dict, acts: dict, hists: dict, tolerance: fl
     output's grid is within (1 + ``tolerance``) × its MSE on its own grid. Concats are visited from the graph's
     end: one that feeds another first takes the later one's grid, then hands it to its own inputs; an input
     already on another Concat's grid keeps it (the Concat is skipped). Edits ``acts``; returns
-    {Concat: {input quantizer: {"error_ratio", "other_readers"}}}."""
-    gr = Graph(model)
+    {Concat: {input quantizer: {"error_ratio", "other_readers"}}}. ``gr``: the Graph of the FP32 model."""
     members: dict[str, list[str]] = {}
     for t, r in root.items():
         members.setdefault(r, []).append(t)
@@ -144,7 +143,7 @@ def share_concat_grids(model, root: dict, acts: dict, hists: dict, tolerance: fl
         return False
     given: dict[str, str] = {}  # input quantizer -> the Concat output quantizer whose grid it took
     out = {}
-    for node in reversed(list(model.graph.node)):
+    for node in reversed(list(gr.model.graph.node)):
         r_out = root.get(node.output[0]) if node.op_type == "Concat" else None
         if r_out not in acts:
             continue
@@ -160,9 +159,7 @@ def share_concat_grids(model, root: dict, acts: dict, hists: dict, tolerance: fl
                 facts = None
                 break
             loss = hist_mse_loss(hists[r], enc.spec)
-            own, on_out = (float(loss(np.atleast_1d(e.lo).astype(np.float64),
-                                      np.atleast_1d(e.hi).astype(np.float64))[0]) for e in (acts[r], enc))
-            ratio = on_out / own if own > 0 else (1.0 if on_out == 0 else np.inf)
+            ratio = mse_ratio(encoding_mse(loss, enc), encoding_mse(loss, acts[r]))
             others = other_readers(r, node)
             if others and ratio > 1 + tolerance:
                 facts = None
