@@ -251,6 +251,7 @@ def _choose_weight_range(original, state, qmodel, calib_src, held, config, progr
     def closeness(model):
         return _closeness(original, model, held, config.batch_size)
     reduced_cfg = dataclasses.replace(config, reduce_range="always")
+    reduced_cfg.choices = dict(config.choices)  # the same settings chosen by ptq, and why
     reduced, reduced_model = _quantize_again(original, reduced_cfg, calib_src, progress)
     full_db, reduced_db = closeness(qmodel), closeness(reduced_model)
     keep_reduced = reduced_db > full_db

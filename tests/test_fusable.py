@@ -476,3 +476,24 @@ def test_concat_inputs_with_other_readers_share_only_within_the_tolerance(rng, t
     assert facts["error_ratio"] == pytest.approx(direct, rel=0.05)
     apart = state_for(concat_model(rng, 0.2, b_read_twice=True), calib)
     assert apart.acts[apart.placement.root["b"]] is not apart.acts[apart.placement.root["cat"]]
+
+
+def test_the_reduce_range_requantization_keeps_what_ptq_chose_and_why(tmp_path, monkeypatch):
+    """Where the 7-bit model is kept (forced here as on a saturating CPU), its report still says which settings
+    ptq chose (AdaRound at 4 bits) and why."""
+    import ptq.run
+    from ptq.run import quantize
+    path = tmp_path / "conv.onnx"
+    onnx.save(worst_case_conv(), str(path))
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i in range(12):
+        np.save(folder / f"s{i}.npy", np.full((64, 2, 2), 1.0 + 0.02 * i, np.float32))
+    monkeypatch.setattr(ptq.run, "saturates_u8s8", lambda: True)
+    monkeypatch.setattr(ptq.run, "_closeness", lambda original, model, held, batch: float(  # 7 bits closer
+        any(t.name.endswith("weight/quantized") and numpy_helper.to_array(t).max() <= 63
+            for t in model.graph.initializer)))
+    r = quantize(path, folder, holdout=4, act_range="minmax", latency_runs=0, weight_bits=4, adaround_iters=5,
+                 overrides={"conv": {"bits": 8}})
+    assert r.report["stages"]["reduce_range"]["layers"] == 1  # the 7-bit model was kept
+    assert "adaround" in r.report["stages"]["choices"]
