@@ -97,6 +97,12 @@ def sections(r: dict) -> list[Section]:
             f"each). Q/DQ nodes left unfused by onnxruntime: {u['QuantizeLinear']} QuantizeLinear, "
             f"{u['DequantizeLinear']} DequantizeLinear."], header=["op beside an unfused Q/DQ", "count"],
             rows=[[k, v] for k, v in u["beside"].items()]))
+        if sp.get("ops"):
+            fp, q = (list(sp["ops"][k].items()) for k in ("fp32", "quantized"))
+            rows = [[*(fp[i] if i < len(fp) else ("", "")), *(q[i] if i < len(q) else ("", ""))]
+                    for i in range(max(len(fp), len(q)))]
+            out.append(Section("Where the time goes (onnxruntime's profiler, one thread, µs per batch-1 run, "
+                               "ops after its fusions)", header=["FP32 op", "µs", "quantized op", "µs"], rows=rows))
         if sp.get("costs"):
             out.append(Section("What the layout's choices cost (each measured by timing the model without it)",
                                header=["choice", "count", "latency × FP32 without it", "with it"],

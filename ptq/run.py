@@ -25,7 +25,7 @@ from .model import load_model
 from .observe import check_runnable
 from .outputs import OutputSet
 from .pipeline import Config, Context, prepare, run_steps
-from .speed import measure_speed
+from .speed import measure_speed, slowest_ops
 from .runtime import saturates_u8s8
 from .report import render_reports, report_paths
 
@@ -179,7 +179,7 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
             state.report.setdefault("warnings", []).append(
                 f"the quantized model runs {speed['ratio']:.2f}× slower than FP32 (onnxruntime CPU, batch 1); "
                 f"{u['QuantizeLinear']} Q / {u['DequantizeLinear']} DQ nodes stay unfused" +
-                (f", beside {beside}" if beside else ""))
+                (f", beside {beside}" if beside else "") + slowest_ops(speed.get("ops")))
         for what, cost in speed["costs"].items():
             if speed["ratio"] - cost["ratio_without"] > 0.1:
                 state.report.setdefault("warnings", []).append(

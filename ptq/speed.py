@@ -2,10 +2,12 @@
 CPU (medians of repeated runs, one after the other in this process), and the Q/DQ nodes that onnxruntime's graph
 optimizations leave standing (not fused into an integer kernel), with the ops beside them — each one is float
 work added around a float op; and, for each choice the integer kernels cannot absorb (``costly_choices``), the
-latency of the same model without it — what that choice costs, measured."""
+latency of the same model without it — what that choice costs, measured; and where the time goes, op by op, in
+both models (``op_times``: onnxruntime's own profiler), so a slower quantized model says which kernels made it so."""
 from __future__ import annotations
 
 import collections
+import json
 import os
 import tempfile
 
@@ -50,6 +52,47 @@ def unfused_qdq(model: onnx.ModelProto) -> dict:
     counts = collections.Counter(n.op_type for n in g.node if n.op_type in QDQ)
     return {"QuantizeLinear": counts["QuantizeLinear"], "DequantizeLinear": counts["DequantizeLinear"],
             "beside": dict(beside.most_common())}
+
+
+def op_times(model: onnx.ModelProto, feed: dict, runs: int = 10, top: int = 8) -> dict[str, float]:
+    """{op type: µs per run} for the ``top`` op types of the graph onnxruntime runs (after its fusions, so the
+    quantized model's convolutions appear as QLinearConv), from onnxruntime's profiler on one thread: the
+    ``*_kernel_time`` events of ``runs`` runs after a first, untimed one (which allocates and packs), summed per op
+    type and divided by ``runs``; the remaining op types together as "other". The profile file goes to a temporary
+    folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = 1  # one thread: each kernel's time is its own, not its share of a pool
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "profile")
+        session_options(model, opts)
+        s = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        for _ in range(runs + 1):
+            s.run(None, feed)
+        with open(s.end_profiling()) as f:
+            events = json.load(f)
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    timed_from = starts[1] if len(starts) > 1 else 0
+    total = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= timed_from:
+            total[e["args"]["op_name"]] += e["dur"]
+    ranked = total.most_common()
+    out = {op: round(us / runs, 1) for op, us in ranked[:top]}
+    rest = sum(us for _, us in ranked[top:])
+    if rest:
+        out["other"] = round(rest / runs, 1)
+    return out
+
+
+def slowest_ops(ops: dict | None, n: int = 3) -> str:
+    """The ``n`` costliest op types of each model from ``op_times``, as a clause for a warning ("" without them)."""
+    if not ops:
+        return ""
+    def few(times):
+        return ", ".join(f"{op} {us:.0f} µs" for op, us in list(times.items())[:n] if op != "other")
+    return f"; most time in the quantized model: {few(ops['quantized'])}; in FP32: {few(ops['fp32'])}"
 
 
 def _bypassed(model: onnx.ModelProto, nodes: list) -> onnx.ModelProto:
@@ -154,12 +197,16 @@ def costly_choices(q_model: onnx.ModelProto) -> dict:
 
 def measure_speed(fp_model: onnx.ModelProto, q_model: onnx.ModelProto, feed: dict, runs: int = 20) -> dict:
     """Batch-1 latency of both models (ms, median of ``runs``; interleaved, except for models kept on disk, timed
-    one at a time to hold one session), their ratio, the unfused Q/DQ, and
-    per costly choice (``costly_choices``) how many there are and the ratio to FP32 the model would have without it."""
+    one at a time to hold one session), their ratio, the unfused Q/DQ,
+    per costly choice (``costly_choices``) how many there are and the ratio to FP32 the model would have without it,
+    and each model's time per op type (``op_times``; None for a model kept on disk)."""
     choices = costly_choices(q_model)
     fp_ms, q_ms, *without_ms = latencies_ms([fp_model, q_model] + [m for _, m in choices.values()], feed, runs,
                                             interleave=folder(fp_model) is None)
     costs = {what: {"count": count, "ratio_without": round(ms / max(fp_ms, 1e-9), 3)}
              for (what, (count, _)), ms in zip(choices.items(), without_ms)}
+    ops = None
+    if folder(fp_model) is None:  # a model kept on disk is not loaded twice more to be profiled
+        ops = {"fp32": op_times(fp_model, feed), "quantized": op_times(q_model, feed)}
     return {"fp32_ms": round(fp_ms, 3), "quant_ms": round(q_ms, 3), "ratio": round(q_ms / max(fp_ms, 1e-9), 3),
-            "runs": runs, "unfused": unfused_qdq(q_model), "costs": costs}
+            "runs": runs, "unfused": unfused_qdq(q_model), "costs": costs, "ops": ops}

@@ -239,7 +239,26 @@ def test_report_has_the_speed_of_both_models(rng, tmp_path):
     assert sp["fp32_ms"] > 0 and sp["quant_ms"] > 0
     assert sp["ratio"] == pytest.approx(sp["quant_ms"] / sp["fp32_ms"], rel=0.05)
     assert sp["unfused"]["QuantizeLinear"] >= 1  # the graph input's quantizer stays a QuantizeLinear
+    assert set(sp["ops"]) == {"fp32", "quantized"}
+    assert "QLinearConv" in sp["ops"]["quantized"] and "QLinearConv" not in sp["ops"]["fp32"]
     assert quantize(model_path, calib, holdout=4, latency_runs=0).report["speed"] is None
+
+
+def test_op_times_cover_the_ops_onnxruntime_runs_and_leave_no_profile(rng, tmp_path, monkeypatch):
+    from ptq.speed import op_times
+    monkeypatch.chdir(tmp_path)  # onnxruntime writes its profile to the working folder unless told otherwise
+    model = zoo(rng)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ran = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    (tmp_path / "optimized.onnx").unlink()
+    feed = {"x": rng.normal(size=(1, 3, 16, 16)).astype(np.float32)}
+    times = op_times(model, feed, runs=3, top=100)
+    assert set(times) == ran and all(t >= 0 for t in times.values())
+    top2 = op_times(model, feed, runs=3, top=2)
+    assert len(top2) == 3 and "other" in top2
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_every_written_scale_is_finite_and_normal():
