@@ -112,6 +112,9 @@ def quant_options(f):
         click.option("--lsq/--no-lsq", default=None, help="learn the block's activation steps (on)."),
         click.option("--recon-fisher/--no-recon-fisher", default=None,
                      help="weigh each block output channel by the Fisher information of the task loss (off)."),
+        click.option("--recon-dsq/--no-recon-dsq", default=None,
+                     help="DSQ's tanh soft rounding of activations while reconstructing, annealed to hard, instead "
+                          "of the straight-through estimator (off)."),
         click.option("--easyquant/--no-easyquant", default=None,
                      help="EasyQuant: search weight and input scales for the best output cosine, per layer (off)."),
         click.option("--bias-correction", type=click.Choice(["empirical", "analytic"]),

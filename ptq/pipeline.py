@@ -86,6 +86,7 @@ class Config:
     qdrop: float = 0.5  # probability that an activation element is quantized while reconstructing (1: BRECQ)
     lsq: bool = True  # learn the block's activation steps jointly with the rounding
     recon_fisher: bool = False  # weigh each block output channel by the task loss's Fisher information
+    recon_dsq: bool = False  # DSQ's soft rounding of the block's activations while learning, not straight-through
     easyquant: bool = False
     easyquant_steps: int = 100  # candidate scales per search (the paper: 100)
     easyquant_range: tuple = (0.5, 2.0)  # candidates α·S₀ for α in this range (the paper: [0.5, 2])

@@ -15,7 +15,7 @@ from ptq.export import export_qdq
 from ptq.model import Graph
 from ptq.patterns import find_layers
 from ptq.pipeline import Config, Context, prepare, run_steps
-from ptq.stages.block_reconstruction import fisher_weights
+from ptq.stages.block_reconstruction import dsq_round, fisher_weights
 from ptq.torch_graph import TorchSegment
 
 import torch  # the recon extra, which `make install` installs
@@ -250,3 +250,33 @@ def test_undecided_share_is_that_of_the_fractions_before_any_learning(rng, tmp_p
         f = np.concatenate(fracs)
         assert row["undecided"] == pytest.approx(np.mean((f > 0.02) & (f < 0.98)), abs=0.01)
         assert 0 < row["undecided"] < 1 and row["loss_end_soft"] > 0
+
+
+def test_dsq_rounding_is_the_tanh_of_the_paper_and_becomes_round_as_k_grows():
+    """φ_k(v) = ⌊v⌋ + ½ + ½·tanh(k(v − ⌊v⌋ − ½)) / tanh(k/2) (DSQ eq. 3-4 in grid units), worked by hand at a
+    few points; monotone within a cell, continuous at the cell edges, differentiable, and ⌊v⌉ for a large k."""
+    v = torch.tensor([-1.7, -0.5, 0.0, 0.2, 0.5, 0.75, 2.99], dtype=torch.float64, requires_grad=True)
+    k = 4.0
+    by_hand = [np.floor(x) + 0.5 + 0.5 * np.tanh(k * (x - np.floor(x) - 0.5)) / np.tanh(k / 2)
+               for x in v.detach().numpy()]
+    got = dsq_round(torch, v, k)
+    np.testing.assert_allclose(got.detach().numpy(), by_hand, rtol=1e-12)
+    assert got[2].item() == pytest.approx(0.0) and got[4].item() == pytest.approx(0.5)  # an edge, a middle
+    got.sum().backward()
+    assert (v.grad > 0).all()  # a real gradient everywhere, not the straight-through one
+    grid = torch.linspace(-3, 3, 601, dtype=torch.float64)
+    soft = dsq_round(torch, grid, k)
+    assert (soft[1:] >= soft[:-1]).all()  # monotone, no jump at the edges
+    away = grid[(grid - torch.floor(grid) - 0.5).abs() > 0.05]  # off the cells' middles, where φ is ½ for any k
+    np.testing.assert_allclose(dsq_round(torch, away, 200.0).numpy(), torch.round(away).numpy(), atol=1e-6)
+
+
+def test_block_reconstruction_with_dsq_learns_and_keeps_only_what_lowers_the_held_out_loss(rng, tmp_path):
+    model = residual_chain(rng)
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 16)
+    state = quantize_state(model, calib, block_recon=True, recon_dsq=True, recon_iters=20, calib_size=16,
+                           act_bits=4)
+    rec = state.report["block_reconstruction"]
+    assert rec["dsq"] is True and rec["blocks"]
+    for row in rec["blocks"]:
+        assert row["kept"] == (row["loss_end"] < row["loss_start"])

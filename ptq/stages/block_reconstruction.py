@@ -17,7 +17,14 @@ what it means for AdaRound). In B̃ every tensor with an activation quantizer is
 elementwise with probability ``qdrop`` and left in float otherwise (QDrop: the rounding learned does not lean on
 one exact quantized input; 1 is BRECQ's always-quantized block). With ``lsq`` the step s of each activation
 quantizer that belongs to the block is learned jointly; its gradient is the straight-through one above (LSQ eq. 3)
-scaled by g = 1/√(N·Q_p) (LSQ §2.2; N the tensor's elements per sample, Q_p = q_max − z).
+scaled by g = 1/√(N·Q_p) (LSQ §2.2; N the tensor's elements per sample, Q_p = q_max − z). With ``recon_dsq``
+the activations' rounding while learning is DSQ's soft quantizer instead of the straight-through one (Gong et
+al. 2019, eq. 3-4, in grid units): for v = x/s in the cell [i, i + 1],
+
+    φ_k(v) = i + ½ + ½ · tanh(k·(v − i − ½)) / tanh(k/2),
+
+differentiable, with k annealed geometrically from DSQ_K[0] to DSQ_K[1] over the steps (φ_k → ⌊v⌉ as k grows);
+the held-out losses that decide what is kept always use the hard rounding.
 
 Data: up to the number of calibration samples that fit in 0.4 × ``--memory-limit`` (both networks' inputs kept);
 blocks made only of local ops (Conv, elementwise ops, global pooling) see a random square crop of each sample
@@ -62,6 +69,7 @@ DROP_POOL = 1 << 24  # Bernoulli draws kept for QDrop's masks
 UNDECIDED = 0.02  # h(V) farther than this from 0 and 1 at the end: the soft rounding had not decided
 FISHER_SAMPLES = 64  # calibration samples the Fisher weights are estimated on
 FISHER_FLOOR = 0.1  # a channel's weight, relative to the mean, is at least this
+DSQ_K = (2.0, 50.0)  # DSQ's sharpness k, first and last step
 
 
 def reconstruct_blocks(state, ctx):
@@ -99,7 +107,7 @@ def reconstruct_blocks(state, ctx):
     bar.close()
     state.report["block_reconstruction"] = {
         "blocks": report, "iters": cfg.recon_iters, "batch": cfg.recon_batch, "qdrop": cfg.qdrop, "lsq": cfg.lsq,
-        "fisher": fisher_note,
+        "dsq": cfg.recon_dsq, "fisher": fisher_note,
         "seconds": round(time.perf_counter() - t_all, 1)}
     return state
 
@@ -154,8 +162,11 @@ def _block(state, ctx, gr, block, seg, rng, fisher: dict, masks) -> dict:
     opt = torch.optim.Adam(params)
     n_v = sum(wt.v.numel() for wt in weights.values())
     warm = 0.2 * cfg.recon_iters
+    soft_acts = list({id(q): q for q in acts.values()}.values()) if cfg.recon_dsq else []
     for it in range(cfg.recon_iters):
         idx = rng.choice(train, size=min(cfg.recon_batch, len(train)), replace=False)
+        for q in soft_acts:
+            q.k = DSQ_K[0] * (DSQ_K[1] / DSQ_K[0]) ** (it / max(cfg.recon_iters - 1, 1))
         rec = error(predict(idx, False, cfg.qdrop), target(idx)) / (norm * len(idx))
         loss = rec
         if it >= warm:
@@ -165,6 +176,8 @@ def _block(state, ctx, gr, block, seg, rng, fisher: dict, masks) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
+    for q in soft_acts:
+        q.k = None
     end = loss_on(hold) if n_hold else None
     with torch.no_grad():
         h = torch.cat([wt.h().reshape(-1) for wt in weights.values()])
@@ -413,8 +426,9 @@ class _DropMasks:
 
 
 class _ActQuant:
-    """An activation quantizer in the block: fake-quant with the straight-through rounding, applied elementwise
-    with probability ``drop`` (QDrop); with a learnable relative step ``u`` (LSQ) when the block owns it."""
+    """An activation quantizer in the block: fake-quant with the straight-through rounding (with DSQ's soft
+    rounding ``dsq_round`` while ``k`` is set), applied elementwise with probability ``drop`` (QDrop); with a
+    learnable relative step ``u`` (LSQ) when the block owns it."""
 
     def __init__(self, torch, root, enc: Encoding, learn: bool, masks=None):
         self.torch, self.root, self.enc, self.masks = torch, root, enc, masks
@@ -423,6 +437,7 @@ class _ActQuant:
         self.z = float(np.asarray(enc.zero_point).reshape(-1)[0]) if np.ndim(enc.zero_point) == 0 else None
         self.u = torch.nn.Parameter(torch.ones(())) if learn and self.per_tensor else None
         self.g = None  # LSQ's gradient scale, from the first tensor it quantizes
+        self.k = None  # DSQ's sharpness while learning; None: hard rounding, straight-through gradient
 
     def step(self, x):
         if self.u is None:
@@ -440,7 +455,7 @@ class _ActQuant:
         else:
             s, z = self.step(x), self.z
         v = x / s
-        v = v + (t.round(v) - v).detach()
+        v = v + (t.round(v) - v).detach() if self.k is None else dsq_round(t, v, self.k)
         q = (t.clamp(v + z, self.enc.spec.qmin, self.enc.spec.qmax) - z) * s
         if drop >= 1.0:
             return q
@@ -452,6 +467,12 @@ class _ActQuant:
         scale = np.float32(float(self.scale) * float(self.u.detach()))
         return Encoding(self.enc.spec, np.asarray(scale, np.float32), self.enc.zero_point, self.enc.method,
                         {**self.enc.stats, "lsq_step_ratio": round(float(self.u.detach()), 4)})
+
+
+def dsq_round(torch, v, k: float):
+    """DSQ's soft rounding in grid units: ⌊v⌋ + ½ + ½·tanh(k(v − ⌊v⌋ − ½)) / tanh(k/2) (module docstring)."""
+    i = torch.floor(v)
+    return i + 0.5 + 0.5 * torch.tanh(k * (v - i - 0.5)) / math.tanh(k / 2)
 
 
 def _act_quantizers(torch, state, inputs, seg, masks=None) -> dict:
