@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper, shape_inference, version_converter
 from .external import session_options
 from .errors import InputError
 from .fuse import fold_bias_adds, fold_scale_muls, fold_scales_forward, fuse_hardswish
-from .model import (Graph, attr, default_opset, remove_unused_initializers, set_attr, topological_sort,
+from .model import (Graph, attr, declared_dims, default_opset, remove_unused_initializers, set_attr, topological_sort,
                     unique_name)
 
 QDQ_MIN_OPSET = 13
@@ -98,12 +98,8 @@ def _name_nodes(model: onnx.ModelProto) -> None:
 
 
 def _static_shape(model: onnx.ModelProto, name: str):
-    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        if vi.name == name and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            dims = vi.type.tensor_type.shape.dim
-            if all(d.HasField("dim_value") for d in dims):
-                return [d.dim_value for d in dims]
-    return None
+    dims = declared_dims(model, name)
+    return None if dims is None or None in dims else dims
 
 
 def fold_constants(model: onnx.ModelProto) -> int:

@@ -206,6 +206,16 @@ def remove_unused_initializers(model: onnx.ModelProto) -> None:
     model.graph.initializer.extend(keep)
 
 
+def declared_dims(model: onnx.ModelProto, name: str) -> list[int | None] | None:
+    """The shape ``model`` declares for tensor ``name`` (its inputs, outputs and inferred value_info): one entry per
+    axis, None for a dynamic one; None where no shape is declared."""
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if vi.name == name and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                    for d in vi.type.tensor_type.shape.dim]
+    return None
+
+
 def unique_name(taken: set[str], base: str) -> str:
     name, k = base, 1
     while name in taken:

@@ -66,12 +66,17 @@ def Graph_const(state, name):
 
 def test_a_grid_beyond_a_cle_bound_bounds_the_integers_and_computes_the_same(rng, tmp_path):
     """min(Q(r), Q(b)) = Q(min(r, b)): the integer Min equals the float one between two quantizers, exactly, and
-    leaves every convolution to onnxruntime's QLinearConv (no Q/DQ standing beside a Conv or a Min)."""
+    leaves every convolution to onnxruntime's QLinearConv (no Q/DQ standing beside a Conv or a Min); its operand
+    is the bound tiled along the tensor's known W."""
     state, bounded = bounded_state(rng, tmp_path, lambda b: float(b.max()) * 2)
     q = export_qdq(state)
     mins = [n for n in q.graph.node if n.op_type == "Min"]
     producer = {o: n for n in q.graph.node for o in n.output}
     assert len(mins) == len(bounded) and all(producer[n.input[0]].op_type == "QuantizeLinear" for n in mins)
+    operands = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    for n, l in zip(mins, bounded):  # tiled along W (8 here), one bound per channel
+        b = operands[n.input[1]]
+        assert b.shape == (1, 6, 1, 8) and (b == b[..., :1]).all() and len(np.unique(b)) > 1
     floats = export_qdq(state, integers=False)
     assert ops(floats).count("Min") == len(bounded)
     same_outputs(rng, q, floats)
