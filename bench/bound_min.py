@@ -12,11 +12,9 @@ Each shape is CHANNELS x HEIGHT x WIDTH.
 """
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import onnx
-from depthwise import SCALE, ZERO
+from depthwise import SCALE, ZERO, chain_args
 from onnx import TensorProto, helper, numpy_helper
 
 from ptq.speed import op_times
@@ -54,11 +52,7 @@ def chain(channels: int, h: int, w: int, layers: int, bound: str) -> onnx.ModelP
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default=DEFAULT)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--runs", type=int, default=300)
-    a = ap.parse_args()
+    a = chain_args(__doc__, DEFAULT)
     print(f"Min kernel time, µs per layer, one thread ({a.runs} runs)")
     print("| C × H × W | b [1, C, 1, 1] | b [1, C, 1, W] | ratio |")
     print("|---|---|---|---|")

@@ -74,12 +74,17 @@ def per_layer_us(model: bytes, x: np.ndarray, layers: int, runs: int) -> float:
     return float(np.median(times)) * 1e6 / layers
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default=DEFAULT)
+def chain_args(doc: str, shapes: str) -> argparse.Namespace:
+    """The command line of a layer-chain benchmark: ``--shapes``, ``--layers`` and ``--runs``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--shapes", default=shapes)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--runs", type=int, default=300)
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = chain_args(__doc__, DEFAULT)
     print(f"onnxruntime {ort.__version__}, one thread, µs per depthwise layer (median of {a.runs} runs)")
     print("| channels | kernel | H × W | FP32 | int8 | int8 / FP32 |")
     print("|---|---|---|---|---|---|")
