@@ -346,7 +346,8 @@ def test_silu_split_and_scalar_affine_ops_run_on_integers(rng, tmp_path):
     graph input's and the output's, and the fused model computes what the QDQ model computes."""
     model = silu_split_affine(rng)
     calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8)
-    state = state_for(model, calib)
+    # 7-bit convolution weights where this CPU's u8 × s8 kernels saturate, so the comparison below is of rounding
+    state = state_for(model, calib, reduce_range="always" if saturates_u8s8() else "never")
     root = state.placement.root
     assert {"sg", "silu", "s1", "s2", "sum", "scaled", "shifted"} <= set(root)
     assert root["s1"] == root["s2"] == root["silu"]
