@@ -291,7 +291,12 @@ def measure(args, work: Path) -> int:
                                 [f"--{gran}", *bflags, *extra])
         if "adaround" in suites and name in args.adaround_models:
             images = ["--calib-size", "1024", "--calib", str(calib_dir)]
-            for config, extra in (("W4A8 per-channel nearest", ["--per-channel", "--weight-bits", "4",
+            defaults = ["--holdout", "32"]  # what a user gets: 32 images held back decide the CLE choice
+            for config, extra in (("W4A8 per-channel defaults (--weight-bits 4)",
+                                   ["--weight-bits", "4", *images, *defaults]),
+                                  ("W4A8 per-tensor defaults (--weight-bits 4 --per-tensor)",
+                                   ["--weight-bits", "4", "--per-tensor", *images, *defaults]),
+                                  ("W4A8 per-channel nearest", ["--per-channel", "--weight-bits", "4",
                                                                 "--no-adaround", "--no-cle"]),
                                   ("W4A8 per-channel AdaRound", ["--per-channel", "--weight-bits", "4",
                                                                  "--adaround", "--no-cle", *images]),

@@ -369,6 +369,7 @@ def prepare(name: str, data: Path) -> dict:
     raise KeyError(name)
 
 
+TOOLS = ("ptq", "onnxruntime quantize_static")  # what each model is quantized by, unless told
 ZOO = ["minilm", "nudenet", "vit_focus", "ppocr_det", "ppocr_cls", "ppocr_rec", "lite0_static", "lite0_opset21",
        "silero_vad", "big_matmul"]
 
@@ -405,7 +406,9 @@ def ort_quantize(path: Path, calib: Path, out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def measure(work: Path, names=None) -> list[ZooRow]:
+def measure(work: Path, names=None, tools=TOOLS) -> list[ZooRow]:
+    """Quantize and score each model with each tool: "ptq" (defaults), "ptq FLAGS…" (ptq run with those flags, e.g.
+    "ptq --weight-bits 4") or "onnxruntime quantize_static"; rows are kept in bench/zoo_results.json."""
     from ptq.runtime import saturates_u8s8
     saturating = saturates_u8s8()
     rows = load()
@@ -423,11 +426,12 @@ def measure(work: Path, names=None) -> list[ZooRow]:
             print(f"{name} ptq: exit {p.returncode} {p.stderr.strip()[-200:]}", flush=True)
             continue
         fp_out = outputs(fp_path, spec["eval"])
-        for tool in ("ptq", "onnxruntime quantize_static"):
-            out = work / f"{name}-{tool.split()[0]}.onnx"
+        for i, tool in enumerate(tools):
+            out = work / f"{name}-{i}.onnx"
             t0 = time.perf_counter()
-            if tool == "ptq":
-                code, err, peak_mb = run_ptq(["run", str(fp_path), "--calib", str(spec["calib"]), "-o", str(out), "-q"])
+            if tool.split()[0] == "ptq":
+                code, err, peak_mb = run_ptq(["run", str(fp_path), "--calib", str(spec["calib"]), "-o", str(out), "-q",
+                                              *tool.split()[1:]])
                 note = err.strip().splitlines()[-1][:160] if err.strip() else ""
                 note = f"peak RSS {peak_mb:.0f} MB" + (f"; {note}" if note else "")
             elif spec.get("ort") is False:
@@ -498,5 +502,11 @@ def table() -> list[str]:
 
 if __name__ == "__main__":
     import tempfile
+    import argparse
+    ap = argparse.ArgumentParser(description="the zoo suite (rows kept in bench/zoo_results.json)")
+    ap.add_argument("models", nargs="*", help=f"of {', '.join(ZOO)} (default: all)")
+    ap.add_argument("--tool", action="append", help='"ptq", "ptq FLAGS..." (e.g. "ptq --weight-bits 4") or '
+                    '"onnxruntime quantize_static"; repeatable (default: ptq and quantize_static)')
+    a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        measure(Path(tmp), sys.argv[1:] or None)
+        measure(Path(tmp), a.models or None, tuple(a.tool or TOOLS))
