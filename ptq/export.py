@@ -3,6 +3,10 @@
 - Weights are stored quantized (int8; INT4 where the opset is >= 21 and bits <= 4) behind a DequantizeLinear
   (per channel: ``axis`` = the output-channel axis); 8-bit MatMul / Gemm weights as uint8 + 128 where weight
   ranges marked them (a runtime whose u8 × s8 kernels saturate);
+- asymmetric weight grids are written with zero point 0 where their integers allow: s · (q − z) is stored as the
+  int8 q' = q − z with scale s (exact; always possible below 8 bits, where |q − z| ≤ 2^n − 1), since onnxruntime's
+  fast integer kernels take only symmetric weights and run a weight zero point through a slow path; on a CPU whose
+  u8 × s8 kernels saturate, only where every |q'| ≤ 64, so that pairs of products stay within int16;
 - biases (the decided ones, ``state.biases``, else the reference's) are stored as int32 with scale s_in · s_w (per
   channel) and zero point 0, as integer kernels add them (where int32 cannot hold them, as with 16-bit grids, a
   float Add after the layer carries the bias);
@@ -38,8 +42,8 @@ from .errors import PTQError
 from .external import external_tensor
 from .model import Graph, declared_dims, default_opset, remove_unused_initializers, unique_name
 from .patterns import activation_bounds, clip_bounds, scalar_operand
-from .quant import Encoding, encoding_from_range, int32_bias, quantize
-from .runtime import integer_min_clip
+from .quant import Encoding, encoding_from_range, int32_bias, quantize, zero_point_folded
+from .runtime import integer_min_clip, saturates_u8s8
 
 MS_DOMAIN = "com.microsoft"
 _INT_TYPES = {(8, True): (TensorProto.INT8, np.int8), (8, False): (TensorProto.UINT8, np.uint8),
@@ -200,6 +204,9 @@ def export_qdq(state, integers: bool = True) -> onnx.ModelProto:
             q_w = quantize(w, wenc) if q_w is None else q_w
             shift = 128 if dense_uint8 and layer.op in ("MatMul", "Gemm") and bits == 8 and wenc.spec.bits == 8 \
                 and wenc.spec.symmetric else 0
+            if not wenc.spec.symmetric and bits == 8:  # the same values on a zero-point-0 grid: fast kernels
+                folded = zero_point_folded(q_w, wenc, 64 if saturates_u8s8() else 127)
+                q_w, wenc = folded if folded is not None else (q_w, wenc)
             node.input[1] = dq_const(layer.name + "/weight", q_w, wenc, bits, True, layer.w_axis, shift)
             x_enc = act_enc.get(layer.x)
             b = state.biases.get(layer.name)  # the decided bias (bias correction, AdaRound), else the reference's

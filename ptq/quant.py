@@ -138,6 +138,19 @@ def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
     return 10.0 * np.log10(signal / noise)
 
 
+def zero_point_folded(q: np.ndarray, enc: Encoding, limit: int = 127) -> tuple[np.ndarray, Encoding] | None:
+    """Integers ``q`` of an asymmetric grid rewritten on a grid of the same scale with zero point 0:
+    s · (q − z) = s · q' with q' = q − z, the same dequantized values. Returns (q', int8 symmetric encoding), or None
+    where some |q'| exceeds ``limit`` (127: int8; an n-bit asymmetric grid with n ≤ 7 always fits, since q and z
+    both lie in [q_min, q_max], so |q − z| ≤ 2^n − 1)."""
+    folded = np.asarray(q, np.int32) - _bcast(enc.zero_point, np.asarray(q), enc.spec.axis)
+    if folded.size and int(np.max(np.abs(folded))) > limit:
+        return None
+    spec = QuantSpec(bits=8, signed=True, symmetric=True, axis=enc.spec.axis)
+    return folded.astype(np.int32), Encoding(spec, enc.scale, np.zeros_like(np.asarray(enc.zero_point, np.int32)),
+                                             enc.method, enc.stats)
+
+
 def bias_encoding(wenc: Encoding, x_enc: Encoding) -> Encoding:
     """int32 bias quantizer: scale s_in · s_w (per output channel), zero point 0."""
     scale = (np.asarray(wenc.scale, np.float64) * float(x_enc.scale)).astype(np.float32)

@@ -16,6 +16,7 @@ from ptq.pipeline import Config, Context, prepare, run_steps
 from ptq.quant import fake_quant
 from ptq.run import quantize, run
 from ptq.runtime import saturates_u8s8
+from ptq.speed import costly_choices
 
 
 def quantized_state(model, calib, config=None):
@@ -123,6 +124,42 @@ def test_onnxruntime_fuses_integer_kernels(rng, tmp_path, symmetric):
     assert count["QGemm"] + count["QLinearMatMul"] == 1
     assert count["Conv"] == 0 and count["Clip"] == 0 and count["Relu"] == 0
     assert count["QLinearGlobalAveragePool"] + count["QLinearAveragePool"] >= 1
+
+
+@pytest.mark.parametrize("bits", [4, 7, 8])
+def test_asymmetric_weights_are_written_at_zero_point_0_where_their_integers_fit(rng, tmp_path, bits):
+    """s · (q − z) stored as q' = q − z with zero point 0 (what onnxruntime's fast kernels take): the written weight
+    equals the asymmetric decision's value exactly; below 8 bits every layer fits, at 8 bits only one whose
+    |q − z| stays within int8 (within 64 where this CPU's u8 × s8 kernels saturate)."""
+    model = zoo(rng)
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 16, 16), 8)
+    state = quantized_state(model, calib, Config(holdout=0, batch_size=4, weight_bits=bits, adaround=False,
+                                                 weight_symmetric=False, reduce_range="never"))
+    q = export_qdq(state)
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    ref = {t.name: numpy_helper.to_array(t) for t in state.model.graph.initializer}
+    dq = {n.output[0]: n for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    limit = 64 if saturates_u8s8() else 127
+    folded = []
+    for layer in state.layers:
+        wenc = state.weights[layer.name]
+        assert np.any(np.asarray(wenc.zero_point) != 0)  # the decision stays asymmetric
+        d = dq[next(n for n in q.graph.node if n.name == layer.name).input[1]]
+        qi, s, z = (inits[d.input[k]].astype(np.float64) for k in range(3))
+        axis = next((a.i for a in d.attribute if a.name == "axis"), 1)
+        shape = [1] * qi.ndim
+        shape[axis] = -1
+        written = (qi - z.reshape(shape)) * s.reshape(shape) if s.ndim else (qi - z) * s
+        np.testing.assert_array_equal(written.astype(np.float32), fake_quant(ref[layer.weight], wenc))
+        q_int = np.rint(ref[layer.weight] / s.reshape(shape)) if s.ndim else np.rint(ref[layer.weight] / s)
+        q_int = np.clip(q_int + np.asarray(wenc.zero_point).reshape(shape if s.ndim else []), wenc.spec.qmin,
+                        wenc.spec.qmax)
+        fits = np.max(np.abs(q_int - np.asarray(wenc.zero_point).reshape(shape if s.ndim else []))) <= limit
+        assert np.all(z == 0) == fits
+        folded.append(bool(fits))
+    assert all(folded) if bits < 8 else not all(folded)  # zoo's 8-bit grids: some q − z leave int8
+    if bits < 8:
+        assert not any("asymmetric" in k for k in costly_choices(q))
 
 
 def test_weights_and_biases_are_stored_as_integers(rng, tmp_path):
