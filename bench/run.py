@@ -296,6 +296,11 @@ def measure(args, work: Path) -> int:
                                    ["--weight-bits", "4", *images, *defaults]),
                                   ("W4A8 per-tensor defaults (--weight-bits 4 --per-tensor)",
                                    ["--weight-bits", "4", "--per-tensor", *images, *defaults]),
+                                  ("W4A8 per-channel asymmetric weights (--weight-bits 4 --weight-asymmetric)",
+                                   ["--weight-bits", "4", "--weight-asymmetric", *images, *defaults]),
+                                  ("W4A8 per-tensor asymmetric weights (--weight-bits 4 --per-tensor "
+                                   "--weight-asymmetric)", ["--weight-bits", "4", "--per-tensor",
+                                                            "--weight-asymmetric", *images, *defaults]),
                                   ("W4A8 per-channel nearest", ["--per-channel", "--weight-bits", "4",
                                                                 "--no-adaround", "--no-cle"]),
                                   ("W4A8 per-channel AdaRound", ["--per-channel", "--weight-bits", "4",
