@@ -77,7 +77,8 @@ def quant_options(f):
         click.option("--per-channel/--per-tensor", default=None, help="Weight granularity (per-channel)."),
         click.option("--weight-range", type=click.Choice(["minmax", "mse"]), help="Weight range method (mse)."),
         click.option("--weight-symmetric/--weight-asymmetric", default=None,
-                     help="Weight grid: symmetric signed, or asymmetric with a zero point (symmetric)."),
+                     help="Weight grid: symmetric signed, or asymmetric with a zero point (symmetric; for weights of 4 "
+                          "bits or fewer both are tried and the closer to FP32 kept)."),
         click.option("--reduce-range", type=click.Choice(["auto", "always", "never"]),
                      help="8-bit weights of non-depthwise layers in [-64, 63], as onnxruntime needs where it adds "
                           "u8×s8 products in saturating int16 (x86 without VNNI); auto: probe this machine (auto)."),

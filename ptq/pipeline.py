@@ -48,7 +48,8 @@ class Config:
     weight_bits: int = 8
     per_channel: bool = True
     weight_range: str = "mse"
-    weight_symmetric: bool = True  # False: an asymmetric grid (zero point) per channel / tensor
+    weight_symmetric: bool | None = None  # False: an asymmetric grid (zero point) per channel / tensor; None:
+    # symmetric, and for weights of 4 bits or fewer compared with asymmetric (``validate`` says so in ``choices``)
     reduce_range: str = "auto"  # 8-bit weights in [-64, 63] where onnxruntime saturates u8×s8 (auto | always | never)
     act_bits: int = 8
     act_symmetric: bool = False
@@ -123,6 +124,14 @@ class Config:
                     "CLE and keeps the model closer to FP32 on the held-back samples (it helps some models, "
                     "EfficientNet-Lite0 W4A8: drop 5.00 -> 1.92 points, and not others; docs/FINDINGS.md); "
                     "--cle / --no-cle decide it yourself")
+        if self.weight_symmetric is None:
+            self.weight_symmetric = True
+            if self.weight_bits <= 4 and not (self.easyquant or self.data_free):
+                self.choices["weight_symmetric"] = (
+                    f"symmetric, to be compared: with {self.weight_bits}-bit weights ptq.quantize also quantizes "
+                    "with asymmetric grids and keeps the model closer to FP32 on the held-back samples (they help "
+                    "some models, EfficientNet-Lite0 W4A8: drop 2.08 -> 0.77 points, and hurt others, Lite2: "
+                    "1.53 -> 3.00; docs/FINDINGS.md); --weight-symmetric / --weight-asymmetric decide it yourself")
         check_overrides(self.overrides, tuple(dict.fromkeys(WEIGHT_METHODS + ACT_METHODS + ("xent",))))
         if not 2 <= self.weight_bits <= 8:
             raise InputError(f"weight bits must be 2-8, not {self.weight_bits}")
@@ -218,12 +227,18 @@ class Config:
                 return self.overrides[n]
         return {}
 
+    def symmetric_weights(self, bits: int) -> bool:
+        """Whether a layer with ``bits``-bit weights gets a symmetric grid: the setting, except that asymmetric
+        grids chosen by ptq for weights of 4 bits or fewer leave a layer raised to more bits symmetric."""
+        return True if bits > 4 and "weight_symmetric" in self.choices else bool(self.weight_symmetric)
+
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 # settings whose default is None
-OPTIONAL_TYPES = {"adaround": bool, "cle": bool, "bias_correction": str, "input_range": tuple, "steps": list}
+OPTIONAL_TYPES = {"adaround": bool, "cle": bool, "weight_symmetric": bool, "bias_correction": str,
+                  "input_range": tuple, "steps": list}
 
 
 def _defaults() -> dict:

@@ -1,5 +1,6 @@
 """AdaRound: the Gram-form loss against the data form, the result against nearest rounding and a brute-force
 search over every rounding, determinism, and the stage end to end."""
+import dataclasses
 import itertools
 
 import numpy as np
@@ -452,7 +453,16 @@ def test_adaround_and_cle_are_chosen_for_four_bit_weights_and_said_so(rng):
     cfg = Config(weight_bits=4).validate()
     assert cfg.adaround and "adaround" in cfg.steps and "--no-adaround" in cfg.choices["adaround"]
     assert cfg.cle and "cle" in cfg.steps and "--no-cle" in cfg.choices["cle"]
+    assert cfg.weight_symmetric is True and "--weight-asymmetric" in cfg.choices["weight_symmetric"]
+    assert cfg.symmetric_weights(4) is True and cfg.symmetric_weights(8) is True
+    asym = dataclasses.replace(cfg, weight_symmetric=False)  # the asymmetric candidate ptq.quantize compares
+    asym.choices = dict(cfg.choices)
+    assert asym.symmetric_weights(4) is False and asym.symmetric_weights(8) is True  # a layer raised to 8 bits
     assert Config(weight_bits=4).validate().validate().choices == cfg.choices  # validating again keeps the reason
+    for kw in (dict(weight_bits=5), dict(weight_bits=4, weight_symmetric=False), dict(weight_bits=4, easyquant=True),
+               dict(weight_bits=4, data_free=True)):  # wider weights, the user's setting, EasyQuant, data-free
+        c = Config(**kw).validate()
+        assert "weight_symmetric" not in c.choices and c.symmetric_weights(8) is c.weight_symmetric
     for kw in (dict(weight_bits=4, adaround=False), dict(weight_bits=5), dict(weight_bits=4, data_free=True)):
         c = Config(**kw).validate()
         assert not c.adaround and "adaround" not in c.choices
@@ -461,7 +471,7 @@ def test_adaround_and_cle_are_chosen_for_four_bit_weights_and_said_so(rng):
         c = Config(**kw).validate()
         assert c.cle is on and "cle" not in c.choices  # set by the user, or by --data-free: nothing to explain
     state = prepare(conv_bn_relu(rng), Config(weight_bits=3))
-    assert state.report["choices"] == {k: state.config.choices[k] for k in ("adaround", "cle")}
+    assert state.report["choices"] == {k: state.config.choices[k] for k in ("adaround", "cle", "weight_symmetric")}
     from ptq.run import make_config  # the CLI's path: a validated Config with settings over it
     assert make_config(cfg, holdout=0).choices == cfg.choices
-    assert make_config(cfg, adaround=False, cle=False).choices == {}
+    assert make_config(cfg, adaround=False, cle=False, weight_symmetric=True).choices == {}

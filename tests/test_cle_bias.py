@@ -175,7 +175,7 @@ def test_cle_by_default_at_four_bits_keeps_the_model_closer_to_fp32(rng, tmp_pat
     path = tmp_path / "chain.onnx"
     onnx.save(chain(rng), str(path))
     calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 24, scale=2.0)
-    kw = dict(weight_bits=4, holdout=8, latency_runs=0, adaround_iters=20)
+    kw = dict(weight_bits=4, holdout=8, latency_runs=0, adaround_iters=20, weight_symmetric=True)
     r = quantize(path, calib, **kw)
     choice = r.report["stages"]["cle_choice"]
     best = max(choice["sqnr_db_with"], choice["sqnr_db_without"])
@@ -186,3 +186,29 @@ def test_cle_by_default_at_four_bits_keeps_the_model_closer_to_fp32(rng, tmp_pat
     assert r.report["stages"]["choices"]["cle"].startswith("on" if kept_cle else "off")
     for cle in (True, False):
         assert "cle_choice" not in quantize(path, calib, cle=cle, **kw).report["stages"]
+
+
+def test_weight_symmetry_at_four_bits_is_chosen_by_the_held_back_samples(rng, tmp_path):
+    """At 4-bit weights ptq.quantize quantizes with symmetric and with asymmetric grids: the model it returns is
+    the one whose worst held-back output is closer to FP32 (its fidelity is the better SQNR of the two the report
+    gives), its weight encodings have that symmetry, the CLE decision is the same in both, and a user's
+    --weight-symmetric / --weight-asymmetric skips the comparison."""
+    import onnx
+    from ptq.run import quantize
+    path = tmp_path / "chain.onnx"
+    onnx.save(chain(rng), str(path))
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 24, scale=2.0)
+    kw = dict(weight_bits=4, holdout=8, latency_runs=0, adaround_iters=20, cle=False)
+    r = quantize(path, calib, **kw)
+    choice = r.report["stages"]["symmetry_choice"]
+    best = max(choice["sqnr_db_symmetric"], choice["sqnr_db_asymmetric"])
+    assert r.fidelity["outputs"]["y"]["sqnr_db"] == pytest.approx(best, abs=0.01)
+    asym = choice["kept"] == "asymmetric"
+    assert asym == (choice["sqnr_db_asymmetric"] > choice["sqnr_db_symmetric"])
+    assert all(w["symmetric"] != asym for w in r.report["weights"].values())
+    assert r.report["stages"]["choices"]["weight_symmetric"].startswith("asymmetric" if asym else "symmetric")
+    assert "cle" not in r.report["stages"]
+    for symmetric in (True, False):
+        rep = quantize(path, calib, weight_symmetric=symmetric, **kw).report
+        assert "symmetry_choice" not in rep["stages"] and "weight_symmetric" not in rep["stages"]["choices"]
+        assert all(w["symmetric"] == symmetric for w in rep["weights"].values())

@@ -25,6 +25,7 @@ def set_weight_ranges(state, ctx=None):
         o = cfg.override_for(layer.name, layer.weight)
         per_channel = o.get("per_channel", cfg.per_channel)
         bits = int(o.get("bits", cfg.weight_bits))
+        symmetric = bool(o.get("symmetric", cfg.symmetric_weights(bits)))
         kind = layer_kind(gr, layer)
         if bits == 8 and kind not in ("depthwise", "dense" if dense_uint8 else None):
             could += 1
@@ -32,7 +33,7 @@ def set_weight_ranges(state, ctx=None):
                 bits = 7
                 reduced.append(layer.name)
         spec = QuantSpec(bits=bits, signed=True,
-                         symmetric=bool(o.get("symmetric", cfg.weight_symmetric)),
+                         symmetric=symmetric,
                          axis=layer.w_axis if per_channel else None)
         state.weights[layer.name] = weight_encoding(gr.const(layer.weight), spec, o.get("range", cfg.weight_range))
     state.report["reduce_range"] = {"layers": len(reduced), "could": could, "why": why, "dense_uint8": dense_uint8}
