@@ -292,32 +292,35 @@ def measure(args, work: Path) -> int:
         if "adaround" in suites and name in args.adaround_models:
             images = ["--calib-size", "1024", "--calib", str(calib_dir)]
             defaults = ["--holdout", "32"]  # what a user gets: 32 images held back decide the CLE choice
+            sym4 = ["--weight-bits", "4", "--weight-symmetric"]  # rows measured when weights were always symmetric
             for config, extra in (("W4A8 per-channel defaults (--weight-bits 4)",
                                    ["--weight-bits", "4", *images, *defaults]),
                                   ("W4A8 per-tensor defaults (--weight-bits 4 --per-tensor)",
                                    ["--weight-bits", "4", "--per-tensor", *images, *defaults]),
+                                  ("W4A8 per-channel symmetric weights (--weight-bits 4 --weight-symmetric)",
+                                   [*sym4, *images, *defaults]),
+                                  ("W4A8 per-tensor symmetric weights (--weight-bits 4 --per-tensor "
+                                   "--weight-symmetric)", [*sym4, "--per-tensor", *images, *defaults]),
                                   ("W4A8 per-channel asymmetric weights (--weight-bits 4 --weight-asymmetric)",
                                    ["--weight-bits", "4", "--weight-asymmetric", *images, *defaults]),
                                   ("W4A8 per-tensor asymmetric weights (--weight-bits 4 --per-tensor "
                                    "--weight-asymmetric)", ["--weight-bits", "4", "--per-tensor",
                                                             "--weight-asymmetric", *images, *defaults]),
-                                  ("W4A8 per-channel nearest", ["--per-channel", "--weight-bits", "4",
-                                                                "--no-adaround", "--no-cle"]),
-                                  ("W4A8 per-channel AdaRound", ["--per-channel", "--weight-bits", "4",
-                                                                 "--adaround", "--no-cle", *images]),
-                                  ("W4A8 per-tensor CLE nearest", ["--per-tensor", "--weight-bits", "4", "--cle",
-                                                                   "--no-adaround"]),
-                                  ("W4A8 per-tensor CLE+AdaRound", ["--per-tensor", "--weight-bits", "4", "--cle",
-                                                                    "--adaround", *images]),
-                                  ("W4A8 per-channel CLE+AdaRound", ["--per-channel", "--weight-bits", "4", "--cle",
-                                                                     "--adaround", *images]),
+                                  ("W4A8 per-channel nearest", [*sym4, "--per-channel", "--no-adaround", "--no-cle"]),
+                                  ("W4A8 per-channel AdaRound", [*sym4, "--per-channel", "--adaround", "--no-cle",
+                                                                 *images]),
+                                  ("W4A8 per-tensor CLE nearest", [*sym4, "--per-tensor", "--cle", "--no-adaround"]),
+                                  ("W4A8 per-tensor CLE+AdaRound", [*sym4, "--per-tensor", "--cle", "--adaround",
+                                                                    *images]),
+                                  ("W4A8 per-channel CLE+AdaRound", [*sym4, "--per-channel", "--cle", "--adaround",
+                                                                     *images]),
                                   ("W4A8 per-channel asymmetric CLE+AdaRound",
                                    ["--per-channel", "--weight-asymmetric", "--weight-bits", "4", "--cle",
                                     "--adaround", *images]),
                                   ("W8A8 per-channel AdaRound", ["--per-channel", "--adaround", *images])):
                 ptq_run(config, work / f"{name}-{config.replace(' ', '_').replace('+', 'p')}.onnx", extra)
         if "debug" in suites and name in args.debug_models:
-            w4 = ["--per-tensor", "--weight-bits", "4", "--no-adaround", "--no-cle"]
+            w4 = ["--per-tensor", "--weight-bits", "4", "--weight-symmetric", "--no-adaround", "--no-cle"]
             val_flags = ["--eval", str(val_dir), "--eval-resize", str(val_pre.resize), "--eval-crop",
                          str(val_pre.crop)]
             html = work / f"{name}-debug.html"
