@@ -218,24 +218,31 @@ def _quantize_again(original, config: Config, calib_src, progress) -> tuple:
     return state, export_qdq(state)
 
 
+def _quantize_and_compare(original, state, qmodel, other_cfg: Config, calib_src, held, progress) -> tuple:
+    """Quantize ``original`` once more with ``other_cfg`` and measure both models on the held-back samples (the
+    calibration samples where none are held back): (other state, other QDQ model, the SQNR of ``qmodel``'s worst
+    output, the other's, which samples)."""
+    samples = held if held is not None else calib_src
+    other, other_model = _quantize_again(original, other_cfg, calib_src, progress)
+    db, other_db = (_closeness(original, m, samples, state.config.batch_size) for m in (qmodel, other_model))
+    return other, other_model, db, other_db, f"{len(samples)} {'held-back' if held is not None else 'calibration'}"
+
+
 def _choose_cle(original, state, qmodel, calib_src, held, progress):
     """CLE came on by default (weights of 4 bits or fewer): quantize again without it and keep the model whose
     outputs on the held-back samples (the calibration samples where none are held back) are closer to FP32
     (``_closeness``). Whether equalizing helps depends on the model (EfficientNet-Lite0 W4A8: drop 5.00 -> 1.92;
     Lite2: 1.23 -> 2.53), so the data decide; the report's choices say which and why."""
     import dataclasses
-    held_is_holdout = held is not None
-    held = held if held is not None else calib_src
     plain_cfg = dataclasses.replace(state.config, cle=False, steps=None)  # the default steps, without CLE
     plain_cfg.choices = {k: v for k, v in state.config.choices.items() if k != "cle"}
-    plain, plain_model = _quantize_again(original, plain_cfg, calib_src, progress)
-    cle_db, plain_db = (_closeness(original, m, held, state.config.batch_size) for m in (qmodel, plain_model))
+    plain, plain_model, cle_db, plain_db, samples = _quantize_and_compare(original, state, qmodel, plain_cfg,
+                                                                         calib_src, held, progress)
     keep_cle = cle_db >= plain_db
     chosen, model = (state, qmodel) if keep_cle else (plain, plain_model)
     why = (f"{'on' if keep_cle else 'off'}: with {state.config.weight_bits}-bit weights ptq quantized with and "
-           f"without CLE; on {len(held)} {'held-back' if held_is_holdout else 'calibration'} samples the worst "
-           f"output's SQNR against FP32 was {cle_db:.2f} dB with it and {plain_db:.2f} dB without; --cle / --no-cle "
-           "decide it yourself")
+           f"without CLE; on {samples} samples the worst output's SQNR against FP32 was {cle_db:.2f} dB with it and "
+           f"{plain_db:.2f} dB without; --cle / --no-cle decide it yourself")
     chosen.config.choices["cle"] = why
     chosen.report.setdefault("choices", {})["cle"] = why
     chosen.report["cle_choice"] = {"sqnr_db_with": round(cle_db, 2), "sqnr_db_without": round(plain_db, 2),
@@ -250,19 +257,16 @@ def _choose_symmetry(original, state, qmodel, calib_src, held, progress):
     weights lean to one side (EfficientNet-Lite0 W4A8: drop 2.08 -> 0.77) but not every model (Lite2: 1.53 ->
     3.00), so the data decide; the report's choices say which and why."""
     import dataclasses
-    held_is_holdout = held is not None
-    held = held if held is not None else calib_src
     asym_cfg = dataclasses.replace(state.config, weight_symmetric=False)
     asym_cfg.choices = dict(state.config.choices)  # still ptq's choice: a layer raised past 4 bits stays symmetric
-    asym, asym_model = _quantize_again(original, asym_cfg, calib_src, progress)
-    sym_db, asym_db = (_closeness(original, m, held, state.config.batch_size) for m in (qmodel, asym_model))
+    asym, asym_model, sym_db, asym_db, samples = _quantize_and_compare(original, state, qmodel, asym_cfg, calib_src,
+                                                                       held, progress)
     keep_asym = asym_db > sym_db
     chosen, model = (asym, asym_model) if keep_asym else (state, qmodel)
     why = (f"{'asymmetric' if keep_asym else 'symmetric'}: with {state.config.weight_bits}-bit weights ptq "
-           f"quantized with symmetric and with asymmetric weight grids; on {len(held)} "
-           f"{'held-back' if held_is_holdout else 'calibration'} samples the worst output's SQNR against FP32 was "
-           f"{sym_db:.2f} dB symmetric and {asym_db:.2f} dB asymmetric (written at zero point 0, so as fast); "
-           "--weight-symmetric / --weight-asymmetric decide it yourself")
+           f"quantized with symmetric and with asymmetric weight grids; on {samples} samples the worst output's "
+           f"SQNR against FP32 was {sym_db:.2f} dB symmetric and {asym_db:.2f} dB asymmetric (written at zero "
+           "point 0, so as fast); --weight-symmetric / --weight-asymmetric decide it yourself")
     for s in (state, asym):  # both carry the answer, whichever is kept
         s.config.choices["weight_symmetric"] = why
     chosen.report.setdefault("choices", {})["weight_symmetric"] = why
@@ -277,22 +281,18 @@ def _choose_weight_range(original, state, qmodel, calib_src, held, config, progr
     samples where none are held back), as this runtime computes them, are closer to FP32 (the SQNR in dB of the
     worst output)."""
     import dataclasses
-    held_is_holdout = held is not None
-    held = held if held is not None else calib_src
-
-    def closeness(model):
-        return _closeness(original, model, held, config.batch_size)
     reduced_cfg = dataclasses.replace(config, reduce_range="always")
     reduced_cfg.choices = dict(config.choices)  # the same settings chosen by ptq, and why
-    reduced, reduced_model = _quantize_again(original, reduced_cfg, calib_src, progress)
-    full_db, reduced_db = closeness(qmodel), closeness(reduced_model)
+    reduced, reduced_model, full_db, reduced_db, samples = _quantize_and_compare(original, state, qmodel,
+                                                                                 reduced_cfg, calib_src, held,
+                                                                                 progress)
     keep_reduced = reduced_db > full_db
     chosen, model = (reduced, reduced_model) if keep_reduced else (state, qmodel)
     chosen.report["reduce_range"] = {
         "layers": reduced.report["reduce_range"]["layers"] if keep_reduced else 0,
         "could": reduced.report["reduce_range"]["could"],
         "why": (f"onnxruntime on this CPU adds u8 × s8 products in saturating int16 (no AVX-VNNI); on "
-                f"{len(held)} {'held-back' if held_is_holdout else 'calibration'} samples the outputs' SQNR "
+                f"{samples} samples the outputs' SQNR "
                 f"against FP32 was {full_db:.2f} dB with 8-bit weights and {reduced_db:.2f} dB with 7-bit weights "
                 f"in non-depthwise layers: "
                 + ("7-bit kept" if keep_reduced else "8-bit kept")),

@@ -165,16 +165,21 @@ def test_data_free_falls_back_to_synthetic_inputs_for_unreached_tensors(rng):
     assert 0.0 <= float(state.acts["s"].lo) and float(state.acts["s"].hi) <= 1.0 + 1e-6
 
 
+def saved_chain(rng, tmp_path):
+    """The chain model in a file, and 24 calibration samples."""
+    import onnx
+    path = tmp_path / "chain.onnx"
+    onnx.save(chain(rng), str(path))
+    return path, save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 24, scale=2.0)
+
+
 def test_cle_by_default_at_four_bits_keeps_the_model_closer_to_fp32(rng, tmp_path):
     """At 4-bit weights CLE comes on by default and ptq.quantize also quantizes without it: the model it returns
     is the one whose worst held-back output is closer to FP32 (its own fidelity equals the better of the two
     SQNRs the report gives), and the report's choices say which was kept. A user's --cle / --no-cle skips the
     comparison."""
-    import onnx
     from ptq.run import quantize
-    path = tmp_path / "chain.onnx"
-    onnx.save(chain(rng), str(path))
-    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 24, scale=2.0)
+    path, calib = saved_chain(rng, tmp_path)
     kw = dict(weight_bits=4, holdout=8, latency_runs=0, adaround_iters=20, weight_symmetric=True)
     r = quantize(path, calib, **kw)
     choice = r.report["stages"]["cle_choice"]
@@ -193,11 +198,8 @@ def test_weight_symmetry_at_four_bits_is_chosen_by_the_held_back_samples(rng, tm
     the one whose worst held-back output is closer to FP32 (its fidelity is the better SQNR of the two the report
     gives), its weight encodings have that symmetry, the CLE decision is the same in both, and a user's
     --weight-symmetric / --weight-asymmetric skips the comparison."""
-    import onnx
     from ptq.run import quantize
-    path = tmp_path / "chain.onnx"
-    onnx.save(chain(rng), str(path))
-    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 24, scale=2.0)
+    path, calib = saved_chain(rng, tmp_path)
     kw = dict(weight_bits=4, holdout=8, latency_runs=0, adaround_iters=20, cle=False)
     r = quantize(path, calib, **kw)
     choice = r.report["stages"]["symmetry_choice"]
