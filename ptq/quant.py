@@ -147,7 +147,7 @@ def zero_point_folded(q: np.ndarray, enc: Encoding, limit: int = 127) -> tuple[n
     if folded.size and int(np.max(np.abs(folded))) > limit:
         return None
     spec = QuantSpec(bits=8, signed=True, symmetric=True, axis=enc.spec.axis)
-    return folded.astype(np.int32), Encoding(spec, enc.scale, np.zeros_like(np.asarray(enc.zero_point, np.int32)),
+    return folded, Encoding(spec, enc.scale, np.zeros_like(np.asarray(enc.zero_point, np.int32)),
                                              enc.method, enc.stats)
 
 

@@ -267,8 +267,7 @@ def _choose_symmetry(original, state, qmodel, calib_src, held, progress):
            f"quantized with symmetric and with asymmetric weight grids; on {samples} samples the worst output's "
            f"SQNR against FP32 was {sym_db:.2f} dB symmetric and {asym_db:.2f} dB asymmetric (written at zero "
            "point 0, so as fast); --weight-symmetric / --weight-asymmetric decide it yourself")
-    for s in (state, asym):  # both carry the answer, whichever is kept
-        s.config.choices["weight_symmetric"] = why
+    chosen.config.choices["weight_symmetric"] = why
     chosen.report.setdefault("choices", {})["weight_symmetric"] = why
     chosen.report["symmetry_choice"] = {"sqnr_db_symmetric": round(sym_db, 2), "sqnr_db_asymmetric": round(asym_db, 2),
                                         "kept": "asymmetric" if keep_asym else "symmetric"}
