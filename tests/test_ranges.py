@@ -1,8 +1,13 @@
 """Range setting against brute-force searches and formulas worked by hand."""
 import numpy as np
+import onnx
 import pytest
+from builders import run, save_npy_samples, zoo
 
+from ptq.data import DataSource, model_inputs
+from ptq.export import export_qdq
 from ptq.observe import Histogram
+from ptq.pipeline import Config, Context, prepare, run_steps
 from ptq.quant import QuantSpec, encoding_from_range, fake_quant
 from ptq.ranges import (activation_encoding, bn_encoding, grid_golden_min, weight_encoding, xent_encoding)
 
@@ -169,3 +174,40 @@ def test_float_activation_patterns():
     gr = Graph(m)
     assert (float_activation(gr, "c"), float_activation(gr, "y"), float_activation(gr, "z"),
             float_activation(gr, "r")) == ("silu", "hardswish", None, None)
+
+
+def _levels(qdq, x) -> dict:
+    """Distinct values of each activation DequantizeLinear's output in onnxruntime, keyed by the float tensor its
+    QuantizeLinear reads (walking back through integer ops between them, the saturating Clip of low bits)."""
+    qdq = onnx.ModelProto.FromString(qdq.SerializeToString())
+    g = qdq.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consts = {i.name for i in g.initializer}
+
+    def source(t):
+        n = producer[t]
+        return n.input[0] if n.op_type == "QuantizeLinear" else source(n.input[0])
+    dq = {n.output[0]: source(n.input[0]) for n in g.node if n.op_type == "DequantizeLinear"
+          and n.input[0] not in consts}
+    g.output.extend(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in dq)
+    got = run(qdq, {"x": x})[1:]
+    return {src.removesuffix("/fp"): len(np.unique(v)) for src, v in zip(dq.values(), got)}
+
+
+@pytest.mark.parametrize("ends_8bit", [None, False])
+def test_network_ends_keep_8_bits_under_4_bit_activations(rng, tmp_path, ends_8bit):
+    """With ends_8bit (the default), the model input, the logits and the classifier's input keep 256 levels in
+    onnxruntime while the inner activations have at most 16; without it, all have at most 16."""
+    model = zoo(rng)
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 16, 16), 32)
+    cfg = Config(act_bits=4, ends_8bit=ends_8bit, holdout=0, batch_size=8).validate()
+    state = run_steps(prepare(model, cfg), Context(DataSource(calib, model_inputs(model))), {})
+    x = rng.normal(0, 1, (32, 3, 16, 16)).astype(np.float32)
+    levels = _levels(export_qdq(state), x)
+    ends = {"x", "logits", "gap", "flat"}  # flat: the classifier's input, on the quantizer of gap
+    assert ends <= set(levels) and len(levels) > len(ends)
+    for src, n in levels.items():
+        assert n <= 16 or (src in ends and ends_8bit is None), (src, n)
+    if ends_8bit is None:
+        assert all(levels[t] > 16 for t in ends)
+        assert "ends_8bit" in cfg.choices

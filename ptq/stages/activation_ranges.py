@@ -40,9 +40,22 @@ from ..ranges import (activation_encoding, bn_encoding, capped_encoding, encodin
 from .weight_ranges import weight_quantized
 
 
-def act_spec(cfg, override: dict) -> QuantSpec:
+def act_spec(cfg, override: dict, end: bool = False) -> QuantSpec:
+    """The grid of an activation quantizer: its override, else the settings; an ``end`` (``end_tensors``) keeps
+    at least 8 bits where ``ends_8bit`` is on."""
     symmetric = bool(override.get("symmetric", cfg.act_symmetric))
-    return QuantSpec(bits=int(override.get("bits", cfg.act_bits)), signed=symmetric, symmetric=symmetric)
+    bits = cfg.act_bits if not (end and cfg.ends_8bit) else max(cfg.act_bits, 8)
+    return QuantSpec(bits=int(override.get("bits", bits)), signed=symmetric, symmetric=symmetric)
+
+
+def end_tensors(state) -> set[str]:
+    """The quantizer roots at the network's ends: its inputs, its outputs, and the inputs of its head layers (those
+    whose output reaches a graph output through data movement alone: a classifier's last layer)."""
+    root = state.placement.root
+    heads = set(head_outputs(state.model, state.layers))
+    names = [i.name for i in state.model.graph.input] + [o.name for o in state.model.graph.output]
+    names += [l.x for l in state.layers if l.out in heads]
+    return {root[t] for t in names if t in root}
 
 
 def set_activation_ranges(state, ctx):
@@ -75,8 +88,9 @@ def set_activation_ranges(state, ctx):
     bn_by_out = {l.out: state.bn.get(l.pre_act) for l in state.layers}
     channel_bound = {l.out: float(np.min(gr.const(l.bound))) for l in state.layers if l.bound and l.out in hists}
     bound_report: dict = {}
+    ends = end_tensors(state)
     for r in roots:
-        spec = act_spec(cfg, cfg.override_for(r))
+        spec = act_spec(cfg, cfg.override_for(r), r in ends)
         method = methods[r]
         if method == "xent":
             enc = xent_encoding(samples[r].data, spec, hists[r])

@@ -25,7 +25,7 @@ from ..patterns import clip_bounds
 from ..quant import encoding_from_range
 from ..ranges import activation_encoding
 from ..weights import contract_input, layer_kind
-from .activation_ranges import act_spec, fit_inside
+from .activation_ranges import act_spec, end_tensors, fit_inside
 
 ALPHA = 6.0
 PASS_THROUGH = {"GlobalAveragePool", "AveragePool", "MaxPool", "Flatten", "Reshape", "Identity", "Squeeze",
@@ -106,8 +106,9 @@ def set_data_free_ranges(state, ctx=None):
             "propagated through the weights from the input; expect a large accuracy loss — give --calib data, "
             "or export the model with its BatchNormalization nodes")
     fallback = []
+    ends = end_tensors(state)
     for r in state.placement.roots:
-        spec = act_spec(cfg, cfg.override_for(r))
+        spec = act_spec(cfg, cfg.override_for(r), r in ends)
         if stats.get(r) is None:
             fallback.append(r)
             continue
@@ -152,7 +153,8 @@ def _synthetic_fallback(state, names, stats, samples: int = 16):
             yield list(range(samples)), batch
     hists = {n: Histogram() for n in names}
     observe(state.model, _Synthetic(), samples, {n: [h] for n, h in hists.items()})
+    ends = end_tensors(state)
     for n in names:
-        enc = activation_encoding(hists[n], act_spec(cfg, cfg.override_for(n)), "minmax")
+        enc = activation_encoding(hists[n], act_spec(cfg, cfg.override_for(n), n in ends), "minmax")
         enc.method = "minmax (synthetic inputs)"
         state.acts[n] = enc
