@@ -9,6 +9,7 @@ what ``ptq run`` does: check the outputs first, quantize, save, and raise Accura
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -119,7 +120,9 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
     timings["load"] = round(time.perf_counter() - t0, 3)
 
     t0 = time.perf_counter()
-    state = prepare(original, config)
+    # the choices below quantize again: block reconstruction, the slowest step, runs once, on the model kept
+    defer = config.block_recon and ("cle" in config.choices or "weight_symmetric" in config.choices)
+    state = prepare(original, _without_block_recon(config) if defer else config)
     timings["prepare"] = round(time.perf_counter() - t0, 3)
     state = run_steps(state, Context(calib_src, progress), timings)
 
@@ -139,6 +142,8 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
         t0 = time.perf_counter()
         state, qmodel = _choose_weight_range(original, state, qmodel, calib_src, held, state.config, progress)
         timings["reduce_range"] = round(time.perf_counter() - t0, 3)
+    if defer:
+        state, qmodel = _reconstruct_blocks_last(state, calib_src, progress, timings)
 
     gate_scorer, fixed = None, None
     if gate is not None and (metric is not None or auto_fix):
@@ -228,12 +233,32 @@ def _quantize_and_compare(original, state, qmodel, other_cfg: Config, calib_src,
     return other, other_model, db, other_db, f"{len(samples)} {'held-back' if held is not None else 'calibration'}"
 
 
+def _without_block_recon(config: Config) -> Config:
+    cfg = dataclasses.replace(config, block_recon=False,
+                              steps=[s for s in config.steps if s != "block_reconstruction"])
+    cfg.choices = dict(config.choices)
+    return cfg
+
+
+def _reconstruct_blocks_last(state, calib_src, progress, timings) -> tuple:
+    """Block reconstruction (and the int32 bias guard after it) on the state the choices kept, which ran without
+    it: (state, QDQ model)."""
+    choices = state.config.choices
+    tail = dataclasses.replace(state.config, block_recon=True, steps=["block_reconstruction", "bias_overflow"])
+    tail.choices = choices
+    state.config = tail
+    state = run_steps(state, Context(calib_src, progress), timings)
+    state.config = dataclasses.replace(tail, steps=None)
+    state.config.choices = choices
+    state.config.steps = state.config.default_steps()
+    return state, export_qdq(state)
+
+
 def _choose_cle(original, state, qmodel, calib_src, held, progress):
     """CLE came on by default (weights of 4 bits or fewer): quantize again without it and keep the model whose
     outputs on the held-back samples (the calibration samples where none are held back) are closer to FP32
     (``_closeness``). Whether equalizing helps depends on the model (EfficientNet-Lite0 W4A8: drop 5.00 -> 1.92;
     Lite2: 1.23 -> 2.53), so the data decide; the report's choices say which and why."""
-    import dataclasses
     plain_cfg = dataclasses.replace(state.config, cle=False, steps=None)  # the default steps, without CLE
     plain_cfg.choices = {k: v for k, v in state.config.choices.items() if k != "cle"}
     plain, plain_model, cle_db, plain_db, samples = _quantize_and_compare(original, state, qmodel, plain_cfg,
@@ -256,7 +281,6 @@ def _choose_symmetry(original, state, qmodel, calib_src, held, progress):
     none are held back) are closer to FP32 (``_closeness``); symmetric on a tie. A zero point fits a channel whose
     weights lean to one side (EfficientNet-Lite0 W4A8: drop 2.08 -> 0.77) but not every model (Lite2: 1.53 ->
     3.00), so the data decide; the report's choices say which and why."""
-    import dataclasses
     asym_cfg = dataclasses.replace(state.config, weight_symmetric=False)
     asym_cfg.choices = dict(state.config.choices)  # still ptq's choice: a layer raised past 4 bits stays symmetric
     asym, asym_model, sym_db, asym_db, samples = _quantize_and_compare(original, state, qmodel, asym_cfg, calib_src,
@@ -279,7 +303,6 @@ def _choose_weight_range(original, state, qmodel, calib_src, held, config, progr
     non-depthwise layers in [-64, 63] and keep the model whose outputs on the held-back samples (the calibration
     samples where none are held back), as this runtime computes them, are closer to FP32 (the SQNR in dB of the
     worst output)."""
-    import dataclasses
     reduced_cfg = dataclasses.replace(config, reduce_range="always")
     reduced_cfg.choices = dict(config.choices)  # the same settings chosen by ptq, and why
     reduced, reduced_model, full_db, reduced_db, samples = _quantize_and_compare(original, state, qmodel,

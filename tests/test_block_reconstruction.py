@@ -103,7 +103,7 @@ def test_blocks_are_cut_where_one_tensor_carries_everything(rng):
 
 def quantize_state(model, calib, **kw):
     cfg = dict(weight_bits=3, holdout=0, batch_size=8, calib_size=48, recon_iters=150, recon_batch=8, seed=0,
-               adaround=False)  # the block reconstruction starts from nearest rounding
+               adaround=False, block_recon=False)  # the block reconstruction starts from nearest rounding
     cfg.update(kw)
     return run_steps(prepare(model, Config(**cfg)), Context(DataSource(calib, model_inputs(model))), {})
 
@@ -280,3 +280,38 @@ def test_block_reconstruction_with_dsq_learns_and_keeps_only_what_lowers_the_hel
     assert rec["dsq"] is True and rec["blocks"]
     for row in rec["blocks"]:
         assert row["kept"] == (row["loss_end"] < row["loss_start"])
+
+
+def test_block_reconstruction_is_on_by_default_for_4_bit_weights_and_activations(monkeypatch):
+    on = Config(weight_bits=4, act_bits=4).validate()
+    assert on.block_recon is True and "block_reconstruction" in on.steps and on.choices["block_recon"].startswith("on")
+    for kw in (dict(weight_bits=4), dict(act_bits=4), dict(weight_bits=4, act_bits=4, block_recon=False)):
+        cfg = Config(**kw).validate()
+        assert cfg.block_recon is False and "block_reconstruction" not in cfg.steps and "block_recon" not in cfg.choices
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    off = Config(weight_bits=4, act_bits=4).validate()
+    assert off.block_recon is False and "pip install 'ptq[recon]'" in off.choices["block_recon"]
+
+
+def test_the_choices_run_without_block_reconstruction_and_it_runs_once_on_the_kept_model(rng, tmp_path,
+                                                                                          monkeypatch):
+    from ptq import pipeline
+    from ptq.run import quantize
+    model = residual_chain(rng)
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 24)
+    seen = []
+    real = pipeline.STEPS["block_reconstruction"]
+
+    def counted(state, ctx):
+        seen.append((state.config.cle, state.config.weight_symmetric))
+        return real(state, ctx)
+    monkeypatch.setitem(pipeline.STEPS, "block_reconstruction", counted)
+    res = quantize(model, str(calib), weight_bits=4, act_bits=4, calib_size=16, holdout=8, batch_size=8,
+                   recon_iters=5, recon_batch=4, adaround_iters=20, latency_runs=0)
+    stages = res.report["stages"]
+    assert "symmetry_choice" in stages and stages["block_reconstruction"]["blocks"]  # three quantizations
+    kept = stages["symmetry_choice"]["kept"] == "symmetric"
+    assert seen == [(res.report["settings"]["cle"], kept)]  # one reconstruction, of the model kept
+    assert res.report["settings"]["block_recon"] is True and "block_reconstruction" in res.report["settings"]["steps"]

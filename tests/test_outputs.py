@@ -110,7 +110,7 @@ def test_quiet_prints_nothing_and_eval_json_holds_the_gate(setup, capsys):
     model, calib, out = setup
     recipe = out.parent / "r.toml"
     # bad enough for warnings, if any, and a failing gate
-    recipe.write_text("weight_bits = 2\nact_bits = 2\nadaround = false\n")
+    recipe.write_text("weight_bits = 2\nact_bits = 2\nadaround = false\nblock_recon = false\n")
     assert main(["run", str(model), "--calib", str(calib), "-o", str(out / "m.onnx"), "-q", "--recipe",
                  str(recipe)]) == 0
     assert capsys.readouterr() == ("", "")
@@ -146,5 +146,6 @@ def test_gate_with_a_user_metric_on_a_model_without_class_scores(rng, tmp_path, 
     assert main(args + ["--max-drop", "1"]) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "q.report.json").read_text())
     assert report["gate"].startswith("accuracy gate passed: metric drop")
-    assert main(args + ["--max-drop", "0", "--weight-bits", "2", "--act-bits", "2", "--no-adaround"]) == 3
+    assert main(args + ["--max-drop", "0", "--weight-bits", "2", "--act-bits", "2", "--no-adaround",
+                        "--no-block-recon"]) == 3
     assert "accuracy gate failed: metric drop" in capsys.readouterr().err
