@@ -247,6 +247,12 @@ def measure(args, work: Path) -> int:
             for stage in ("easyquant", "adaround"):
                 if stage in t:
                     note += f"{'; ' if note else ''}{stage} {t[stage]:.0f} s"
+            stages = rep.get("stages") or {}
+            kept = [f"{c} {stages[k]['sqnr_db_' + a]} / {stages[k]['sqnr_db_' + b]} dB kept {stages[k]['kept']}"
+                    for k, c, a, b in (("cle_choice", "CLE", "with", "without"),
+                                       ("symmetry_choice", "symmetric / asymmetric", "symmetric", "asymmetric"))
+                    if k in stages]
+            note = "; ".join([note] * bool(note) + kept)
             score("ptq", config, out, sec, rep["peak_rss_mb"], note)
 
         if "core" in suites:
@@ -317,7 +323,12 @@ def measure(args, work: Path) -> int:
                                   ("W4A8 per-channel asymmetric CLE+AdaRound",
                                    ["--per-channel", "--weight-asymmetric", "--weight-bits", "4", "--cle",
                                     "--adaround", *images]),
-                                  ("W8A8 per-channel AdaRound", ["--per-channel", "--adaround", *images])):
+                                  ("W8A8 per-channel AdaRound", ["--per-channel", "--adaround", *images]),
+                                  ("W4A4 per-channel without block reconstruction (--weight-bits 4 --act-bits 4 "
+                                   "--no-block-recon), 256 images",
+                                   ["--weight-bits", "4", "--act-bits", "4", "--no-block-recon", *defaults]),
+                                  ("W4A4 per-channel defaults (--weight-bits 4 --act-bits 4), 256 images",
+                                   ["--weight-bits", "4", "--act-bits", "4", *defaults])):
                 ptq_run(config, work / f"{name}-{config.replace(' ', '_').replace('+', 'p')}.onnx", extra)
         if "debug" in suites and name in args.debug_models:
             w4 = ["--per-tensor", "--weight-bits", "4", "--weight-symmetric", "--no-adaround", "--no-cle"]
