@@ -367,8 +367,14 @@ def main(argv=None) -> int:
     debug = "--debug" in argv
     _SIGNALLED.clear()
     previous = signal.signal(signal.SIGTERM, _terminate), signal.signal(signal.SIGINT, _interrupt)
+    hook = sys.unraisablehook
+    # a signal that lands in a finalizer (__del__) cannot stop the run: Python only prints it; say it at the end
+    sys.unraisablehook = lambda u: None if isinstance(u.exc_value, (KeyboardInterrupt, Terminated)) else hook(u)
     try:
         cli.main(args=argv, prog_name="ptq", standalone_mode=False)
+        if _SIGNALLED:  # every file the run wrote is complete (OutputSet commits whole sets)
+            click.echo("ptq: interrupted" if _SIGNALLED[0] == signal.SIGINT else "ptq: terminated", err=True)
+            return 130 if _SIGNALLED[0] == signal.SIGINT else 143
         return 0
     except click.exceptions.Exit as e:
         return e.exit_code
@@ -404,6 +410,7 @@ def main(argv=None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
+        sys.unraisablehook = hook
 
 
 if __name__ == "__main__":

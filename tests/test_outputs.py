@@ -149,3 +149,23 @@ def test_gate_with_a_user_metric_on_a_model_without_class_scores(rng, tmp_path, 
     assert main(args + ["--max-drop", "0", "--weight-bits", "2", "--act-bits", "2", "--no-adaround",
                         "--no-block-recon"]) == 3
     assert "accuracy gate failed: metric drop" in capsys.readouterr().err
+
+
+def test_a_signal_landing_in_a_finalizer_is_reported_at_the_end(tmp_path, monkeypatch, capsys):
+    """Python cannot raise from a __del__: the handler's KeyboardInterrupt there is swallowed and the run goes on;
+    ptq then says it was interrupted (exit 130), with no traceback."""
+    import ptq.report
+
+    class Dies:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def table(files):
+        Dies()  # freed at once: the signal arrives inside its finalizer
+        return "| table |\n"
+    monkeypatch.setattr(ptq.report, "summary_table", table)
+    (tmp_path / "a.report.json").write_text("{}")
+    assert main(["summary", str(tmp_path), "-o", str(tmp_path / "s.md")]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "ptq: interrupted" and "Traceback" not in err
+    assert (tmp_path / "s.md").read_text() == "| table |\n"  # the run went on to write its whole output
