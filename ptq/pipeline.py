@@ -395,12 +395,12 @@ def _digest(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString()).hexdigest()
 
 
-def run_steps(state: State, ctx: Context, timings: dict) -> State:
-    """Run the configured steps in order, timing each. After the FP32-preserving transforms the model is
-    snapshotted (``state.transformed``) so the pipeline can measure how far they moved the FP32 function; from
-    then on it is the frozen reference, and a step that changes it is a bug (RuntimeError)."""
+def run_steps(state: State, ctx: Context, timings: dict, steps: list[str] | None = None) -> State:
+    """Run the configured steps (or ``steps``) in order, timing each. After the FP32-preserving transforms the
+    model is snapshotted (``state.transformed``) so the pipeline can measure how far they moved the FP32 function;
+    from then on it is the frozen reference, and a step that changes it is a bug (RuntimeError)."""
     frozen = None
-    for name in state.config.steps:
+    for name in state.config.steps if steps is None else steps:
         if frozen is None and name not in FUNCTION_PRESERVING:
             frozen = _digest(state.model)
         t0 = time.perf_counter()

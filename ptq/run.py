@@ -120,9 +120,12 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
     timings["load"] = round(time.perf_counter() - t0, 3)
 
     t0 = time.perf_counter()
-    # the choices below quantize again: block reconstruction, the slowest step, runs once, on the model kept
+    # the choices below quantize again: block reconstruction, the slowest step, and the steps after it run once,
+    # on the model kept
     defer = config.block_recon and ("cle" in config.choices or "weight_symmetric" in config.choices)
-    state = prepare(original, _without_block_recon(config) if defer else config)
+    tail = config.steps[config.steps.index("block_reconstruction"):] if defer else []
+    head = [s for s in config.steps if s != "block_reconstruction"]
+    state = prepare(original, _with(config, block_recon=False, steps=head) if defer else config)
     timings["prepare"] = round(time.perf_counter() - t0, 3)
     state = run_steps(state, Context(calib_src, progress), timings)
 
@@ -143,7 +146,7 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
         state, qmodel = _choose_weight_range(original, state, qmodel, calib_src, held, state.config, progress)
         timings["reduce_range"] = round(time.perf_counter() - t0, 3)
     if defer:
-        state, qmodel = _reconstruct_blocks_last(state, calib_src, progress, timings)
+        state, qmodel = _reconstruct_blocks_last(state, tail, calib_src, progress, timings)
 
     gate_scorer, fixed = None, None
     if gate is not None and (metric is not None or auto_fix):
@@ -233,24 +236,19 @@ def _quantize_and_compare(original, state, qmodel, other_cfg: Config, calib_src,
     return other, other_model, db, other_db, f"{len(samples)} {'held-back' if held is not None else 'calibration'}"
 
 
-def _without_block_recon(config: Config) -> Config:
-    cfg = dataclasses.replace(config, block_recon=False,
-                              steps=[s for s in config.steps if s != "block_reconstruction"])
+def _with(config: Config, **changes) -> Config:
+    """A copy of ``config`` with ``changes``, carrying the settings ptq chose and why (``choices``)."""
+    cfg = dataclasses.replace(config, **changes)
     cfg.choices = dict(config.choices)
     return cfg
 
 
-def _reconstruct_blocks_last(state, calib_src, progress, timings) -> tuple:
-    """Block reconstruction (and the int32 bias guard after it) on the state the choices kept, which ran without
-    it: (state, QDQ model)."""
-    choices = state.config.choices
-    tail = dataclasses.replace(state.config, block_recon=True, steps=["block_reconstruction", "bias_overflow"])
-    tail.choices = choices
-    state.config = tail
-    state = run_steps(state, Context(calib_src, progress), timings)
-    state.config = dataclasses.replace(tail, steps=None)
-    state.config.choices = choices
-    state.config.steps = state.config.default_steps()
+def _reconstruct_blocks_last(state, tail: list[str], calib_src, progress, timings) -> tuple:
+    """Block reconstruction and the steps after it (``tail``: the int32 bias guard) on the state the choices kept,
+    which ran without them: (state, QDQ model)."""
+    state.config = _with(state.config, block_recon=True,
+                         steps=[s for s in state.config.steps if s not in tail] + tail)
+    state = run_steps(state, Context(calib_src, progress), timings, tail)
     return state, export_qdq(state)
 
 
@@ -259,8 +257,8 @@ def _choose_cle(original, state, qmodel, calib_src, held, progress):
     outputs on the held-back samples (the calibration samples where none are held back) are closer to FP32
     (``_closeness``). Whether equalizing helps depends on the model (EfficientNet-Lite0 W4A8: drop 5.00 -> 1.92;
     Lite2: 1.23 -> 2.53), so the data decide; the report's choices say which and why."""
-    plain_cfg = dataclasses.replace(state.config, cle=False, steps=None)  # the default steps, without CLE
-    plain_cfg.choices = {k: v for k, v in state.config.choices.items() if k != "cle"}
+    plain_cfg = _with(state.config, cle=False, steps=None)  # the default steps, without CLE
+    plain_cfg.choices.pop("cle", None)
     plain, plain_model, cle_db, plain_db, samples = _quantize_and_compare(original, state, qmodel, plain_cfg,
                                                                          calib_src, held, progress)
     keep_cle = cle_db >= plain_db
@@ -281,8 +279,8 @@ def _choose_symmetry(original, state, qmodel, calib_src, held, progress):
     none are held back) are closer to FP32 (``_closeness``); symmetric on a tie. A zero point fits a channel whose
     weights lean to one side (EfficientNet-Lite0 W4A8: drop 2.08 -> 0.77) but not every model (Lite2: 1.53 ->
     3.00), so the data decide; the report's choices say which and why."""
-    asym_cfg = dataclasses.replace(state.config, weight_symmetric=False)
-    asym_cfg.choices = dict(state.config.choices)  # still ptq's choice: a layer raised past 4 bits stays symmetric
+    # still ptq's choice (in ``choices``): a layer raised past 4 bits stays symmetric
+    asym_cfg = _with(state.config, weight_symmetric=False)
     asym, asym_model, sym_db, asym_db, samples = _quantize_and_compare(original, state, qmodel, asym_cfg, calib_src,
                                                                        held, progress)
     keep_asym = asym_db > sym_db
@@ -303,8 +301,7 @@ def _choose_weight_range(original, state, qmodel, calib_src, held, config, progr
     non-depthwise layers in [-64, 63] and keep the model whose outputs on the held-back samples (the calibration
     samples where none are held back), as this runtime computes them, are closer to FP32 (the SQNR in dB of the
     worst output)."""
-    reduced_cfg = dataclasses.replace(config, reduce_range="always")
-    reduced_cfg.choices = dict(config.choices)  # the same settings chosen by ptq, and why
+    reduced_cfg = _with(config, reduce_range="always")  # the same settings chosen by ptq, and why
     reduced, reduced_model, full_db, reduced_db, samples = _quantize_and_compare(original, state, qmodel,
                                                                                  reduced_cfg, calib_src, held,
                                                                                  progress)

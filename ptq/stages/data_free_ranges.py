@@ -120,12 +120,12 @@ def set_data_free_ranges(state, ctx=None):
         enc = encoding_from_range(spec, min(lo, hi), hi, "bn" if r in pre else "moments")
         state.acts[r] = fit_inside(enc, (float(np.min(lo_b)), float(np.max(hi_b))))
     if fallback:
-        _synthetic_fallback(state, fallback, stats)
+        _synthetic_fallback(state, fallback, stats, ends)
     state.report["data_free_ranges"] = {"alpha": ALPHA, "synthetic_fallback": fallback}
     return state
 
 
-def _synthetic_fallback(state, names, stats, samples: int = 16):
+def _synthetic_fallback(state, names, stats, ends: set[str], samples: int = 16):
     """Min-max ranges of ``names`` on random inputs drawn from the input moments."""
     from ..data import model_inputs, static_batch
     cfg = state.config
@@ -153,7 +153,6 @@ def _synthetic_fallback(state, names, stats, samples: int = 16):
             yield list(range(samples)), batch
     hists = {n: Histogram() for n in names}
     observe(state.model, _Synthetic(), samples, {n: [h] for n, h in hists.items()})
-    ends = end_tensors(state)
     for n in names:
         enc = activation_encoding(hists[n], act_spec(cfg, cfg.override_for(n), n in ends), "minmax")
         enc.method = "minmax (synthetic inputs)"
