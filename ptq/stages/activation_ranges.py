@@ -2,7 +2,9 @@
 quantizer (and a row sample of the logits); then each quantizer's range is chosen by its method:
 ``mse`` (default; measured after the float activation that alone reads the tensor, where there is one: SiLU,
 HardSwish, Sigmoid, HardSigmoid, Tanh), ``minmax``, ``percentile``, ``bn`` (β ± α·γ of the BatchNorm that
-produced the tensor; falls back to ``mse`` where there is none) and ``xent`` for the logits.
+produced the tensor; falls back to ``mse`` where there is none) and ``xent`` for the logits. Each quantizer has
+``act_bits`` bits, except where an override says otherwise and, with ``ends_8bit``, at the network's ends
+(``end_tensors``: its inputs, its outputs, its head layers' inputs), which keep at least 8.
 
 A quantizer right after a fused Relu / Clip is kept inside the activation's bounds, so the int8 runtime can drop
 the activation (its output range already is the quantizer's). After CLE, a ReLU6 is Relu + Min(·, b_c) with a
