@@ -87,8 +87,8 @@ def quant_options(f):
         click.option("--logits-range", type=click.Choice(["xent", "minmax", "mse", "percentile", "bn"]),
                      help="Range method for the logits tensor (xent)."),
         click.option("--ends-8bit/--no-ends-8bit", default=None,
-                     help="Activations under 8 bits: the model's inputs and outputs and the inputs of its head "
-                          "layers keep 8 bits (on for activations of 4 bits or fewer)."),
+                     help="The model's inputs and outputs, the inputs of its head layers and the weights of its "
+                          "first and head layers keep 8 bits (on for activations of 4 bits or fewer)."),
         click.option("--act-symmetric/--act-asymmetric", default=None, help="Activation grid (asymmetric uint8)."),
         click.option("--percentile", type=float, help="Percentile for --act-range percentile (99.99)."),
         click.option("--cle/--no-cle", default=None,

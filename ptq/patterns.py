@@ -152,6 +152,23 @@ def head_outputs(model: onnx.ModelProto, layers: list[Layer]) -> list[str]:
     return [l.out for l in layers if l.out in reach]
 
 
+def input_layers(model: onnx.ModelProto, layers: list[Layer]) -> list[str]:
+    """Names of the layers whose data input comes from a graph input through data movement alone (a network's
+    first convolution)."""
+    reach = {i.name for i in model.graph.input}
+    for node in model.graph.node:
+        if node.op_type in DATA_MOVEMENT and any(i in reach for i in node.input):
+            reach.update(o for o in node.output if o)
+    return [l.name for l in layers if l.x in reach]
+
+
+def end_layers(model: onnx.ModelProto, layers: list[Layer]) -> set[str]:
+    """Names of the layers at the network's ends: its first layers (``input_layers``) and its head layers
+    (``head_outputs``)."""
+    heads = set(head_outputs(model, layers))
+    return set(input_layers(model, layers)) | {l.name for l in layers if l.out in heads}
+
+
 def integer_inputs(model: onnx.ModelProto, layers: list[Layer]) -> set[str]:
     """Tensors that an integer kernel reads: every layer's data input, and — walking back — the inputs of an Add,
     Concat or pool (or of a data-movement op) whose output an integer kernel reads. An Add whose output only

@@ -53,8 +53,8 @@ class Config:
     # symmetric, and for weights of 4 bits or fewer compared with asymmetric (``validate`` says so in ``choices``)
     reduce_range: str = "auto"  # 8-bit weights in [-64, 63] where onnxruntime saturates u8×s8 (auto | always | never)
     act_bits: int = 8
-    ends_8bit: bool | None = None  # activations under 8 bits: the model's inputs and outputs and its head layers'
-    # inputs keep 8 bits (None: on for activations of 4 bits or fewer, ``validate`` says so in ``choices``)
+    ends_8bit: bool | None = None  # the model's inputs and outputs, its head layers' inputs, and the weights of its
+    # first and head layers keep 8 bits (None: on for activations of 4 bits or fewer, ``validate`` says so)
     act_symmetric: bool = False
     act_range: str = "mse"
     logits_range: str = "xent"
@@ -141,9 +141,10 @@ class Config:
             if self.ends_8bit:
                 self.choices["ends_8bit"] = (
                     f"on: with {self.act_bits}-bit activations the model's inputs and outputs and the inputs of its "
-                    "head layers (a classifier's last layer) keep 8 bits, as in BRECQ's and QDrop's W4A4 results; "
-                    "in an int8 runtime they cost nothing (EfficientNet-Lite0 W4A4: drop 10.92 -> 8.23 points; "
-                    "docs/FINDINGS.md); --no-ends-8bit quantizes them at the activation bits too")
+                    "head layers (a classifier's last layer) keep 8 bits, and so do the weights of the first and "
+                    "the head layers, as in BRECQ's and QDrop's W4A4 results; in an int8 runtime they cost nothing "
+                    "(EfficientNet-Lite0 W4A4: drop 10.92 -> 8.23 points with the activations, 7.31 with the "
+                    "weights too; docs/FINDINGS.md); --no-ends-8bit quantizes them at the asked bits too")
         if self.block_recon is None:
             self.block_recon = False
             if self.weight_bits <= 4 and self.act_bits <= 4 and not self.data_free:

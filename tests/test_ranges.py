@@ -194,20 +194,39 @@ def _levels(qdq, x) -> dict:
     return {src.removesuffix("/fp"): len(np.unique(v)) for src, v in zip(dq.values(), got)}
 
 
+def _weight_peaks(qdq: onnx.ModelProto) -> dict:
+    """{layer node: max |q| of the integer weight its DequantizeLinear reads} in an exported QDQ model."""
+    ints = {i.name: onnx.numpy_helper.to_array(i) for i in qdq.graph.initializer
+            if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    dq = {n.output[0]: ints[n.input[0]].astype(np.int64) - (ints[n.input[2]].astype(np.int64).reshape(
+        -1, *[1] * (ints[n.input[0]].ndim - 1)) if len(n.input) > 2 and n.input[2] in ints else 0)
+        for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in ints}
+    return {n.name: int(np.abs(dq[n.input[1]]).max()) for n in qdq.graph.node
+            if n.op_type in ("Conv", "Gemm") and n.input[1] in dq}
+
+
 @pytest.mark.parametrize("ends_8bit", [None, False])
 def test_network_ends_keep_8_bits_under_4_bit_activations(rng, tmp_path, ends_8bit):
-    """With ends_8bit (the default), the model input, the logits and the classifier's input keep 256 levels in
-    onnxruntime while the inner activations have at most 16; without it, all have at most 16."""
+    """W4A4 with ends_8bit (the default): the model input, the logits and the classifier's input keep 256 levels
+    in onnxruntime while the inner activations have at most 16, and the first layer's and the classifier's
+    integer weights span the 8-bit grid while the others stay within 4 bits; without it, all stay at 4 bits."""
     model = zoo(rng)
     calib = save_npy_samples(tmp_path / "c", rng, (3, 16, 16), 32)
-    cfg = Config(act_bits=4, ends_8bit=ends_8bit, holdout=0, batch_size=8).validate()
+    cfg = Config(weight_bits=4, act_bits=4, ends_8bit=ends_8bit, adaround=False, block_recon=False,
+                 weight_symmetric=True, cle=False, holdout=0, batch_size=8).validate()
     state = run_steps(prepare(model, cfg), Context(DataSource(calib, model_inputs(model))), {})
     x = rng.normal(0, 1, (32, 3, 16, 16)).astype(np.float32)
-    levels = _levels(export_qdq(state), x)
+    qdq = export_qdq(state)
+    levels = _levels(qdq, x)
     ends = {"x", "logits", "gap", "flat"}  # flat: the classifier's input, on the quantizer of gap
     assert ends <= set(levels) and len(levels) > len(ends)
     for src, n in levels.items():
         assert n <= 16 or (src in ends and ends_8bit is None), (src, n)
+    peaks = _weight_peaks(qdq)
+    assert set(peaks) == {"conv1", "dw", "conv2", "conv3", "fc"}, peaks
+    for layer, peak in peaks.items():
+        assert peak <= 8 or (layer in ("conv1", "fc") and ends_8bit is None), (layer, peak)
     if ends_8bit is None:
         assert all(levels[t] > 16 for t in ends)
+        assert peaks["conv1"] > 60 and peaks["fc"] > 60, peaks  # symmetric 8-bit MSE grids reach near 127
         assert "ends_8bit" in cfg.choices
