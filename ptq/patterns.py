@@ -152,6 +152,12 @@ def head_outputs(model: onnx.ModelProto, layers: list[Layer]) -> list[str]:
     return [l.out for l in layers if l.out in reach]
 
 
+def head_layers(model: onnx.ModelProto, layers: list[Layer]) -> list[Layer]:
+    """The layers whose output is one of ``head_outputs`` (a classifier's last layer)."""
+    heads = set(head_outputs(model, layers))
+    return [l for l in layers if l.out in heads]
+
+
 def input_layers(model: onnx.ModelProto, layers: list[Layer]) -> list[str]:
     """Names of the layers whose data input comes from a graph input through data movement alone (a network's
     first convolution)."""
@@ -164,9 +170,8 @@ def input_layers(model: onnx.ModelProto, layers: list[Layer]) -> list[str]:
 
 def end_layers(model: onnx.ModelProto, layers: list[Layer]) -> set[str]:
     """Names of the layers at the network's ends: its first layers (``input_layers``) and its head layers
-    (``head_outputs``)."""
-    heads = set(head_outputs(model, layers))
-    return set(input_layers(model, layers)) | {l.name for l in layers if l.out in heads}
+    (``head_layers``)."""
+    return set(input_layers(model, layers)) | {l.name for l in head_layers(model, layers)}
 
 
 def integer_inputs(model: onnx.ModelProto, layers: list[Layer]) -> set[str]:

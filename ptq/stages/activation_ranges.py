@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import InputError
 from ..model import Graph
 from ..observe import Histogram, RowSample, observe
-from ..patterns import activation_bounds, float_activation, head_outputs
+from ..patterns import activation_bounds, float_activation, head_layers, head_outputs
 from ..quant import Encoding, QuantSpec
 from ..runtime import integer_min_clip
 from ..ranges import (activation_encoding, bn_encoding, capped_encoding, encoding_mse, hist_mse_loss, mse_ratio,
@@ -54,9 +54,8 @@ def end_tensors(state) -> set[str]:
     """The quantizer roots at the network's ends: its inputs, its outputs, and the inputs of its head layers (those
     whose output reaches a graph output through data movement alone: a classifier's last layer)."""
     root = state.placement.root
-    heads = set(head_outputs(state.model, state.layers))
     names = [i.name for i in state.model.graph.input] + [o.name for o in state.model.graph.output]
-    names += [l.x for l in state.layers if l.out in heads]
+    names += [l.x for l in head_layers(state.model, state.layers)]
     return {root[t] for t in names if t in root}
 
 
