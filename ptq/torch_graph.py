@@ -3,8 +3,9 @@
 ``TorchSegment(nodes, const)`` runs the nodes in order on torch tensors: ``run(env, override, act)`` starts from
 ``env`` {tensor: torch tensor} (the segment's inputs), takes initializers from ``override`` {name: tensor} where
 given (a layer's soft-quantized weight), else the constants, and passes every tensor a node writes through
-``act(name, x)`` (an activation quantizer, or the identity). The ops are those of the CNN and transformer blocks ptq
-reconstructs; ``unsupported(nodes)`` names the others, and a segment holding one is not built.
+``act(name, x)`` (an activation quantizer, or the identity). The ops are those of the CNN, detector-neck and transformer
+blocks ptq reconstructs (``SUPPORTED``; Resize only as nearest with asymmetric coordinates and floor, which is
+F.interpolate's "nearest"); ``unsupported(nodes)`` names the others, and a segment holding one is not built.
 
 torch is an optional dependency (``pip install 'ptq[recon]'``); ``import_torch`` says how to install it.
 """
@@ -29,7 +30,7 @@ HEAP_BYTES = 1 << 30  # allocations up to this size come from the heap, and free
 DEFAULT_MMAP, DEFAULT_TRIM = 128 << 10, 128 << 10  # glibc's initial thresholds
 SUPPORTED = LOCAL_OPS | {"Gemm", "MatMul", "AveragePool", "MaxPool", "Flatten", "Reshape", "Transpose", "Concat",
                          "Softmax", "ReduceMean", "Squeeze", "Unsqueeze", "LayerNormalization", "Shape", "Gather",
-                         "Cast"}
+                         "Cast", "BatchNormalization", "ConvTranspose", "Resize"}
 
 
 def import_torch():
@@ -74,9 +75,26 @@ def unsupported(nodes) -> list[str]:
     """Op types among ``nodes`` that ``TorchSegment`` cannot run (with their attributes: a Conv with auto_pad, a
     Softmax of opset < 13 semantics is not detected here and runs with the opset-13 meaning)."""
     bad = {n.op_type for n in nodes if n.op_type not in SUPPORTED or n.domain not in ("", "ai.onnx")}
-    bad |= {"Conv(auto_pad)" for n in nodes if n.op_type == "Conv" and attr(n, "auto_pad", b"NOTSET")
-            not in (b"NOTSET", "NOTSET")}
+    bad |= {f"{n.op_type}(auto_pad)" for n in nodes if n.op_type in ("Conv", "ConvTranspose")
+            and _text(attr(n, "auto_pad", "NOTSET")) != "NOTSET"}
+    bad |= {"ConvTranspose(output_shape, asymmetric pads)" for n in nodes if n.op_type == "ConvTranspose"
+            and (attr(n, "output_shape") is not None or not _pads(n, len(attr(n, "kernel_shape") or [0, 0]))[1])}
+    bad |= {"Resize(" + ", ".join(v for v in _resize_kind(n) if v not in RESIZE_KIND) + ")" for n in nodes
+            if n.op_type == "Resize" and any(v not in RESIZE_KIND for v in _resize_kind(n))}
     return sorted(bad)
+
+
+RESIZE_KIND = ("nearest", "asymmetric", "floor")  # the Resize TorchSegment runs: F.interpolate's "nearest"
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _resize_kind(node) -> tuple[str, str, str]:
+    """(mode, coordinate_transformation_mode, nearest_mode) of a Resize, with ONNX's defaults."""
+    return (_text(attr(node, "mode", "nearest")), _text(attr(node, "coordinate_transformation_mode", "half_pixel")),
+            _text(attr(node, "nearest_mode", "round_prefer_floor")))
 
 
 def _pads(node, nd: int) -> tuple[list[int], bool]:
@@ -159,6 +177,12 @@ class TorchSegment:
             return F.gelu(a[0], approximate="tanh" if attr(n, "approximate", b"none") in (b"tanh", "tanh") else "none")
         if op == "Conv":
             return self._conv(n, a)
+        if op == "ConvTranspose":
+            return self._conv_transpose(n, a)
+        if op == "BatchNormalization":  # inference form: (x - mean) / sqrt(var + eps) * scale + B
+            return F.batch_norm(a[0], a[3], a[4], a[1], a[2], training=False, eps=attr(n, "epsilon", 1e-5))
+        if op == "Resize":
+            return self._resize(n, a)
         if op == "Gemm":
             x = a[0].transpose(0, 1) if attr(n, "transA", 0) else a[0]
             w = a[1].transpose(0, 1) if attr(n, "transB", 0) else a[1]
@@ -218,6 +242,32 @@ class TorchSegment:
         conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
         return conv(x, w, b, stride=tuple(attr(n, "strides", [1] * nd)), padding=tuple(pads[:nd]),
                     dilation=tuple(attr(n, "dilations", [1] * nd)), groups=attr(n, "group", 1))
+
+    def _conv_transpose(self, n, a):
+        """ONNX ConvTranspose with symmetric pads (unsupported() refuses output_shape and auto_pad)."""
+        F = self.torch.nn.functional
+        x, w = a[0], a[1]
+        b = a[2] if len(a) > 2 else None
+        nd = w.dim() - 2
+        pads, _ = _pads(n, nd)
+        conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
+        return conv(x, w, b, stride=tuple(attr(n, "strides", [1] * nd)), padding=tuple(pads[:nd]),
+                    output_padding=tuple(attr(n, "output_padding", [0] * nd)), groups=attr(n, "group", 1),
+                    dilation=tuple(attr(n, "dilations", [1] * nd)))
+
+    def _resize(self, n, a):
+        """Resize, nearest with asymmetric coordinates and floor (x_in = ⌊x_out / scale⌋): F.interpolate's
+        "nearest", to ``sizes`` where given, else by ``scales`` (the batch and channel scales must be 1). Inputs:
+        X, roi, scales, sizes (opset ≥ 11; opset 10 has X, scales)."""
+        F, x = self.torch.nn.functional, a[0]
+        scales = a[1] if len(a) == 2 else a[2] if len(a) > 2 else None
+        sizes = a[3] if len(a) > 3 else None
+        if sizes is not None and sizes.numel():
+            return F.interpolate(x, size=[int(v) for v in sizes[2:]], mode="nearest")
+        s = [float(v) for v in scales]
+        if s[:2] != [1.0, 1.0]:
+            raise InputError(f"block reconstruction cannot run Resize {n.name!r}: it scales the batch or channels")
+        return F.interpolate(x, scale_factor=s[2:], mode="nearest")
 
     def _pool(self, n, x):
         F = self.torch.nn.functional

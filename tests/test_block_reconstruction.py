@@ -16,7 +16,7 @@ from ptq.model import Graph
 from ptq.patterns import find_layers
 from ptq.pipeline import Config, Context, prepare, run_steps
 from ptq.stages.block_reconstruction import dsq_round, fisher_weights
-from ptq.torch_graph import TorchSegment
+from ptq.torch_graph import TorchSegment, unsupported
 
 import torch  # the recon extra, which `make install` installs
 
@@ -61,6 +61,42 @@ def test_torch_segment_computes_what_onnxruntime_computes(rng):
     env = TorchSegment(model.graph.node, gr.const).run({"x": torch.from_numpy(x)})
     for name, want in zip(["y", "side"], run(model, {"x": x})):
         np.testing.assert_allclose(env[name].numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def upsampling_ops(rng, resize_kw=None):
+    """Conv → BatchNormalization → ConvTranspose (stride 2, pads 1, output_padding 1) → Resize by scales, then
+    Resize to sizes (nearest, asymmetric, floor: a detector's FPN), as PP-OCR's DB detector has them."""
+    f = np.float32
+    kind = dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    kind.update(resize_kw or {})
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], "conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "beta", "mean", "var"], ["n"], "bn", epsilon=1e-3),
+        helper.make_node("ConvTranspose", ["n", "wt", "bt"], ["u"], "up", strides=[2, 2], pads=[1, 1, 1, 1],
+                         output_padding=[1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Resize", ["u", "", "scales"], ["r"], "resize", **kind),
+        helper.make_node("Resize", ["r", "", "", "sizes"], ["y"], "resize_to", **kind),
+    ]
+    inits = [init("w", rng.normal(0, 0.3, (4, 3, 3, 3)).astype(f)), init("b", rng.normal(0, 0.1, 4).astype(f)),
+             init("g", rng.uniform(0.5, 1.5, 4).astype(f)), init("beta", rng.normal(0, 0.1, 4).astype(f)),
+             init("mean", rng.normal(0, 0.2, 4).astype(f)), init("var", rng.uniform(0.5, 2, 4).astype(f)),
+             init("wt", rng.normal(0, 0.3, (4, 2, 3, 3)).astype(f)), init("bt", rng.normal(0, 0.1, 2).astype(f)),
+             init("scales", np.array([1, 1, 2, 3], f)), init("sizes", np.array([3, 2, 50, 70], np.int64))]
+    return make(nodes, [("x", [3, 3, 6, 5])], [("y", [3, 2, 50, 70])], inits, opset=13)
+
+
+def test_torch_segment_upsamples_as_onnxruntime_does(rng):
+    model = upsampling_ops(rng)
+    x = rng.normal(0, 1, (3, 3, 6, 5)).astype(np.float32)
+    env = TorchSegment(model.graph.node, Graph(model).const).run({"x": torch.from_numpy(x)})
+    np.testing.assert_allclose(env["y"].numpy(), run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_other_resize_kinds_are_refused_by_name(rng):
+    model = upsampling_ops(rng, dict(mode="linear", coordinate_transformation_mode="half_pixel"))
+    assert unsupported(model.graph.node) == ["Resize(linear, half_pixel)"]
+    with pytest.raises(InputError, match=r"Resize\(linear, half_pixel\)"):
+        TorchSegment(model.graph.node, Graph(model).const)
 
 
 def residual_chain(rng, hw=8):
