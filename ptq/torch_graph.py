@@ -175,10 +175,8 @@ class TorchSegment:
             return F.leaky_relu(a[0], attr(n, "alpha", 0.01))
         if op == "Gelu":
             return F.gelu(a[0], approximate="tanh" if attr(n, "approximate", b"none") in (b"tanh", "tanh") else "none")
-        if op == "Conv":
+        if op in ("Conv", "ConvTranspose"):
             return self._conv(n, a)
-        if op == "ConvTranspose":
-            return self._conv_transpose(n, a)
         if op == "BatchNormalization":  # inference form: (x - mean) / sqrt(var + eps) * scale + B
             return F.batch_norm(a[0], a[3], a[4], a[1], a[2], training=False, eps=attr(n, "epsilon", 1e-5))
         if op == "Resize":
@@ -231,29 +229,23 @@ class TorchSegment:
         raise InputError(f"block reconstruction cannot run {op}")  # unreachable: unsupported() refused it
 
     def _conv(self, n, a):
+        """Conv, and ConvTranspose with symmetric pads (unsupported() refuses its output_shape and auto_pad)."""
         F = self.torch.nn.functional
         x, w = a[0], a[1]
         b = a[2] if len(a) > 2 else None
         nd = w.dim() - 2
         pads, symmetric = _pads(n, nd)
+        kw = dict(stride=tuple(attr(n, "strides", [1] * nd)), dilation=tuple(attr(n, "dilations", [1] * nd)),
+                  groups=attr(n, "group", 1))
+        if n.op_type == "ConvTranspose":
+            conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
+            return conv(x, w, b, padding=tuple(pads[:nd]), output_padding=tuple(attr(n, "output_padding", [0] * nd)),
+                        **kw)
         if not symmetric:  # F.pad takes the last dimension first: (left, right, top, bottom)
             x = F.pad(x, [p for k in reversed(range(nd)) for p in (pads[k], pads[k + nd])])
             pads = [0] * 2 * nd
         conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
-        return conv(x, w, b, stride=tuple(attr(n, "strides", [1] * nd)), padding=tuple(pads[:nd]),
-                    dilation=tuple(attr(n, "dilations", [1] * nd)), groups=attr(n, "group", 1))
-
-    def _conv_transpose(self, n, a):
-        """ONNX ConvTranspose with symmetric pads (unsupported() refuses output_shape and auto_pad)."""
-        F = self.torch.nn.functional
-        x, w = a[0], a[1]
-        b = a[2] if len(a) > 2 else None
-        nd = w.dim() - 2
-        pads, _ = _pads(n, nd)
-        conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
-        return conv(x, w, b, stride=tuple(attr(n, "strides", [1] * nd)), padding=tuple(pads[:nd]),
-                    output_padding=tuple(attr(n, "output_padding", [0] * nd)), groups=attr(n, "group", 1),
-                    dilation=tuple(attr(n, "dilations", [1] * nd)))
+        return conv(x, w, b, padding=tuple(pads[:nd]), **kw)
 
     def _resize(self, n, a):
         """Resize, nearest with asymmetric coordinates and floor (x_in = ⌊x_out / scale⌋): F.interpolate's
