@@ -3,9 +3,9 @@
 ``TorchSegment(nodes, const)`` runs the nodes in order on torch tensors: ``run(env, override, act)`` starts from
 ``env`` {tensor: torch tensor} (the segment's inputs), takes initializers from ``override`` {name: tensor} where
 given (a layer's soft-quantized weight), else the constants, and passes every tensor a node writes through
-``act(name, x)`` (an activation quantizer, or the identity). The ops are those of the CNN, detector-neck and transformer
-blocks ptq reconstructs (``SUPPORTED``; Resize only as nearest with asymmetric coordinates and floor, which is
-F.interpolate's "nearest"); ``unsupported(nodes)`` names the others, and a segment holding one is not built.
+``act(name, x)`` (an activation quantizer, or the identity). The ops are those of the CNN, detector-neck and
+transformer blocks ptq reconstructs (``SUPPORTED``; Resize only as nearest with asymmetric coordinates and floor);
+``unsupported(nodes)`` names the others, and a segment holding one is not built.
 
 torch is an optional dependency (``pip install 'ptq[recon]'``); ``import_torch`` says how to install it.
 """
@@ -78,23 +78,23 @@ def unsupported(nodes) -> list[str]:
     bad |= {f"{n.op_type}(auto_pad)" for n in nodes if n.op_type in ("Conv", "ConvTranspose")
             and _text(attr(n, "auto_pad", "NOTSET")) != "NOTSET"}
     bad |= {"ConvTranspose(output_shape, asymmetric pads)" for n in nodes if n.op_type == "ConvTranspose"
-            and (attr(n, "output_shape") is not None or not _pads(n, len(attr(n, "kernel_shape") or [0, 0]))[1])}
-    bad |= {"Resize(" + ", ".join(v for v in _resize_kind(n) if v not in RESIZE_KIND) + ")" for n in nodes
-            if n.op_type == "Resize" and any(v not in RESIZE_KIND for v in _resize_kind(n))}
+            and (attr(n, "output_shape") is not None or not _pads(n, len(attr(n, "pads", [])) // 2)[1])}
+    bad |= {f"Resize({', '.join(other)})" for n in nodes if n.op_type == "Resize" and (other := _resize_other(n))}
     return sorted(bad)
 
 
-RESIZE_KIND = ("nearest", "asymmetric", "floor")  # the Resize TorchSegment runs: F.interpolate's "nearest"
+RESIZE_KIND = {"mode": ("nearest", "nearest"), "coordinate_transformation_mode": ("half_pixel", "asymmetric"),
+               "nearest_mode": ("round_prefer_floor", "floor")}  # attribute: (ONNX's default, what TorchSegment runs)
 
 
 def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _resize_kind(node) -> tuple[str, str, str]:
-    """(mode, coordinate_transformation_mode, nearest_mode) of a Resize, with ONNX's defaults."""
-    return (_text(attr(node, "mode", "nearest")), _text(attr(node, "coordinate_transformation_mode", "half_pixel")),
-            _text(attr(node, "nearest_mode", "round_prefer_floor")))
+def _resize_other(node) -> list[str]:
+    """The settings of a Resize that TorchSegment does not run (RESIZE_KIND), with ONNX's defaults filled in."""
+    values = [_text(attr(node, name, default)) for name, (default, _) in RESIZE_KIND.items()]
+    return [v for v, (_, ok) in zip(values, RESIZE_KIND.values()) if v != ok]
 
 
 def _pads(node, nd: int) -> tuple[list[int], bool]:
@@ -248,18 +248,24 @@ class TorchSegment:
         return conv(x, w, b, padding=tuple(pads[:nd]), **kw)
 
     def _resize(self, n, a):
-        """Resize, nearest with asymmetric coordinates and floor (x_in = ⌊x_out / scale⌋): F.interpolate's
-        "nearest", to ``sizes`` where given, else by ``scales`` (the batch and channel scales must be 1). Inputs:
-        X, roi, scales, sizes (opset ≥ 11; opset 10 has X, scales)."""
-        F, x = self.torch.nn.functional, a[0]
+        """Resize, nearest with asymmetric coordinates and floor, along every axis k: y[i] = x[⌊i / s_k⌋] (clamped
+        to the last index), s_k the given scale, or out_k / in_k where ``sizes`` are given, in float32 as onnxruntime
+        computes it. Inputs: X, roi, scales, sizes (opset ≥ 11; opset 10 has X, scales)."""
+        t, x = self.torch, a[0]
         scales = a[1] if len(a) == 2 else a[2] if len(a) > 2 else None
         sizes = a[3] if len(a) > 3 else None
+        f32 = t.float32
         if sizes is not None and sizes.numel():
-            return F.interpolate(x, size=[int(v) for v in sizes[2:]], mode="nearest")
-        s = [float(v) for v in scales]
-        if s[:2] != [1.0, 1.0]:
-            raise InputError(f"block reconstruction cannot run Resize {n.name!r}: it scales the batch or channels")
-        return F.interpolate(x, scale_factor=s[2:], mode="nearest")
+            out = [int(v) for v in sizes]
+            scale = t.tensor(out, dtype=f32) / t.tensor(x.shape, dtype=f32)
+        else:
+            scale = scales.to(f32)
+            out = [int(math.floor(i * float(s))) for i, s in zip(x.shape, scale)]
+        for k, o in enumerate(out):
+            if o != x.shape[k] or float(scale[k]) != 1.0:
+                idx = t.floor(t.arange(o, dtype=f32) / scale[k]).long().clamp(max=x.shape[k] - 1)
+                x = x.index_select(k, idx)
+        return x
 
     def _pool(self, n, x):
         F = self.torch.nn.functional

@@ -64,8 +64,9 @@ def test_torch_segment_computes_what_onnxruntime_computes(rng):
 
 
 def upsampling_ops(rng, resize_kw=None):
-    """Conv → BatchNormalization → ConvTranspose (stride 2, pads 1, output_padding 1) → Resize by scales, then
-    Resize to sizes (nearest, asymmetric, floor: a detector's FPN), as PP-OCR's DB detector has them."""
+    """Conv → BatchNormalization → ConvTranspose (stride 2, pads 1, output_padding 1) → Resize by scales (the
+    channels too), then Resize to sizes (nearest, asymmetric, floor: a detector's FPN, as PP-OCR's DB detector has
+    them)."""
     f = np.float32
     kind = dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
     kind.update(resize_kw or {})
@@ -81,8 +82,8 @@ def upsampling_ops(rng, resize_kw=None):
              init("g", rng.uniform(0.5, 1.5, 4).astype(f)), init("beta", rng.normal(0, 0.1, 4).astype(f)),
              init("mean", rng.normal(0, 0.2, 4).astype(f)), init("var", rng.uniform(0.5, 2, 4).astype(f)),
              init("wt", rng.normal(0, 0.3, (4, 2, 3, 3)).astype(f)), init("bt", rng.normal(0, 0.1, 2).astype(f)),
-             init("scales", np.array([1, 1, 2, 3], f)), init("sizes", np.array([3, 2, 50, 70], np.int64))]
-    return make(nodes, [("x", [3, 3, 6, 5])], [("y", [3, 2, 50, 70])], inits, opset=13)
+             init("scales", np.array([1, 1.5, 2, 3], f)), init("sizes", np.array([3, 3, 50, 70], np.int64))]
+    return make(nodes, [("x", [3, 3, 6, 5])], [("y", [3, 3, 50, 70])], inits, opset=13)
 
 
 def test_torch_segment_upsamples_as_onnxruntime_does(rng):
