@@ -177,11 +177,13 @@ def sections(r: dict) -> list[Section]:
             + (f"Fisher weighting: {blk['fisher']}. " if blk.get("fisher") else "") + "Loss: squared error "
             "of the block's outputs per held-out sample, at the start (nearest rounding, or AdaRound's) and after; "
             "a block keeps its result only where the loss went down. 'Soft' is the loss after with the relaxed "
-            "rounding h(V), 'undecided' the share of h(V) not yet at 0 or 1."],
-            header=["block", "layers", "samples", "crop", "loss, start", "loss, after", "soft", "undecided", "kept",
-                    "seconds"],
+            "rounding h(V), 'undecided' the share of h(V) not yet at 0 or 1; 'per part' the samples a step's "
+            "forward and backward ran at once (fewer than a step's where they would not fit in the memory limit)."],
+            header=["block", "layers", "samples", "crop", "per part", "loss, start", "loss, after", "soft", "undecided",
+                    "kept", "seconds"],
             rows=[[f"{b['layers'][0]} … {b['layers'][-1]}" if len(b["layers"]) > 1 else b["layers"][0],
-                   len(b["layers"]), b.get("samples", ""), b.get("crop") or "", _fmt(b.get("loss_start", "")),
+                   len(b["layers"]), b.get("samples", ""), b.get("crop") or "", b.get("step_samples", ""),
+                   _fmt(b.get("loss_start", "")),
                    _fmt(b.get("loss_end", "")), _fmt(b.get("loss_end_soft", "")), b.get("undecided", ""),
                    "yes" if b.get("kept") else b.get("skipped", "no"), b["seconds"]]
                   for b in blk["blocks"]]))

@@ -71,6 +71,22 @@ def tensor_heap():
         libc.malloc_trim(0)
 
 
+def autograd_bytes(torch, forward) -> int:
+    """Bytes of the distinct tensor storages autograd keeps for the backward pass of ``forward()`` (run once, its
+    result dropped): what one training step holds besides its gradients."""
+    kept: dict = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        kept[storage.data_ptr()] = max(kept.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(kept.values())
+
+
 def unsupported(nodes) -> list[str]:
     """Op types among ``nodes`` that ``TorchSegment`` cannot run (with their attributes: a Conv with auto_pad, a
     Softmax of opset < 13 semantics is not detected here and runs with the opset-13 meaning)."""

@@ -15,8 +15,10 @@ from ptq.export import export_qdq
 from ptq.model import Graph
 from ptq.patterns import find_layers
 from ptq.pipeline import Config, Context, prepare, run_steps
-from ptq.stages.block_reconstruction import dsq_round, fisher_weights
-from ptq.torch_graph import TorchSegment, unsupported
+from ptq.report import to_markdown
+import ptq.stages.block_reconstruction as block_reconstruction
+from ptq.stages.block_reconstruction import dsq_round, fisher_weights, step_samples
+from ptq.torch_graph import TorchSegment, autograd_bytes, unsupported
 
 import torch  # the recon extra, which `make install` installs
 
@@ -221,12 +223,47 @@ def test_blocks_of_local_ops_learn_on_crops(rng, tmp_path):
     assert [r["samples"] for r in rows] == [16, 16]
 
 
+def test_autograd_bytes_are_the_tensors_backward_needs_by_hand():
+    w = torch.nn.Parameter(torch.ones(8, 3, 3, 3))
+    x = torch.ones(5, 3, 10, 10)
+
+    def forward(n=5):  # Conv keeps its input and its weight, Relu its output
+        return torch.relu(torch.nn.functional.conv2d(x[:n].clone(), w, padding=1)).sum()
+    assert autograd_bytes(torch, forward) == 4 * (5 * 3 * 100 + 8 * 27 + 5 * 8 * 100)
+    # per sample 4 · (300 + 800) bytes, weights 4 · 216 once; GRAPH_COPIES = 2 of each must fit
+    per, fixed = 4 * 1100, 4 * 216
+    assert step_samples(torch, forward, 32, 2 * (fixed + 7 * per)) == 7
+    assert step_samples(torch, forward, 32, 2 * (fixed + 7 * per) - 1) == 6
+    assert step_samples(torch, forward, 5, 1e9) == 5
+    assert step_samples(torch, forward, 32, 1) == 1  # never less than one sample
+
+
+def test_a_step_split_to_fit_the_memory_limit_learns_what_the_whole_step_learns(rng, tmp_path, monkeypatch):
+    model = residual_chain(rng)
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 48)
+    kw = dict(block_recon=True, qdrop=1.0, act_bits=4, recon_iters=20)  # longer, Adam's steps on the
+    # learned activation steps amplify float rounding differences between the sums over parts and over the whole
+    whole = quantize_state(model, calib, **kw)
+    monkeypatch.setattr(block_reconstruction, "STEP_SHARE", 1e-12)  # one sample at a time
+    parts = quantize_state(model, calib, **kw)
+    rows = [s.report["block_reconstruction"]["blocks"] for s in (whole, parts)]
+    assert [r["step_samples"] for r in rows[0]] == [8, 8] and [r["step_samples"] for r in rows[1]] == [1, 1]
+    for a, b in zip(*rows):
+        assert b["loss_start"] == pytest.approx(a["loss_start"], rel=1e-5)
+        assert b["loss_end"] == pytest.approx(a["loss_end"], rel=1e-4)
+    assert any(r["kept"] for r in rows[0])
+    for name, q in whole.rounded.items():
+        assert np.mean(parts.rounded[name] == q) > 0.99
+    for root, enc in whole.acts.items():
+        assert float(parts.acts[root].scale) == pytest.approx(float(enc.scale), rel=1e-5)
+
+
 def softmax(z):
     e = np.exp(z - z.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
 
 
-def test_fisher_weights_of_the_logits_are_the_kl_gradient_by_hand(rng, tmp_path):
+def test_fisher_weights_of_the_logits_are_the_kl_gradient_by_hand(rng, tmp_path, monkeypatch):
     model = residual_chain(rng)
     calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 16)
     state = quantize_state(model, calib, calib_size=16)
@@ -238,6 +275,10 @@ def test_fisher_weights_of_the_logits_are_the_kl_gradient_by_hand(rng, tmp_path)
     # ∂KL(p ‖ softmax(z))/∂z = softmax(z) − p: per logit, the mean of its square over the samples
     g2 = np.mean((softmax(run(export_qdq(state), {"x": x})[0]) - softmax(run(model, {"x": x})[0])) ** 2, axis=0)
     np.testing.assert_allclose(weights["y"].numpy(), np.maximum(g2 / g2.mean(), 0.1), rtol=0.05)
+    with monkeypatch.context() as m:  # one sample at a time: the same per-sample squared gradients
+        m.setattr(block_reconstruction, "STEP_SHARE", 1e-12)
+        np.testing.assert_allclose(fisher_weights(state, ctx, gr, state.model, ["y"], torch)[0]["y"].numpy(),
+                                   weights["y"].numpy(), rtol=1e-3)
     recon = quantize_state(model, calib, block_recon=True, recon_fisher=True, recon_iters=20)
     rows = recon.report["block_reconstruction"]
     assert rows["fisher"].startswith("per-channel Fisher weights of 2 block outputs")
@@ -352,3 +393,7 @@ def test_the_choices_run_without_block_reconstruction_and_it_runs_once_on_the_ke
     kept = stages["symmetry_choice"]["kept"] == "symmetric"
     assert seen == [(res.report["settings"]["cle"], kept)]  # one reconstruction, of the model kept
     assert res.report["settings"]["block_recon"] is True and "block_reconstruction" in res.report["settings"]["steps"]
+    md = to_markdown(res.report).split("## Block reconstruction")[1].splitlines()
+    header = next(l for l in md if l.startswith("| block |")).strip("| ").split(" | ")
+    first = md[md.index(next(l for l in md if l.startswith("| block |"))) + 2].strip("| ").split(" | ")
+    assert first[header.index("per part")] == "4"  # the step's 4 samples at once: they fit in the memory limit

@@ -35,6 +35,9 @@ or AdaRound's integers when AdaRound ran before; then h(V) starts on AdaRound's 
 fractional part is).
 
 Adam on V (lr 0.01) and on the steps (relative, lr 0.001), ``recon_iters`` steps of ``recon_batch`` samples.
+Memory: a step whose forward and backward would not fit in 0.4 × ``--memory-limit`` runs its samples in parts
+(``step_samples``), their gradients summed before Adam's update: the same gradient as the whole step (the error
+is a sum over samples), in less memory. The Fisher pass is split the same way.
 
 The report's row per block has the held-out loss at the start and after (hard rounding, every activation
 quantized), the same after with the soft weights h(V) ("loss_end_soft": the relaxation's own loss) and the share
@@ -59,9 +62,11 @@ from ..model import Graph, topological_sort, truncate
 from ..observe import session
 from ..quant import Encoding, dequantize, int32_bias, quantize
 from ..rounding import GAMMA, ZETA, init_v
-from ..torch_graph import LOCAL_OPS, TorchSegment, import_torch, tensor_heap, unsupported
+from ..torch_graph import LOCAL_OPS, TorchSegment, autograd_bytes, import_torch, tensor_heap, unsupported
 
 DATA_SHARE = 0.4  # of --memory-limit, for the block inputs of both networks
+STEP_SHARE = 0.4  # of --memory-limit, for one step's forward and backward (its samples split into parts that fit)
+GRAPH_COPIES = 2  # a step holds what autograd saves and about as much again in gradients and temporaries
 MIN_CROP = 16  # spatial side of the smallest crop
 HOLDOUT = 8  # one sample in this many checks the result
 LR_V, LR_STEP = 0.01, 0.001
@@ -141,11 +146,14 @@ def _block(state, ctx, gr, block, seg, rng, fisher: dict, masks) -> dict:
         out = seg.run(env, {**override, **w}, lambda name, x: _quantized(acts, added, name, x, drop), shapes)
         return [out[o] for o in block.outputs]
 
+    part = step_samples(torch, lambda k: error(predict(np.arange(k), False, cfg.qdrop), target(np.arange(k))),
+                        cfg.recon_batch, STEP_SHARE * cfg.memory_bytes)
+
     def loss_on(idx, hard=True):
         total = 0.0
         with torch.no_grad():
-            for k in range(0, len(idx), cfg.recon_batch):
-                b = idx[k:k + cfg.recon_batch]
+            for k in range(0, len(idx), part):
+                b = idx[k:k + part]
                 total += float(error(predict(b, hard, 1.0), target(b)))
         return total / max(len(idx), 1)
 
@@ -167,14 +175,14 @@ def _block(state, ctx, gr, block, seg, rng, fisher: dict, masks) -> dict:
         idx = rng.choice(train, size=min(cfg.recon_batch, len(train)), replace=False)
         for q in soft_acts:
             q.k = DSQ_K[0] * (DSQ_K[1] / DSQ_K[0]) ** (it / max(cfg.recon_iters - 1, 1))
-        rec = error(predict(idx, False, cfg.qdrop), target(idx)) / (norm * len(idx))
-        loss = rec
+        opt.zero_grad()
+        for k in range(0, len(idx), part):  # gradients summed over the parts: the whole step's gradient
+            b = idx[k:k + part]
+            (error(predict(b, False, cfg.qdrop), target(b)) / (norm * len(idx))).backward()
         if it >= warm:
             beta = 20 + (2 - 20) * (it - warm) / max(cfg.recon_iters - warm, 1)
             reg = sum((1 - (2 * wt.h() - 1).abs() ** beta).sum() for wt in weights.values()) / n_v
-            loss = loss + cfg.adaround_lambda * reg
-        opt.zero_grad()
-        loss.backward()
+            (cfg.adaround_lambda * reg).backward()
         opt.step()
     for q in soft_acts:
         q.k = None
@@ -183,7 +191,8 @@ def _block(state, ctx, gr, block, seg, rng, fisher: dict, masks) -> dict:
         h = torch.cat([wt.h().reshape(-1) for wt in weights.values()])
         undecided = float(((h > UNDECIDED) & (h < 1 - UNDECIDED)).float().mean())
     kept = end is not None and start is not None and end < start
-    row = {"samples": n, "crop": crop, "act_quantizers": len(acts), "fisher": any(f is not None for f in weigh),
+    row = {"samples": n, "crop": crop, "step_samples": part, "act_quantizers": len(acts),
+           "fisher": any(f is not None for f in weigh),
            "loss_start": _g(start), "loss_end": _g(end), "loss_end_soft": _g(loss_on(hold, hard=False))
            if n_hold else None, "undecided": round(undecided, 4), "kept": bool(kept)}
     if kept:
@@ -194,6 +203,16 @@ def _block(state, ctx, gr, block, seg, rng, fisher: dict, masks) -> dict:
         row["changed_from_nearest"] = round(float(np.mean(np.concatenate(
             [(wt.integers() != wt.nearest_integers()).ravel() for wt in weights.values()]))), 4)
     return row
+
+
+def step_samples(torch, forward, want: int, budget: float) -> int:
+    """The samples one forward + backward may take at once within ``budget`` bytes, at most ``want``.
+    ``forward(k)`` runs k samples; with a(k) the bytes autograd saves for it (``autograd_bytes``), a sample's share
+    is b = a(2) − a(1) and the fixed part (weights) f = a(1) − b, and the answer is
+    ⌊(budget / GRAPH_COPIES − f) / b⌋, at least 1."""
+    one, two = (autograd_bytes(torch, lambda k=k: forward(k)) for k in (1, 2))
+    per, fixed = max(two - one, 1), max(2 * one - two, 0)
+    return int(min(want, max(1, (budget / GRAPH_COPIES - fixed) // per)))
 
 
 def fisher_weights(state, ctx, gr, fp32, names, torch) -> tuple[dict, str]:
@@ -220,9 +239,8 @@ def fisher_weights(state, ctx, gr, fp32, names, torch) -> tuple[dict, str]:
     acts = _act_quantizers(torch, state, given, seg)
     outs = [o.name for o in fp32.graph.output]
     logits = set(state.logits)
-    sums, count = {}, 0
-    for _, feed in ctx.calib.batches(min(state.config.batch_size, 8)):
-        x = {k: torch.from_numpy(np.asarray(feed[k], np.float32)) for k in given}
+
+    def task_loss(x):
         with torch.no_grad():
             ref = seg.run(x)
         xq = {k: (acts[k](v, 1.0) if k in acts else v).requires_grad_(True) for k, v in x.items()}
@@ -237,6 +255,20 @@ def fisher_weights(state, ctx, gr, fp32, names, torch) -> tuple[dict, str]:
                 loss = loss + (p * (torch.log_softmax(ref[o], -1) - torch.log_softmax(env[o], -1))).sum()
             else:
                 loss = loss + ((env[o] - ref[o]) ** 2).sum()
+        return loss, env
+
+    def tensors(feed, k=None):
+        return {name: torch.from_numpy(np.asarray(feed[name][:k], np.float32)) for name in given}
+
+    batch = min(state.config.batch_size, 8)
+    _, first = next(iter(ctx.calib.batches(batch)))
+    if len(next(iter(first.values()))) >= 2:  # squared gradients are per sample: parts change nothing but memory
+        batch = step_samples(torch, lambda k: task_loss(tensors(first, k))[0], batch,
+                             STEP_SHARE * state.config.memory_bytes)
+    sums, count = {}, 0
+    for _, feed in ctx.calib.batches(batch):
+        x = tensors(feed)
+        loss, env = task_loss(x)
         loss.backward()
         for t in names:
             g = env[t].grad
