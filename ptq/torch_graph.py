@@ -3,8 +3,9 @@
 ``TorchSegment(nodes, const)`` runs the nodes in order on torch tensors: ``run(env, override, act)`` starts from
 ``env`` {tensor: torch tensor} (the segment's inputs), takes initializers from ``override`` {name: tensor} where
 given (a layer's soft-quantized weight), else the constants, and passes every tensor a node writes through
-``act(name, x)`` (an activation quantizer, or the identity). The ops are those of the CNN, detector-neck and
-transformer blocks ptq reconstructs (``SUPPORTED``; Resize only as nearest with asymmetric coordinates and floor);
+``act(name, x)`` (an activation quantizer, or the identity). The ops are those of the CNN, detector-neck,
+text-recognizer and transformer blocks ptq reconstructs (``SUPPORTED``; Resize only as nearest with asymmetric
+coordinates and floor);
 ``unsupported(nodes)`` names the others, and a segment holding one is not built.
 
 torch is an optional dependency (``pip install 'ptq[recon]'``); ``import_torch`` says how to install it.
@@ -30,7 +31,7 @@ HEAP_BYTES = 1 << 30  # allocations up to this size come from the heap, and free
 DEFAULT_MMAP, DEFAULT_TRIM = 128 << 10, 128 << 10  # glibc's initial thresholds
 SUPPORTED = LOCAL_OPS | {"Gemm", "MatMul", "AveragePool", "MaxPool", "Flatten", "Reshape", "Transpose", "Concat",
                          "Softmax", "ReduceMean", "Squeeze", "Unsqueeze", "LayerNormalization", "Shape", "Gather",
-                         "Cast", "BatchNormalization", "ConvTranspose", "Resize"}
+                         "Cast", "BatchNormalization", "ConvTranspose", "Resize", "Slice"}
 
 
 def import_torch():
@@ -197,6 +198,8 @@ class TorchSegment:
             return F.batch_norm(a[0], a[3], a[4], a[1], a[2], training=False, eps=attr(n, "epsilon", 1e-5))
         if op == "Resize":
             return self._resize(n, a)
+        if op == "Slice":
+            return self._slice(n, a)
         if op == "Gemm":
             x = a[0].transpose(0, 1) if attr(n, "transA", 0) else a[0]
             w = a[1].transpose(0, 1) if attr(n, "transB", 0) else a[1]
@@ -281,6 +284,23 @@ class TorchSegment:
             if o != x.shape[k] or float(scale[k]) != 1.0:
                 idx = t.floor(t.arange(o, dtype=f32) / scale[k]).long().clamp(max=x.shape[k] - 1)
                 x = x.index_select(k, idx)
+        return x
+
+    def _slice(self, n, a):
+        """Slice: along each listed axis, the indices start, start + step, … before end, with ONNX's clamping
+        (negative indices count from the end, out-of-range ones are clamped; a negative step walks backward) —
+        Python's slice semantics. Inputs data, starts, ends, axes, steps (opset ≥ 10), else attributes."""
+        t, x = self.torch, a[0]
+        if len(a) > 1:
+            starts, ends = ([int(v) for v in a[k].reshape(-1)] for k in (1, 2))
+            axes = [int(v) for v in a[3].reshape(-1)] if len(a) > 3 and a[3] is not None else None
+            steps = [int(v) for v in a[4].reshape(-1)] if len(a) > 4 and a[4] is not None else None
+        else:
+            starts, ends, axes, steps = attr(n, "starts"), attr(n, "ends"), attr(n, "axes"), None
+        axes = axes or list(range(len(starts)))
+        for start, end, ax, step in zip(starts, ends, axes, steps or [1] * len(starts)):
+            ax %= x.dim()
+            x = x.index_select(ax, t.arange(*slice(start, end, step).indices(x.shape[ax])))
         return x
 
     def _pool(self, n, x):
