@@ -182,7 +182,8 @@ def sections(r: dict) -> list[Section]:
             header=["block", "layers", "samples", "crop", "per part", "loss, start", "loss, after", "soft", "undecided",
                     "kept", "seconds"],
             rows=[[f"{b['layers'][0]} … {b['layers'][-1]}" if len(b["layers"]) > 1 else b["layers"][0],
-                   len(b["layers"]), b.get("samples", ""), b.get("crop") or "", b.get("step_samples", ""),
+                   len(b["layers"]), b.get("samples", ""), "×".join(map(str, b["crop"])) if b.get("crop") else "",
+                   b.get("step_samples", ""),
                    _fmt(b.get("loss_start", "")),
                    _fmt(b.get("loss_end", "")), _fmt(b.get("loss_end_soft", "")), b.get("undecided", ""),
                    "yes" if b.get("kept") else b.get("skipped", "no"), b["seconds"]]

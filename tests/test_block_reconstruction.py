@@ -95,6 +95,29 @@ def test_torch_segment_upsamples_as_onnxruntime_does(rng):
     np.testing.assert_allclose(env["y"].numpy(), run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
 
 
+def test_torch_segment_slices_as_onnxruntime_does(rng):
+    """Slice by inputs: negative indices, ends past the axis, steps of 2 and −1 (a reversal), a computed end (a
+    text recognizer slices its sequence by a Shape); and an opset-9 Slice by attributes."""
+    f, i64 = np.float32, np.int64
+    nodes = [helper.make_node("Shape", ["x"], ["shp"], "shape"),
+             helper.make_node("Slice", ["shp", "two", "three"], ["w"], "width"),
+             helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["a"], "slice"),
+             helper.make_node("Slice", ["a", "zero", "w", "three"], ["y"], "by_shape")]
+    inits = [init("two", np.array([2], i64)), init("three", np.array([3], i64)), init("zero", np.array([0], i64)),
+             init("starts", np.array([-1, 1, 10], i64)), init("ends", np.array([-100, 100, -1], i64)),
+             init("axes", np.array([1, 2, -1], i64)), init("steps", np.array([-1, 2, 1], i64))]
+    model = make(nodes, [("x", [2, 4, 7, 12])], [("y", [2, 4, None, None])], inits, opset=13)
+    x = rng.normal(0, 1, (2, 4, 7, 12)).astype(f)
+    env = TorchSegment(model.graph.node, Graph(model).const).run({"x": torch.from_numpy(x)})
+    want = run(model, {"x": x})[0]
+    assert want.shape == (2, 4, 3, 1)
+    np.testing.assert_array_equal(env["y"].numpy(), want)
+    old = make([helper.make_node("Slice", ["x"], ["y"], "slice", starts=[1, -3], ends=[3, 1000], axes=[2, 3])],
+               [("x", [2, 4, 7, 12])], [("y", [2, 4, None, None])], [], opset=9)
+    env = TorchSegment(old.graph.node, Graph(old).const).run({"x": torch.from_numpy(x)})
+    np.testing.assert_array_equal(env["y"].numpy(), run(old, {"x": x})[0])
+
+
 def test_other_resize_kinds_are_refused_by_name(rng):
     model = upsampling_ops(rng, dict(mode="linear", coordinate_transformation_mode="half_pixel"))
     assert unsupported(model.graph.node) == ["Resize(linear, half_pixel)"]
@@ -122,7 +145,8 @@ def residual_chain(rng, hw=8):
              helper.make_node("GlobalAveragePool", ["d"], ["gap"], "gap"),
              helper.make_node("Flatten", ["gap"], ["flat"], "flatten"),
              helper.make_node("Gemm", ["flat", "wf"], ["y"], "fc", transB=1)]
-    return make(nodes, [("x", [None, 3, hw, hw])], [("y", [None, 4])], [init(k, v) for k, v in w.items()])
+    h, w_ = (hw, hw) if np.isscalar(hw) else hw
+    return make(nodes, [("x", [None, 3, h, w_])], [("y", [None, 4])], [init(k, v) for k, v in w.items()])
 
 
 def test_blocks_are_cut_where_one_tensor_carries_everything(rng):
@@ -219,8 +243,12 @@ def test_blocks_of_local_ops_learn_on_crops(rng, tmp_path):
     calib = save_npy_samples(tmp_path / "c", rng, (3, 24, 24), 16)
     state = quantize_state(model, calib, block_recon=True, recon_crop=10, recon_iters=20, calib_size=16)
     rows = state.report["block_reconstruction"]["blocks"]
-    assert [r["crop"] for r in rows] == [10, None]  # the block with the pooling and the Gemm sees whole maps
+    assert [r["crop"] for r in rows] == [[10, 10], None]  # the block with the pooling and the Gemm sees whole maps
     assert [r["samples"] for r in rows] == [16, 16]
+    model = residual_chain(rng, hw=(8, 30))  # a text line's maps: cropped along the width only
+    calib = save_npy_samples(tmp_path / "wide", rng, (3, 8, 30), 16)
+    state = quantize_state(model, calib, block_recon=True, recon_crop=10, recon_iters=20, calib_size=16)
+    assert [r["crop"] for r in state.report["block_reconstruction"]["blocks"]] == [[8, 10], None]
 
 
 def test_autograd_bytes_are_the_tensors_backward_needs_by_hand():

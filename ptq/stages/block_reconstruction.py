@@ -27,9 +27,9 @@ differentiable, with k annealed geometrically from DSQ_K[0] to DSQ_K[1] over the
 the held-out losses that decide what is kept always use the hard rounding.
 
 Data: up to the number of calibration samples that fit in 0.4 × ``--memory-limit`` (both networks' inputs kept);
-blocks made only of local ops (Conv, elementwise ops, global pooling) see a random square crop of each sample
-(side ``recon_crop``, or less where the samples would not fit), the same for both networks: the early, wide
-blocks then cost about what the late ones do. One eighth of the samples is held out: a block keeps
+blocks made only of local ops (Conv, elementwise ops, global pooling) see a random crop of each sample (at most
+``recon_crop`` along each spatial axis, or less where the samples would not fit), the same for both networks: the
+early, wide blocks then cost about what the late ones do. One eighth of the samples is held out: a block keeps
 its learned rounding and steps only where they lower the held-out loss below where it started (nearest rounding,
 or AdaRound's integers when AdaRound ran before; then h(V) starts on AdaRound's side of ½, as far from it as the
 fractional part is).
@@ -353,8 +353,8 @@ def _inputs(state, ctx, sim, raw, block, seg, rng):
                 break
             window = _window(a, crop, rng)
             for t in block.inputs:
-                xf[t].append(np.asarray(a[t][k][window], np.float32))
-                xq[t].append(np.asarray(b[t][k][window], np.float32))
+                xf[t].append(np.array(a[t][k][window], np.float32))  # a copy: a view keeps the whole batch
+                xq[t].append(np.array(b[t][k][window], np.float32))
             n += 1
         if n >= limit:
             break
@@ -362,20 +362,22 @@ def _inputs(state, ctx, sim, raw, block, seg, rng):
 
 
 def _budget(cfg, batch: dict, local: bool, want: int):
-    """(samples kept, crop side or None): the samples, up to the calibration set, whose inputs fit in the budget.
-    Where every input is a 4-D map of one spatial size and the block is made of local ops, each sample is a square
-    crop of side ``recon_crop`` (0: none), or smaller where the calibration set would not fit otherwise."""
+    """(samples kept, crop [height, width] or None): the samples, up to the calibration set, whose inputs fit in the
+    budget. Where every input is a 4-D map of one spatial size and the block is made of local ops, each sample is a
+    crop of at most ``recon_crop`` along each spatial axis (0: whole maps; a 24 × 160 map of a text recognizer
+    gives 24 × 32 crops), smaller, down to MIN_CROP, where the calibration set would not fit otherwise."""
     per = sum(v[0].nbytes for v in batch.values()) * 2  # both networks
     budget = DATA_SHARE * cfg.memory_bytes
     spatial = {v.shape[2:] for v in batch.values()}
     crop = None
     if local and all(v.ndim == 4 for v in batch.values()) and len(spatial) == 1:
         h, w = next(iter(spatial))
-        side = min(h, w, cfg.recon_crop or min(h, w))
-        if per * want * side * side / (h * w) > budget:  # smaller crops, down to MIN_CROP, then fewer samples
-            side = max(min(MIN_CROP, side), int(math.sqrt(budget / want / per * h * w)))
-        if side < min(h, w):
-            crop, per = side, per * side * side / (h * w)
+        side = cfg.recon_crop or max(h, w)
+        while side > MIN_CROP and per * want * min(h, side) * min(w, side) > budget * h * w:
+            side -= 1  # smaller crops, down to MIN_CROP, then fewer samples
+        if min(h, side) * min(w, side) < h * w:
+            crop = [min(h, side), min(w, side)]
+            per = per * crop[0] * crop[1] / (h * w)
     return max(2, min(want, int(budget // per))), crop
 
 
@@ -383,8 +385,8 @@ def _window(batch: dict, crop, rng):
     if crop is None:
         return (Ellipsis,)
     h, w = next(iter(batch.values())).shape[2:]
-    i, j = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
-    return (slice(None), slice(i, i + crop), slice(j, j + crop))
+    i, j = rng.integers(0, h - crop[0] + 1), rng.integers(0, w - crop[1] + 1)
+    return (slice(None), slice(i, i + crop[0]), slice(j, j + crop[1]))
 
 
 class _SoftWeight:
