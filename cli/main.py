@@ -132,6 +132,9 @@ def quant_options(f):
         click.option("--batch-size", type=int, help="Batch size for onnxruntime (16)."),
         click.option("--memory-limit", type=float,
                      help="GB that calibration aims to stay within: batches shrink to fit (2)."),
+        click.option("--threads", type=int,
+                     help="Threads for onnxruntime and torch; give each of several jobs side by side its share of "
+                          "the cores (0: every core)."),
         click.option("--seed", type=int, help="Seed for choosing samples (0)."),
         preprocess_options(),
         click.option("--eval", "eval_dir", type=click.Path(), help="Evaluation data (labels optional)."),

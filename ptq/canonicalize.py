@@ -20,6 +20,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper, shape_inference, version_converter
 
 from .external import session_options
+from .threads import ort_options
 from .errors import InputError
 from .fuse import fold_bias_adds, fold_scale_muls, fold_scales_forward, fuse_hardswish
 from .model import (Graph, attr, declared_dims, default_opset, remove_unused_initializers, set_attr, topological_sort,
@@ -141,9 +142,8 @@ def fold_constants(model: onnx.ModelProto) -> int:
         sub = helper.make_graph(sub_nodes, "fold", [], [helper.make_empty_tensor_value_info(o) for o in produced],
                                 initializer=sub_inits)
         sub_model = helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
-        opts = ort.SessionOptions()
+        opts = ort_options()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.log_severity_level = 3
         session_options(model, opts)
         try:
             sess = ort.InferenceSession(sub_model.SerializeToString(), opts, providers=["CPUExecutionProvider"])

@@ -5,8 +5,6 @@ fixed whatever the calibration size), exact min / max, and for the logits a boun
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -15,6 +13,7 @@ from tqdm import tqdm
 
 from .errors import InputError, first_line
 from .external import session_options
+from .threads import ort_options
 
 HALF_BINS = 8192  # bins per sign: ~32 bins per 8-bit step at full range
 CHUNK = 1 << 20
@@ -133,9 +132,7 @@ def session(model: onnx.ModelProto | bytes | str, extra_outputs=(), optimize: bo
         model = onnx.ModelProto.FromString(model.SerializeToString())
         have = {o.name for o in model.graph.output}
         model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in extra_outputs if t not in have)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = os.cpu_count() or 1
+    opts = ort_options()
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if exact_qdq:

@@ -65,6 +65,7 @@ class Config:
     fidelity_sqnr_db: float = 6.0  # an output, or a slice of one, under this SQNR against FP32 is flagged
     fidelity_cosine: float = 0.9  # … or under this cosine
     memory_limit: float = 2.0  # GB the calibration passes aim to stay within (their batches shrink to fit)
+    threads: int = 0  # onnxruntime's and torch's threads (0: every core; ptq.threads)
     latency_runs: int = 20  # batch-1 runs timed per model for the report's speed section (0: not measured)
     calib_size: int = 256
     holdout: int = 32
@@ -171,6 +172,8 @@ class Config:
             raise InputError(f"percentile must be in (0, 100], not {self.percentile}")
         if self.memory_limit <= 0:
             raise InputError(f"memory limit must be > 0 GB, not {self.memory_limit}")
+        if self.threads < 0:
+            raise InputError(f"threads must be >= 0 (0: every core), not {self.threads}")
         if self.calib_size < 1 or self.batch_size < 1 or self.holdout < 0 or self.latency_runs < 0:
             raise InputError("calibration size and batch size must be >= 1, holdout >= 0")
         if self.data_free and (self.easyquant or self.adaround):

@@ -27,6 +27,7 @@ from .observe import check_runnable
 from .outputs import OutputSet
 from .pipeline import Config, Context, prepare, run_steps
 from .speed import measure_speed, slowest_ops
+from .threads import use_threads
 from .runtime import saturates_u8s8
 from .report import render_reports, report_paths
 
@@ -92,6 +93,7 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
     ``auto_fix`` ("16" or "fp32"): when the gate fails, raise the most harmful quantizers until it passes
     (ptq.debug). Raises InputError for bad input; writes nothing."""
     config = make_config(config, **settings)
+    use_threads(config.threads)
     preprocess = preprocess or Preprocess()
     gate = max_drop if isinstance(max_drop, tuple) or max_drop is None else parse_max_drop(max_drop)
     if isinstance(metric, str):

@@ -13,6 +13,8 @@ import functools
 
 import numpy as np
 
+from .threads import ort_options
+
 
 @functools.lru_cache(maxsize=None)
 def saturates_u8s8() -> bool:
@@ -37,8 +39,7 @@ def saturates_u8s8() -> bool:
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = ort_options()
     s = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     got = float(s.run(None, {"x": np.full((1, k), 255, np.float32)})[0].max())
     return got < 0.9 * exact
@@ -69,8 +70,7 @@ def integer_min_clip() -> bool:
                               [helper.make_tensor_value_info("y", TensorProto.UINT8, [2, 2])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = ort_options()
     try:
         s = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         got = s.run(None, {"x": np.array([[0, 9], [150, 255]], np.uint8)})[0]

@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from .evaluate import latencies_ms
 from .external import folder, session_options
+from .threads import ort_options
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -27,8 +28,7 @@ def unfused_qdq(model: onnx.ModelProto) -> dict:
     (the graph it runs, saved by the session)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts = ort_options()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         opts.optimized_model_filepath = path
         session_options(model, opts)
@@ -61,9 +61,7 @@ def op_times(model: onnx.ModelProto, feed: dict, runs: int = 10, top: int = 8) -
     type and divided by ``runs``; the remaining op types together as "other". The profile file goes to a temporary
     folder."""
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = 1  # one thread: each kernel's time is its own, not its share of a pool
+        opts = ort_options(threads=1)  # one thread: each kernel's time is its own, not its share of a pool
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "profile")
         session_options(model, opts)

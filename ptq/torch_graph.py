@@ -21,6 +21,7 @@ import onnx
 
 from .errors import InputError
 from .model import attr
+from .threads import thread_count
 
 _ELEMENTWISE = {"Relu", "Sigmoid", "Tanh", "Erf", "Sqrt", "Exp", "Neg", "Abs", "Reciprocal", "Identity", "Dropout",
                 "Add", "Sub", "Mul", "Div", "Pow", "Min", "Max", "Clip", "HardSigmoid", "HardSwish", "LeakyRelu",
@@ -35,12 +36,14 @@ SUPPORTED = LOCAL_OPS | {"Gemm", "MatMul", "AveragePool", "MaxPool", "Flatten", 
 
 
 def import_torch():
-    """torch, or InputError saying how to install it (block reconstruction's optional extra)."""
+    """torch with ptq's thread count (ptq.threads), or InputError saying how to install it (block
+    reconstruction's optional extra)."""
     try:
         import torch
     except ImportError:
         raise InputError("block reconstruction needs PyTorch (CPU is enough): pip install 'ptq[recon]' "
                          "(or: pip install torch)") from None
+    torch.set_num_threads(thread_count())
     return torch
 
 

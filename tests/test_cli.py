@@ -240,3 +240,34 @@ def test_html_report_is_html_with_tables_and_charts(setup, capsys, flags):
         ET.fromstring("<svg" + svg.split("</svg>")[0] + "</svg>")
     md = (tmp / "h.report.md").read_text()
     assert "<svg" not in md and "| conv1 |" in md
+
+
+def test_threads_size_every_onnxruntime_session_and_torch(setup, capsys, monkeypatch):
+    import onnxruntime as ort
+    import torch
+    from ptq.threads import use_threads
+    from ptq.torch_graph import import_torch
+    model, calib, tmp = setup
+    real, seen = ort.InferenceSession, []
+
+    def spy(data, opts=None, **kw):
+        seen.append(opts.intra_op_num_threads)
+        return real(data, opts, **kw)
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    try:
+        code, _, err = call(capsys, "run", model, "--calib", calib, "-o", tmp / "one.onnx", "--threads", 1)
+        assert code == 0, err
+        assert len(seen) > 3 and set(seen) == {1}
+        assert import_torch().get_num_threads() == 1
+        if (os.cpu_count() or 1) > 1:
+            seen.clear()
+            code, _, err = call(capsys, "run", model, "--calib", calib, "-o", tmp / "all.onnx")
+            assert code == 0, err
+            assert os.cpu_count() in seen  # every core by default (the per-op profile runs on one thread)
+            assert import_torch().get_num_threads() == os.cpu_count()
+        code, _, err = call(capsys, "run", model, "--calib", calib, "-o", tmp / "bad.onnx", "--threads", -1)
+        assert_one_line_error(code, err, 2, "threads must be >= 0")
+        assert not (tmp / "bad.onnx").exists()
+    finally:
+        use_threads(0)
+        torch.set_num_threads(os.cpu_count() or 1)
