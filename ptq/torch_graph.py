@@ -59,12 +59,13 @@ def tensor_heap():
     """Within the block: on glibc, allocations up to HEAP_BYTES come from the heap and freed memory stays there,
     instead of being mapped and unmapped for each tensor (a reconstruction step allocates the same large tensors
     again and again, and fresh pages cost more than the arithmetic: docs/FINDINGS.md). Yields ``release()``,
-    which hands the heap's free memory back to the system (``malloc_trim``); on exit the thresholds are glibc's
-    initial ones again and the heap is released."""
+    which hands the heap's free memory back to the system (``malloc_trim``), as happens on entry too; on exit the
+    thresholds are glibc's initial ones again and the heap is released."""
     libc = _libc()
     if libc is None:
         yield lambda: None
         return
+    libc.malloc_trim(0)  # what was freed before (the block's onnxruntime passes) goes back first
     libc.mallopt(M_MMAP_THRESHOLD, HEAP_BYTES)
     libc.mallopt(M_TRIM_THRESHOLD, HEAP_BYTES)
     try:
@@ -141,12 +142,16 @@ class TorchSegment:
                         v = np.array(v, np.float32 if v.dtype.kind == "f" else v.dtype)
                         self.consts[i] = self.torch.from_numpy(v)
 
-    def run(self, env: dict, override: dict | None = None, act=None, shapes: dict | None = None) -> dict:
-        """{tensor: value} of the inputs and of every tensor the nodes write. ``shapes`` {tensor: shape of one
-        sample}: tensors from outside the segment that only a Shape node reads (axis 0 is the batch)."""
+    def run(self, env: dict, override: dict | None = None, act=None, shapes: dict | None = None,
+            keep=None) -> dict:
+        """{tensor: value} of the inputs and of every tensor the nodes write; with ``keep`` (tensor names) only
+        those, each other tensor dropped after the last node that reads it (what autograd needs it keeps itself).
+        ``shapes`` {tensor: shape of one sample}: tensors from outside the segment that only a Shape node reads
+        (axis 0 is the batch)."""
         env, override = dict(env), override or {}
         batch = next(iter(env.values())).shape[0] if env else 1
-        for n in self.nodes:
+        last = {i: k for k, n in enumerate(self.nodes) for i in n.input}
+        for k, n in enumerate(self.nodes):
             if n.op_type == "Shape" and n.input[0] not in env:
                 shape = self.torch.tensor([batch, *shapes[n.input[0]]], dtype=self.torch.int64)
                 env[n.output[0]] = shape[attr(n, "start", 0):attr(n, "end", None)]
@@ -155,7 +160,11 @@ class TorchSegment:
                     for i in n.input]
             out = self._op(n, args)
             env[n.output[0]] = out if act is None else act(n.output[0], out)
-        return env
+            if keep is not None:
+                for i in n.input:
+                    if last.get(i) == k and i not in keep:
+                        env.pop(i, None)
+        return env if keep is None else {t: env[t] for t in keep}
 
     def _op(self, n: onnx.NodeProto, a: list):
         t, F, op = self.torch, self.torch.nn.functional, n.op_type

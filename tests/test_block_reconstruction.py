@@ -2,6 +2,7 @@
 and the stage end to end (its integers on the grid, its result no worse than nearest rounding in onnxruntime, the
 learned activation steps written to the model, a clear error without torch)."""
 import builtins
+import weakref
 
 import numpy as np
 import pytest
@@ -63,6 +64,18 @@ def test_torch_segment_computes_what_onnxruntime_computes(rng):
     env = TorchSegment(model.graph.node, gr.const).run({"x": torch.from_numpy(x)})
     for name, want in zip(["y", "side"], run(model, {"x": x})):
         np.testing.assert_allclose(env[name].numpy(), want, rtol=1e-5, atol=1e-6)
+    made, most = {}, [0]
+
+    def watch(name, v):  # a weak reference to every tensor the nodes write, and the most alive at once
+        made[name] = weakref.ref(v)
+        most[0] = max(most[0], sum(ref() is not None for ref in made.values()))
+        return v
+    with torch.no_grad():
+        kept = TorchSegment(model.graph.node, gr.const).run({"x": torch.from_numpy(x)}, act=watch, keep=["y"])
+    assert list(kept) == ["y"] and torch.equal(kept["y"], env["y"])
+    alive = sorted(name for name, ref in made.items() if ref() is not None)
+    assert alive == ["y"] and len(made) == 18
+    assert most[0] == 4  # at most 4 of the 18 alive at once (without dropping: all 18 by the end)
 
 
 def upsampling_ops(rng, resize_kw=None):

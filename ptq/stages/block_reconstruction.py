@@ -95,20 +95,21 @@ def reconstruct_blocks(state, ctx):
     if cfg.recon_fisher:
         fisher, fisher_note = fisher_weights(state, ctx, gr, fp32, [o for b in blocks for o in b.outputs], torch)
     bar = tqdm(total=len(blocks), desc="block reconstruction", unit="block", disable=not ctx.progress, leave=False)
-    with tensor_heap() as release:
-        for block in blocks:
-            t0 = time.perf_counter()
-            nodes = [fp32.graph.node[k] for k in block.nodes]
-            row = {"layers": [l.name for l in block.layers]}
-            bad = unsupported(nodes)
-            if bad:
-                row["skipped"] = f"ops {', '.join(bad)} not supported"
-            else:
-                row.update(_block(state, ctx, gr, block, TorchSegment(nodes, gr.const), rng, fisher, masks))
-            release()  # the block's data and sessions are gone: their memory goes back to the system
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-            report.append(row)
-            bar.update(1)
+    for block in blocks:
+        t0 = time.perf_counter()
+        nodes = [fp32.graph.node[k] for k in block.nodes]
+        row = {"layers": [l.name for l in block.layers]}
+        bad = unsupported(nodes)
+        if bad:
+            row["skipped"] = f"ops {', '.join(bad)} not supported"
+        else:
+            seg = TorchSegment(nodes, gr.const)
+            data = _inputs(state, ctx, *ctx.simulate(state), block, seg, rng)  # its sessions are gone after it
+            with tensor_heap():  # the learning's tensors stay in the heap, handed back to the system after it
+                row.update(_block(state, gr, block, seg, data, rng, fisher, masks))
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        report.append(row)
+        bar.update(1)
     bar.close()
     state.report["block_reconstruction"] = {
         "blocks": report, "iters": cfg.recon_iters, "batch": cfg.recon_batch, "qdrop": cfg.qdrop, "lsq": cfg.lsq,
@@ -117,11 +118,10 @@ def reconstruct_blocks(state, ctx):
     return state
 
 
-def _block(state, ctx, gr, block, seg, rng, fisher: dict, masks) -> dict:
+def _block(state, gr, block, seg, data, rng, fisher: dict, masks) -> dict:
     torch = seg.torch
     cfg = state.config
-    sim, raw = ctx.simulate(state)
-    xf, xq, crop, shapes = _inputs(state, ctx, sim, raw, block, seg, rng)
+    xf, xq, crop, shapes = data
     n = len(xf[block.inputs[0]])
     n_hold = max(1, n // HOLDOUT) if n >= 2 else 0
     train, hold = np.arange(n - n_hold), np.arange(n - n_hold, n)
@@ -136,14 +136,15 @@ def _block(state, ctx, gr, block, seg, rng, fisher: dict, masks) -> dict:
 
     def target(idx):
         with torch.no_grad():
-            env = seg.run({k: torch.from_numpy(v[idx]) for k, v in xf.items()}, shapes=shapes)
+            env = seg.run({k: torch.from_numpy(v[idx]) for k, v in xf.items()}, shapes=shapes, keep=block.outputs)
             return [env[o] for o in block.outputs]
 
     def predict(idx, hard, drop):
         w = {wt.layer.weight: wt.value(hard) for wt in weights.values()}
         env = {k: torch.from_numpy(v[idx]) for k, v in xq.items()}
         env = {k: acts[k](x, drop) if k in acts else x for k, x in env.items()}
-        out = seg.run(env, {**override, **w}, lambda name, x: _quantized(acts, added, name, x, drop), shapes)
+        out = seg.run(env, {**override, **w}, lambda name, x: _quantized(acts, added, name, x, drop), shapes,
+                      block.outputs)
         return [out[o] for o in block.outputs]
 
     part = step_samples(torch, lambda k: error(predict(np.arange(k), False, cfg.qdrop), target(np.arange(k))),
@@ -239,12 +240,13 @@ def fisher_weights(state, ctx, gr, fp32, names, torch) -> tuple[dict, str]:
     acts = _act_quantizers(torch, state, given, seg)
     outs = [o.name for o in fp32.graph.output]
     logits = set(state.logits)
+    wanted = list(dict.fromkeys([*names, *outs]))
 
     def task_loss(x):
         with torch.no_grad():
-            ref = seg.run(x)
+            ref = seg.run(x, keep=outs)
         xq = {k: (acts[k](v, 1.0) if k in acts else v).requires_grad_(True) for k, v in x.items()}
-        env = seg.run(xq, override, lambda name, v: _quantized(acts, added, name, v, 1.0))
+        env = seg.run(xq, override, lambda name, v: _quantized(acts, added, name, v, 1.0), keep=wanted)
         for t in names:
             if env[t].requires_grad:
                 env[t].retain_grad()
@@ -331,8 +333,8 @@ def _inputs(state, ctx, sim, raw, block, seg, rng):
     computed = [t for t in block.inputs if t not in given]
     shaped = [t for t in block.shape_of if t not in given and t not in computed]
     q_names = [raw.get(t, t) for t in computed]
-    fp_sess = session(truncate(state.model, computed + shaped)) if computed or shaped else None
-    q_sess = session(truncate(sim, q_names)) if computed else None
+    fp_sess = session(truncate(state.model, computed + shaped), arena=False) if computed or shaped else None
+    q_sess = session(truncate(sim, q_names), arena=False) if computed else None
     local = all(n.op_type in LOCAL_OPS for n in seg.nodes)
     xf, xq, crop, limit = {t: [] for t in block.inputs}, {t: [] for t in block.inputs}, None, None
     n, shapes = 0, {}
@@ -453,8 +455,11 @@ class _DropMasks:
     def __call__(self, shape, p: float):
         n = int(np.prod(shape))
         pool = self.pools.get(p)
-        if pool is None or len(pool) < 2 * n:
-            pool = self.pools[p] = self.torch.rand(max(2 * n, DROP_POOL)) < p
+        if pool is None or len(pool) < 2 * n:  # drawn DROP_POOL at a time: no float copy of the whole pool
+            size, pool, self.pools[p] = max(2 * n, DROP_POOL), None, None
+            pool = self.pools[p] = self.torch.empty(size, dtype=self.torch.bool)
+            for k in range(0, size, DROP_POOL):
+                pool[k:k + DROP_POOL] = self.torch.rand(min(DROP_POOL, size - k)) < p
         start = int(self.torch.randint(0, len(pool) - n + 1, ()))
         return pool[start:start + n].reshape(shape)
 
