@@ -299,6 +299,14 @@ def test_a_step_split_to_fit_the_memory_limit_learns_what_the_whole_step_learns(
         assert float(parts.acts[root].scale) == pytest.approx(float(enc.scale), rel=1e-5)
 
 
+def test_one_calibration_sample_runs_and_keeps_nothing(rng, tmp_path):
+    model = residual_chain(rng)
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 1)
+    rows = quantize_state(model, calib, block_recon=True, recon_iters=3, calib_size=1).report[
+        "block_reconstruction"]["blocks"]
+    assert [(r["samples"], r["kept"]) for r in rows] == [(1, False), (1, False)]  # nothing held out to check
+
+
 def softmax(z):
     e = np.exp(z - z.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)

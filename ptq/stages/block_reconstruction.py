@@ -147,8 +147,9 @@ def _block(state, gr, block, seg, data, rng, fisher: dict, masks) -> dict:
                       block.outputs)
         return [out[o] for o in block.outputs]
 
-    part = step_samples(torch, lambda k: error(predict(np.arange(k), False, cfg.qdrop), target(np.arange(k))),
-                        cfg.recon_batch, STEP_SHARE * cfg.memory_bytes)
+    part = step_samples(torch, lambda k: error(predict(np.arange(min(k, n)), False, cfg.qdrop),
+                                               target(np.arange(min(k, n)))), cfg.recon_batch,
+                        STEP_SHARE * cfg.memory_bytes)
 
     def loss_on(idx, hard=True):
         total = 0.0
