@@ -5,8 +5,7 @@
 given (a layer's soft-quantized weight), else the constants, and passes every tensor a node writes through
 ``act(name, x)`` (an activation quantizer, or the identity). The ops are those of the CNN, detector-neck,
 text-recognizer and transformer blocks ptq reconstructs (``SUPPORTED``; Resize only as nearest with asymmetric
-coordinates and floor);
-``unsupported(nodes)`` names the others, and a segment holding one is not built.
+coordinates and floor); ``unsupported(nodes)`` names the others, and a segment holding one is not built.
 
 torch is an optional dependency (``pip install 'ptq[recon]'``); ``import_torch`` says how to install it.
 """
