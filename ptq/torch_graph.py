@@ -55,20 +55,20 @@ def _libc():
 
 @contextmanager
 def tensor_heap():
-    """Within the block: on glibc, allocations up to HEAP_BYTES come from the heap and freed memory stays there,
-    instead of being mapped and unmapped for each tensor (a reconstruction step allocates the same large tensors
-    again and again, and fresh pages cost more than the arithmetic: docs/FINDINGS.md). Yields ``release()``,
-    which hands the heap's free memory back to the system (``malloc_trim``), as happens on entry too; on exit the
-    thresholds are glibc's initial ones again and the heap is released."""
+    """While a block learns: on glibc, allocations up to HEAP_BYTES come from the heap and freed memory stays
+    there, instead of being mapped and unmapped for each tensor (a reconstruction step allocates the same large
+    tensors again and again, and fresh pages cost more than the arithmetic: docs/FINDINGS.md). On entry and on exit
+    the heap's free memory goes back to the system (``malloc_trim``); on exit the thresholds are glibc's initial
+    ones again."""
     libc = _libc()
     if libc is None:
-        yield lambda: None
+        yield
         return
     libc.malloc_trim(0)  # what was freed before (the block's onnxruntime passes) goes back first
     libc.mallopt(M_MMAP_THRESHOLD, HEAP_BYTES)
     libc.mallopt(M_TRIM_THRESHOLD, HEAP_BYTES)
     try:
-        yield lambda: libc.malloc_trim(0)
+        yield
     finally:
         libc.mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP)
         libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM)

@@ -457,7 +457,9 @@ class _DropMasks:
         n = int(np.prod(shape))
         pool = self.pools.get(p)
         if pool is None or len(pool) < 2 * n:  # drawn DROP_POOL at a time: no float copy of the whole pool
-            size, pool, self.pools[p] = max(2 * n, DROP_POOL), None, None
+            self.pools.pop(p, None)  # the old pool is let go before the new one is drawn
+            del pool
+            size = max(2 * n, DROP_POOL)
             pool = self.pools[p] = self.torch.empty(size, dtype=self.torch.bool)
             for k in range(0, size, DROP_POOL):
                 pool[k:k + DROP_POOL] = self.torch.rand(min(DROP_POOL, size - k)) < p
