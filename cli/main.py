@@ -100,9 +100,11 @@ def quant_options(f):
                      help="AdaRound: learned weight rounding (on for weights of 4 bits or fewer, else off)."),
         click.option("--adaround-iters", type=int, help="Adam iterations per layer (500)."),
         click.option("--adaround-batch", type=int, help="rows per Adam step, layers with an activation (1024)."),
-        click.option("--adaround-inputs", type=click.Choice(["fp32", "quantized"]),
-                     help="each layer's input while rounding: from the FP32 network, or from the network whose "
-                          "earlier layers are already rounded (the paper's x̃)."),
+        click.option("--adaround-inputs", type=click.Choice(["fp32", "quantized", "quantized_acts"]),
+                     help="each layer's input while rounding: from the FP32 network, from the network whose "
+                          "earlier layers are already rounded (the paper's x̃), or from that network with its "
+                          "activation quantizers too (quantized_acts: the default for activations of 4 bits or "
+                          "fewer, else quantized)."),
         click.option("--adaround-scale-search/--no-adaround-scale-search", default=None,
                      help="choose each layer's weight grid by its output error before rounding (on)."),
         click.option("--adaround-bias/--no-adaround-bias", default=None,

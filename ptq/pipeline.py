@@ -79,7 +79,9 @@ class Config:
     adaround_batch: int = 1024  # rows per Adam step (layers with an activation)
     adaround_lambda: float = 0.1  # on the normalized loss (see rounding.solve)
     adaround_polish: bool = True  # greedy 1-flip search after Adam on Gram-form layers
-    adaround_inputs: str = "quantized"  # x̃ from the quantized-so-far network (the paper), or "fp32" (x̃ = x)
+    adaround_inputs: str | None = None  # x̃ from the quantized-so-far network: "quantized" (its weights, the paper),
+    # "quantized_acts" (its weights and activation quantizers), or "fp32" (x̃ = x); None: quantized_acts for
+    # activations of 4 bits or fewer, else quantized (``validate`` says why in ``choices``)
     adaround_rows: int = 16384  # rows (output positions) kept per layer with an activation
     adaround_bias: bool = True  # each layer's bias re-fit to its mean output error after rounding (our addition)
     adaround_scale_search: bool = True  # each layer's weight grid chosen by its output error first (our addition)
@@ -157,6 +159,14 @@ class Config:
                     "Lite1 9.23 -> 7.38, Lite2 7.23 -> 5.84; docs/FINDINGS.md)"
                     + ("; it took 12 minutes on Lite0 on 2 cores; --no-block-recon turns it off" if self.block_recon
                        else "; it needs PyTorch, not installed here: pip install 'ptq[recon]'"))
+        if self.adaround_inputs is None:
+            self.adaround_inputs = "quantized_acts" if self.act_bits <= 4 else "quantized"
+            if self.adaround and self.act_bits <= 4:
+                self.choices["adaround_inputs"] = (
+                    f"quantized_acts: with {self.act_bits}-bit activations AdaRound rounds each layer for its input "
+                    "in the network whose activations are quantized too, so the activation ranges are set before it "
+                    "(EfficientNet-Lite0 W4A4 without block reconstruction: drop 8.84 -> 5.08 points; "
+                    "docs/FINDINGS.md); --adaround-inputs quantized rounds for the weights' error alone")
         check_overrides(self.overrides, tuple(dict.fromkeys(WEIGHT_METHODS + ACT_METHODS + ("xent",))))
         if not 2 <= self.weight_bits <= 8:
             raise InputError(f"weight bits must be 2-8, not {self.weight_bits}")
@@ -205,8 +215,8 @@ class Config:
                              "qdrop in [0, 1], crop >= 0")
         if self.data_free and self.block_recon:
             raise InputError("--data-free cannot be combined with block reconstruction: it needs calibration data")
-        if self.adaround_inputs not in ("quantized", "fp32"):
-            raise InputError(f"adaround_inputs must be quantized or fp32, not {self.adaround_inputs!r}")
+        if self.adaround_inputs not in ("quantized", "quantized_acts", "fp32"):
+            raise InputError(f"adaround_inputs must be quantized, quantized_acts or fp32, not {self.adaround_inputs!r}")
         if self.input_range is not None:
             if len(self.input_range) != 2 or not self.input_range[0] < self.input_range[1]:
                 raise InputError(f"input range must be LO,HI with LO < HI, not {self.input_range}")
@@ -227,18 +237,22 @@ class Config:
         through the activation quantizers, starting from AdaRound's grids where AdaRound ran); then the int32
         bias guard.
         With EasyQuant the activation ranges come before it (it searches around both initial scales), and
-        AdaRound then rounds on the grids EasyQuant chose."""
+        AdaRound then rounds on the grids EasyQuant chose; with ``adaround_inputs = "quantized_acts"`` they come
+        before AdaRound, whose x̃ carries the activation quantizers."""
         steps = ["smoothquant"] if self.smoothquant and not self.data_free else []
         steps += ["cle", "bias_absorption"] if self.cle else []
         steps.append("weight_ranges")
         ranges = "data_free_ranges" if self.data_free else "activation_ranges"
-        if self.easyquant:  # EasyQuant searches around both initial ranges, then AdaRound rounds on its grids
-            steps += [ranges, "easyquant"]
+        early = self.easyquant or (self.adaround and self.adaround_inputs == "quantized_acts")
+        if early:  # EasyQuant searches around both initial ranges; AdaRound's x̃ may carry the activation quantizers
+            steps.append(ranges)
+        if self.easyquant:  # then AdaRound rounds on the grids EasyQuant chose
+            steps.append("easyquant")
         if self.adaround:
             steps.append("adaround")
         if self.bias_correction:
             steps.append("bias_correction")
-        if not self.easyquant:
+        if not early:
             steps.append(ranges)
         if self.block_recon:  # needs the activation quantizers it learns through
             steps.append("block_reconstruction")
@@ -264,8 +278,8 @@ class Config:
 
 
 # settings whose default is None
-OPTIONAL_TYPES = {"adaround": bool, "block_recon": bool, "cle": bool, "ends_8bit": bool, "weight_symmetric": bool,
-                  "bias_correction": str, "input_range": tuple, "steps": list}
+OPTIONAL_TYPES = {"adaround": bool, "adaround_inputs": str, "block_recon": bool, "cle": bool, "ends_8bit": bool,
+                  "weight_symmetric": bool, "bias_correction": str, "input_range": tuple, "steps": list}
 
 
 def _defaults() -> dict:

@@ -380,6 +380,48 @@ def test_residual_skip_error_is_the_quantized_skip_by_onnxruntime(rng, tmp_path,
     np.testing.assert_allclose(p.skip[0], e.T @ xq, rtol=1e-4, atol=1e-6)
 
 
+def test_quantized_acts_inputs_carry_the_activation_quantizer_by_hand(rng, tmp_path, monkeypatch):
+    """x → conv1 → c1; conv2(c1) + c1 → y, 4-bit activations. With adaround_inputs "quantized_acts" the activation
+    ranges are set first, and conv2's x̃ (its input, and the quantized skip) is c̃1, conv1 with its AdaRounded
+    weights by onnxruntime on the quantized x, through c1's quantizer by hand: s · (clip(rint(c̃1 / s) + z, q_min,
+    q_max) − z)."""
+    w1 = rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, (8, 8, 1, 1)).astype(np.float32)
+    model = make([helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+                  helper.make_node("Conv", ["c1", "w2"], ["c2"], "conv2"),
+                  helper.make_node("Add", ["c2", "c1"], ["y"], "add")],
+                 [("x", [None, 3, 8, 8])], [("y", [None, 8, 8, 8])], [init("w1", w1), init("w2", w2)])
+    calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 12)
+    seen = {}
+    collect = adaround_stage._collect
+
+    def record(state, gr, group, fp_batches, q_batches, *rest):
+        seen[group[0].name] = q = list(q_batches) if q_batches is not None else None
+        return collect(state, gr, group, fp_batches, iter(q), *rest)
+    monkeypatch.setattr(adaround_stage, "_collect", record)
+    cfg = Config(weight_bits=4, act_bits=4, adaround=True, adaround_iters=50, holdout=0, batch_size=12,
+                 adaround_bias=False, block_recon=False, ends_8bit=False, cle=False)
+    assert cfg.adaround_inputs is None
+    src = DataSource(calib, model_inputs(model))
+    state = run_steps(prepare(model, cfg), Context(src), {})
+    steps = state.config.steps
+    assert state.config.adaround_inputs == "quantized_acts" and "adaround_inputs" in state.config.choices
+    assert steps.index("activation_ranges") < steps.index("adaround")
+    def fake_quant(v, t):  # t's activation quantizer, by hand
+        enc = state.acts[state.placement.root[t]]
+        s, z = float(enc.scale), float(enc.zero_point)
+        return s * (np.clip(np.rint(v / s) + z, enc.spec.qmin, enc.spec.qmax) - z), s
+    x = np.concatenate([feed["x"] for _, feed in src.batches(12)])
+    conv = make([helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1", pads=[1, 1, 1, 1])],
+                [("x", [None, 3, 8, 8])], [("c1", [None, 8, 8, 8])],
+                [init("w1", dequantize(state.rounded["conv1"], state.weights["conv1"]).astype(np.float32))])
+    c1 = run(conv, {"x": fake_quant(x, "x")[0].astype(np.float32)})[0].astype(np.float64)
+    want, s = fake_quant(c1, "c1")
+    got = np.concatenate([b["c1"] for b in seen["conv2"]])
+    assert got.shape == want.shape and np.abs(want - c1).max() > 0.1 * s  # the quantizer changes c̃1
+    np.testing.assert_allclose(got, want, atol=1e-5 * s)
+
+
 def test_bias_refit_restores_the_mean_output_by_onnxruntime(rng, tmp_path):
     """The last layer has no activation: after AdaRound re-fits its bias, the weight-quantized network's mean
     output per channel over the calibration set equals the FP32 network's (onnxruntime, every position)."""

@@ -23,6 +23,10 @@ Layer inputs: the layers are visited in topological order, each solved before th
 input of the network whose earlier layers are AdaRounded. ``Walk`` (ptq/walk.py) keeps both networks'
 activations at the last visited layer while they fit in 0.25 × ``memory_limit`` each, so each node runs about once
 per network over the calibration set (where a checkpoint does not fit, from the last one that did).
+With ``adaround_inputs = "quantized_acts"`` (the default for activations of 4 bits or fewer) that network also
+carries every activation quantizer, fake-quantized as the exporter writes it (``activation_sim``; the activation
+ranges are then set before AdaRound, on the FP32 network): each layer rounds, and re-fits its bias, for the input
+it will get, activation rounding and clipping included (QDrop's point, Wei et al. 2022, made per layer).
 ``adaround_inputs = "fp32"`` takes x̃ = x instead. Each output channel keeps AdaRound's rounding only where it
 beats nearest rounding on the layer's data (channels are independent in the loss).
 
@@ -42,6 +46,7 @@ export stores instead of rounding to nearest, the re-fitted biases (``state.bias
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -89,10 +94,14 @@ def adaround(state, ctx):
     budget = int(cfg.memory_bytes * WALK_SHARE)  # per walk: both together stay within most of --memory-limit
     fp_walk = Walk(ctx.calib, cfg.batch_size, budget)
     q_walk, sim = None, None  # x̃ = x (adaround_inputs "fp32")
-    if cfg.adaround_inputs == "quantized":  # earlier layers AdaRounded as they are solved, later ones nearest
-        q_walk, sim = Walk(ctx.calib, cfg.batch_size, budget), onnx.ModelProto.FromString(fp32.SerializeToString())
+    if cfg.adaround_inputs in ("quantized", "quantized_acts"):  # earlier layers AdaRounded as they are solved
+        q_walk = Walk(ctx.calib, cfg.batch_size, budget)
+        sim = activation_sim(state, ctx) if cfg.adaround_inputs == "quantized_acts" \
+            else onnx.ModelProto.FromString(fp32.SerializeToString())
         for l in layers:
             set_initializer(sim, l.weight, fake_quant(gr.const(l.weight), state.weights[l.name]))
+    q_pos = {n.name: k for k, n in enumerate(sim.graph.node)} if sim is not None else {}
+    q_node = {n.name: n for n in sim.graph.node} if sim is not None else {}
     bar = tqdm(total=len(layers), desc="adaround", unit="layer", disable=not ctx.progress, leave=False)
     for l in layers:
         t0 = time.perf_counter()
@@ -100,7 +109,8 @@ def adaround(state, ctx):
         skip = residual_skip(gr, l, position) if q_walk else None
         names = [l.x] + ([skip] if skip else [])
         problems = _collect(state, gr, [l], fp_walk.batches(fp32, at, names),
-                            q_walk.batches(sim, at, names) if q_walk else None, len(ctx.calib),
+                            _renamed(q_walk.batches(sim, q_pos[l.name], q_names := _sim_names(gr, q_node, l, names)),
+                                     dict(zip(q_names, names))) if q_walk else None, len(ctx.calib),
                             {l.name: skip} if skip else None)
         collect_s += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -150,6 +160,31 @@ def adaround(state, ctx):
                                 "solve_seconds": round(sum(r["seconds"] for r in report.values()), 1),
                                 "checkpoint_segments": fp_walk.runs + (q_walk.runs if q_walk else 0)}
     return state
+
+
+def activation_sim(state, ctx) -> onnx.ModelProto:
+    """The FP32 model with every activation quantizer of the state in place (``ctx.simulate``: fake-quant, float
+    bounds) and the weights still float: AdaRound's x̃ with quantized activations (``adaround_inputs =
+    "quantized_acts"``)."""
+    model, _ = ctx.simulate(dataclasses.replace(state, weights={}, rounded={}, biases={}))
+    topological_sort(model)
+    return model
+
+
+def _sim_names(gr: Graph, q_node: dict, layer, names: list) -> list:
+    """The tensors the simulated network's nodes read where the FP32 network's read ``names`` (the layer's input
+    and its residual skip): the same node, the same input slot."""
+    out = [q_node[layer.name].input[list(gr.nodes[layer.name].input).index(layer.x)]]
+    for t in names[1:]:
+        add = gr.only_consumer(layer.out)
+        out.append(q_node[add.name].input[list(add.input).index(t)])
+    return out
+
+
+def _renamed(batches, names: dict):
+    """The batches with their tensors under the FP32 network's names (``names`` {simulated: FP32})."""
+    for b in batches:
+        yield {names.get(k, k): v for k, v in b.items()}
 
 
 def _row_budget(rows: int, kind: str) -> int:
