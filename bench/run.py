@@ -324,9 +324,15 @@ def measure(args, work: Path) -> int:
                                    ["--per-channel", "--weight-asymmetric", "--weight-bits", "4", "--cle",
                                     "--adaround", *images]),
                                   ("W8A8 per-channel AdaRound", ["--per-channel", "--adaround", *images]),
-                                  ("W4A4 per-channel without block reconstruction (--weight-bits 4 --act-bits 4 "
-                                   "--no-block-recon), 256 images",
-                                   ["--weight-bits", "4", "--act-bits", "4", "--no-block-recon", *defaults]),
+                                  ("W4A4 per-channel AdaRound for the weights' error alone (--weight-bits 4 "
+                                   "--act-bits 4 --adaround-inputs quantized), 256 images",
+                                   ["--weight-bits", "4", "--act-bits", "4", "--adaround-inputs", "quantized",
+                                    *defaults]),
+                                  ("W4A4 per-channel block reconstruction after AdaRound for the weights' error "
+                                   "alone (--weight-bits 4 --act-bits 4 --adaround-inputs quantized --block-recon), "
+                                   "256 images",
+                                   ["--weight-bits", "4", "--act-bits", "4", "--adaround-inputs", "quantized",
+                                    "--block-recon", *defaults]),
                                   ("W4A4 per-channel defaults (--weight-bits 4 --act-bits 4), 256 images",
                                    ["--weight-bits", "4", "--act-bits", "4", *defaults])):
                 ptq_run(config, work / f"{name}-{config.replace(' ', '_').replace('+', 'p')}.onnx", extra)

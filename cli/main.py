@@ -111,8 +111,7 @@ def quant_options(f):
                      help="re-fit each layer's bias to the mean output error left after rounding (on)."),
         click.option("--block-recon/--no-block-recon", default=None,
                      help="Block reconstruction (BRECQ): each block's rounding learned jointly, with QDrop and LSQ "
-                          "activation steps; needs torch: pip install 'ptq[recon]' (on for weights and activations "
-                          "of 4 bits or fewer where torch is installed, else off)."),
+                          "activation steps; needs torch: pip install 'ptq[recon]' (off)."),
         click.option("--recon-iters", type=int, help="Adam steps per block (200)."),
         click.option("--qdrop", type=float,
                      help="probability an activation is quantized while reconstructing; 1: always (0.5)."),

@@ -409,17 +409,15 @@ def test_block_reconstruction_with_dsq_learns_and_keeps_only_what_lowers_the_hel
         assert row["kept"] == (row["loss_end"] < row["loss_start"])
 
 
-def test_block_reconstruction_is_on_by_default_for_4_bit_weights_and_activations(monkeypatch):
-    on = Config(weight_bits=4, act_bits=4).validate()
-    assert on.block_recon is True and "block_reconstruction" in on.steps and on.choices["block_recon"].startswith("on")
+def test_block_reconstruction_is_off_by_default_and_the_choices_say_why_at_4_bits():
+    off = Config(weight_bits=4, act_bits=4).validate()
+    assert off.block_recon is False and "block_reconstruction" not in off.steps
+    assert off.choices["block_recon"].startswith("off") and "--block-recon" in off.choices["block_recon"]
     for kw in (dict(weight_bits=4), dict(act_bits=4), dict(weight_bits=4, act_bits=4, block_recon=False)):
         cfg = Config(**kw).validate()
         assert cfg.block_recon is False and "block_reconstruction" not in cfg.steps and "block_recon" not in cfg.choices
-    import importlib.util
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
-    off = Config(weight_bits=4, act_bits=4).validate()
-    assert off.block_recon is False and "pip install 'ptq[recon]'" in off.choices["block_recon"]
+    on = Config(weight_bits=4, act_bits=4, block_recon=True).validate()
+    assert on.steps[-2:] == ["block_reconstruction", "bias_overflow"] and "block_recon" not in on.choices
 
 
 def test_the_choices_run_without_block_reconstruction_and_it_runs_once_on_the_kept_model(rng, tmp_path,
@@ -435,8 +433,8 @@ def test_the_choices_run_without_block_reconstruction_and_it_runs_once_on_the_ke
         seen.append((state.config.cle, state.config.weight_symmetric))
         return real(state, ctx)
     monkeypatch.setitem(pipeline.STEPS, "block_reconstruction", counted)
-    res = quantize(model, str(calib), weight_bits=4, act_bits=4, calib_size=16, holdout=8, batch_size=8,
-                   recon_iters=5, recon_batch=4, adaround_iters=20, latency_runs=0)
+    res = quantize(model, str(calib), weight_bits=4, act_bits=4, block_recon=True, calib_size=16, holdout=8,
+                   batch_size=8, recon_iters=5, recon_batch=4, adaround_iters=20, latency_runs=0)
     stages = res.report["stages"]
     assert "symmetry_choice" in stages and stages["block_reconstruction"]["blocks"]  # three quantizations
     kept = stages["symmetry_choice"]["kept"] == "symmetric"
