@@ -312,6 +312,10 @@ def measure(args, work: Path) -> int:
                                   ("W4A8 per-tensor asymmetric weights (--weight-bits 4 --per-tensor "
                                    "--weight-asymmetric)", ["--weight-bits", "4", "--per-tensor",
                                                             "--weight-asymmetric", *images, *defaults]),
+                                  ("W4A8 per-tensor, first and head layers' weights at 8 bits (--weight-bits 4 "
+                                   "--per-tensor --weight-asymmetric --cle --ends-8bit)",
+                                   ["--weight-bits", "4", "--per-tensor", "--weight-asymmetric", "--cle", "--ends-8bit",
+                                    *images, *defaults]),
                                   ("W4A8 per-channel nearest", [*sym4, "--per-channel", "--no-adaround", "--no-cle"]),
                                   ("W4A8 per-channel AdaRound", [*sym4, "--per-channel", "--adaround", "--no-cle",
                                                                  *images]),
