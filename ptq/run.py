@@ -287,6 +287,8 @@ def _choose_symmetry(original, state, qmodel, calib_src, held, progress):
                                                                        held, progress)
     keep_asym = asym_db > sym_db
     chosen, model = (asym, asym_model) if keep_asym else (state, qmodel)
+    if keep_asym and "cle_choice" in state.report:  # the CLE decision the asymmetric run inherited, and its numbers
+        asym.report["cle_choice"] = state.report["cle_choice"]
     why = (f"{'asymmetric' if keep_asym else 'symmetric'}: with {state.config.weight_bits}-bit weights ptq "
            f"quantized with symmetric and with asymmetric weight grids; on {samples} samples the worst output's "
            f"SQNR against FP32 was {sym_db:.2f} dB symmetric and {asym_db:.2f} dB asymmetric (written at zero "
