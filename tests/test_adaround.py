@@ -347,15 +347,21 @@ def test_scale_search_picks_the_grid_with_least_output_error(rng, per_channel):
         assert chosen > 1.5 * start
 
 
-def test_residual_skip_error_is_the_quantized_skip_by_onnxruntime(rng, tmp_path, monkeypatch):
-    """x → conv1 → c1; conv2(c1) + c1 → y. conv2's target includes E = c1 − c̃1 (c̃1: conv1 with its AdaRounded
-    weights): its ‖E‖² and Eᵀ X̃ must equal onnxruntime's c1 of both networks over every position."""
+def conv_residual(rng):
+    """x → conv1 → c1; conv2(c1) + c1 → y: (the model, conv1's weight)."""
     w1 = rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32)
     w2 = rng.normal(0, 0.3, (8, 8, 1, 1)).astype(np.float32)
     model = make([helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
                   helper.make_node("Conv", ["c1", "w2"], ["c2"], "conv2"),
                   helper.make_node("Add", ["c2", "c1"], ["y"], "add")],
                  [("x", [None, 3, 8, 8])], [("y", [None, 8, 8, 8])], [init("w1", w1), init("w2", w2)])
+    return model, w1
+
+
+def test_residual_skip_error_is_the_quantized_skip_by_onnxruntime(rng, tmp_path, monkeypatch):
+    """x → conv1 → c1; conv2(c1) + c1 → y. conv2's target includes E = c1 − c̃1 (c̃1: conv1 with its AdaRounded
+    weights): its ‖E‖² and Eᵀ X̃ must equal onnxruntime's c1 of both networks over every position."""
+    model, w1 = conv_residual(rng)
     calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 12)
     seen = []
     keep = adaround_stage.no_worse_than_nearest
@@ -385,12 +391,7 @@ def test_quantized_acts_inputs_carry_the_activation_quantizer_by_hand(rng, tmp_p
     ranges are set first, and conv2's x̃ (its input, and the quantized skip) is c̃1, conv1 with its AdaRounded
     weights by onnxruntime on the quantized x, through c1's quantizer by hand: s · (clip(rint(c̃1 / s) + z, q_min,
     q_max) − z)."""
-    w1 = rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32)
-    w2 = rng.normal(0, 0.3, (8, 8, 1, 1)).astype(np.float32)
-    model = make([helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
-                  helper.make_node("Conv", ["c1", "w2"], ["c2"], "conv2"),
-                  helper.make_node("Add", ["c2", "c1"], ["y"], "add")],
-                 [("x", [None, 3, 8, 8])], [("y", [None, 8, 8, 8])], [init("w1", w1), init("w2", w2)])
+    model, _ = conv_residual(rng)
     calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 12)
     seen = {}
     collect = adaround_stage._collect
