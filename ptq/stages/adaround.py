@@ -108,9 +108,11 @@ def adaround(state, ctx):
         at = position[l.name]
         skip = residual_skip(gr, l, position) if q_walk else None
         names = [l.x] + ([skip] if skip else [])
-        problems = _collect(state, gr, [l], fp_walk.batches(fp32, at, names),
-                            _renamed(q_walk.batches(sim, q_pos[l.name], q_names := _sim_names(gr, q_node, l, names)),
-                                     dict(zip(q_names, names))) if q_walk else None, len(ctx.calib),
+        q_batches = None
+        if q_walk:  # the same tensors in the simulated network, under their FP32 names
+            q_names = _sim_names(gr, q_node, l, names)
+            q_batches = _renamed(q_walk.batches(sim, q_pos[l.name], q_names), dict(zip(q_names, names)))
+        problems = _collect(state, gr, [l], fp_walk.batches(fp32, at, names), q_batches, len(ctx.calib),
                             {l.name: skip} if skip else None)
         collect_s += time.perf_counter() - t0
         t0 = time.perf_counter()
