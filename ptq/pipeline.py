@@ -154,7 +154,7 @@ class Config:
                     f"off: with {self.weight_bits}-bit weights and {self.act_bits}-bit activations, after AdaRound "
                     "has rounded for the quantized activations, block reconstruction kept 2 of EfficientNet-Lite0's "
                     "16 blocks and did not lower the drop (5.08 -> 5.46 points, paired difference within its "
-                    "error) nor change PP-OCRv4 det's F1 (93.53 / 93.59 %), for 20 more minutes on 2 cores "
+                    "error) nor change PP-OCRv4 det's F1 (93.53 / 93.59 %), for 20 more minutes on one core "
                     "(docs/FINDINGS.md); --block-recon turns it on (needs PyTorch: pip install 'ptq[recon]')")
         if self.adaround_inputs is None:
             self.adaround_inputs = "quantized_acts" if self.act_bits <= 4 else "quantized"
