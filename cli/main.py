@@ -80,8 +80,12 @@ def quant_options(f):
                      help="Weight grid: symmetric signed, or asymmetric with a zero point (symmetric; for weights of 4 "
                           "bits or fewer both are tried and the closer to FP32 kept)."),
         click.option("--reduce-range", type=click.Choice(["auto", "always", "never"]),
-                     help="8-bit weights of non-depthwise layers in [-64, 63], as onnxruntime needs where it adds "
-                          "u8×s8 products in saturating int16 (x86 without VNNI); auto: probe this machine (auto)."),
+                     help="8-bit weights of non-depthwise convolutions in [-64, 63], as onnxruntime needs where it "
+                          "adds u8×s8 products in saturating int16 (x86 without VNNI); auto: where the target "
+                          "saturates (auto)."),
+        click.option("--target", type=click.Choice(["auto", "vnni", "avx2"]),
+                     help="The runtime the model is built for: vnni (exact integer products: AVX-VNNI, AVX-512 "
+                          "VNNI, ARM), avx2 (x86 without VNNI: u8×s8 pairs saturate), auto: this machine (auto)."),
         click.option("--act-range", type=click.Choice(["minmax", "mse", "percentile", "bn"]),
                      help="Activation range method (mse)."),
         click.option("--logits-range", type=click.Choice(["xent", "minmax", "mse", "percentile", "bn"]),
@@ -299,7 +303,7 @@ def eval_cmd(fp32_model, quant_model, data, batch_size, limit, max_drop, as_json
     import json
 
     from ptq.data import DataSource, Preprocess, model_inputs
-    from ptq.evaluate import check_gate, check_comparable, evaluate, parse_max_drop
+    from ptq.evaluate import check_comparable, evaluate, gate_verdict, parse_max_drop
     from ptq.model import load_model
 
     gate = parse_max_drop(max_drop)
@@ -311,19 +315,15 @@ def eval_cmd(fp32_model, quant_model, data, batch_size, limit, max_drop, as_json
     src = DataSource(data, model_inputs(fp), pre or Preprocess(), size=limit)
     show = progress if progress is not None else sys.stderr.isatty()
     result = evaluate(fp, q, src, batch_size, src.labels(), show and not quiet)
-    try:
-        verdict, failed = check_gate(result, gate), None
-    except AccuracyGateError as e:
-        verdict, failed = str(e), e
+    verdict = gate_verdict(result, gate) if gate else None
     if as_json:
-        click.echo(json.dumps({**result, **({"gate": verdict, "gate_passed": failed is None} if gate else {})},
-                              indent=1))
+        click.echo(json.dumps({**result, **({"gate": verdict} if gate else {})}, indent=1))
     elif not quiet:
         _print_eval("evaluation", result)
-        if verdict and failed is None:
-            click.echo(verdict)
-    if failed is not None:
-        raise failed
+        if verdict and verdict["passed"]:
+            click.echo(verdict["line"])
+    if verdict and not verdict["passed"]:
+        raise AccuracyGateError(verdict["line"])
 
 
 @cli.command()

@@ -110,6 +110,7 @@ class Accumulator:
         if self.cls is not None and self.cls >= 0 and c["n"]:
             result["classification_output"] = self.names[self.cls]
             result["top1_agreement"] = round(100.0 * c["agree"] / c["n"], 2)
+            result["compared"] = c["n"]
             if c["labelled"]:
                 m = c["labelled"]
                 result.update({"labelled": m,
@@ -207,37 +208,58 @@ def parse_max_drop(text: str | None):
     return value, rel
 
 
-def check_gate(result: dict, max_drop) -> str | None:
-    """Raise AccuracyGateError when the drop exceeds the bound; return a one-line verdict otherwise.
-
-    With labels the drop is FP32 top-1 − quantized top-1 (points); without, 100 − top-1 agreement; with a user
-    metric (a ptq.metric.Scorer result) the FP32 score minus the quantized one."""
-    if max_drop is None:
-        return None
+def gate_verdict(result: dict, max_drop) -> dict:
+    """The accuracy gate as fields: passed, what was measured, drop, allowed, unit, standard error and samples,
+    and ``line``, the one-line verdict. With labels the drop is FP32 top-1 − quantized top-1 (points, with its
+    paired standard error); without, 100 − top-1 agreement with FP32 (standard error 100·√(p(1 − p)/n) of the
+    disagreement rate p on n samples); with a user metric (a ptq.metric.Scorer result) the FP32 score minus the
+    quantized one. InputError when ``result`` has nothing the gate can read."""
     bound, rel = max_drop
+    se, samples = float("nan"), result.get("samples")
     if result.get("metric") == "user metric":  # a Scorer's result: score and drop of the user's function
         drop, what = result["drop"], "metric drop"
         if rel:
             drop, what = 100.0 * drop / max(abs(result["score"] + result["drop"]), 1e-9), "relative metric drop"
     elif "top1_drop" in result:
-        drop, what = result["top1_drop"], "top-1 drop"
+        drop, what, samples = result["top1_drop"], "top-1 drop", result["labelled"]
+        se = result.get("top1_drop_se", float("nan"))
         if rel:
             drop, what = 100.0 * drop / max(result["fp32_top1"], 1e-9), "relative top-1 drop"
+            se = 100.0 * se / max(result["fp32_top1"], 1e-9)
     elif "top1_agreement" in result:
         drop, what = 100.0 - result["top1_agreement"], "top-1 disagreement with FP32"
+        samples = result.get("compared", samples)
         if rel:
             raise InputError("a relative --max-drop needs labels (labels.txt or class subfolders)")
+        if samples:
+            p = drop / 100.0
+            se = 100.0 * float(np.sqrt(p * (1 - p) / samples))
     else:
-        raise InputError("--max-drop needs a classification output ([N, C] logits) in the model")
+        raise InputError("--max-drop needs a classification output ([N, C] class scores) in the model")
     unit = "%" if rel else " points"
-    se = result.get("top1_drop_se", float("nan")) if "top1_drop" in result else float("nan")
-    if rel:
-        se = 100.0 * se / max(result["fp32_top1"], 1e-9)
-    noise = f"its standard error is ±{se:.2f}{unit} on {result['labelled']} samples" if np.isfinite(se) else ""
-    if drop > bound:
-        raise AccuracyGateError(f"accuracy gate failed: {what} {drop:.2f}{unit} > allowed {bound:g}{unit} "
-                                f"(over by {drop - bound:.2f}{'; ' + noise if noise else ''})")
-    return f"accuracy gate passed: {what} {drop:.2f}{unit} <= allowed {bound:g}{unit}{f' ({noise})' if noise else ''}"
+    noise = (f"standard error ±{se:.2f}{unit}" if np.isfinite(se) else "") + (
+        f"{', ' if np.isfinite(se) else ''}on {samples} samples" if samples else "")
+    passed = bool(drop <= bound)
+    if passed:
+        line = f"accuracy gate passed: {what} {drop:.2f}{unit} <= allowed {bound:g}{unit}" + (
+            f" ({noise})" if noise else "")
+    else:
+        line = (f"accuracy gate failed: {what} {drop:.2f}{unit} > allowed {bound:g}{unit} "
+                f"(over by {drop - bound:.2f}{'; ' + noise if noise else ''})")
+    return {"passed": passed, "measure": what, "drop": round(float(drop), 4), "allowed": bound,
+            "unit": unit.strip(), "standard_error": round(float(se), 4) if np.isfinite(se) else None,
+            "samples": samples, "line": line}
+
+
+def check_gate(result: dict, max_drop) -> str | None:
+    """Raise AccuracyGateError when the drop exceeds the bound; return the one-line verdict otherwise
+    (``gate_verdict``)."""
+    if max_drop is None:
+        return None
+    verdict = gate_verdict(result, max_drop)
+    if not verdict["passed"]:
+        raise AccuracyGateError(verdict["line"])
+    return verdict["line"]
 
 
 def latency_ms(model, feed: dict, runs: int = 50, warmup: int = 5) -> float:

@@ -24,7 +24,7 @@
   same as the float Min between two quantizers of the same grid (``bound_mins``), and leaves Conv + Relu + Q to
   onnxruntime's QLinearConv. Where every Q(b_c) is at the grid's top the Min is left out (the quantizer
   saturates there already); elsewhere its operand is tiled along W where W is known (``tiled_bound``).
-  Where this onnxruntime has no integer Min / Clip (``runtime.integer_min_clip``),
+  Where the target's onnxruntime has no integer Min / Clip (``Target.integer_min_clip``),
   and with ``export_qdq(integers=False)``, all three stay in float before the QuantizeLinear (a saturating Clip
   is then left out where the activation before it keeps every value inside the n-bit grid);
 - each quantized activation tensor t gets Q → DQ right after its producer: the producer now writes
@@ -43,7 +43,7 @@ from .external import external_tensor
 from .model import Graph, declared_dims, default_opset, remove_unused_initializers, unique_name
 from .patterns import activation_bounds, clip_bounds, scalar_operand
 from .quant import Encoding, encoding_from_range, int32_bias, quantize, zero_point_folded
-from .runtime import integer_min_clip, saturates_u8s8
+from .stages.weight_ranges import dense_weights_uint8
 
 MS_DOMAIN = "com.microsoft"
 _INT_TYPES = {(8, True): (TensorProto.INT8, np.int8), (8, False): (TensorProto.UINT8, np.uint8),
@@ -71,7 +71,7 @@ def export_qdq(state, integers: bool = True) -> onnx.ModelProto:
     """Build the QDQ model from the pipeline state (its FP32 model, layers, placement and encodings).
     ``integers`` False writes the saturating Clip and CLE's bound Min in float, around the quantizers (the same
     function: stages that read the float tensor a QuantizeLinear quantizes, ``quantizer_inputs``, need it)."""
-    integers = integers and integer_min_clip()
+    integers = integers and state.target.integer_min_clip
     model = onnx.ModelProto.FromString(state.model.SerializeToString())
     g = model.graph
     opset = default_opset(model)
@@ -84,7 +84,7 @@ def export_qdq(state, integers: bool = True) -> onnx.ModelProto:
     layers = {l.name: l for l in state.layers}
     act_enc = {t: state.acts[r] for t, r in state.placement.root.items() if r in state.acts}
     ref = Graph(state.model)
-    dense_uint8 = state.report.get("reduce_range", {}).get("dense_uint8", False)  # see stages/weight_ranges.py
+    dense_uint8 = dense_weights_uint8(state.config, state.target)
     value_bounds = activation_bounds(state.layers, ref)  # what a fused Relu / Clip guarantees
 
     def qparams(base: str, enc: Encoding, zp_bits: int, zp_signed: bool):
@@ -205,7 +205,7 @@ def export_qdq(state, integers: bool = True) -> onnx.ModelProto:
             shift = 128 if dense_uint8 and layer.op in ("MatMul", "Gemm") and bits == 8 and wenc.spec.bits == 8 \
                 and wenc.spec.symmetric else 0
             if not wenc.spec.symmetric and bits == 8:  # the same values on a zero-point-0 grid: fast kernels
-                folded = zero_point_folded(q_w, wenc, 64 if saturates_u8s8() else 127)
+                folded = zero_point_folded(q_w, wenc, 64 if state.target.saturating_u8s8 else 127)
                 q_w, wenc = folded if folded is not None else (q_w, wenc)
             node.input[1] = dq_const(layer.name + "/weight", q_w, wenc, bits, True, layer.w_axis, shift)
             x_enc = act_enc.get(layer.x)

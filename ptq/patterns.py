@@ -270,18 +270,33 @@ SCORE_TAILS = {"Softmax", "LogSoftmax", "Sigmoid", "Flatten", "Reshape", "Identi
 
 
 def class_score_outputs(model: onnx.ModelProto) -> list[str]:
-    """Graph outputs that are class scores: made by a Gemm / MatMul (through Softmax, LogSoftmax, Sigmoid or a
-    reshape), of rank 2 where the rank is known. Top-1 agreement means something for these only (not for an
-    embedding, a box regression or a feature map)."""
+    """Graph outputs that are class scores: made by a Gemm / MatMul, or a Conv followed by a global pooling (a
+    1×1-convolution classifier), through Softmax, LogSoftmax, Sigmoid, a reshape, or an Add / Mul / Div by a
+    constant (a bias, a temperature), of rank 2 where the rank is known.
+    Top-1 agreement means something for these only (not for an embedding, a box regression or a feature map)."""
     producer = {o: n for n in model.graph.node for o in n.output}
+    consts = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node
+                                                          if n.op_type == "Constant"}
+
+    def upstream(node):
+        if node.op_type in SCORE_TAILS:
+            return producer.get(node.input[0])
+        if node.op_type in ("Add", "Mul", "Div") and len(node.input) == 2 and node.input[1] in consts:
+            return producer.get(node.input[0])
+        if node.op_type in ("Add", "Mul") and len(node.input) == 2 and node.input[0] in consts:
+            return producer.get(node.input[1])
+        return None
+
     out = []
     for o in model.graph.output:
         dims = o.type.tensor_type.shape.dim if o.type.tensor_type.HasField("shape") else None
         if dims is not None and len(dims) != 2:
             continue
-        node = producer.get(o.name)
-        while node is not None and node.op_type in SCORE_TAILS:
-            node = producer.get(node.input[0])
-        if node is not None and node.op_type in ("Gemm", "MatMul"):
+        node, seen, pooled = producer.get(o.name), 0, False
+        while node is not None and node.op_type not in ("Gemm", "MatMul", "Conv") and seen < 16:
+            pooled = pooled or node.op_type in ("GlobalAveragePool", "ReduceMean")
+            node, seen = (producer.get(node.input[0]) if node.op_type in ("GlobalAveragePool", "ReduceMean")
+                          else upstream(node)), seen + 1
+        if node is not None and (node.op_type in ("Gemm", "MatMul") or (node.op_type == "Conv" and pooled)):
             out.append(o.name)
     return out

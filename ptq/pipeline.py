@@ -25,6 +25,7 @@ from .canonicalize import canonicalize
 from .errors import InputError
 from .patterns import Layer, Placement, find_layers, place_activation_quantizers
 from .quant import Encoding
+from .target import TARGET_NAMES, Target, resolve_target
 from .recipe import check_override_names, check_overrides, check_types
 from .ranges import ACT_METHODS, WEIGHT_METHODS
 from .stages.activation_ranges import set_activation_ranges
@@ -50,7 +51,8 @@ class Config:
     weight_range: str = "mse"
     weight_symmetric: bool | None = None  # False: an asymmetric grid (zero point) per channel / tensor; None:
     # symmetric, and for weights of 4 bits or fewer compared with asymmetric (``validate`` says so in ``choices``)
-    reduce_range: str = "auto"  # 8-bit weights in [-64, 63] where onnxruntime saturates u8×s8 (auto | always | never)
+    reduce_range: str = "auto"  # 8-bit conv weights in [-64, 63]: auto (where the target saturates) | always | never
+    target: str = "auto"  # the runtime the model is built for (ptq.target): auto (this machine) | vnni | avx2
     act_bits: int = 8
     ends_8bit: bool | None = None  # the model's inputs and outputs, its head layers' inputs, and the weights of its
     # first and head layers keep 8 bits (None: on for activations of 4 bits or fewer, ``validate`` says so)
@@ -190,6 +192,8 @@ class Config:
         if self.data_free:
             self.cle = True
             self.bias_correction = self.bias_correction or "analytic"
+        if self.target not in TARGET_NAMES:
+            raise InputError(f"unknown target {self.target!r} (choose from {', '.join(TARGET_NAMES)})")
         if self.reduce_range not in ("auto", "always", "never"):
             raise InputError(f"reduce_range must be auto, always or never, not {self.reduce_range!r}")
         if self.fusable_tolerance < 0:
@@ -312,6 +316,7 @@ class State:
     placement: Placement
     bn: dict[str, BNStats]
     logits: list[str]
+    target: Target  # what the runtime can do (ptq.target): decisions read it, never a probe
     weights: dict[str, Encoding] = field(default_factory=dict)  # by layer name
     acts: dict[str, Encoding] = field(default_factory=dict)  # by root tensor name
     report: dict = field(default_factory=dict)
@@ -376,7 +381,7 @@ def prepare(model: onnx.ModelProto, config: Config) -> State:
     logits = [o.name for o in model.graph.output
               if o.name in placement.root and o.name in by_out and by_out[o.name].act is None
               and by_out[o.name].op in ("Gemm", "MatMul")]
-    state = State(config, model, layers, placement, bn, logits)
+    state = State(config, model, layers, placement, bn, logits, resolve_target(config.target))
     if config.choices:
         state.report["choices"] = dict(config.choices)
     if inner:

@@ -119,7 +119,7 @@ def sections(r: dict) -> list[Section]:
             sec.text.append(f"Top-1 agreement with FP32: {e['top1_agreement']} %")
         out.append(sec)
     if r.get("gate"):
-        out.append(Section("Accuracy gate", text=[r["gate"]]))
+        out.append(Section("Accuracy gate", text=[r["gate"]["line"] + f" ({r['gate'].get('data', '')})"]))
     fix = r.get("auto_fix")
     if fix:
         out.append(Section("Auto-fix", text=[

@@ -18,17 +18,18 @@ import onnx
 
 from .data import DataSource, Preprocess, calibration_sources, model_inputs
 from .errors import AccuracyGateError, FidelityError, InputError
-from .evaluate import check_gate, evaluate, fidelity_flags, parse_max_drop
+from .evaluate import evaluate, fidelity_flags, gate_verdict, parse_max_drop
 from .export import export_qdq
 from .external import folder, self_contained, total_bytes
 from .feeds import calibration_input
 from .model import load_model
 from .observe import check_runnable
 from .outputs import OutputSet
+from .patterns import class_score_outputs
 from .pipeline import Config, Context, prepare, run_steps
 from .speed import measure_speed, slowest_ops
+from .target import this_machine
 from .threads import use_threads
-from .runtime import saturates_u8s8
 from .report import render_reports, report_paths
 
 
@@ -94,6 +95,9 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
     (ptq.debug). Raises InputError for bad input; writes nothing."""
     config = make_config(config, **settings)
     use_threads(config.threads)
+    if config.block_recon:  # its optional dependency, checked before any work
+        from .torch_graph import import_torch
+        import_torch()
     preprocess = preprocess or Preprocess()
     gate = max_drop if isinstance(max_drop, tuple) or max_drop is None else parse_max_drop(max_drop)
     if isinstance(metric, str):
@@ -142,11 +146,6 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
         t0 = time.perf_counter()
         state, qmodel = _choose_symmetry(original, state, qmodel, calib_src, held, progress)
         timings["symmetry_choice"] = round(time.perf_counter() - t0, 3)
-    if config.reduce_range == "auto" and calib_src is not None \
-            and state.report.get("reduce_range", {}).get("could") and saturates_u8s8():
-        t0 = time.perf_counter()
-        state, qmodel = _choose_weight_range(original, state, qmodel, calib_src, held, state.config, progress)
-        timings["reduce_range"] = round(time.perf_counter() - t0, 3)
     if defer:
         state, qmodel = _reconstruct_blocks_last(state, tail, calib_src, progress, timings)
 
@@ -161,6 +160,11 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
         timings["auto_fix"] = round(time.perf_counter() - t0, 3)
 
     fidelity = None
+    here = this_machine()
+    if here.saturating_u8s8 != state.target.saturating_u8s8:
+        state.report.setdefault("warnings", []).append(
+            f"built for target {state.target.name}; the fidelity, evaluation and latency below were measured on "
+            f"this machine's onnxruntime ({here.describe()}), whose integer arithmetic differs")
     if held is not None and state.transformed is not None:
         # ReLU6 -> ReLU (cle_relu6 = "relu") and bias absorption may change the FP32 function: measure by how much
         state.report["fp32_change_from_transforms"] = evaluate(original, state.transformed, held, config.batch_size)
@@ -173,13 +177,11 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
         t0 = time.perf_counter()
         evaluation = evaluate(original, qmodel, eval_src, config.batch_size, eval_src.labels(), progress)
         timings["evaluate"] = round(time.perf_counter() - t0, 3)
-    verdict, passed = None, None
+    verdict = None
     if gate is not None:
         scored = gate_scorer.score(qmodel, exact=False) if metric is not None else (evaluation or fidelity)
-        try:
-            verdict, passed = check_gate(scored, gate), True
-        except AccuracyGateError as e:
-            verdict, passed = str(e), False
+        verdict = gate_verdict(scored, gate)
+        verdict["data"] = "evaluation data" if eval_src is not None else "held-back calibration samples"
     speed = None
     timing_src = next((s for s in (held, calib_src, eval_src) if s is not None), None)
     if config.latency_runs and timing_src is not None:
@@ -212,7 +214,8 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
         report["auto_fix"] = fixed
     if verdict is not None:
         report["gate"] = verdict
-    return Result(qmodel, report, fidelity, evaluation, verdict, passed, flags)
+    return Result(qmodel, report, fidelity, evaluation, verdict and verdict["line"],
+                  verdict and verdict["passed"], flags)
 
 
 def _closeness(original, model, held, batch_size: int) -> float:
@@ -300,29 +303,6 @@ def _choose_symmetry(original, state, qmodel, calib_src, held, progress):
     return chosen, model
 
 
-def _choose_weight_range(original, state, qmodel, calib_src, held, config, progress):
-    """This machine's onnxruntime saturates u8 × s8 pairs (ptq.runtime): quantize again with 8-bit weights of
-    non-depthwise layers in [-64, 63] and keep the model whose outputs on the held-back samples (the calibration
-    samples where none are held back), as this runtime computes them, are closer to FP32 (the SQNR in dB of the
-    worst output)."""
-    reduced_cfg = _with(config, reduce_range="always")  # the same settings chosen by ptq, and why
-    reduced, reduced_model, full_db, reduced_db, samples = _quantize_and_compare(original, state, qmodel,
-                                                                                 reduced_cfg, calib_src, held,
-                                                                                 progress)
-    keep_reduced = reduced_db > full_db
-    chosen, model = (reduced, reduced_model) if keep_reduced else (state, qmodel)
-    chosen.report["reduce_range"] = {
-        "layers": reduced.report["reduce_range"]["layers"] if keep_reduced else 0,
-        "could": reduced.report["reduce_range"]["could"],
-        "why": (f"onnxruntime on this CPU adds u8 × s8 products in saturating int16 (no AVX-VNNI); on "
-                f"{samples} samples the outputs' SQNR "
-                f"against FP32 was {full_db:.2f} dB with 8-bit weights and {reduced_db:.2f} dB with 7-bit weights "
-                f"in non-depthwise layers: "
-                + ("7-bit kept" if keep_reduced else "8-bit kept")),
-        "sqnr_db_8bit": round(full_db, 2), "sqnr_db_7bit": round(reduced_db, 2)}
-    return chosen, model
-
-
 def nearest_quantizer(state, tensor: str) -> str:
     """'; nearest quantizer: act:<t>' for the activation quantizer closest upstream of ``tensor`` (its own, or
     the first met walking back through the producers), where the trouble most likely starts."""
@@ -370,13 +350,10 @@ def check_gate_possible(model: onnx.ModelProto, gate, source, metric) -> None:
                          "at least 4 samples in --calib)")
     if metric is not None:
         return
-    ranks = []
-    for o in model.graph.output:
-        dims = o.type.tensor_type.shape.dim if o.type.tensor_type.HasField("shape") else None
-        ranks.append(None if dims is None else (len(dims), dims[1].dim_value if len(dims) > 1 else 0))
-    if ranks and all(r is not None for r in ranks) and not any(n == 2 and c != 1 for n, c in ranks):
-        raise InputError("--max-drop needs a classification output ([N, C] scores) or --metric module:function; "
-                         "the model's outputs are " + ", ".join(o.name for o in model.graph.output))
+    if not class_score_outputs(model):
+        raise InputError("--max-drop needs a classification output ([N, C] class scores or probabilities of a "
+                         "Gemm / MatMul, or a pooled Conv) or --metric module:function; the model's outputs are "
+                         + ", ".join(o.name for o in model.graph.output))
     if gate[1] and not (hasattr(source, "labels") and source.labels()):
         raise InputError("a relative --max-drop (X%) needs labels (labels.txt or class subfolders) in the gate data")
 
@@ -443,6 +420,7 @@ def build_report(model_name, state, timings, fidelity, evaluation, original, qmo
     return {
         "model": model_name, "output": None,
         "settings": state.config.to_json(),
+        "target": state.target.to_json(),
         "timings": timings,
         "peak_rss_mb": peak_rss_mb(),
         "sizes": {"fp32_bytes": fp_bytes, "quant_bytes": q_bytes, "ratio": round(fp_bytes / max(q_bytes, 1), 3)},

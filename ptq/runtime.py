@@ -45,16 +45,6 @@ def saturates_u8s8() -> bool:
     return got < 0.9 * exact
 
 
-def reduce_range(setting: str) -> tuple[bool, str]:
-    """(whether the weight-range stage gives 8-bit weights of non-depthwise layers [-64, 63], why). ``always``
-    and ``never`` say so; ``auto`` quantizes with full 8 bits, and where this machine saturates, ``ptq.run``
-    quantizes again with ``always`` and keeps the model whose held-back outputs are closer to FP32
-    (saturation hurts where large activations meet large weights: data decide, not the weights alone)."""
-    if setting == "always":
-        return True, "reduce_range = always"
-    return False, f"reduce_range = {setting}"
-
-
 @functools.lru_cache(maxsize=None)
 def integer_min_clip() -> bool:
     """True where this onnxruntime runs Min and Clip on uint8 / int8 tensors (the exporter then bounds and

@@ -220,3 +220,20 @@ def test_histogram_ignores_non_finite_values_and_ends():
     h.update(np.array([np.inf], np.float32))  # a batch of nothing but inf
     assert (h.min, h.max, h.n, h.nonfinite) == (-2.0, 1.0, 3, 4)
     assert h.counts.sum() == 3
+
+
+def test_block_recon_without_torch_is_refused_before_any_work_naming_the_install(setup, capsys, monkeypatch):
+    import builtins
+    import ptq.run
+    model, calib, out_dir, _ = setup
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kw):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kw)
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    monkeypatch.setattr(ptq.run, "load_model", lambda *a: pytest.fail("worked before checking for torch"))
+    refused(capsys, ["run", model, "--calib", calib, "-o", out_dir / "m.onnx", "--block-recon"],
+            "pip install 'ptq[recon]'")
+    assert not list(out_dir.iterdir())

@@ -1,7 +1,7 @@
 """Block reconstruction: the torch evaluation of a graph segment against onnxruntime, the blocks found by hand,
 and the stage end to end (its integers on the grid, its result no worse than nearest rounding in onnxruntime, the
-learned activation steps written to the model, a clear error without torch)."""
-import builtins
+learned activation steps written to the model). Skipped without torch, the optional recon extra (``make
+recon``); the error without it is tested in test_bad_input."""
 import weakref
 
 import numpy as np
@@ -12,6 +12,7 @@ from builders import init, make, run, save_npy_samples
 from ptq.blocks import cut_points, find_blocks
 from ptq.data import DataSource, model_inputs
 from ptq.errors import InputError
+pytest.importorskip("torch", reason="block reconstruction needs the recon extra (make recon)")
 from ptq.export import export_qdq
 from ptq.model import Graph
 from ptq.patterns import find_layers
@@ -21,7 +22,7 @@ import ptq.stages.block_reconstruction as block_reconstruction
 from ptq.stages.block_reconstruction import dsq_round, fisher_weights, step_samples
 from ptq.torch_graph import TorchSegment, autograd_bytes, unsupported
 
-import torch  # the recon extra, which `make install` installs
+import torch  # noqa: E402
 
 
 def many_ops(rng):
@@ -230,20 +231,6 @@ def test_learned_activation_steps_are_the_ones_exported(rng, tmp_path):
         assert float(exported.const(root + "/scale")) == float(enc.scale)
 
 
-def test_without_torch_the_error_says_how_to_install_it(rng, tmp_path, monkeypatch):
-    model = residual_chain(rng)
-    calib = save_npy_samples(tmp_path / "c", rng, (3, 8, 8), 8)
-    real_import = builtins.__import__
-
-    def no_torch(name, *args, **kw):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("No module named 'torch'")
-        return real_import(name, *args, **kw)
-    monkeypatch.setattr(builtins, "__import__", no_torch)
-    with pytest.raises(InputError, match=r"pip install 'ptq\[recon\]'"):
-        quantize_state(model, calib, block_recon=True)
-
-
 @pytest.mark.parametrize("bad", [dict(qdrop=1.5), dict(recon_iters=0), dict(recon_batch=0),
                                  dict(block_recon=True, data_free=True)])
 def test_block_reconstruction_settings_are_checked(bad):
@@ -357,7 +344,8 @@ def test_the_block_starts_from_the_exported_network_with_biases_added_to_bias_fr
         return float(np.sum((run(export_qdq(state), {"x": x})[0] - want) ** 2)) / len(x)
     assert row["loss_start"] == pytest.approx(error(before), rel=1e-3)
     before.biases.clear()
-    assert abs(row["loss_start"] - error(before)) > 0.01 * row["loss_start"]  # the added biases matter (1.6 %)
+    # without the added biases the same comparison fails: they matter (0.4-1.6 % of the loss, by CPU)
+    assert row["loss_start"] != pytest.approx(error(before), rel=3e-3)
 
 
 def test_undecided_share_is_that_of_the_fractions_before_any_learning(rng, tmp_path):

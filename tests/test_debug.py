@@ -99,7 +99,8 @@ def test_auto_fix_raises_exactly_the_broken_quantizer(crafted, tmp_path, capsys)
     fix = rep["auto_fix"]
     assert fix["raised"] == ["weight:conv1"] and fix["met"]
     # auto-fix scored the gate as the gate runs the model: the same drop, and the gate passed
-    assert fix["drop_after"] == rep["evaluation"]["top1_drop"] and rep["gate"].startswith("accuracy gate passed")
+    assert fix["drop_after"] == rep["evaluation"]["top1_drop"]
+    assert rep["gate"]["line"].startswith("accuracy gate passed")
     assert rep["weights"]["conv1"]["bits"] == 16 and rep["evaluation"]["top1_drop"] <= 5
     assert "auto-fix: raised 1 of" in capsys.readouterr().out
     q = onnx.load(str(out))

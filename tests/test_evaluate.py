@@ -31,5 +31,5 @@ def test_standard_error_by_hand():
 
 def test_gate_message_carries_the_standard_error():
     result = {"top1_drop": 1.5, "top1_drop_se": 0.6, "fp32_top1": 75.0, "labelled": 1300}
-    assert check_gate(result, (2.0, False)).endswith("(its standard error is ±0.60 points on 1300 samples)")
-    assert "standard error is ±0.80% on 1300" in check_gate(result, (2.5, True))  # 0.6 / 75 of FP32 top-1
+    assert check_gate(result, (2.0, False)).endswith("(standard error ±0.60 points, on 1300 samples)")
+    assert "standard error ±0.80%, on 1300" in check_gate(result, (2.5, True))  # 0.6 / 75 of FP32 top-1

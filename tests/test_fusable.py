@@ -1,6 +1,7 @@
 """Layouts the int8 runtime can fuse: CLE's ReLU6 bound and sub-8-bit saturation left out only where exact, the
 saturating-kernel guard (reduce_range) against onnxruntime's own exact Q/DQ run, and what the report says the
 remaining choices cost."""
+import dataclasses
 import collections
 
 import numpy as np
@@ -19,13 +20,19 @@ from ptq.observe import Histogram, session
 from ptq.pipeline import Config, Context, prepare, run_steps
 from ptq.quant import QuantSpec, encoding_from_range, fake_quant
 from ptq.ranges import capped_encoding, hist_mse_loss, saturating_encoding
-from ptq.runtime import reduce_range, saturates_u8s8
+from ptq.runtime import saturates_u8s8
+from ptq.stages.weight_ranges import reduced_range
+from ptq.target import resolve_target
 from ptq.speed import costly_choices, unfused_qdq
 
 
-def state_for(model, calib, **cfg):
+def state_for(model, calib, target_changes=None, **cfg):
+    """The state after the steps; ``target_changes``: Target fields replaced (a runtime of other abilities)."""
     config = Config(holdout=0, batch_size=4, **cfg)
-    return run_steps(prepare(model, config), Context(DataSource(calib, model_inputs(model))), {})
+    state = prepare(model, config)
+    if target_changes:
+        state.target = dataclasses.replace(state.target, **target_changes)
+    return run_steps(state, Context(DataSource(calib, model_inputs(model))), {})
 
 
 def ops(model):
@@ -115,13 +122,13 @@ def test_sub_8_bit_after_relu6_needs_no_saturating_clip(rng, tmp_path, monkeypat
     outputs."""
     model = conv_bn_relu(rng, act="Clip")
     calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8, scale=3.0)
-    monkeypatch.setattr(ptq.stages.activation_ranges, "integer_min_clip", lambda: False)
-    state = state_for(model, calib, weight_bits=7, act_bits=7, fusable_tolerance=1e9)
+    state = state_for(model, calib, {"integer_min_clip": False}, weight_bits=7, act_bits=7, fusable_tolerance=1e9)
     enc = state.acts[state.placement.root["a1"]]
     assert float(np.max(enc.hi)) == pytest.approx(6.0, rel=1e-6)  # the grid [0, 6]: ReLU6 keeps values inside
     floats = export_qdq(state, integers=False)
     clipped = [n.name for n in floats.graph.node if n.op_type == "Clip" and "/Saturate" in n.name]
     assert clipped and not any(n.startswith("a1/") for n in clipped)  # the input and the output still clip
+    state.target = dataclasses.replace(state.target, integer_min_clip=True)  # the same decisions, on integers
     q = export_qdq(state)
     producer = {o: n for n in q.graph.node for o in n.output}
     a1 = [n for n in q.graph.node if n.name.startswith("a1/") and n.op_type == "Clip"]
@@ -194,9 +201,11 @@ def test_reduce_range_keeps_the_runtime_equal_to_its_exact_qdq_run(tmp_path, set
     assert agree if setting == "always" else agree != saturates_u8s8()
 
 
-def test_reduce_range_auto_keeps_the_weights_closer_to_fp32_on_this_runtime(tmp_path):
-    """``auto``: full 8 bits where onnxruntime does not saturate; where it does, the model whose outputs (as the
-    runtime computes them) are closer to FP32 — here the 7-bit one, as every product pair overflows."""
+@pytest.mark.parametrize("target", ["vnni", "avx2"])
+def test_reduce_range_auto_follows_the_target_and_the_same_target_gives_the_same_bytes(tmp_path, target):
+    """``auto``: full 8 bits for a target whose integer products are exact; 7 bits in the non-depthwise
+    convolution where its u8 × s8 pairs saturate; the report records the target, and the model does not depend on
+    which machine built it (this one, whichever kind it is)."""
     from ptq.run import quantize
     path = tmp_path / "conv.onnx"
     onnx.save(worst_case_conv(), str(path))
@@ -204,29 +213,37 @@ def test_reduce_range_auto_keeps_the_weights_closer_to_fp32_on_this_runtime(tmp_
     folder.mkdir()
     for i in range(12):
         np.save(folder / f"s{i}.npy", np.full((64, 2, 2), 1.0 + 0.02 * i, np.float32))
-    r = quantize(path, folder, holdout=4, act_range="minmax", latency_runs=0)
+    r = quantize(path, folder, holdout=4, act_range="minmax", latency_runs=0, target=target)
     rr = r.report["stages"]["reduce_range"]
-    assert rr["could"] == 1
-    if saturates_u8s8():
-        assert rr["sqnr_db_7bit"] > rr["sqnr_db_8bit"] and rr["layers"] == 1
-        assert r.fidelity["outputs"]["y"]["sqnr_db"] == pytest.approx(rr["sqnr_db_7bit"], abs=0.01)
-    else:
-        assert rr["layers"] == 0 and "sqnr_db_8bit" not in rr
+    assert rr["could"] == 1 and rr["layers"] == (1 if target == "avx2" else 0)
+    assert r.report["target"]["name"] == target and r.report["target"]["saturating_u8s8"] == (target == "avx2")
+    w = next(t for t in r.model.graph.initializer if t.name.startswith("conv/weight/quantized"))
+    assert np.abs(numpy_helper.to_array(w)).max() == (63 if target == "avx2" else 127)
+    machine = "avx2" if saturates_u8s8() else "vnni"
+    other = quantize(path, folder, holdout=4, act_range="minmax", latency_runs=0, target=machine)
+    same = other.model.SerializeToString() == r.model.SerializeToString()
+    assert same == (machine == target)
+    here = quantize(path, folder, holdout=4, act_range="minmax", latency_runs=0)  # auto: this machine
+    assert here.report["target"]["name"] == machine
+    assert here.model.SerializeToString() == other.model.SerializeToString()
+    assert any("built for target" in w for w in r.report["stages"].get("warnings", [])) == (machine != target)
 
 
-def test_reduce_range_always_spares_depthwise(rng, tmp_path):
-    assert reduce_range("auto")[0] is False and reduce_range("never")[0] is False
-    assert reduce_range("always")[0] is True
+@pytest.mark.parametrize("target", ["vnni", "avx2"])
+def test_reduce_range_always_spares_depthwise(rng, tmp_path, target):
+    vnni, avx2 = resolve_target("vnni"), resolve_target("avx2")
+    assert reduced_range("auto", vnni)[0] is False and reduced_range("never", avx2)[0] is False
+    assert reduced_range("always", vnni)[0] is True and reduced_range("auto", avx2)[0] is True
     from builders import zoo
     model = zoo(rng)
     calib = save_npy_samples(tmp_path / "calib", rng, (3, 16, 16), 4)
-    state = state_for(model, calib, reduce_range="always")
+    state = state_for(model, calib, reduce_range="always", target=target)
     from ptq.model import Graph
     from ptq.weights import layer_kind
     gr = Graph(state.model)
     kinds = {l.name: layer_kind(gr, l) for l in state.layers}
     assert "depthwise" in kinds.values()
-    dense_uint8 = saturates_u8s8()  # MatMul / Gemm keep 8 bits, stored as uint8, where the runtime saturates
+    dense_uint8 = target == "avx2"  # MatMul / Gemm keep 8 bits, stored as uint8, where the target saturates
     for name, enc in state.weights.items():
         assert enc.spec.bits == (8 if kinds[name] == "depthwise" or (kinds[name] == "dense" and dense_uint8) else 7)
     assert state.report["reduce_range"]["layers"] == sum(k == "conv" or (k == "dense" and not dense_uint8)
@@ -235,21 +252,25 @@ def test_reduce_range_always_spares_depthwise(rng, tmp_path):
         Config(reduce_range="sometimes").validate()
 
 
-def test_dense_weights_stored_as_uint8_keep_the_runtime_exact(tmp_path):
-    """A MatMul whose every product pair would overflow int16: where this machine saturates, its 8-bit weights
-    are written as uint8 + 128 (the same values) and the fused kernel equals onnxruntime's exact Q/DQ run."""
+@pytest.mark.parametrize("target", ["vnni", "avx2"])
+def test_dense_weights_stored_as_uint8_keep_the_runtime_exact(tmp_path, target):
+    """A MatMul whose every product pair would overflow int16: for a saturating target its 8-bit weights are
+    written as uint8 + 128 (the same values), and the fused kernel then equals onnxruntime's exact Q/DQ run on any
+    machine; int8 weights equal it where this machine does not saturate."""
     model = make([helper.make_node("MatMul", ["x", "w"], ["y"], "matmul")], [("x", [None, 64])], [("y", [None, 8])],
                  [init("w", np.ones((64, 8), np.float32))])
     folder = tmp_path / "calib"
     folder.mkdir()
     for i in range(4):
         np.save(folder / f"s{i}.npy", np.full(64, 1.0 + 0.1 * i, np.float32))
-    state = state_for(model, folder, act_range="minmax")
+    state = state_for(model, folder, act_range="minmax", target=target)
     q = export_qdq(state)
     w = next(t for t in q.graph.initializer if t.name.startswith("matmul/weight/quantized"))
-    assert w.data_type == (TensorProto.UINT8 if saturates_u8s8() else TensorProto.INT8)
+    assert w.data_type == (TensorProto.UINT8 if target == "avx2" else TensorProto.INT8)
     assert state.weights["matmul"].spec.bits == 8
     x = np.full((2, 64), 1.3, np.float32)
+    if target == "vnni" and saturates_u8s8():
+        return  # int8 weights on a saturating machine: the case the avx2 target exists for
     np.testing.assert_allclose(session(q).run(None, {"x": x})[0], session(q, exact_qdq=True).run(None, {"x": x})[0],
                                rtol=0.02)
 
@@ -449,14 +470,14 @@ def test_concat_inputs_read_by_the_concat_alone_take_its_grid(rng, tmp_path, mon
     the exported model, QLinearConcat copying, and the Concat's quantized output no farther from FP32."""
     calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 16)
     model = concat_model(rng, 0.2)
-    state = state_for(model, calib)
+    state = state_for(model, calib, reduce_range="never")  # 8-bit weights on any target: the grids alone differ
     root = state.placement.root
     facts = state.report["concat_grids"]["cat"]
     assert facts[root["b"]]["error_ratio"] > 2 and not facts[root["b"]]["other_readers"]
     assert state.acts[root["a"]] is state.acts[root["cat"]] is state.acts[root["b"]]
     shared = export_qdq(state)
     monkeypatch.setattr(ptq.stages.activation_ranges, "share_concat_grids", lambda *a: {})
-    apart = export_qdq(state_for(model, calib))
+    apart = export_qdq(state_for(model, calib, reduce_range="never"))
     inits = {t.name: numpy_helper.to_array(t) for t in shared.graph.initializer}
     assert len({float(inits[n.input[1]]) for n in shared.graph.node if n.op_type == "QuantizeLinear"}) == 3
     assert "Concat" not in unfused_qdq(shared)["beside"]
@@ -484,10 +505,10 @@ def test_concat_inputs_with_other_readers_share_only_within_the_tolerance(rng, t
     assert apart.acts[apart.placement.root["b"]] is not apart.acts[apart.placement.root["cat"]]
 
 
-def test_the_reduce_range_requantization_keeps_what_ptq_chose_and_why(tmp_path, monkeypatch):
-    """Where the 7-bit model is kept (forced here as on a saturating CPU), its report still says which settings
-    ptq chose (AdaRound at 4 bits) and why."""
-    import ptq.run
+def test_a_layer_raised_to_8_bits_gets_7_on_a_saturating_target_and_the_choices_stay(tmp_path):
+    """At 4-bit weights a recipe raises the convolution to 8 bits: on the avx2 target it is written in [-64, 63]
+    (the target's saturation, not a second quantization), and the report still says which settings ptq chose
+    (AdaRound at 4 bits) and why."""
     from ptq.run import quantize
     path = tmp_path / "conv.onnx"
     onnx.save(worst_case_conv(), str(path))
@@ -495,11 +516,8 @@ def test_the_reduce_range_requantization_keeps_what_ptq_chose_and_why(tmp_path, 
     folder.mkdir()
     for i in range(12):
         np.save(folder / f"s{i}.npy", np.full((64, 2, 2), 1.0 + 0.02 * i, np.float32))
-    monkeypatch.setattr(ptq.run, "saturates_u8s8", lambda: True)
-    monkeypatch.setattr(ptq.run, "_closeness", lambda original, model, held, batch: float(  # 7 bits closer
-        any(t.name.endswith("weight/quantized") and numpy_helper.to_array(t).max() <= 63
-            for t in model.graph.initializer)))
     r = quantize(path, folder, holdout=4, act_range="minmax", latency_runs=0, weight_bits=4, adaround_iters=5,
-                 overrides={"conv": {"bits": 8}})
-    assert r.report["stages"]["reduce_range"]["layers"] == 1  # the 7-bit model was kept
+                 overrides={"conv": {"bits": 8}}, target="avx2")
+    assert r.report["stages"]["reduce_range"]["layers"] == 1
+    assert r.report["weights"]["conv"]["bits"] == 7
     assert "adaround" in r.report["stages"]["choices"]

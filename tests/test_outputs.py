@@ -117,8 +117,10 @@ def test_quiet_prints_nothing_and_eval_json_holds_the_gate(setup, capsys):
     code = main(["eval", str(model), str(out / "m.onnx"), "--data", str(calib), "--json", "--max-drop", "0"])
     stdout, err = capsys.readouterr()
     result = json.loads(stdout)  # the whole of stdout is one JSON document
-    assert code == 3 and result["gate_passed"] is False and result["gate"].startswith("accuracy gate failed")
-    assert err.strip() == "ptq: " + result["gate"]
+    gate = result["gate"]
+    assert code == 3 and gate["passed"] is False and gate["line"].startswith("accuracy gate failed")
+    assert gate["drop"] > gate["allowed"] == 0 and gate["samples"] == result["samples"] and gate["unit"] == "points"
+    assert err.strip() == "ptq: " + gate["line"]
 
 
 def test_metric_module_in_the_current_folder(setup, capsys, monkeypatch):
@@ -130,7 +132,7 @@ def test_metric_module_in_the_current_folder(setup, capsys, monkeypatch):
     assert main(args + ["--metric", "localmetric:score"]) == 0, capsys.readouterr().err
     assert main(args + ["--metric", str(out.parent / "localmetric.py") + ":score"]) == 0
     report = json.loads((out / "m.report.json").read_text())
-    assert report["gate"].startswith("accuracy gate passed: metric drop 0.00")
+    assert report["gate"]["line"].startswith("accuracy gate passed: metric drop 0.00")
 
 
 def test_gate_with_a_user_metric_on_a_model_without_class_scores(rng, tmp_path, capsys):
@@ -145,7 +147,7 @@ def test_gate_with_a_user_metric_on_a_model_without_class_scores(rng, tmp_path, 
     args = ["run", str(model), "--calib", str(calib), "-o", str(tmp_path / "q.onnx"), "--metric", f"{metric}:cos"]
     assert main(args + ["--max-drop", "1"]) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "q.report.json").read_text())
-    assert report["gate"].startswith("accuracy gate passed: metric drop")
+    assert report["gate"]["line"].startswith("accuracy gate passed: metric drop")
     assert main(args + ["--max-drop", "0", "--weight-bits", "2", "--act-bits", "2", "--no-adaround",
                         "--no-block-recon"]) == 3
     assert "accuracy gate failed: metric drop" in capsys.readouterr().err

@@ -10,7 +10,7 @@ A quantizer right after a fused Relu / Clip is kept inside the activation's boun
 the activation (its output range already is the quantizer's). After CLE, a ReLU6 is Relu + Min(·, b_c) with a
 per-channel bound; its quantizer's top is held within the smallest b_c where that costs at most
 ``fusable_tolerance`` more MSE (``ranges.capped_encoding``): the exporter then leaves the Min out.
-Where this onnxruntime has no integer Clip (``runtime.integer_min_clip``; the exporter otherwise saturates on the
+Where the target has no integer Clip (``Target.integer_min_clip``; the exporter otherwise saturates on the
 integers, after the fused layer), an activation under 8 bits after ReLU6 gets the grid [0, 6] where that costs at
 most ``fusable_tolerance`` (``ranges.saturating_encoding``): its values cannot leave the n-bit range, so it needs no
 saturating float Clip.
@@ -36,7 +36,6 @@ from ..model import Graph
 from ..observe import Histogram, RowSample, observe
 from ..patterns import activation_bounds, float_activation, head_layers, head_outputs
 from ..quant import Encoding, QuantSpec
-from ..runtime import integer_min_clip
 from ..ranges import (activation_encoding, bn_encoding, capped_encoding, encoding_mse, hist_mse_loss, mse_ratio,
                       saturating_encoding, xent_encoding)
 from .weight_ranges import weight_quantized
@@ -108,7 +107,7 @@ def set_activation_ranges(state, ctx):
             bound_report[r] = facts
             enc = fit_inside(enc, (0.0, channel_bound[r]) if facts["min_fused"] else None)
         lo_b, hi_b = bounds.get(r, (-np.inf, np.inf))
-        if spec.bits < 8 and cfg.saturate_low_bits and lo_b == 0.0 and not integer_min_clip():
+        if spec.bits < 8 and cfg.saturate_low_bits and lo_b == 0.0 and not state.target.integer_min_clip:
             enc = saturating_encoding(hists[r], enc, hi_b, cfg.fusable_tolerance)
         state.acts[r] = fit_inside(enc, bounds.get(r))
     if bound_report:

@@ -2,10 +2,11 @@
 per tensor, symmetric (default) or asymmetric, by min-max or MSE (see ptq.ranges.weight_encoding); with
 ``ends_8bit`` the weights of the network's first and head layers (``ptq.patterns.end_layers``) keep at least 8
 bits, as their inputs do (ptq.stages.activation_ranges). Where
-this machine's onnxruntime adds u8 × s8 products in saturating int16 (``ptq.runtime``) and ``reduce_range`` is not
+the target's runtime adds u8 × s8 products in saturating int16 (``ptq.target``) and ``reduce_range`` is not
 ``never``, the 8-bit weights of MatMul / Gemm layers are marked for uint8 storage (q + 128, zero point 128: the
-same values, computed by the u8 × u8 kernels, which do not saturate); with ``reduce_range = always`` the 8-bit
-weights of the convolutions (not depthwise) get 7 bits, [-64, 63], stored in int8."""
+same values, computed by the u8 × u8 kernels, which do not saturate) and the 8-bit weights of the convolutions (not
+depthwise) get 7 bits, [-64, 63], stored in int8 (so every pair of products, 255 · 64 · 2 = 32640, fits in int16);
+``reduce_range = always`` gives them 7 bits on any target. Depthwise convolutions accumulate in int32."""
 from __future__ import annotations
 
 import onnx
@@ -13,7 +14,6 @@ import onnx
 from ..model import Graph, set_initializer, set_layer_bias
 from ..patterns import end_layers
 from ..quant import QuantSpec, dequantize, fake_quant
-from ..runtime import reduce_range, saturates_u8s8
 from ..weights import layer_kind
 
 
@@ -21,8 +21,8 @@ def set_weight_ranges(state, ctx=None):
     from ..ranges import weight_encoding
     cfg = state.config
     gr = Graph(state.model)
-    reduce, why = reduce_range(cfg.reduce_range)
-    dense_uint8 = cfg.reduce_range != "never" and saturates_u8s8()
+    reduce, why = reduced_range(cfg.reduce_range, state.target)
+    dense_uint8 = dense_weights_uint8(cfg, state.target)
     reduced, could = [], 0
     ends = end_layers(state.model, state.layers) if cfg.ends_8bit else set()
     for layer in state.layers:
@@ -42,6 +42,24 @@ def set_weight_ranges(state, ctx=None):
         state.weights[layer.name] = weight_encoding(gr.const(layer.weight), spec, o.get("range", cfg.weight_range))
     state.report["reduce_range"] = {"layers": len(reduced), "could": could, "why": why, "dense_uint8": dense_uint8}
     return state
+
+
+def dense_weights_uint8(cfg, target) -> bool:
+    """Whether 8-bit symmetric MatMul / Gemm weights are stored as uint8 (q + 128): on a saturating target,
+    unless ``reduce_range = never``."""
+    return cfg.reduce_range != "never" and target.saturating_u8s8
+
+
+def reduced_range(setting: str, target) -> tuple[bool, str]:
+    """(whether 8-bit weights of non-depthwise convolutions get 7 bits, why)."""
+    if setting == "always":
+        return True, "reduce_range = always"
+    if setting == "auto" and target.saturating_u8s8:
+        return True, (f"target {target.name}: u8 × s8 pairs saturate in int16, so 8-bit weights of non-depthwise "
+                      "convolutions are written in [-64, 63] (EfficientNet-Lite0 W8A8 per-channel on such a CPU: "
+                      "drop 3.46 -> -0.16 points; docs/FINDINGS.md); --reduce-range never keeps 8 bits, "
+                      "--target vnni builds for a runtime without saturation")
+    return False, f"reduce_range = {setting}, target {target.name}"
 
 
 def weight_quantized(state, layers=None, weights: bool = True) -> onnx.ModelProto:
