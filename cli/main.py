@@ -330,16 +330,18 @@ def eval_cmd(fp32_model, quant_model, data, batch_size, limit, max_drop, as_json
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the table here (default: stdout).")
 def summary(folder, output):
-    """Summarize every *.report.json in FOLDER as one Markdown table."""
+    """Summarize every *.report.json in FOLDER as one Markdown table (with the exit status of each run where a
+    batch job left it in <output stem>.exit)."""
     from pathlib import Path
 
     from ptq.outputs import OutputSet
     from ptq.report import summary_table
 
     files = sorted(Path(folder).glob("*.report.json"))
-    if not files:
+    exits = sorted(Path(folder).glob("*.exit"))
+    if not files and not exits:
         raise InputError(f"{folder}: no *.report.json files")
-    table = summary_table(files)
+    table = summary_table(files, exits)
     if output:
         with OutputSet([output]) as out:
             out.stage_text(output, table)

@@ -248,17 +248,42 @@ def _drop(ev: dict) -> str:
     return f"{ev['top1_drop']} ± {ev['top1_drop_se']}" if "top1_drop_se" in ev else str(ev["top1_drop"])
 
 
-def summary_table(report_files: list[Path]) -> str:
-    """One Markdown row per run report: the batch job's overview."""
+def summary_table(report_files: list[Path], exit_files: list[Path] = ()) -> str:
+    """One Markdown row per run: the batch job's overview. ``exit_files``: ``<output stem>.exit`` files holding a
+    run's exit status (the Makefile's batch rule writes them); a run that wrote no report gets a row of its own.
+    The result column: the gate's verdict, outputs under the fidelity bounds, or the exit status."""
     rows = ["| model | output | W/A bits | granularity | size ratio | time s | output SQNR dB | "
-            "top-1 agreement % | top-1 drop |", "|---|---|---|---|---|---|---|---|---|"]
+            "top-1 agreement % | top-1 drop | result |", "|---|---|---|---|---|---|---|---|---|---|"]
+    status = {}
+    for f in exit_files:
+        try:
+            status[Path(f).with_suffix("")] = int(Path(f).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            status[Path(f).with_suffix("")] = None
+    reported = set()
     for f in sorted(report_files):
         r = json.loads(Path(f).read_text())
+        stem = Path(str(f)[: -len(".report.json")])
+        reported.add(stem)
         s = r["settings"]
         ev = r.get("evaluation") or r.get("fidelity") or {}
         sqnr = ", ".join(str(v["sqnr_db"]) for v in ev.get("outputs", {}).values()) or "—"
+        gate = r.get("gate")
+        if isinstance(gate, dict):
+            result = "gate passed" if gate["passed"] else "**gate failed**"
+        elif r.get("fidelity_flags"):
+            result = f"{len(r['fidelity_flags'])} under the fidelity bounds"
+        else:
+            result = "ok"
+        code = status.get(stem)
+        if code:
+            result += f" (exit {code})"
         rows.append(f"| {Path(r['model']).name} | {Path(r['output']).name} | {s['weight_bits']}/{s['act_bits']} "
                     f"| {'channel' if s['per_channel'] else 'tensor'} | {r['sizes']['ratio']} "
                     f"| {r['timings']['total']} | {sqnr} | {ev.get('top1_agreement', '—')} "
-                    f"| {_drop(ev)} |")
+                    f"| {_drop(ev)} | {result} |")
+    for stem, code in sorted(status.items()):
+        if stem not in reported:
+            rows.append(f"| — | {stem.name}.onnx | — | — | — | — | — | — | — | **failed, nothing written** "
+                        f"(exit {code}) |")
     return "\n".join(rows) + "\n"

@@ -24,6 +24,8 @@ from ptq.torch_graph import TorchSegment, autograd_bytes, unsupported
 
 import torch  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end (make test-fast leaves it out)
+
 
 def many_ops(rng):
     """Conv (asymmetric pads, stride 2, groups) → HardSwish → Clip → Add → GlobalAveragePool → Reshape by a

@@ -28,6 +28,7 @@ def assert_rows_match_brute_force(w, enc):
         assert got <= brute * 1.01 + 1e-9
 
 
+@pytest.mark.slow  # a brute-force search
 def test_weight_mse_matches_brute_force_per_channel(rng):
     w = rng.standard_t(3, (5, 200)).astype(np.float32)  # heavy tails: clipping pays
     enc = weight_encoding(w, W_SPEC, "mse")
@@ -111,6 +112,7 @@ def test_bn_range_by_hand():
     assert float(enc.lo) == 0.0 and float(enc.hi) == pytest.approx(4, abs=0.02)
 
 
+@pytest.mark.slow  # a brute-force search
 def test_asymmetric_weight_mse_matches_brute_force_per_channel(rng):
     """Asymmetric grids: both ends searched; against every (lo, hi) pair of a fine 2-D grid, per channel. Zero
     is on the grid, and a one-signed channel's min-max grid starts at q_min."""
@@ -138,6 +140,7 @@ def enc_rows(enc, start, stop):
     return Encoding(enc.spec, enc.scale[start:stop], enc.zero_point[start:stop])
 
 
+@pytest.mark.slow  # a brute-force search
 def test_mse_through_silu_matches_a_brute_force_over_ranges(rng):
     """The range chosen for a tensor that only SiLU reads minimizes Σ (silu(x) − silu(Q(x)))², not Σ (x − Q(x))²:
     checked against a brute force over (lo, hi) pairs, and it spends less of the grid on the negative tail that
