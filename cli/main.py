@@ -168,6 +168,8 @@ def build_settings(recipe, eval_dir, eval_resize, eval_crop, kw):
     except TypeError as e:
         raise InputError(f"bad settings: {e}") from None
     eval_pre = None
+    if not eval_dir and (eval_resize is not None or eval_crop is not None):
+        raise InputError("--eval-resize / --eval-crop have no effect without --eval DIR")
     if eval_dir and (eval_resize is not None or eval_crop is not None):
         from ptq.data import Preprocess
         base = pre or Preprocess()
@@ -256,6 +258,8 @@ def _print_run(result, paths):
     s = r["sizes"]
     for w in r["stages"].get("warnings", []) + r.get("fidelity_flags", []):
         click.echo(f"ptq: warning: {w}", err=True)
+    if r.get("calibration"):
+        click.echo(r["calibration"]["line"])
     click.echo(f"wrote {paths[0]} ({s['quant_bytes'] / 1e6:.2f} MB, {s['ratio']:.2f}x smaller than FP32) "
                f"in {r['timings']['total']:.1f} s")
     click.echo(f"report: {paths[2]} ({paths[3].name}, {paths[1].name})")

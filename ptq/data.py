@@ -314,7 +314,8 @@ def _fit(path: Path, info: InputInfo, x: np.ndarray) -> np.ndarray:
         x = np.expand_dims(x, info.batch_axis)
     elif not (x.ndim == rank and x.shape[info.batch_axis] == 1):
         raise InputError(f"{path}: sample for input '{info.name}' has shape {list(x.shape)}, the model expects "
-                         f"{shape_str(info.shape)} (one sample per file, batch on axis {info.batch_axis})")
+                         f"{shape_str(info.shape)} (one sample per file, batch on axis {info.batch_axis}; where "
+                         "each file is one complete feed, give the folder as --calib-feeds DIR)")
     for k, (d, want) in enumerate(zip(x.shape, info.shape)):
         if k != info.batch_axis and want is not None and d != want:
             raise InputError(f"{path}: sample for input '{info.name}' has shape {list(x.shape)}, the model "
@@ -323,11 +324,15 @@ def _fit(path: Path, info: InputInfo, x: np.ndarray) -> np.ndarray:
 
 
 def checked(where, info: InputInfo, x: np.ndarray) -> np.ndarray:
-    """``x`` in the input's dtype; InputError where its kind does not fit (ints may feed a float input) or a float
-    value is inf / nan."""
+    """``x`` in the input's dtype; InputError where its kind does not fit (integers for a float input are refused:
+    they are most often unnormalized pixels, 0-255) or a float value is inf / nan."""
     want = np.dtype(info.dtype).kind
-    if x.dtype.kind != want and not (want == "f" and x.dtype.kind in "iu"):
-        raise InputError(f"{where}: input '{info.name}' is {x.dtype}, the model expects {np.dtype(info.dtype).name}")
+    if x.dtype.kind != want:
+        hint = (" (save the preprocessed samples as float, e.g. x.astype(np.float32) / 255 and the model's "
+                "normalization, or give an image folder with --preset / --mean / --std)"
+                if want == "f" and x.dtype.kind in "iub" else "")
+        raise InputError(f"{where}: input '{info.name}' is {x.dtype}, the model expects "
+                         f"{np.dtype(info.dtype).name}{hint}")
     x = x.astype(info.dtype, copy=False)
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         bad = int(x.size - np.count_nonzero(np.isfinite(x)))

@@ -213,9 +213,10 @@ def debug(model_path, calib, output=None, config=None, preprocess=None, eval_dir
     from .model import load_model
     from .observe import check_runnable
     from .outputs import OutputSet
-    from .pipeline import Config, Context, prepare, run_steps
+    from .pipeline import Config, Context, check_effective, prepare, run_steps
     from .threads import use_threads
     config = (config or Config()).validate()
+    check_effective(config)
     use_threads(config.threads)
     preprocess = preprocess or Preprocess()
     output = Path(output) if output else Path(f"{Path(model_path).stem}.debug.html")

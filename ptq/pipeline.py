@@ -278,6 +278,33 @@ class Config:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+# settings that only act with another: (settings, whether they act, the option that makes them act)
+DEPENDENT = [
+    (("percentile",), lambda c: "percentile" in (c.act_range, c.logits_range)
+     or any(o.get("range") == "percentile" for o in c.overrides.values()), "--act-range percentile"),
+    (("input_range",), lambda c: c.data_free, "--data-free"),
+    (("adaround_iters", "adaround_batch", "adaround_lambda", "adaround_polish", "adaround_rows", "adaround_bias",
+      "adaround_scale_search"), lambda c: c.adaround, "--adaround (on by default for weights of 4 bits or fewer)"),
+    (("recon_iters", "recon_batch", "recon_block_layers", "recon_crop", "qdrop", "lsq", "recon_fisher", "recon_dsq"),
+     lambda c: c.block_recon, "--block-recon"),
+    (("easyquant_steps", "easyquant_range", "easyquant_rows", "easyquant_rounds", "easyquant_passes"),
+     lambda c: c.easyquant, "--easyquant"),
+]
+
+
+def check_effective(config: Config) -> None:
+    """Refuse (InputError) a setting given away from its default that has no effect with the others: a
+    ``--percentile`` without a percentile range, ``--input-range`` with calibration data, AdaRound's, block
+    reconstruction's or EasyQuant's settings with the stage off. ``config`` is validated (choices resolved)."""
+    defaults = _defaults()
+    for names, acts, needs in DEPENDENT:
+        given = [n for n in names if getattr(config, n) != defaults[n]
+                 and not (isinstance(defaults[n], tuple) and tuple(getattr(config, n)) == defaults[n])]
+        if given and not acts(config):
+            flags = ", ".join("--" + n.replace("_", "-") for n in given)
+            raise InputError(f"{flags} has no effect without {needs}")
+
+
 # settings whose default is None
 OPTIONAL_TYPES = {"adaround": bool, "adaround_inputs": str, "block_recon": bool, "cle": bool, "ends_8bit": bool,
                   "weight_symmetric": bool, "bias_correction": str, "input_range": tuple, "steps": list}

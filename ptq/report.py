@@ -2,6 +2,7 @@
 people (``<out>.report.md``, ``<out>.report.html``), rendered from the same sections."""
 from __future__ import annotations
 
+import collections
 import json
 import math
 from dataclasses import dataclass, field
@@ -67,14 +68,37 @@ def _sqnr_chart(title: str, table: dict) -> list[str]:
     return [bars_svg(title, [k for _, k in vals], [v for v, _ in vals])] if vals else []
 
 
+def _tally(values) -> str:
+    """'8' for one value; '7 (33), 8 (17)' where they differ (count of each, most common first)."""
+    counts = collections.Counter(values)
+    if len(counts) <= 1:
+        return str(next(iter(counts), "—"))
+    return ", ".join(f"{v} ({n})" for v, n in counts.most_common())
+
+
+def written_summary(r: dict) -> str:
+    """What the model holds, read from its quantizers (not the settings): bits, grids and the range methods that
+    ran, with counts where layers differ (reduce-range, raised layers, overrides, data-free ranges)."""
+    s = r["settings"]
+    w, a = list(r.get("weights", {}).values()), list(r.get("activations", {}).values())
+    methods = [str(q.get("method", "?")).split(" ")[0] for q in a]
+    return (f"Weights ({len(w)} layers): bits {_tally(q['bits'] for q in w)}; "
+            f"{'per-channel' if s['per_channel'] else 'per-tensor'}; grid "
+            f"{_tally('symmetric' if q['symmetric'] else 'asymmetric' for q in w)}; range `{s['weight_range']}`. "
+            f"Activations ({len(a)} quantizers): bits {_tally(q['bits'] for q in a)}; grid "
+            f"{_tally('symmetric' if q['symmetric'] else 'asymmetric' for q in a)}; range method "
+            f"{_tally(methods)}")
+
+
 def sections(r: dict) -> list[Section]:
     s = r["settings"]
+    target = r.get("target")
     out = [Section("Summary", text=[
         f"Model: `{r['model']}` → `{r.get('output')}`",
-        f"Weights: {s['weight_bits']}-bit {'per-channel' if s['per_channel'] else 'per-tensor'} "
-        f"{'symmetric' if s['weight_symmetric'] else 'asymmetric'}, range `{s['weight_range']}`; activations: "
-        f"{s['act_bits']}-bit {'symmetric' if s['act_symmetric'] else 'asymmetric'}, range `{s['act_range']}` "
-        f"(logits `{s['logits_range']}`)",
+        written_summary(r)] + ([r["calibration"]["line"].capitalize()] if r.get("calibration") else []) + ([
+            f"Target: {target['name']} ("
+            f"{'u8 × s8 pairs saturate in int16' if target['saturating_u8s8'] else 'exact integer products'}; "
+            f"onnxruntime {target['onnxruntime']}, {target['provider']})"] if target else []) + [
         f"Steps: {', '.join(s['steps'])}"] + [
         f"Chosen by ptq: `{k}` {why}" for k, why in ((r.get("stages") or {}).get("choices") or {}).items()] + [
         f"Sizes: FP32 {r['sizes']['fp32_bytes'] / 1e6:.2f} MB → quantized {r['sizes']['quant_bytes'] / 1e6:.2f} MB "

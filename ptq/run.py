@@ -26,7 +26,7 @@ from .model import load_model
 from .observe import check_runnable
 from .outputs import OutputSet
 from .patterns import class_score_outputs
-from .pipeline import Config, Context, prepare, run_steps
+from .pipeline import Config, Context, check_effective, prepare, run_steps
 from .speed import measure_speed, slowest_ops
 from .target import this_machine
 from .threads import use_threads
@@ -76,7 +76,9 @@ def make_config(config: Config | None = None, **settings) -> Config:
     base = {f.name: getattr(config, f.name) for f in fields(Config)} if config else {}
     out = Config(**{**base, **settings})
     out.choices = {k: why for k, why in getattr(config, "choices", {}).items() if k not in settings}
-    return out.validate()
+    out.validate()
+    check_effective(out)
+    return out
 
 
 def quantize(model, calib=None, *, config: Config | None = None, preprocess: Preprocess | None = None,
@@ -210,12 +212,24 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
     report = build_report(name, state, timings, fidelity, evaluation, original, qmodel)
     report["fidelity_flags"] = flags
     report["speed"] = speed
+    if calib_src is not None:
+        report["calibration"] = calibration_counts(config, calib_src, held)
     if fixed is not None:
         report["auto_fix"] = fixed
     if verdict is not None:
         report["gate"] = verdict
     return Result(qmodel, report, fidelity, evaluation, verdict and verdict["line"],
                   verdict and verdict["passed"], flags)
+
+
+def calibration_counts(config: Config, calib_src, held) -> dict:
+    """How many samples calibrated and how many were held back, against the --calib-size asked, with one line
+    that says so (the folder may hold fewer)."""
+    used, back = len(calib_src), len(held) if held is not None else 0
+    line = f"calibration: {used} samples, {back} more held back for fidelity"
+    if used < config.calib_size:
+        line += f" (--calib-size {config.calib_size}: the data hold {used + back})"
+    return {"asked": config.calib_size, "used": used, "held_back": back, "line": line}
 
 
 def _closeness(original, model, held, batch_size: int) -> float:

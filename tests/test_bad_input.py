@@ -125,6 +125,11 @@ CASES = {
     "easyquant_conv1d": "EasyQuant: layer 'conv1d' is a 1-D convolution",
     "cle_after_weight_ranges": "must come before every other step",
     "layers_only_inside_if": "its 2 such ops are inside If / Loop / Scan bodies",
+    "integer_pixels": "is int64, the model expects float32 (save the preprocessed samples as float",
+    "percentile_without_percentile_range": "--percentile has no effect without --act-range percentile",
+    "input_range_with_calibration_data": "--input-range has no effect without --data-free",
+    "adaround_iters_at_8_bits": "--adaround-iters has no effect without --adaround",
+    "eval_resize_without_eval": "--eval-resize / --eval-crop have no effect without --eval DIR",
 }
 
 
@@ -189,6 +194,17 @@ def test_run_refuses_bad_input_and_writes_nothing(setup, capsys, rng, case):
         onnx.save(if_model(rng), str(model))
     elif case == "cle_after_weight_ranges":
         args += ["--recipe", write_recipe(tmp, 'steps = ["weight_ranges", "cle", "activation_ranges"]\n')]
+    elif case == "integer_pixels":
+        for f in calib.glob("*.npy"):
+            np.save(f, np.clip(np.load(f) * 64 + 128, 0, 255).astype(np.int64))
+    elif case == "percentile_without_percentile_range":
+        args += ["--percentile", "99.9"]
+    elif case == "input_range_with_calibration_data":
+        args += ["--input-range", "-1,1"]
+    elif case == "adaround_iters_at_8_bits":
+        args += ["--adaround-iters", "100"]
+    elif case == "eval_resize_without_eval":
+        args += ["--eval-resize", "20"]
     original = model.read_bytes()
     line = refused(capsys, args, *(locals().get("fragments") or [CASES[case]]))
     assert line.startswith("ptq: error: ")

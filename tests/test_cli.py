@@ -56,6 +56,30 @@ def test_run_writes_model_and_reports(setup, capsys):
     assert leftovers == []
 
 
+def test_the_report_states_what_was_written_and_how_many_samples_calibrated(setup, capsys):
+    """The avx2 target writes the two full convolutions at 7 bits and the depthwise one and the Gemm at 8: the
+    summary counts both; --calib-size beyond the data says how many were used; data-free ranges name their method
+    (BN statistics), not the --act-range setting."""
+    model, calib, tmp = setup
+    code, stdout, err = call(capsys, "run", model, "--calib", calib, "-o", tmp / "a.onnx", "--target", "avx2",
+                             "--calib-size", 1000)
+    assert code == 0, err
+    report = json.loads((tmp / "a.report.json").read_text())
+    bits = sorted(w["bits"] for w in report["weights"].values())
+    assert bits.count(7) >= 1 and bits.count(8) >= 1
+    md = (tmp / "a.report.md").read_text()
+    assert f"Weights ({len(bits)} layers): bits 8 ({bits.count(8)}), 7 ({bits.count(7)})" in md \
+        or f"Weights ({len(bits)} layers): bits 7 ({bits.count(7)}), 8 ({bits.count(8)})" in md
+    assert "calibration: 12 samples, 4 more held back for fidelity (--calib-size 1000: the data hold 16)" in stdout
+    assert report["calibration"] == {"asked": 1000, "used": 12, "held_back": 4, "line": stdout.splitlines()[0]}
+    code, _, err = call(capsys, "run", model, "--data-free", "--input-range", "-1,1", "-o", tmp / "d.onnx")
+    assert code == 0, err
+    methods = {a["method"].split(" ")[0] for a in json.loads((tmp / "d.report.json").read_text())
+               ["activations"].values()}
+    assert "mse" not in methods and "range method" in (tmp / "d.report.md").read_text()
+    assert "mse" not in (tmp / "d.report.md").read_text().split("range method")[1].split("\n")[0]
+
+
 @pytest.mark.parametrize("case", ["missing", "not_onnx", "empty_calib", "bad_shape", "bad_dtype", "unwritable",
                                   "bad_option", "no_calib", "bad_recipe", "missing_npz_key", "easyquant_asymmetric"])
 def test_bad_input_gives_one_line_exit_2_and_no_file(setup, capsys, case, rng):
