@@ -13,6 +13,7 @@ inputs cached, so each toggle costs one run of one model.
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -213,7 +214,9 @@ def debug(model_path, calib, output=None, config=None, preprocess=None, eval_dir
     from .model import load_model
     from .observe import check_runnable
     from .outputs import OutputSet
-    from .pipeline import Config, Context, check_effective, prepare, run_steps
+    from .opset import upgraded
+    from .pipeline import Config, check_effective
+    from .run import build
     from .threads import use_threads
     config = (config or Config()).validate()
     check_effective(config)
@@ -229,7 +232,8 @@ def debug(model_path, calib, output=None, config=None, preprocess=None, eval_dir
     calib = calibration_input(inputs, calib, calib_feeds, calib_reader)
     if calib is None:
         raise InputError("--calib DIR is required (or --calib-feeds DIR, --calib-reader module:function)")
-    calib_src, _ = calibration_sources(calib, inputs, preprocess, config)
+    calib_src, held = calibration_sources(calib, inputs, preprocess, config)
+    original, converted = upgraded(original, calib_src, config.batch_size)
     if eval_dir:
         data = DataSource(eval_dir, inputs, eval_preprocess or preprocess, size=config.debug_samples,
                           seed=config.seed)
@@ -238,7 +242,7 @@ def debug(model_path, calib, output=None, config=None, preprocess=None, eval_dir
         full = DataSource(calib, inputs, preprocess) if isinstance(calib, (str, Path)) else calib
         data = full.subset(choose(full.files, config.debug_samples, config.seed + 7))
         data_note = f"{len(data)} samples of the calibration data (no --eval given)"
-    state = run_steps(prepare(original, config), Context(calib_src, progress), timings)
+    state, qmodel = build(original, config, calib_src, held, progress, timings)  # what ptq run writes
     timings["quantize"] = round(time.perf_counter() - t0, 3)
 
     def timed(name, fn, *a):
@@ -247,9 +251,11 @@ def debug(model_path, calib, output=None, config=None, preprocess=None, eval_dir
         timings[name] = round(time.perf_counter() - t, 3)
         return r
     scorer = timed("fp32_reference", Scorer, original, data, config.batch_size, metric, progress)
-    report = {"model": str(model_path), "settings": config.to_json(), "data": data_note, "metric": scorer.kind,
-              "fp32_score": scorer.reference[0]}
-    report["quantized"] = {k: v for k, v in timed("full_model", scorer.score, export_qdq(state), False).items()
+    report = {"model": str(model_path), "settings": state.config.to_json(), "data": data_note,
+              "metric": scorer.kind, "fp32_score": scorer.reference[0],
+              "choices": (state.report.get("choices") or {}) | ({"opset": converted} if converted else {}),
+              "quantized_sha256": hashlib.sha256(qmodel.SerializeToString()).hexdigest()}
+    report["quantized"] = {k: v for k, v in timed("full_model", scorer.score, qmodel, False).items()
                            if k in ("score", "drop", "metric", "top1_agreement", "outputs")}
     report["fp32_sanity"] = timed("fp32_sanity", fp32_sanity, original, state, scorer)
     report["weights_vs_activations"] = timed("weights_vs_activations", weights_vs_activations, state, scorer)

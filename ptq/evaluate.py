@@ -8,6 +8,7 @@ over m labelled samples, b of them +1 and c of them −1, the drop is 100·(b �
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import norm
 from tqdm import tqdm
 
 from .errors import AccuracyGateError, InputError
@@ -17,6 +18,7 @@ from .patterns import class_score_outputs
 
 
 MAX_SLICES = 4096  # per-slice fidelity for outputs with at most this many slices on axis 1
+MIN_SLICE_SAMPLES = 8  # slices are judged on at least this many samples
 SLICE_FLOOR = 1e-3  # slices whose FP32 peak |value| is under this share of the output's peak are not judged
 
 
@@ -30,13 +32,22 @@ def _sqnr_cos(signal, noise, dot, nq):
 
 class _OutputStats:
     """Running sums of one output, over the whole tensor and per slice of axis 1 (a detector head's rows, an
-    output's channels), where a large sub-range can hide a collapsed small one. The worst slice is sought among
-    those whose FP32 peak |value| reaches SLICE_FLOOR of the output's peak (below, a slice is under 10 bits of the
-    output's range: the scores of classes that never fire)."""
+    output's channels), where a large sub-range can hide a collapsed small one.
+
+    A slice's SQNR is judged with its uncertainty: axis 0 holds the samples, and for each slice the running sums of
+    each sample's signal s_i = Σ r² and noise e_i = Σ (r − q)², their squares and product give, by the delta
+    method, the standard error of 10·log10(Σs / Σe): (10 / ln 10)·√((v_s / s̄² + v_e / ē² − 2·c_se / (s̄·ē)) / n)
+    with v, c the sample (co)variances. The worst slice is the one whose SQNR is highest at its upper confidence
+    bound (SQNR + z·SE, z for 95 % over all the slices, Bonferroni) among the slices lowest there: it is under a
+    bound only when that bound is. Slices are judged with at least MIN_SLICE_SAMPLES samples, and only those whose
+    FP32 peak |value| reaches SLICE_FLOOR of the output's peak (below, a slice is under 10 bits of the output's
+    range: the scores of classes that never fire)."""
 
     def __init__(self):
         self.sums = np.zeros(4)  # Σr², Σ(r − q)², Σr·q, Σq²
         self.slices = None  # [4, S] per slice of axis 1
+        self.moments = None  # [5, S]: Σ s_i, Σ e_i, Σ s_i², Σ e_i², Σ s_i·e_i over samples i, per slice
+        self.n = 0  # samples seen on axis 0
         self.peak = None  # [S] max |r| per slice
 
     def update(self, ref: np.ndarray, q: np.ndarray):
@@ -47,21 +58,48 @@ class _OutputStats:
                                                                  == r.shape[1]):
             axes = tuple(a for a in range(r.ndim) if a != 1)
             s = np.stack([p.sum(axis=axes) for p in parts])
+            per_sample = tuple(a for a in range(2, r.ndim))
+            si, ei = (p.sum(axis=per_sample) if per_sample else p for p in parts[:2])  # [B, S]
+            m = np.stack([si.sum(0), ei.sum(0), (si * si).sum(0), (ei * ei).sum(0), (si * ei).sum(0)])
             peak = np.abs(r).max(axis=axes)
             self.slices = s if self.slices is None else self.slices + s
+            self.moments = m if self.moments is None else self.moments + m
+            self.n += r.shape[0]
             self.peak = peak if self.peak is None else np.maximum(self.peak, peak)
+
+    def slice_se_db(self) -> np.ndarray:
+        """[S] standard error of each slice's SQNR in dB (the delta method above; inf with under 2 samples)."""
+        n = self.n
+        if n < 2:
+            return np.full(self.moments.shape[1], np.inf)
+        s1, e1, s2, e2, se = self.moments
+        sm, em = s1 / n, e1 / n
+        vs, ve = (s2 - n * sm * sm) / (n - 1), (e2 - n * em * em) / (n - 1)
+        cov = (se - n * sm * em) / (n - 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = (vs / np.maximum(sm * sm, 1e-300) + ve / np.maximum(em * em, 1e-300)
+                   - 2 * cov / np.maximum(sm * em, 1e-300)) / n
+        out = 10 / np.log(10) * np.sqrt(np.maximum(rel, 0.0))
+        return np.where(em == 0, 0.0, out)
 
     def result(self) -> dict:
         sqnr, cos = _sqnr_cos(*self.sums)
         out = {"sqnr_db": round(float(sqnr), 2), "cosine": round(float(cos), 6)}
-        if self.slices is not None:
+        if self.slices is not None and self.peak.max() > 0:
             live = self.peak >= SLICE_FLOOR * self.peak.max()
-            if live.any() and self.peak.max() > 0:
+            if self.n < MIN_SLICE_SAMPLES:
+                out["slices"] = f"not judged: {self.n} samples, under {MIN_SLICE_SAMPLES}"
+            elif live.any():
                 s_sqnr, s_cos = _sqnr_cos(*self.slices)
-                k = int(np.flatnonzero(live)[np.argmin(s_sqnr[live])])
+                se = self.slice_se_db()
+                z = float(norm.ppf(1 - 0.05 / (2 * int(live.sum()))))
+                upper = np.where(live, s_sqnr + z * se, np.inf)
+                k = int(np.argmin(upper))
                 out["worst_slice"] = {"axis": 1, "index": k, "of": int(self.slices.shape[1]),
                                       "sqnr_db": round(float(s_sqnr[k]), 2), "cosine": round(float(s_cos[k]), 6),
-                                      "fp32_peak": float(f"{self.peak[k]:.4g}")}
+                                      "sqnr_db_se": round(float(se[k]), 2),
+                                      "sqnr_db_upper": round(float(upper[k]), 2), "z": round(z, 2),
+                                      "samples": self.n, "fp32_peak": float(f"{self.peak[k]:.4g}")}
         return out
 
 
@@ -176,20 +214,20 @@ def evaluate(fp_model, q_model, source, batch_size: int = 16, labels: dict | Non
 
 
 def fidelity_flags(result: dict, min_sqnr_db: float, min_cosine: float) -> list[tuple[str, str]]:
-    """(output, one line) per output of ``result`` (ptq.evaluate's) whose SQNR or cosine, over the whole tensor or
-    in its worst slice of axis 1, is under the bound: the quantized model is broken there, whatever else looks
-    fine."""
+    """(output, one line) per output of ``result`` (ptq.evaluate's) whose SQNR or cosine over the whole tensor is
+    under the bound, or whose worst slice of axis 1 is under the SQNR bound with 95 % confidence (its upper
+    bound is, ``_OutputStats``): the quantized model is broken there, whatever else looks fine."""
     flags = []
     for name, o in (result or {}).get("outputs", {}).items():
         if o["sqnr_db"] < min_sqnr_db or o["cosine"] < min_cosine:
             flags.append((name, f"output '{name}': SQNR {o['sqnr_db']} dB, cosine {o['cosine']} against FP32 "
                                 f"(bounds {min_sqnr_db:g} dB, {min_cosine:g})"))
-        elif "worst_slice" in o and (o["worst_slice"]["sqnr_db"] < min_sqnr_db
-                                     or o["worst_slice"]["cosine"] < min_cosine):
+        elif "worst_slice" in o and o["worst_slice"].get("sqnr_db_upper", o["worst_slice"]["sqnr_db"]) < min_sqnr_db:
             w = o["worst_slice"]
             flags.append((name, f"output '{name}': slice {w['index']} of {w['of']} on axis 1 (FP32 peak "
-                                f"{w['fp32_peak']:g}) at SQNR {w['sqnr_db']} dB, cosine {w['cosine']} (bounds "
-                                f"{min_sqnr_db:g} dB, {min_cosine:g}), though the whole tensor has {o['sqnr_db']} dB"))
+                                f"{w['fp32_peak']:g}) at SQNR {w['sqnr_db']} ± {w.get('sqnr_db_se', 0)} dB on "
+                                f"{w.get('samples', '?')} samples (bound {min_sqnr_db:g} dB, beyond its 95 % "
+                                f"interval), though the whole tensor has {o['sqnr_db']} dB"))
     return flags
 
 

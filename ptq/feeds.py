@@ -24,10 +24,42 @@ def calibration_input(inputs: list[InputInfo], calib=None, feeds=None, reader=No
     if len(given) > 1:
         raise InputError(f"give one of {' / '.join(given)}, not several")
     if feeds is None and reader is None:
+        if isinstance(calib, (str, Path)):
+            note = batchless_note(Path(calib), inputs)
+            if note:
+                source = FeedSource(inputs, folder=calib)
+                source.note = note
+                return source
         return calib
     name = reader if isinstance(reader, str) else ""
     return FeedSource(inputs, folder=feeds, reader=load_reader(reader) if isinstance(reader, str) else reader,
                       name=name)
+
+
+def batchless_note(folder: Path, inputs: list[InputInfo]) -> str | None:
+    """A line for the report where every .npy / .npz sample in ``folder`` has exactly its input's rank and, on the
+    input's batch axis, a size other than 1 (a model input with no batch axis, [T, 81], and files [1504, 81]):
+    each file is then one complete feed. None otherwise (images, samples without the batch axis, mixed)."""
+    if not folder.is_dir():
+        return None
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".npy", ".npz") and p.is_file())
+    if not files or (len(inputs) > 1 and any(p.suffix == ".npy" for p in files)):
+        return None
+    shapes = []
+    for p in files:
+        try:
+            data = _load(p, inputs)
+        except InputError:
+            return None
+        for info in inputs:
+            if info.batch_axis is None:
+                continue
+            x = data.get(info.name)
+            if x is None or x.ndim != len(info.shape) or x.shape[info.batch_axis] == 1:
+                return None
+            shapes.append(list(x.shape))
+    return (f"each of the {len(files)} files is one complete feed: the samples have the input's full rank "
+            f"({shapes[0]}, not one sample with a batch axis of 1), as --calib-feeds would take them")
 
 
 def load_reader(spec: str) -> Callable:
@@ -42,6 +74,8 @@ class FeedSource:
     ``files`` names the chosen feeds (paths, or indices into the reader's sequence); a batch is one feed.
     """
 
+    note = None  # set where ptq chose complete feeds for a --calib folder (``batchless_note``)
+
     def __init__(self, inputs: list[InputInfo], folder=None, reader: Callable | None = None, name: str = ""):
         self.inputs, self.reader = inputs, reader
         self.name = name or (str(folder) if folder is not None else "--calib-reader")
@@ -49,9 +83,11 @@ class FeedSource:
             folder = Path(folder)
             if not folder.is_dir():
                 raise InputError(f"{folder}: no such folder")
-            self.files = sorted(p for p in folder.rglob("*.npz") if p.is_file())
+            self.files = sorted(p for p in folder.rglob("*") if p.is_file() and (
+                p.suffix == ".npz" or (p.suffix == ".npy" and len(inputs) == 1)))
             if not self.files:
-                raise InputError(f"{folder}: no .npz feeds found (one complete feed per file)")
+                raise InputError(f"{folder}: no .npz feeds found (one complete feed per file; .npy for a model of "
+                                 "one input)")
         else:
             try:
                 count = sum(1 for _ in self._call())
@@ -85,7 +121,7 @@ class FeedSource:
         """One feed per batch, in the order of ``files``."""
         if self.reader is None:
             for p in self.files:
-                yield [p], self.check(p, _load(p))
+                yield [p], self.check(p, _load(p, self.inputs))
             return
         wanted = set(self.files)
         for k, feed in enumerate(self._call()):
@@ -112,8 +148,11 @@ class FeedSource:
         return out
 
 
-def _load(path: Path) -> dict:
+def _load(path: Path, inputs: list[InputInfo] | None = None) -> dict:
+    """The arrays of a .npz file by key, or a .npy file's array under the name of the model's only input."""
     try:
+        if path.suffix == ".npy":
+            return {(inputs[0].name if inputs else "x"): np.load(path, allow_pickle=False)}
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except Exception as e:

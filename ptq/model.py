@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 from . import external
 from .errors import InputError, first_line
 
-MIN_OPSET, MAX_OPSET = 11, 21
+MIN_OPSET, MAX_OPSET = 7, 21  # opsets under 13 are converted to 13 (ptq.opset)
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -38,13 +38,14 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise InputError(f"{path}: not a valid ONNX model ({first_line(e)})") from None
     if not model.graph.node:
         raise InputError(f"{path}: not a valid ONNX model (the graph has no nodes)")
+    opset = default_opset(model)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise InputError(f"{path}: opset {opset} is not supported (ptq reads opsets {MIN_OPSET}-{MAX_OPSET}, and "
+                         f"converts those under 13 to 13); re-export the model at opset 13 or later")
     try:
         onnx.checker.check_model(str(path) if on_disk or model.ByteSize() > 2**31 - 1 else model)
     except Exception as e:
         raise InputError(f"{path}: invalid ONNX model ({first_line(e)})") from None
-    opset = default_opset(model)
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise InputError(f"{path}: opset {opset} is not supported (ptq reads opsets {MIN_OPSET}-{MAX_OPSET})")
     return model
 
 

@@ -24,6 +24,7 @@ from .external import folder, self_contained, total_bytes
 from .feeds import calibration_input
 from .model import load_model
 from .observe import check_runnable
+from .opset import upgraded
 from .outputs import OutputSet
 from .patterns import class_score_outputs
 from .pipeline import Config, Context, check_effective, prepare, run_steps
@@ -125,31 +126,14 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
     gate_src = eval_src if eval_src is not None else held
     if gate is not None:
         check_gate_possible(original, gate, gate_src, metric)
+
+    original, converted = upgraded(original, calib_src if calib_src is not None else held, config.batch_size)
     timings["load"] = round(time.perf_counter() - t0, 3)
-
-    t0 = time.perf_counter()
-    # the choices below quantize again: block reconstruction, the slowest step, and the steps after it run once,
-    # on the model kept
-    defer = config.block_recon and ("cle" in config.choices or "weight_symmetric" in config.choices)
-    tail = config.steps[config.steps.index("block_reconstruction"):] if defer else []
-    head = [s for s in config.steps if s != "block_reconstruction"]
-    state = prepare(original, _with(config, block_recon=False, steps=head) if defer else config)
-    timings["prepare"] = round(time.perf_counter() - t0, 3)
-    state = run_steps(state, Context(calib_src, progress), timings)
-
-    t0 = time.perf_counter()
-    qmodel = export_qdq(state)
-    timings["export"] = round(time.perf_counter() - t0, 3)
-    if "cle" in config.choices and calib_src is not None and (state.report.get("cle") or {}).get("pairs"):
-        t0 = time.perf_counter()
-        state, qmodel = _choose_cle(original, state, qmodel, calib_src, held, progress)
-        timings["cle_choice"] = round(time.perf_counter() - t0, 3)
-    if "weight_symmetric" in config.choices and calib_src is not None:
-        t0 = time.perf_counter()
-        state, qmodel = _choose_symmetry(original, state, qmodel, calib_src, held, progress)
-        timings["symmetry_choice"] = round(time.perf_counter() - t0, 3)
-    if defer:
-        state, qmodel = _reconstruct_blocks_last(state, tail, calib_src, progress, timings)
+    state, qmodel = build(original, config, calib_src, held, progress, timings)
+    if converted:
+        state.report.setdefault("choices", {})["opset"] = converted
+    if getattr(calib, "note", None):
+        state.report.setdefault("choices", {})["calibration"] = calib.note
 
     gate_scorer, fixed = None, None
     if gate is not None and (metric is not None or auto_fix):
@@ -220,6 +204,37 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
         report["gate"] = verdict
     return Result(qmodel, report, fidelity, evaluation, verdict and verdict["line"],
                   verdict and verdict["passed"], flags)
+
+
+def build(original, config: Config, calib_src, held, progress: bool = False, timings: dict | None = None) -> tuple:
+    """(state, QDQ model) of ``original`` with ``config``: prepare, the steps, export, then the automatic choices
+    (CLE and weight symmetry at 4 bits or fewer, compared on ``held``) and block reconstruction last on the model
+    kept. What ``ptq run`` writes and ``ptq debug`` analyses."""
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
+    # the choices below quantize again: block reconstruction, the slowest step, and the steps after it run once,
+    # on the model kept
+    defer = config.block_recon and ("cle" in config.choices or "weight_symmetric" in config.choices)
+    tail = config.steps[config.steps.index("block_reconstruction"):] if defer else []
+    head = [s for s in config.steps if s != "block_reconstruction"]
+    state = prepare(original, _with(config, block_recon=False, steps=head) if defer else config)
+    timings["prepare"] = round(time.perf_counter() - t0, 3)
+    state = run_steps(state, Context(calib_src, progress), timings)
+
+    t0 = time.perf_counter()
+    qmodel = export_qdq(state)
+    timings["export"] = round(time.perf_counter() - t0, 3)
+    if "cle" in config.choices and calib_src is not None and (state.report.get("cle") or {}).get("pairs"):
+        t0 = time.perf_counter()
+        state, qmodel = _choose_cle(original, state, qmodel, calib_src, held, progress)
+        timings["cle_choice"] = round(time.perf_counter() - t0, 3)
+    if "weight_symmetric" in config.choices and calib_src is not None:
+        t0 = time.perf_counter()
+        state, qmodel = _choose_symmetry(original, state, qmodel, calib_src, held, progress)
+        timings["symmetry_choice"] = round(time.perf_counter() - t0, 3)
+    if defer:
+        state, qmodel = _reconstruct_blocks_last(state, tail, calib_src, progress, timings)
+    return state, qmodel
 
 
 def calibration_counts(config: Config, calib_src, held) -> dict:

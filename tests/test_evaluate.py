@@ -1,5 +1,6 @@
 """ptq.evaluate's streaming counts against per-sample references computed here with numpy."""
 import numpy as np
+import pytest
 
 from ptq.evaluate import Accumulator, check_gate, drop_standard_error
 
@@ -33,3 +34,52 @@ def test_gate_message_carries_the_standard_error():
     result = {"top1_drop": 1.5, "top1_drop_se": 0.6, "fp32_top1": 75.0, "labelled": 1300}
     assert check_gate(result, (2.0, False)).endswith("(standard error ±0.60 points, on 1300 samples)")
     assert "standard error ±0.80%, on 1300" in check_gate(result, (2.5, True))  # 0.6 / 75 of FP32 top-1
+
+
+def slice_result(fp, q, batch=7):
+    acc = Accumulator(["y"], None, class_outputs=[])
+    for lo in range(0, len(fp), batch):
+        acc.update([None] * len(fp[lo:lo + batch]), [fp[lo:lo + batch]], [q[lo:lo + batch]])
+    return acc.result()["outputs"]["y"]
+
+
+def test_slice_sqnr_standard_error_is_the_delta_method_on_per_sample_sums(rng):
+    """[N, C, L] outputs: per sample i and slice c, s_i = Σ_l r², e_i = Σ_l (r − q)²; the SE of 10·log10(Σs/Σe)
+    by the delta method, worked here from the per-sample arrays, and the upper bound that decides the flag."""
+    n, c, length = 30, 5, 16
+    fp = rng.normal(size=(n, c, length))
+    noise = rng.normal(size=(n, c, length)) * np.array([0.05, 0.1, 0.2, 0.4, 0.8])[None, :, None]
+    out = slice_result(fp, fp + noise)
+    w = out["worst_slice"]
+    s, e = (fp ** 2).sum(2), (noise ** 2).sum(2)  # [N, C]
+    cov = [np.cov(s[:, k], e[:, k]) for k in range(c)]
+    rel = np.array([(v[0, 0] / s[:, k].mean() ** 2 + v[1, 1] / e[:, k].mean() ** 2
+                     - 2 * v[0, 1] / (s[:, k].mean() * e[:, k].mean())) / n for k, v in enumerate(cov)])
+    se = 10 / np.log(10) * np.sqrt(rel)
+    db = 10 * np.log10(s.sum(0) / e.sum(0))
+    from scipy.stats import norm
+    z = norm.ppf(1 - 0.05 / (2 * c))
+    k = int(np.argmin(db + z * se))
+    assert w["index"] == k == 4 and w["samples"] == n and w["z"] == round(z, 2)
+    assert w["sqnr_db"] == round(db[k], 2) and w["sqnr_db_se"] == round(se[k], 2)
+    assert w["sqnr_db_upper"] == round(db[k] + z * se[k], 2)
+
+
+def test_one_bad_class_on_few_samples_is_not_flagged_but_a_collapsed_slice_is(rng):
+    """Logits [N, 1000] on 15 samples: one class's slice at 5 dB by chance is within its uncertainty; a slice of
+    a detector head [N, 8, 400] whose values are all lost is under the bound with confidence."""
+    from ptq.evaluate import fidelity_flags
+    fp = rng.normal(size=(15, 1000))
+    q = fp + 0.1 * rng.normal(size=fp.shape)
+    noise = rng.normal(size=15)
+    q[:, 7] = fp[:, 7] + noise * np.sqrt(np.sum(fp[:, 7] ** 2) / 10 ** 0.5 / np.sum(noise ** 2))  # 5 dB
+    out = slice_result(fp, q)
+    assert 10 * np.log10(np.sum(fp[:, 7] ** 2) / np.sum((fp[:, 7] - q[:, 7]) ** 2)) == pytest.approx(5.0)
+    assert fidelity_flags({"outputs": {"y": out}}, 6.0, 0.9) == []
+    head = rng.normal(size=(12, 8, 400))
+    collapsed = head + 0.01 * rng.normal(size=head.shape)
+    collapsed[:, 5] = 0.0  # a score row lost
+    flags = fidelity_flags({"outputs": {"y": slice_result(head, collapsed)}}, 6.0, 0.9)
+    assert len(flags) == 1 and "slice 5 of 8" in flags[0][1]
+    few = slice_result(head[:5], collapsed[:5])
+    assert "worst_slice" not in few and few["slices"].startswith("not judged: 5 samples")

@@ -133,3 +133,35 @@ def test_calib_reader_yields_feeds(rng, tmp_path, capsys):
     code = main(["run", str(path), "--calib-reader", f"{reader}:feeds", "--calib", str(tmp_path), "-o",
                  str(tmp_path / "b.onnx")])
     assert code == 2 and "give one of --calib / --calib-reader" in capsys.readouterr().err
+
+
+def frame_model(rng):
+    """x [T, 81] with no batch axis (both dimensions dynamic, as a temporal model exports) -> MatMul -> Relu ->
+    MatMul -> y [T, 4]."""
+    from builders import make
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], "fc1"), helper.make_node("Relu", ["h"], ["r"], "relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], "fc2")]
+    return make(nodes, [("x", [None, 81])], [("y", [None, 4])],
+                [init("w1", rng.normal(0, 0.2, (81, 16)).astype(np.float32)),
+                 init("w2", rng.normal(0, 0.3, (16, 4)).astype(np.float32))])
+
+
+def test_samples_of_the_inputs_full_rank_without_a_batch_axis_are_fed_whole(rng, tmp_path, capsys):
+    """Files [T, 81] for an input [?, 81]: each file is one complete feed (said in the report's choices); where the
+    folder mixes them with one-sample files, the refusal names --calib-feeds."""
+    path = tmp_path / "frames.onnx"
+    onnx.save(frame_model(rng), str(path))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for k in range(12):
+        np.save(calib / f"clip{k:02d}.npy", rng.normal(0, 1, (40 + 3 * k, 81)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    assert main(["run", str(path), "--calib", str(calib), "-o", str(out), "--holdout", "3", "-q"]) == 0, \
+        capsys.readouterr().err
+    report = json.loads((tmp_path / "q.report.json").read_text())
+    assert report["stages"]["choices"]["calibration"].startswith("each of the 12 files is one complete feed")
+    assert report["fidelity"]["samples"] == 3 and report["fidelity"]["outputs"]["y"]["cosine"] > 0.99
+    np.save(calib / "one.npy", rng.normal(0, 1, 81).astype(np.float32))  # one frame: a sample, not a feed
+    code = main(["run", str(path), "--calib", str(calib), "-o", str(tmp_path / "r.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "give the folder as --calib-feeds DIR" in err
