@@ -196,7 +196,11 @@ def _metric(spec):
 @click.option("--auto-fix-to", type=click.Choice(["16", "fp32"]), default="16", show_default=True,
               help="What --auto-fix raises a quantizer to: 16 bits, or floating point.")
 @click.option("--strict", is_flag=True,
-              help="Exit 3 (after writing) when an output, or a slice of one, is under the fidelity bounds.")
+              help="With --no-repair: exit 3 (after writing) when an output, or a slice of one, is under the "
+                   "fidelity bounds (with repair, the default, that is always so).")
+@click.option("--repair/--no-repair", default=None,
+              help="Raise the fewest quantizers until every output meets the fidelity bounds on the held-back "
+                   "samples, exit 3 naming the culprits where they cannot be met (on).")
 def run(model, calib, calib_feeds, calib_reader, output, recipe, eval_dir, eval_resize, eval_crop, max_drop,
         auto_fix, auto_fix_to, strict, metric, quiet, progress, debug, **kw):
     """Quantize MODEL with calibration data and write a QDQ model plus its report."""
@@ -260,6 +264,11 @@ def _print_run(result, paths):
         click.echo(f"ptq: warning: {w}", err=True)
     if r.get("calibration"):
         click.echo(r["calibration"]["line"])
+    if r.get("repair") and r["repair"]["raised"]:
+        fix = r["repair"]
+        click.echo(f"repair: raised {len(fix['raised'])} quantizer(s) to {fix['to']} ({', '.join(fix['raised'][:6])}"
+                   f"{' …' if len(fix['raised']) > 6 else ''}): the fidelity bounds are "
+                   f"{'met' if fix['met'] else 'still not met'}")
     click.echo(f"wrote {paths[0]} ({s['quant_bytes'] / 1e6:.2f} MB, {s['ratio']:.2f}x smaller than FP32) "
                f"in {r['timings']['total']:.1f} s")
     click.echo(f"report: {paths[2]} ({paths[3].name}, {paths[1].name})")

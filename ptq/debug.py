@@ -216,7 +216,7 @@ def debug(model_path, calib, output=None, config=None, preprocess=None, eval_dir
     from .outputs import OutputSet
     from .opset import upgraded
     from .pipeline import Config, check_effective
-    from .run import build
+    from .choices import build
     from .threads import use_threads
     config = (config or Config()).validate()
     check_effective(config)

@@ -65,6 +65,7 @@ class Config:
     range_spread: float = 16.0  # Concat inputs / head channels this far apart in range stay float (0: never)
     fidelity_sqnr_db: float = 6.0  # an output, or a slice of one, under this SQNR against FP32 is flagged
     fidelity_cosine: float = 0.9  # … or under this cosine
+    repair: bool = True  # raise the fewest quantizers until every output meets those bounds (ptq.repair)
     memory_limit: float = 2.0  # GB the calibration passes aim to stay within (their batches shrink to fit)
     threads: int = 0  # onnxruntime's and torch's threads (0: every core; ptq.threads)
     latency_runs: int = 20  # batch-1 runs timed per model for the report's speed section (0: not measured)

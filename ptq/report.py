@@ -131,6 +131,18 @@ def sections(r: dict) -> list[Section]:
             out.append(Section("What the layout's choices cost (each measured by timing the model without it)",
                                header=["choice", "count", "latency × FP32 without it", "with it"],
                                rows=[[k, v["count"], v["ratio_without"], sp["ratio"]] for k, v in sp["costs"].items()]))
+    if r.get("repair"):
+        fix = r["repair"]
+        lat = fix.get("latency_ms_batch1")
+        out.append(Section("Repair (outputs under the fidelity bounds on the held-back samples)", text=[
+            f"Before: {'; '.join(fix['flags_before'])}.",
+            f"{'Met' if fix['met'] else 'Not met'} after raising {len(fix['raised'])} of {fix['quantizers']} "
+            f"quantizers to {fix['to']}: {', '.join(fix['raised']) or 'none'}; worst margin to the bounds "
+            f"{fix['margin_db_before']} → {fix['margin_db_after']} dB; size {fix['size_bytes'][0] / 1e6:.2f} → "
+            f"{fix['size_bytes'][1] / 1e6:.2f} MB" + (f"; batch-1 latency {lat[0]} → {lat[1]} ms" if lat else "")
+            + f"; {fix['seconds']} s. Culprits by what raising each alone recovers: {', '.join(fix['culprits'])}."],
+            header=["raised", "recovers alone, dB", "margin after, dB"],
+            rows=[[h["raised"], h["gain_alone_db"], h["margin_db"]] for h in fix["history"]]))
     if r.get("evaluation"):
         e = r["evaluation"]
         sec = Section(f"Evaluation ({e['samples']} samples)")

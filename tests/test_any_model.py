@@ -129,6 +129,14 @@ def test_a_head_forced_to_one_scale_is_caught_by_the_fidelity_check(rng, tmp_pat
     assert report["fidelity_flags"] == []
     recipe = tmp_path / "r.toml"
     recipe.write_text("range_spread = 0\n")  # the guard off: one 8-bit scale for boxes and scores
+    assert main(args + ["--recipe", str(recipe)]) == 0, capsys.readouterr().err  # repaired by default …
+    capsys.readouterr()
+    report = json.loads((tmp_path / "q.report.json").read_text())
+    fix = report["repair"]
+    assert fix["met"] and fix["raised"] == ["act:raw"] and fix["culprits"][0] == "act:raw"
+    assert "slice" in fix["flags_before"][0] and report["fidelity_flags"] == []
+    assert report["activations"]["raw"]["bits"] == 16
+    args.append("--no-repair")  # … and as it was without the repair:
     assert main(args + ["--recipe", str(recipe)]) == 0
     err = capsys.readouterr().err
     assert "ptq: warning: output 'out': slice" in err and "nearest quantizer: act:raw" in err

@@ -196,10 +196,10 @@ def test_cle_by_default_at_four_bits_keeps_the_model_closer_to_fp32(rng, tmp_pat
 def test_the_cle_choice_stays_in_the_report_when_asymmetric_weights_are_kept(rng, tmp_path, monkeypatch):
     """Both choices run (CLE, then symmetry, each comparing two closeness numbers): with the comparisons made to
     keep CLE and then asymmetric grids, the returned model's report still has the CLE comparison's numbers."""
-    from ptq import run as run_module
+    from ptq import choices as choices_module, run as run_module
     path, calib = saved_chain(rng, tmp_path)
     scores = iter([2.0, 1.0, 1.0, 2.0])  # with CLE / without; symmetric / asymmetric
-    monkeypatch.setattr(run_module, "_closeness", lambda *a, **k: next(scores))
+    monkeypatch.setattr(choices_module, "_closeness", lambda *a, **k: next(scores))
     r = run_module.quantize(path, calib, weight_bits=4, holdout=8, latency_runs=0, adaround_iters=20)
     stages = r.report["stages"]
     assert stages["symmetry_choice"]["kept"] == "asymmetric"

@@ -134,7 +134,7 @@ def test_quiet_prints_nothing_and_eval_json_holds_the_gate(setup, capsys):
     model, calib, out = setup
     recipe = out.parent / "r.toml"
     # bad enough for warnings, if any, and a failing gate
-    recipe.write_text("weight_bits = 2\nact_bits = 2\nadaround = false\nblock_recon = false\n")
+    recipe.write_text("weight_bits = 2\nact_bits = 2\nadaround = false\nblock_recon = false\nrepair = false\n")
     assert main(["run", str(model), "--calib", str(calib), "-o", str(out / "m.onnx"), "-q", "--recipe",
                  str(recipe)]) == 0
     assert capsys.readouterr() == ("", "")
