@@ -21,10 +21,28 @@ def unbacked_numbers(readme: str, results: str) -> list[str]:
     return [n for n in measured_numbers(readme) if n not in cells]
 
 
-def test_every_number_in_the_measured_table_is_in_the_bench_results():
+def test_every_number_in_the_measured_tables_is_in_the_bench_results():
+    results = (ROOT / "bench" / "results.md").read_text()
+    for page in (ROOT / "README.md", ROOT / "docs" / "measured.md"):
+        text = page.read_text()
+        assert len(measured_numbers(text)) >= 20, page
+        assert unbacked_numbers(text, results) == [], page
+
+
+def test_the_readme_is_short_and_links_every_docs_page():
     readme = (ROOT / "README.md").read_text()
-    assert len(measured_numbers(readme)) >= 20
-    assert unbacked_numbers(readme, (ROOT / "bench" / "results.md").read_text()) == []
+    assert len(readme.splitlines()) <= 150
+    pages = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+    assert [p for p in pages if f"(docs/{p})" not in readme] == []
+
+
+def test_the_layout_names_every_module():
+    layout = (ROOT / "docs" / "development.md").read_text().split("## Layout", 1)[1]
+    modules = [p.relative_to(ROOT).as_posix() for p in (ROOT / "ptq").glob("*.py") if p.name != "__init__.py"
+               and p.name != "__main__.py"]
+    assert [m for m in modules if m not in layout] == []
+    stages = [p.stem for p in (ROOT / "ptq" / "stages").glob("*.py") if p.name != "__init__.py"]
+    assert [s for s in stages if s not in layout] == []
 
 
 def test_a_number_missing_from_the_results_is_caught():
