@@ -274,8 +274,10 @@ def _print_run(result, paths):
     click.echo(f"report: {paths[2]} ({paths[3].name}, {paths[1].name})")
     if r.get("speed"):
         sp = r["speed"]
+        ci = (f", 95 % interval {sp['ratio_ci'][0]:.2f}-{sp['ratio_ci'][1]:.2f}x, CPU time {sp['cpu_ratio']:.2f}x"
+              if "ratio_ci" in sp else "")
         click.echo(f"latency (onnxruntime CPU, batch 1): FP32 {sp['fp32_ms']:.2f} ms, quantized {sp['quant_ms']:.2f} "
-                   f"ms ({sp['ratio']:.2f}x); {sp['unfused']['DequantizeLinear']} DQ nodes left unfused")
+                   f"ms ({sp['ratio']:.2f}x{ci}); {sp['unfused']['DequantizeLinear']} DQ nodes left unfused")
     if r.get("fidelity"):
         _print_eval("fidelity on held-back calibration samples", r["fidelity"])
     if r.get("evaluation"):

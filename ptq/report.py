@@ -117,8 +117,11 @@ def sections(r: dict) -> list[Section]:
     if sp:
         u = sp["unfused"]
         out.append(Section("Speed (onnxruntime CPU, batch 1)", text=[
-            f"FP32 {sp['fp32_ms']} ms, quantized {sp['quant_ms']} ms: {sp['ratio']}× (median of {sp['runs']} runs "
-            f"each). Q/DQ nodes left unfused by onnxruntime: {u['QuantizeLinear']} QuantizeLinear, "
+            f"FP32 {sp['fp32_ms']} ms, quantized {sp['quant_ms']} ms (medians): {sp['ratio']}×"
+            + (f", 95 % interval {sp['ratio_ci'][0]}–{sp['ratio_ci'][1]}× over {sp['runs']} paired, interleaved "
+               f"runs; CPU time {sp['cpu_ms'][0]} → {sp['cpu_ms'][1]} ms ({sp['cpu_ratio']}×)" if "ratio_ci" in sp
+               else f" (median of {sp['runs']} runs each)")
+            + f". Q/DQ nodes left unfused by onnxruntime: {u['QuantizeLinear']} QuantizeLinear, "
             f"{u['DequantizeLinear']} DequantizeLinear."], header=["op beside an unfused Q/DQ", "count"],
             rows=[[k, v] for k, v in u["beside"].items()]))
         if sp.get("ops"):

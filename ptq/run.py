@@ -29,7 +29,7 @@ from .outputs import OutputSet
 from .patterns import class_score_outputs
 from .choices import build
 from .pipeline import Config, check_effective
-from .speed import measure_speed, slowest_ops
+from .speed import measure_speed, slowest_ops, verdict as speed_verdict
 from .target import this_machine
 from .threads import use_threads
 from .report import render_reports, report_paths
@@ -183,11 +183,13 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
         _, feed = next(iter(timing_src.batches(1)))
         speed = measure_speed(original, qmodel, feed, config.latency_runs)
         timings["latency"] = round(time.perf_counter() - t0, 3)
-        if speed["ratio"] > 1:
+        if speed_verdict(speed) == "slower" or ("ratio_ci" not in speed and speed["ratio"] > 1):
             u = speed["unfused"]
             beside = ", ".join(f"{k} {v}" for k, v in list(u["beside"].items())[:4])
             state.report.setdefault("warnings", []).append(
-                f"the quantized model runs {speed['ratio']:.2f}× slower than FP32 (onnxruntime CPU, batch 1); "
+                f"the quantized model runs {speed['ratio']:.2f}× slower than FP32 (onnxruntime CPU, batch 1"
+                + (f"; 95 % interval {speed['ratio_ci'][0]:.2f}–{speed['ratio_ci'][1]:.2f}×" if "ratio_ci" in speed
+                   else "") + "); "
                 f"{u['QuantizeLinear']} Q / {u['DequantizeLinear']} DQ nodes stay unfused" +
                 (f", beside {beside}" if beside else "") + slowest_ops(speed.get("ops")))
         for what, cost in speed["costs"].items():

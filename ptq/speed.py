@@ -193,18 +193,75 @@ def costly_choices(q_model: onnx.ModelProto) -> dict:
     return out
 
 
+def paired_ratio(fp_model, q_model, feed: dict, runs: int = 20, warmup: int = 3) -> dict:
+    """The quantized model's batch-1 latency relative to FP32, from ``runs`` paired rounds: each round runs both
+    models, in alternating order, and times each run's wall clock and this process's CPU time (every onnxruntime
+    thread). With r_i = t_q,i / t_fp,i, the ratio is the geometric mean exp(mean log r_i) and its 95 % interval
+    exp(mean ± t_{0.975, n−1} · sd / √n): pairing cancels the machine's drift, the interval says what the noise
+    leaves. Also the median wall and CPU ms of each model."""
+    import time
+
+    sessions = [_session(fp_model), _session(q_model)]
+    for _ in range(warmup):
+        for s in sessions:
+            s.run(None, feed)
+    wall, cpu = np.zeros((runs, 2)), np.zeros((runs, 2))
+    for i in range(runs):
+        for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+            w0, c0 = time.perf_counter(), time.process_time()
+            sessions[k].run(None, feed)
+            wall[i, k], cpu[i, k] = time.perf_counter() - w0, time.process_time() - c0
+    ratio, lo, hi = ratio_interval(wall[:, 0], wall[:, 1])
+    return {"fp32_ms": round(float(np.median(wall[:, 0])) * 1000, 3),
+            "quant_ms": round(float(np.median(wall[:, 1])) * 1000, 3),
+            "ratio": round(ratio, 3), "ratio_ci": [round(lo, 3), round(hi, 3)],
+            "cpu_ms": [round(float(np.median(cpu[:, 0])) * 1000, 3), round(float(np.median(cpu[:, 1])) * 1000, 3)],
+            "cpu_ratio": round(float(np.median(cpu[:, 1]) / max(np.median(cpu[:, 0]), 1e-9)), 3), "runs": runs}
+
+
+def ratio_interval(fp: np.ndarray, q: np.ndarray) -> tuple[float, float, float]:
+    """(geometric mean of q_i / fp_i, its 95 % interval): exp(m), exp(m ∓ t_{0.975, n−1} · s / √n) with m, s the
+    mean and sample standard deviation of log(q_i / fp_i) over the n pairs."""
+    from scipy.stats import t as student
+    logs = np.log(np.maximum(np.asarray(q, float), 1e-12) / np.maximum(np.asarray(fp, float), 1e-12))
+    n, m = logs.size, float(logs.mean())
+    half = float(student.ppf(0.975, n - 1) * logs.std(ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
+    return float(np.exp(m)), float(np.exp(m - half)), float(np.exp(m + half))
+
+
+def verdict(speed: dict) -> str | None:
+    """'slower' / 'faster' only where the ratio's 95 % interval excludes 1.0, else None (not resolved)."""
+    lo, hi = speed.get("ratio_ci", [speed["ratio"]] * 2)
+    return "slower" if lo > 1 else "faster" if hi < 1 else None
+
+
+def _session(model):
+    from .observe import session
+    return session(model if not hasattr(model, "__fspath__") else str(model))
+
+
 def measure_speed(fp_model: onnx.ModelProto, q_model: onnx.ModelProto, feed: dict, runs: int = 20) -> dict:
-    """Batch-1 latency of both models (ms, median of ``runs``; interleaved, except for models kept on disk, timed
-    one at a time to hold one session), their ratio, the unfused Q/DQ,
-    per costly choice (``costly_choices``) how many there are and the ratio to FP32 the model would have without it,
-    and each model's time per op type (``op_times``; None for a model kept on disk)."""
+    """Batch-1 latency of both models (``paired_ratio``: paired, interleaved rounds, the ratio with its 95 %
+    interval, wall and CPU time; models kept on disk are timed one at a time, medians, without an interval), the
+    unfused Q/DQ, per costly choice (``costly_choices``) how many there are and the ratio to FP32 the model would
+    have without it, and each model's time per op type (``op_times``; None for a model kept on disk)."""
     choices = costly_choices(q_model)
-    fp_ms, q_ms, *without_ms = latencies_ms([fp_model, q_model] + [m for _, m in choices.values()], feed, runs,
-                                            interleave=folder(fp_model) is None)
+    on_disk = folder(fp_model) is not None
+    if on_disk:
+        fp_ms, q_ms = latencies_ms([fp_model, q_model], feed, runs, interleave=False)
+        pair = {"fp32_ms": round(fp_ms, 3), "quant_ms": round(q_ms, 3), "ratio": round(q_ms / max(fp_ms, 1e-9), 3),
+                "runs": runs}
+    else:
+        pair = paired_ratio(fp_model, q_model, feed, runs)
+        fp_ms = pair["fp32_ms"]
+    if choices:  # each model without one choice, against FP32 timed in the same interleaved rounds
+        fp_ms, *without_ms = latencies_ms([fp_model] + [m for _, m in choices.values()], feed, runs,
+                                          interleave=not on_disk)
+    else:
+        without_ms = []
     costs = {what: {"count": count, "ratio_without": round(ms / max(fp_ms, 1e-9), 3)}
              for (what, (count, _)), ms in zip(choices.items(), without_ms)}
     ops = None
     if folder(fp_model) is None:  # a model kept on disk is not loaded twice more to be profiled
         ops = {"fp32": op_times(fp_model, feed), "quantized": op_times(q_model, feed)}
-    return {"fp32_ms": round(fp_ms, 3), "quant_ms": round(q_ms, 3), "ratio": round(q_ms / max(fp_ms, 1e-9), 3),
-            "runs": runs, "unfused": unfused_qdq(q_model), "costs": costs, "ops": ops}
+    return {**pair, "unfused": unfused_qdq(q_model), "costs": costs, "ops": ops}

@@ -275,12 +275,26 @@ def test_report_has_the_speed_of_both_models(rng, tmp_path):
     calib = save_npy_samples(tmp_path / "calib", rng, (3, 16, 16), 12)
     r = quantize(model_path, calib, holdout=4, latency_runs=3)
     sp = r.report["speed"]
-    assert sp["fp32_ms"] > 0 and sp["quant_ms"] > 0
-    assert sp["ratio"] == pytest.approx(sp["quant_ms"] / sp["fp32_ms"], rel=0.05)
+    assert sp["fp32_ms"] > 0 and sp["quant_ms"] > 0 and min(sp["cpu_ms"]) > 0 and sp["runs"] == 3
+    assert sp["ratio_ci"][0] <= sp["ratio"] <= sp["ratio_ci"][1]
     assert sp["unfused"]["QuantizeLinear"] >= 1  # the graph input's quantizer stays a QuantizeLinear
     assert set(sp["ops"]) == {"fp32", "quantized"}
     assert "QLinearConv" in sp["ops"]["quantized"] and "QLinearConv" not in sp["ops"]["fp32"]
     assert quantize(model_path, calib, holdout=4, latency_runs=0).report["speed"] is None
+
+
+def test_the_latency_ratio_and_its_interval_by_hand():
+    """log ratios 0.1, 0.3, 0.2 (n = 3): mean 0.2, s = 0.1, t(0.975, 2) = 4.303: exp(0.2 ± 4.303 · 0.1 / √3)."""
+    from ptq.speed import ratio_interval, verdict
+    fp = np.array([1.0, 2.0, 4.0])
+    q = fp * np.exp([0.1, 0.3, 0.2])
+    ratio, lo, hi = ratio_interval(fp, q)
+    half = 4.302653 * 0.1 / np.sqrt(3)
+    assert ratio == pytest.approx(np.exp(0.2)) and lo == pytest.approx(np.exp(0.2 - half), rel=1e-5)
+    assert hi == pytest.approx(np.exp(0.2 + half), rel=1e-5)
+    assert verdict({"ratio": 1.2, "ratio_ci": [0.9, 1.5]}) is None  # not resolved: no warning
+    assert verdict({"ratio": 1.2, "ratio_ci": [1.05, 1.3]}) == "slower"
+    assert verdict({"ratio": 0.7, "ratio_ci": [0.6, 0.8]}) == "faster"
 
 
 def test_op_times_cover_the_ops_onnxruntime_runs_and_leave_no_profile(rng, tmp_path, monkeypatch):
