@@ -43,7 +43,8 @@ from .external import external_tensor
 from .model import Graph, declared_dims, default_opset, remove_unused_initializers, unique_name
 from .patterns import activation_bounds, clip_bounds, scalar_operand
 from .quant import Encoding, encoding_from_range, int32_bias, quantize, zero_point_folded
-from .stages.weight_ranges import dense_weights_uint8
+from .stages.weight_ranges import uint8_layer
+from .weights import layer_kind
 
 MS_DOMAIN = "com.microsoft"
 _INT_TYPES = {(8, True): (TensorProto.INT8, np.int8), (8, False): (TensorProto.UINT8, np.uint8),
@@ -84,7 +85,7 @@ def export_qdq(state, integers: bool = True) -> onnx.ModelProto:
     layers = {l.name: l for l in state.layers}
     act_enc = {t: state.acts[r] for t, r in state.placement.root.items() if r in state.acts}
     ref = Graph(state.model)
-    dense_uint8 = dense_weights_uint8(state.config, state.target)
+    kinds = {l.name: layer_kind(ref, l) for l in state.layers}
     value_bounds = activation_bounds(state.layers, ref)  # what a fused Relu / Clip guarantees
 
     def qparams(base: str, enc: Encoding, zp_bits: int, zp_signed: bool):
@@ -202,8 +203,8 @@ def export_qdq(state, integers: bool = True) -> onnx.ModelProto:
             bits = storage_bits(wenc.spec.bits, opset)
             q_w = state.rounded.get(layer.name)
             q_w = quantize(w, wenc) if q_w is None else q_w
-            shift = 128 if dense_uint8 and layer.op in ("MatMul", "Gemm") and bits == 8 and wenc.spec.bits == 8 \
-                and wenc.spec.symmetric else 0
+            shift = 128 if uint8_layer(state.config, state.target, kinds[layer.name]) and bits == 8 \
+                and wenc.spec.bits == 8 and wenc.spec.symmetric else 0
             if not wenc.spec.symmetric and bits == 8:  # the same values on a zero-point-0 grid: fast kernels
                 folded = zero_point_folded(q_w, wenc, 64 if state.target.saturating_u8s8 else 127)
                 q_w, wenc = folded if folded is not None else (q_w, wenc)

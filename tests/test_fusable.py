@@ -203,9 +203,9 @@ def test_reduce_range_keeps_the_runtime_equal_to_its_exact_qdq_run(tmp_path, set
 
 @pytest.mark.parametrize("target", ["vnni", "avx2"])
 def test_reduce_range_auto_follows_the_target_and_the_same_target_gives_the_same_bytes(tmp_path, target):
-    """``auto``: full 8 bits for a target whose integer products are exact; 7 bits in the non-depthwise
-    convolution where its u8 × s8 pairs saturate; the report records the target, and the model does not depend on
-    which machine built it (this one, whichever kind it is)."""
+    """``auto``: int8 weights for a target whose integer products are exact; where its u8 × s8 pairs saturate,
+    the convolution's 8-bit weights stored as uint8 + 128 (the same values), which onnxruntime computes exactly on
+    any machine; the report records the target, and the model does not depend on which machine built it."""
     from ptq.run import quantize
     path = tmp_path / "conv.onnx"
     onnx.save(worst_case_conv(), str(path))
@@ -215,10 +215,15 @@ def test_reduce_range_auto_follows_the_target_and_the_same_target_gives_the_same
         np.save(folder / f"s{i}.npy", np.full((64, 2, 2), 1.0 + 0.02 * i, np.float32))
     r = quantize(path, folder, holdout=4, act_range="minmax", latency_runs=0, target=target)
     rr = r.report["stages"]["reduce_range"]
-    assert rr["could"] == 1 and rr["layers"] == (1 if target == "avx2" else 0)
+    assert rr["could"] == 1 and rr["layers"] == 0 and rr["uint8_layers"] == (1 if target == "avx2" else 0)
     assert r.report["target"]["name"] == target and r.report["target"]["saturating_u8s8"] == (target == "avx2")
     w = next(t for t in r.model.graph.initializer if t.name.startswith("conv/weight/quantized"))
-    assert np.abs(numpy_helper.to_array(w)).max() == (63 if target == "avx2" else 127)
+    values = numpy_helper.to_array(w)
+    assert (values.dtype, int(values.max())) == ((np.uint8, 255) if target == "avx2" else (np.int8, 127))
+    if target == "avx2":  # every product pair at 255 · 127: exact all the same
+        x = np.full((1, 64, 2, 2), 1.22, np.float32)
+        np.testing.assert_allclose(session(r.model).run(None, {"x": x})[0],
+                                   session(r.model, exact_qdq=True).run(None, {"x": x})[0], rtol=0.02)
     machine = "avx2" if saturates_u8s8() else "vnni"
     other = quantize(path, folder, holdout=4, act_range="minmax", latency_runs=0, target=machine)
     same = other.model.SerializeToString() == r.model.SerializeToString()
@@ -233,7 +238,7 @@ def test_reduce_range_auto_follows_the_target_and_the_same_target_gives_the_same
 def test_reduce_range_always_spares_depthwise(rng, tmp_path, target):
     vnni, avx2 = resolve_target("vnni"), resolve_target("avx2")
     assert reduced_range("auto", vnni)[0] is False and reduced_range("never", avx2)[0] is False
-    assert reduced_range("always", vnni)[0] is True and reduced_range("auto", avx2)[0] is True
+    assert reduced_range("always", vnni)[0] is True and reduced_range("auto", avx2)[0] is False  # uint8 instead
     from builders import zoo
     model = zoo(rng)
     calib = save_npy_samples(tmp_path / "calib", rng, (3, 16, 16), 4)
@@ -505,8 +510,8 @@ def test_concat_inputs_with_other_readers_share_only_within_the_tolerance(rng, t
     assert apart.acts[apart.placement.root["b"]] is not apart.acts[apart.placement.root["cat"]]
 
 
-def test_a_layer_raised_to_8_bits_gets_7_on_a_saturating_target_and_the_choices_stay(tmp_path):
-    """At 4-bit weights a recipe raises the convolution to 8 bits: on the avx2 target it is written in [-64, 63]
+def test_a_layer_raised_to_8_bits_is_stored_uint8_on_a_saturating_target_and_the_choices_stay(tmp_path):
+    """At 4-bit weights a recipe raises the convolution to 8 bits: on the avx2 target it is stored as uint8 + 128
     (the target's saturation, not a second quantization), and the report still says which settings ptq chose
     (AdaRound at 4 bits) and why."""
     from ptq.run import quantize
@@ -518,6 +523,8 @@ def test_a_layer_raised_to_8_bits_gets_7_on_a_saturating_target_and_the_choices_
         np.save(folder / f"s{i}.npy", np.full((64, 2, 2), 1.0 + 0.02 * i, np.float32))
     r = quantize(path, folder, holdout=4, act_range="minmax", latency_runs=0, weight_bits=4, adaround_iters=5,
                  overrides={"conv": {"bits": 8}}, target="avx2")
-    assert r.report["stages"]["reduce_range"]["layers"] == 1
-    assert r.report["weights"]["conv"]["bits"] == 7
+    assert r.report["stages"]["reduce_range"]["uint8_layers"] == 1
+    assert r.report["weights"]["conv"]["bits"] == 8
+    w = next(t for t in r.model.graph.initializer if t.name.startswith("conv/weight/quantized"))
+    assert w.data_type == TensorProto.UINT8
     assert "adaround" in r.report["stages"]["choices"]

@@ -2,11 +2,12 @@
 per tensor, symmetric (default) or asymmetric, by min-max or MSE (see ptq.ranges.weight_encoding); with
 ``ends_8bit`` the weights of the network's first and head layers (``ptq.patterns.end_layers``) keep at least 8
 bits, as their inputs do (ptq.stages.activation_ranges). Where
-the target's runtime adds u8 × s8 products in saturating int16 (``ptq.target``) and ``reduce_range`` is not
-``never``, the 8-bit weights of MatMul / Gemm layers are marked for uint8 storage (q + 128, zero point 128: the
-same values, computed by the u8 × u8 kernels, which do not saturate) and the 8-bit weights of the convolutions (not
-depthwise) get 7 bits, [-64, 63], stored in int8 (so every pair of products, 255 · 64 · 2 = 32640, fits in int16);
-``reduce_range = always`` gives them 7 bits on any target. Depthwise convolutions accumulate in int32."""
+the target's runtime adds u8 × s8 products in saturating int16 (``ptq.target``), ``reduce_range = auto`` stores
+the 8-bit symmetric weights of every layer but the depthwise convolutions as uint8 (q + 128, zero point 128: the
+same values, computed by onnxruntime's u8 × u8 kernels, which do not saturate; ``uint8_weights``);
+``reduce_range = always`` gives the convolutions' 8-bit weights 7 bits instead, [-64, 63] in int8 (every pair of
+products, 255 · 64 · 2 = 32640, fits in int16: the faster u8 × s8 kernels, one bit less), on any target; ``never``
+keeps int8 weights whatever the target. Depthwise convolutions accumulate in int32 and never saturate."""
 from __future__ import annotations
 
 import onnx
@@ -22,8 +23,7 @@ def set_weight_ranges(state, ctx=None):
     cfg = state.config
     gr = Graph(state.model)
     reduce, why = reduced_range(cfg.reduce_range, state.target)
-    dense_uint8 = dense_weights_uint8(cfg, state.target)
-    reduced, could = [], 0
+    reduced, could, stored_uint8 = [], 0, 0
     ends = end_layers(state.model, state.layers) if cfg.ends_8bit else set()
     for layer in state.layers:
         o = cfg.override_for(layer.name, layer.weight)
@@ -31,23 +31,34 @@ def set_weight_ranges(state, ctx=None):
         bits = int(o.get("bits", max(cfg.weight_bits, 8) if layer.name in ends else cfg.weight_bits))
         symmetric = bool(o.get("symmetric", cfg.symmetric_weights(bits)))
         kind = layer_kind(gr, layer)
-        if bits == 8 and kind not in ("depthwise", "dense" if dense_uint8 else None):
+        if bits == 8 and kind != "depthwise":
             could += 1
-            if reduce:
+            if reduce and not uint8_layer(cfg, state.target, kind):
                 bits = 7
                 reduced.append(layer.name)
+            elif symmetric and uint8_layer(cfg, state.target, kind):
+                stored_uint8 += 1
         spec = QuantSpec(bits=bits, signed=True,
                          symmetric=symmetric,
                          axis=layer.w_axis if per_channel else None)
         state.weights[layer.name] = weight_encoding(gr.const(layer.weight), spec, o.get("range", cfg.weight_range))
-    state.report["reduce_range"] = {"layers": len(reduced), "could": could, "why": why, "dense_uint8": dense_uint8}
+    state.report["reduce_range"] = {"layers": len(reduced), "could": could, "why": why,
+                                    "uint8_layers": stored_uint8}
     return state
 
 
-def dense_weights_uint8(cfg, target) -> bool:
-    """Whether 8-bit symmetric MatMul / Gemm weights are stored as uint8 (q + 128): on a saturating target,
-    unless ``reduce_range = never``."""
-    return cfg.reduce_range != "never" and target.saturating_u8s8
+def uint8_weights(cfg, target) -> bool:
+    """Whether 8-bit symmetric weights of non-depthwise layers are stored as uint8 (q + 128): on a saturating
+    target with ``reduce_range = auto``. (``always`` keeps the dense layers' weights uint8 too: 7 bits are for the
+    convolutions.)"""
+    return target.saturating_u8s8 and cfg.reduce_range in ("auto", "always")
+
+
+def uint8_layer(cfg, target, kind: str) -> bool:
+    """Whether a layer of this kind (ptq.weights.layer_kind) stores its 8-bit symmetric weights as uint8."""
+    if not uint8_weights(cfg, target) or kind == "depthwise":
+        return False
+    return cfg.reduce_range == "auto" or kind == "dense"
 
 
 def reduced_range(setting: str, target) -> tuple[bool, str]:
@@ -55,10 +66,10 @@ def reduced_range(setting: str, target) -> tuple[bool, str]:
     if setting == "always":
         return True, "reduce_range = always"
     if setting == "auto" and target.saturating_u8s8:
-        return True, (f"target {target.name}: u8 × s8 pairs saturate in int16, so 8-bit weights of non-depthwise "
-                      "convolutions are written in [-64, 63] (EfficientNet-Lite0 W8A8 per-channel on such a CPU: "
-                      "drop 3.46 -> -0.16 points; docs/FINDINGS.md); --reduce-range never keeps 8 bits, "
-                      "--target vnni builds for a runtime without saturation")
+        return False, (f"target {target.name}: u8 × s8 pairs saturate in int16, so the 8-bit weights of every layer "
+                       "but the depthwise convolutions are stored as uint8 + 128 (the same values; onnxruntime's "
+                       "u8 × u8 kernels are exact); --reduce-range always gives the convolutions 7-bit int8 weights "
+                       "instead (faster kernels, one bit less), --target vnni builds for a runtime without saturation")
     return False, f"reduce_range = {setting}, target {target.name}"
 
 
