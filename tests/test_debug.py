@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 import numpy as np
 import onnx
 import pytest
-from builders import conv_bn_relu, init, make, run, two_inputs, zoo
+from builders import conv_bn_relu, init, make, run, save_npy_samples, two_inputs, zoo
 from onnx import helper
 
 from ptq_cli.main import main
@@ -238,3 +238,29 @@ def test_debug_fp32_sanity_holds_after_stages_that_change_biases(rng, tmp_path, 
     assert report["fp32_sanity"]["ok"], report["fp32_sanity"]
     assert report["fp32_sanity"]["max_relative_change"] < 1e-4
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_debug_run_and_the_api_build_the_same_model_choices_included(rng, tmp_path):
+    """At 4-bit weights ptq compares CLE and weight symmetry on the held-back samples: ptq debug analyses the very
+    model that ptq run writes and ptq.quantize returns (same bytes), the choices included."""
+    import hashlib
+    from ptq.debug import debug
+    from ptq.pipeline import Config
+    from ptq.run import quantize
+    from ptq_cli.main import main
+    path = tmp_path / "zoo.onnx"
+    onnx.save(zoo(rng), str(path))
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 16, 16), 24)
+    settings = dict(weight_bits=4, adaround_iters=5, latency_runs=0, holdout=8)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("".join(f"{k} = {v}\n" for k, v in settings.items()) + "repair = false\n")
+    assert main(["run", str(path), "--calib", str(calib), "-o", str(tmp_path / "q.onnx"), "--recipe", str(recipe),
+                 "-q"]) == 0
+    written = hashlib.sha256((tmp_path / "q.onnx").read_bytes()).hexdigest()
+    api = quantize(path, calib, repair=False, **settings)
+    assert {"cle", "weight_symmetric"} <= set(api.report["stages"]["choices"])
+    assert hashlib.sha256(api.model.SerializeToString()).hexdigest() == written
+    _, _, report = debug(path, calib, tmp_path / "d.html", Config(**settings, debug_samples=8))
+    assert report["quantized_sha256"] == written
+    assert set(report["choices"]) >= {"cle", "weight_symmetric"}
