@@ -231,6 +231,7 @@ class Config:
         late = [s for s in self.steps[first:] if s in FUNCTION_PRESERVING]
         if late:
             raise InputError(f"steps: {', '.join(late)} change the FP32 model and must come before every other step")
+        check_order(self.steps, self.adaround_inputs)
         return self
 
     def default_steps(self) -> list[str]:
@@ -437,6 +438,44 @@ STEPS = {
 
 
 FUNCTION_PRESERVING = {"smoothquant", "cle", "bias_absorption"}  # transform the FP32 model, keeping its function
+
+# What each decision step reads and writes of the decisions: weight grids, activation grids. Block reconstruction
+# refines both from where the earlier steps left them (it writes nothing another step read); the int32 bias guard
+# reads the final grids and biases, so it comes last.
+STEP_READS = {"easyquant": {"weight grids", "activation grids"}, "adaround": {"weight grids"},
+              "bias_correction": {"weight grids"}, "block_reconstruction": {"weight grids", "activation grids"},
+              "bias_overflow": {"weight grids", "activation grids"}}
+STEP_WRITES = {"weight_ranges": {"weight grids"}, "activation_ranges": {"activation grids"},
+               "data_free_ranges": {"activation grids"}, "easyquant": {"weight grids", "activation grids"}}
+
+
+def check_order(steps: list[str], adaround_inputs: str = "quantized") -> None:
+    """Refuse (InputError) an order of steps that would write a wrong model: a step listed twice, a step before
+    what it reads was written, a step that rewrites what an earlier step derived its result from (EasyQuant after
+    AdaRound: AdaRound's integers on EasyQuant's new grid), and the bias guard anywhere but last."""
+    twice = sorted({s for s in steps if steps.count(s) > 1})
+    if twice:
+        raise InputError(f"steps: {', '.join(twice)} listed twice")
+    written, read_by = set(), {}
+    for k, name in enumerate(steps):
+        reads = set(STEP_READS.get(name, ()))
+        if name == "adaround" and adaround_inputs == "quantized_acts":
+            reads.add("activation grids")
+        missing = sorted(reads - written)
+        if missing:
+            maker = {"weight grids": "weight_ranges", "activation grids": "activation_ranges"}
+            raise InputError(f"steps: {name} reads the {' and '.join(missing)}: put "
+                             f"{' and '.join(maker[m] for m in missing)} before it")
+        for fact in STEP_WRITES.get(name, ()):
+            stale = [r for r in read_by.get(fact, []) if r != name]
+            if stale:
+                raise InputError(f"steps: {name} rewrites the {fact} that {', '.join(stale)} already used: put "
+                                 f"{name} before {stale[0]}")
+        for fact in reads:
+            read_by.setdefault(fact, []).append(name)
+        written |= STEP_WRITES.get(name, set())
+        if name == "bias_overflow" and k != len(steps) - 1:
+            raise InputError("steps: bias_overflow guards the biases of the final grids and must come last")
 
 
 def _digest(model: onnx.ModelProto) -> str:
