@@ -1,9 +1,9 @@
 """What a default W8A8 run costs, against onnxruntime's own quantize_static (QDQ, per-channel, MinMax) on the same
 images, back to back in one run: wall time, CPU time (user + system, every thread) and peak RSS of each
-quantization process alone; and how both grow with the calibration set (256 -> 1024 images) and the model (the
+quantization process alone; and how both grow with the calibration set (256 -> 1000 images) and the model (the
 2.7 GB model's cost is in the zoo table).
 
-    python bench/cost.py [--images 256,1024] [--models efficientnet_lite0,efficientnet_lite2]
+    python bench/cost.py [--images 256,1000] [--models efficientnet_lite0,efficientnet_lite2]
 
 Both tools read the same JPEG files with the same preprocessing (ptq's, for onnxruntime through a
 CalibrationDataReader), so both decode them. Rows go to bench/cost_results.json and the "Cost" section of
@@ -123,7 +123,7 @@ def write(rows: list[dict]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", default="256,1024")
+    ap.add_argument("--images", default="256,1000")  # the calibration folder holds 1000 images
     ap.add_argument("--models", default="efficientnet_lite0")
     a = ap.parse_args()
     if not SHARED.exists():
