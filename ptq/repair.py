@@ -22,7 +22,7 @@ from .evaluate import fidelity_flags, latencies_ms
 from .export import export_qdq
 
 MAX_RAISED = 32
-RANK_SAMPLES = 16  # held-back samples the ranking runs on (the raises are checked on all of them)
+RANK_SAMPLES = 8  # held-back samples the ranking runs on (the raises are checked on all of them)
 
 
 def margin(result: dict, sqnr_db: float, cosine: float) -> float:
