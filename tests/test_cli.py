@@ -58,8 +58,8 @@ def test_run_writes_model_and_reports(setup, capsys):
 
 def test_the_report_states_what_was_written_and_how_many_samples_calibrated(setup, capsys):
     """--reduce-range always on the avx2 target writes the full convolutions at 7 bits and the depthwise one and
-    the Gemm at 8: the summary counts both; --calib-size beyond the data says how many were used; data-free ranges name their method
-    (BN statistics), not the --act-range setting."""
+    the Gemm at 8: the summary counts both; --calib-size beyond the data says how many were used; data-free ranges
+    name their method (BN statistics), not the --act-range setting."""
     model, calib, tmp = setup
     code, stdout, err = call(capsys, "run", model, "--calib", calib, "-o", tmp / "a.onnx", "--target", "avx2",
                              "--reduce-range", "always", "--calib-size", 1000)
