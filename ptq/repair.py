@@ -7,9 +7,9 @@ the bounds hold when m ≥ 0 (up to the slice's own test). Quantizers are ranked
 model with every quantizer but q, minus m of the whole model (what raising q alone recovers, the error q adds to
 the network as built, not q in isolation: error that builds up along a backbone is found there). They are then
 raised in that order (to 16 bits), re-measuring after each, until the bounds hold, at most ``MAX_RAISED`` (or a
-quarter of the quantizers, whichever is larger) — past those whose raise alone recovers anything, since error
-spread over many quantizers adds up; a model that still misses them keeps the raises only where they improved
-the margin, with the culprits named (the caller exits 3). The models run as onnxruntime runs them by default (fused
+quarter of the quantizers, whichever is larger) and only those whose raise alone recovers anything; a model that
+still misses them keeps the best prefix of the raises (none where none beat the model as built), with the
+culprits named (the caller exits 3). The models run as onnxruntime runs them by default (fused
 integer kernels), so the repair sees what the written model does."""
 from __future__ import annotations
 
@@ -59,7 +59,9 @@ def repair(original, state, qmodel, held, config, progress: bool = False) -> tup
     ranking.sort(key=lambda r: -r[0])
     limit = max(MAX_RAISED, len(every) // 4)
     raised, history, current, model, after = [], [], state, qmodel, before
-    for gain, q in ranking[:limit]:  # past the positive gains too: error spread over many quantizers adds up
+    for gain, q in ranking[:limit]:
+        if gain <= 0:
+            break
         raised.append(q)
         current = raise_quantizers(state, raised, "16")
         model = export_qdq(current)

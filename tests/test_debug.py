@@ -92,7 +92,7 @@ def test_auto_fix_raises_exactly_the_broken_quantizer(crafted, tmp_path, capsys)
     out = tmp_path / "q.onnx"
     args = ["run", str(path), "--calib", str(calib), "--eval", str(val), "--per-tensor", "--weight-range", "minmax",
             "-o", str(out),
-            "--max-drop", "5"]
+            "--max-drop", "5", "--no-repair"]  # the gate's auto-fix, not the fidelity bounds' repair
     assert main(args) == 3  # without the fix the gate fails
     assert main(args + ["--auto-fix"]) == 0
     rep = json.loads((tmp_path / "q.report.json").read_text())
