@@ -6,10 +6,9 @@ upper_o − b_dB, 20·(cos_o − b_cos)), where upper_o is the o's worst slice's
 the bounds hold when m ≥ 0 (up to the slice's own test). Quantizers are ranked once, by leave-one-out: m of the
 model with every quantizer but q, minus m of the whole model (what raising q alone recovers, the error q adds to
 the network as built, not q in isolation: error that builds up along a backbone is found there). They are then
-raised in that order (to 16 bits), re-measuring after each, until the bounds hold, at most ``MAX_RAISED`` (or a
-quarter of the quantizers, whichever is larger) and only those whose raise alone recovers anything; a model that
-still misses them keeps the best prefix of the raises (none where none beat the model as built), with the
-culprits named (the caller exits 3). The models run as onnxruntime runs them by default (fused
+raised in that order (to 16 bits, or removed: float), re-measuring after each, until the bounds hold, at most
+``MAX_RAISED`` (or a quarter of the quantizers, whichever is larger); a model that still misses them is left as it
+is, with the culprits named (the caller exits 3). The models run as onnxruntime runs them by default (fused
 integer kernels), so the repair sees what the written model does."""
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from .evaluate import fidelity_flags, latencies_ms
 from .export import export_qdq
 
 MAX_RAISED = 32
-RANK_SAMPLES = 8  # held-back samples the ranking runs on (the raises are checked on all of them)
+RANK_SAMPLES = 16  # held-back samples the ranking runs on (the raises are checked on all of them)
 
 
 def margin(result: dict, sqnr_db: float, cosine: float) -> float:
@@ -71,15 +70,9 @@ def repair(original, state, qmodel, held, config, progress: bool = False) -> tup
         if not fidelity_flags(after, *bounds):
             break
     met = not fidelity_flags(after, *bounds)
-    if not met:  # the best prefix of the raises, or none where none beat the model as built
-        best = max(range(len(history)), key=lambda k: history[k]["margin_db"], default=None)
-        if best is None or history[best]["margin_db"] <= margin(before, *bounds):
-            current, model, raised, after = state, qmodel, [], before
-        elif best < len(raised) - 1:
-            raised = raised[:best + 1]
-            current = raise_quantizers(state, raised, "16")
-            model = export_qdq(current)
-            after = scorer.score(model, exact=False)
+    if not met:  # nothing written that is not better: keep the raises only where they helped at all
+        if margin(after, *bounds) <= margin(before, *bounds):
+            current, model, raised = state, qmodel, []
     _, feed = next(iter(held.batches(1)))
     lat = latencies_ms([qmodel, model], feed, 10) if raised else None
     info = {"flags_before": [line for _, line in flags], "met": met, "raised": raised, "to": "16 bits",
