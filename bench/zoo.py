@@ -108,14 +108,20 @@ def yolo_boxes(head: np.ndarray, score: float = 0.25, nms: float = 0.45):
     keep = conf >= score
     xywh, cls, conf = head[:4, keep].T, cls[keep], conf[keep]
     boxes = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], axis=1)
+    chosen = class_nms(boxes, conf, cls, nms)
+    return boxes[chosen], cls[chosen]
+
+
+def class_nms(boxes: np.ndarray, conf: np.ndarray, cls: np.ndarray, thr: float) -> list[int]:
+    """Greedy NMS within each class: the indices kept, highest confidence first; a box suppresses the boxes of its
+    class that overlap it at IoU >= ``thr``."""
     order, chosen = np.argsort(-conf), []
     while order.size:
         k = order[0]
         chosen.append(k)
         rest = order[1:]
-        overlap = iou(boxes[k:k + 1], boxes[rest])[0]
-        order = rest[(overlap < nms) | (cls[rest] != cls[k])]
-    return boxes[chosen], cls[chosen]
+        order = rest[(iou(boxes[k:k + 1], boxes[rest])[0] < thr) | (cls[rest] != cls[k])]
+    return chosen
 
 
 def box_f1(fp_out, q_out) -> dict:
@@ -141,17 +147,9 @@ def gfl_boxes(scores: list[np.ndarray], dists: list[np.ndarray], size: tuple[int
         boxes.append(np.concatenate([c - d[:, :2], c + d[:, 2:]], 1))
         confs.append(sc)
     boxes, confs = np.concatenate(boxes), np.concatenate(confs)
-    out_b, out_c = [], []
-    for k in range(confs.shape[1]):
-        keep = confs[:, k] > conf
-        b, s = boxes[keep], confs[keep, k]
-        order = np.argsort(-s)
-        while order.size:
-            i = order[0]
-            out_b.append(b[i])
-            out_c.append(k)
-            order = order[1:][iou(b[i:i + 1], b[order[1:]])[0] < nms]
-    return np.array(out_b).reshape(-1, 4), np.array(out_c, int)
+    anchor, cls = np.nonzero(confs > conf)  # every (anchor, class) over the threshold is a candidate
+    chosen = class_nms(boxes[anchor], confs[anchor, cls], cls, nms)
+    return boxes[anchor][chosen].reshape(-1, 4), cls[chosen]
 
 
 def matched_f1(pairs) -> float:

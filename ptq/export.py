@@ -85,7 +85,6 @@ def export_qdq(state, integers: bool = True) -> onnx.ModelProto:
     layers = {l.name: l for l in state.layers}
     act_enc = {t: state.acts[r] for t, r in state.placement.root.items() if r in state.acts}
     ref = Graph(state.model)
-    kinds = {l.name: layer_kind(ref, l) for l in state.layers}
     value_bounds = activation_bounds(state.layers, ref)  # what a fused Relu / Clip guarantees
 
     def qparams(base: str, enc: Encoding, zp_bits: int, zp_signed: bool):
@@ -203,8 +202,8 @@ def export_qdq(state, integers: bool = True) -> onnx.ModelProto:
             bits = storage_bits(wenc.spec.bits, opset)
             q_w = state.rounded.get(layer.name)
             q_w = quantize(w, wenc) if q_w is None else q_w
-            shift = 128 if uint8_layer(state.config, state.target, kinds[layer.name]) and bits == 8 \
-                and wenc.spec.bits == 8 and wenc.spec.symmetric else 0
+            shift = 128 if bits == 8 and wenc.spec.bits == 8 and wenc.spec.symmetric \
+                and uint8_layer(state.config, state.target, layer_kind(ref, layer)) else 0
             if not wenc.spec.symmetric and bits == 8:  # the same values on a zero-point-0 grid: fast kernels
                 folded = zero_point_folded(q_w, wenc, 64 if state.target.saturating_u8s8 else 127)
                 q_w, wenc = folded if folded is not None else (q_w, wenc)

@@ -48,7 +48,7 @@ def batchless_note(folder: Path, inputs: list[InputInfo]) -> str | None:
     shapes = []
     for p in files:
         try:
-            data = _load(p, inputs)
+            data = _load(p, inputs, header_only=True)
         except InputError:
             return None
         for info in inputs:
@@ -148,11 +148,13 @@ class FeedSource:
         return out
 
 
-def _load(path: Path, inputs: list[InputInfo] | None = None) -> dict:
-    """The arrays of a .npz file by key, or a .npy file's array under the name of the model's only input."""
+def _load(path: Path, inputs: list[InputInfo] | None = None, header_only: bool = False) -> dict:
+    """The arrays of a .npz file by key, or a .npy file's array under the name of the model's only input
+    (``header_only``: a .npy file memory-mapped, so only its header is read)."""
     try:
         if path.suffix == ".npy":
-            return {(inputs[0].name if inputs else "x"): np.load(path, allow_pickle=False)}
+            return {(inputs[0].name if inputs else "x"): np.load(path, allow_pickle=False,
+                                                                 mmap_mode="r" if header_only else None)}
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except Exception as e:

@@ -42,10 +42,11 @@ def upgraded(model: onnx.ModelProto, source, batch_size: int = 8) -> tuple[onnx.
 
 
 def _feeds(model, source, batch_size):
+    """(samples, feed) pairs: up to CHECK_SAMPLES of ``source``, or one random feed of the static shapes."""
     if source is not None:
         taken = 0
         for paths, feed in source.batches(min(batch_size, CHECK_SAMPLES)):
-            yield feed
+            yield len(paths), feed
             taken += len(paths)
             if taken >= CHECK_SAMPLES:
                 return
@@ -59,7 +60,7 @@ def _feeds(model, source, batch_size):
                              f"input '{info.name}' has dynamic dimensions; give --calib")
         shape = [1 if (k == info.batch_axis or d is None) else d for k, d in enumerate(info.shape)]
         feed[info.name] = rng.normal(size=shape).astype(info.dtype)
-    yield feed
+    yield 1, feed
 
 
 def _largest_difference(a, b, feeds) -> tuple[float, int]:
@@ -68,13 +69,12 @@ def _largest_difference(a, b, feeds) -> tuple[float, int]:
     sa, sb = session(a, arena=False), session(b, arena=False)
     names = [o.name for o in sa.get_outputs()]
     worst, samples = 0.0, 0
-    for feed in feeds:
+    for count, feed in feeds:
         for x, y in zip(sa.run(names, feed), sb.run(names, feed)):
             x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
             if x.shape != y.shape:
                 return float("inf"), samples
-            peak = float(np.max(np.abs(x))) if x.size else 0.0
             if x.size:
-                worst = max(worst, float(np.max(np.abs(x - y))) / max(peak, 1e-30))
-        samples += len(next(iter(feed.values()))) if feed and np.ndim(next(iter(feed.values()))) else 1
+                worst = max(worst, float(np.max(np.abs(x - y))) / max(float(np.max(np.abs(x))), 1e-30))
+        samples += count
     return worst, samples

@@ -267,6 +267,7 @@ def _non_float_tensors(model: onnx.ModelProto) -> set[str]:
 
 
 SCORE_TAILS = {"Softmax", "LogSoftmax", "Sigmoid", "Flatten", "Reshape", "Identity", "Squeeze"}
+POOLS = {"GlobalAveragePool", "ReduceMean"}  # a pooled Conv's scores (a 1×1-convolution classifier)
 
 
 def class_score_outputs(model: onnx.ModelProto) -> list[str]:
@@ -279,7 +280,7 @@ def class_score_outputs(model: onnx.ModelProto) -> list[str]:
                                                           if n.op_type == "Constant"}
 
     def upstream(node):
-        if node.op_type in SCORE_TAILS:
+        if node.op_type in SCORE_TAILS or node.op_type in POOLS:
             return producer.get(node.input[0])
         if node.op_type in ("Add", "Mul", "Div") and len(node.input) == 2 and node.input[1] in consts:
             return producer.get(node.input[0])
@@ -292,11 +293,12 @@ def class_score_outputs(model: onnx.ModelProto) -> list[str]:
         dims = o.type.tensor_type.shape.dim if o.type.tensor_type.HasField("shape") else None
         if dims is not None and len(dims) != 2:
             continue
-        node, seen, pooled = producer.get(o.name), 0, False
-        while node is not None and node.op_type not in ("Gemm", "MatMul", "Conv") and seen < 16:
-            pooled = pooled or node.op_type in ("GlobalAveragePool", "ReduceMean")
-            node, seen = (producer.get(node.input[0]) if node.op_type in ("GlobalAveragePool", "ReduceMean")
-                          else upstream(node)), seen + 1
+        node, pooled = producer.get(o.name), False
+        for _ in range(16):  # a bounded walk up the tail
+            if node is None or node.op_type in ("Gemm", "MatMul", "Conv"):
+                break
+            pooled = pooled or node.op_type in POOLS
+            node = upstream(node)
         if node is not None and (node.op_type in ("Gemm", "MatMul") or (node.op_type == "Conv" and pooled)):
             out.append(o.name)
     return out

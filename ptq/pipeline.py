@@ -447,6 +447,7 @@ STEP_READS = {"easyquant": {"weight grids", "activation grids"}, "adaround": {"w
               "bias_overflow": {"weight grids", "activation grids"}}
 STEP_WRITES = {"weight_ranges": {"weight grids"}, "activation_ranges": {"activation grids"},
                "data_free_ranges": {"activation grids"}, "easyquant": {"weight grids", "activation grids"}}
+FIRST_WRITER = {"weight grids": "weight_ranges", "activation grids": "activation_ranges"}
 
 
 def check_order(steps: list[str], adaround_inputs: str = "quantized") -> None:
@@ -463,9 +464,8 @@ def check_order(steps: list[str], adaround_inputs: str = "quantized") -> None:
             reads.add("activation grids")
         missing = sorted(reads - written)
         if missing:
-            maker = {"weight grids": "weight_ranges", "activation grids": "activation_ranges"}
             raise InputError(f"steps: {name} reads the {' and '.join(missing)}: put "
-                             f"{' and '.join(maker[m] for m in missing)} before it")
+                             f"{' and '.join(FIRST_WRITER[m] for m in missing)} before it")
         for fact in STEP_WRITES.get(name, ()):
             stale = [r for r in read_by.get(fact, []) if r != name]
             if stale:

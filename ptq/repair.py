@@ -36,20 +36,17 @@ def margin(result: dict, sqnr_db: float, cosine: float) -> float:
     return worst
 
 
-def repair(original, state, qmodel, held, config, progress: bool = False) -> tuple:
-    """(state, QDQ model, report dict or None). ``held``: the held-back samples. None where nothing was under the
-    bounds."""
+def repair(original, state, qmodel, held, config, before: dict, progress: bool = False) -> tuple:
+    """(state, QDQ model, report dict). ``held``: the held-back samples; ``before``: the model's fidelity on them
+    (ptq.evaluate.evaluate), which is under the bounds."""
     from .metric import Scorer
     scorer = Scorer(original, held, config.batch_size)
     bounds = (config.fidelity_sqnr_db, config.fidelity_cosine)
-    before = scorer.score(qmodel, exact=False)
     flags = fidelity_flags(before, *bounds)
-    if not flags:
-        return state, qmodel, None
     t0 = time.perf_counter()
     rank_scorer = scorer if len(held) <= RANK_SAMPLES else Scorer(
         original, held.subset(held.files[:RANK_SAMPLES]), config.batch_size)
-    base = margin(rank_scorer.score(qmodel, exact=False), *bounds)
+    base = margin(before if rank_scorer is scorer else rank_scorer.score(qmodel, exact=False), *bounds)
     every = [q.id for q in quantizers(state)]
     ranking = []
     for q in tqdm(every, desc="repair: ranking", unit="q", disable=not progress, leave=False):

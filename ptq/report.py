@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .target import Target
+
 
 def json_safe(x):
     """JSON has no inf / nan: write them as strings."""
@@ -95,10 +97,8 @@ def sections(r: dict) -> list[Section]:
     target = r.get("target")
     out = [Section("Summary", text=[
         f"Model: `{r['model']}` → `{r.get('output')}`",
-        written_summary(r)] + ([r["calibration"]["line"].capitalize()] if r.get("calibration") else []) + ([
-            f"Target: {target['name']} ("
-            f"{'u8 × s8 pairs saturate in int16' if target['saturating_u8s8'] else 'exact integer products'}; "
-            f"onnxruntime {target['onnxruntime']}, {target['provider']})"] if target else []) + [
+        written_summary(r)] + ([r["calibration"]["line"].capitalize()] if r.get("calibration") else [])
+        + ([f"Target: {Target(**target).describe()}"] if target else []) + [
         f"Steps: {', '.join(s['steps'])}"] + [
         f"Chosen by ptq: `{k}` {why}" for k, why in ((r.get("stages") or {}).get("choices") or {}).items()] + [
         f"Sizes: FP32 {r['sizes']['fp32_bytes'] / 1e6:.2f} MB → quantized {r['sizes']['quant_bytes'] / 1e6:.2f} MB "

@@ -146,14 +146,6 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
                                          metric, progress)
         timings["auto_fix"] = round(time.perf_counter() - t0, 3)
 
-    repaired = None
-    if config.repair and held is not None:
-        t0 = time.perf_counter()
-        state, qmodel, repaired = repair(original, state, qmodel, held, config, progress)
-        if repaired is not None:
-            timings["repair"] = round(time.perf_counter() - t0, 3)
-
-    fidelity = None
     here = this_machine()
     if here.saturating_u8s8 != state.target.saturating_u8s8:
         state.report.setdefault("warnings", []).append(
@@ -162,10 +154,17 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
     if held is not None and state.transformed is not None:
         # ReLU6 -> ReLU (cle_relu6 = "relu") and bias absorption may change the FP32 function: measure by how much
         state.report["fp32_change_from_transforms"] = evaluate(original, state.transformed, held, config.batch_size)
+    fidelity, repaired = None, None
     if held is not None:
         t0 = time.perf_counter()
         fidelity = evaluate(original, qmodel, held, config.batch_size, progress=progress, desc="fidelity")
         timings["fidelity"] = round(time.perf_counter() - t0, 3)
+    if config.repair and fidelity_flags(fidelity, config.fidelity_sqnr_db, config.fidelity_cosine):
+        t0 = time.perf_counter()
+        state, qmodel, repaired = repair(original, state, qmodel, held, config, fidelity, progress)
+        if repaired["raised"]:  # the model changed: its fidelity is measured again
+            fidelity = evaluate(original, qmodel, held, config.batch_size, progress=progress, desc="fidelity")
+        timings["repair"] = round(time.perf_counter() - t0, 3)
     evaluation = None
     if eval_src is not None:
         t0 = time.perf_counter()
@@ -268,10 +267,13 @@ def run(model_path, calib=None, output=None, strict: bool = False,
         fix = result.report.get("repair") or {}
         if strict and not config.repair:
             raise FidelityError(f"--strict: {flags[0]}{more}", result, paths)
-        raised = (f"after raising {len(fix['raised'])} of {fix['quantizers']} quantizers to 16 bits"
-                  if fix.get("raised") else "and raising quantizers did not bring it back")
+        how = ""  # what repair did, where it ran (it needs held-back samples)
+        if fix.get("raised"):
+            how = f" after raising {len(fix['raised'])} of {fix['quantizers']} quantizers to 16 bits"
+        elif fix:
+            how = " and raising quantizers did not bring it back"
         culprits = f"; culprits: {', '.join(fix['culprits'])}" if fix.get("culprits") else ""
-        raise FidelityError(f"under the fidelity bounds {raised}: {flags[0]}{more}{culprits} (the model and its "
+        raise FidelityError(f"under the fidelity bounds{how}: {flags[0]}{more}{culprits} (the model and its "
                             "reports are written; --no-repair writes them with a warning and exits 0)",
                             result, paths)
     return result, paths

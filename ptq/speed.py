@@ -262,6 +262,6 @@ def measure_speed(fp_model: onnx.ModelProto, q_model: onnx.ModelProto, feed: dic
     costs = {what: {"count": count, "ratio_without": round(ms / max(fp_ms, 1e-9), 3)}
              for (what, (count, _)), ms in zip(choices.items(), without_ms)}
     ops = None
-    if folder(fp_model) is None:  # a model kept on disk is not loaded twice more to be profiled
+    if not on_disk:  # a model kept on disk is not loaded twice more to be profiled
         ops = {"fp32": op_times(fp_model, feed), "quantized": op_times(q_model, feed)}
     return {**pair, "unfused": unfused_qdq(q_model), "costs": costs, "ops": ops}

@@ -83,3 +83,24 @@ def test_one_bad_class_on_few_samples_is_not_flagged_but_a_collapsed_slice_is(rn
     assert len(flags) == 1 and "slice 5 of 8" in flags[0][1]
     few = slice_result(head[:5], collapsed[:5])
     assert "worst_slice" not in few and few["slices"].startswith("not judged: 5 samples")
+
+
+def test_class_scores_are_found_through_a_bias_add_and_a_pooled_convolution():
+    """MatMul -> Add(bias) -> Softmax [N, 2] (the PP-OCR direction classifier's tail) and Conv -> GlobalAveragePool
+    -> Flatten are class scores; a Conv -> Flatten feature map and a MatMul divided by a computed norm are not."""
+    from builders import init, make
+    from onnx import helper
+    from ptq.patterns import class_score_outputs
+    f = np.float32
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["logit"]),
+             helper.make_node("Softmax", ["logit"], ["prob"], axis=1),
+             helper.make_node("ReduceL2", ["mm"], ["norm"], keepdims=1),
+             helper.make_node("Div", ["mm", "norm"], ["emb"])]
+    m = make(nodes, [("x", [None, 4])], [("prob", [None, 2]), ("emb", [None, 2])],
+             [init("w", np.ones((4, 2), f)), init("b", np.zeros(2, f))])
+    assert class_score_outputs(m) == ["prob"]
+    conv = [helper.make_node("Conv", ["img", "k"], ["c"]), helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["scores"]), helper.make_node("Flatten", ["c"], ["features"])]
+    m = make(conv, [("img", [None, 3, 4, 4])], [("scores", [None, 5]), ("features", [None, 80])],
+             [init("k", np.ones((5, 3, 1, 1), f))])
+    assert class_score_outputs(m) == ["scores"]

@@ -4,7 +4,7 @@ per tensor, symmetric (default) or asymmetric, by min-max or MSE (see ptq.ranges
 bits, as their inputs do (ptq.stages.activation_ranges). Where
 the target's runtime adds u8 × s8 products in saturating int16 (``ptq.target``), ``reduce_range = auto`` stores
 the 8-bit symmetric weights of every layer but the depthwise convolutions as uint8 (q + 128, zero point 128: the
-same values, computed by onnxruntime's u8 × u8 kernels, which do not saturate; ``uint8_weights``);
+same values, computed by onnxruntime's u8 × u8 kernels, which do not saturate; ``uint8_layer``);
 ``reduce_range = always`` gives the convolutions' 8-bit weights 7 bits instead, [-64, 63] in int8 (every pair of
 products, 255 · 64 · 2 = 32640, fits in int16: the faster u8 × s8 kernels, one bit less), on any target; ``never``
 keeps int8 weights whatever the target. Depthwise convolutions accumulate in int32 and never saturate."""
@@ -33,10 +33,11 @@ def set_weight_ranges(state, ctx=None):
         kind = layer_kind(gr, layer)
         if bits == 8 and kind != "depthwise":
             could += 1
-            if reduce and not uint8_layer(cfg, state.target, kind):
+            as_uint8 = uint8_layer(cfg, state.target, kind)
+            if reduce and not as_uint8:
                 bits = 7
                 reduced.append(layer.name)
-            elif symmetric and uint8_layer(cfg, state.target, kind):
+            elif symmetric and as_uint8:
                 stored_uint8 += 1
         spec = QuantSpec(bits=bits, signed=True,
                          symmetric=symmetric,
@@ -47,18 +48,13 @@ def set_weight_ranges(state, ctx=None):
     return state
 
 
-def uint8_weights(cfg, target) -> bool:
-    """Whether 8-bit symmetric weights of non-depthwise layers are stored as uint8 (q + 128): on a saturating
-    target with ``reduce_range = auto``. (``always`` keeps the dense layers' weights uint8 too: 7 bits are for the
-    convolutions.)"""
-    return target.saturating_u8s8 and cfg.reduce_range in ("auto", "always")
-
-
 def uint8_layer(cfg, target, kind: str) -> bool:
-    """Whether a layer of this kind (ptq.weights.layer_kind) stores its 8-bit symmetric weights as uint8."""
-    if not uint8_weights(cfg, target) or kind == "depthwise":
+    """Whether a layer of this kind (ptq.weights.layer_kind) stores its 8-bit symmetric weights as uint8 (q + 128):
+    on a saturating target, every layer but the depthwise ones with ``reduce_range = auto``, the dense ones with
+    ``always`` (7 bits are for the convolutions)."""
+    if not target.saturating_u8s8 or kind == "depthwise":
         return False
-    return cfg.reduce_range == "auto" or kind == "dense"
+    return cfg.reduce_range == "auto" or (cfg.reduce_range == "always" and kind == "dense")
 
 
 def reduced_range(setting: str, target) -> tuple[bool, str]:
