@@ -87,22 +87,63 @@ def test_calibration_batches_shrink_to_the_memory_limit(rng, tmp_path):
 
     from builders import save_npy_samples, zoo
     from ptq.data import model_inputs
-    from ptq.observe import Histogram, batch_within, observe, session
+    from ptq.observe import OUTPUT_SHARE, Histogram, Outputs, batch_within, observe, session
     model = zoo(rng)
     calib = save_npy_samples(tmp_path / "c", rng, (3, 16, 16), 24)
     src = DataSource(calib, model_inputs(model))
     names = ["r1", "add", "cat"]
-    sess = session(model, names)
+    sess = Outputs(session(model, names), names)
     per_sample = 4 * (8 * 16 * 16 + 8 * 16 * 16 + 16 * 8 * 8)  # r1, add [8, 16, 16], cat [16, 8, 8] in float32
-    assert batch_within(sess, names, src, 16, None) == 16
-    assert batch_within(sess, names, src, 16, 3 * per_sample * 5.5) == 5
-    assert batch_within(sess, names, src, 16, 1.0) == 1  # not even one sample fits: one at a time
+    assert batch_within(sess, src, 16, None) == 16
+    assert batch_within(sess, src, 16, per_sample * 5.5 / OUTPUT_SHARE) == 5
+    assert batch_within(sess, src, 16, 1.0) == 1  # not even one sample fits: one at a time
     hists = {}
-    for limit in (None, 1.0):  # the statistics do not depend on the batches
+    for limit in (None, 1.0):  # the statistics do not depend on the batches (16 samples, then one at a time)
         h = {n: Histogram() for n in names}
         assert observe(model, src, 16, {n: [h[n]] for n in names}, memory_limit=limit) == 24
         hists[limit] = h
     for n in names:
         assert hists[None][n].min == hists[1.0][n].min and hists[None][n].max == hists[1.0][n].max
-        assert abs(int(hists[None][n].counts.sum()) - int(hists[1.0][n].counts.sum())) == 0
+        assert np.array_equal(hists[None][n].counts, hists[1.0][n].counts)
     assert onnx  # the model stays as built
+
+
+def test_bound_outputs_equal_plain_runs(rng):
+    """Outputs reuses buffers between batches; each batch's values equal a plain onnxruntime run's, for a graph
+    input requested as an output, an output whose shape does not follow the batch (Shape) and one whose shape
+    follows the data (NonZero), over batches of changing size."""
+    from builders import make
+    from onnx import helper
+
+    from ptq.observe import Outputs, session
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Shape", ["r"], ["shape"]),
+             helper.make_node("NonZero", ["r"], ["nz"]), helper.make_node("Neg", ["r"], ["y"])]
+    model = make(nodes, [("x", [None, 4])], [("y", [None, 4])], [])
+    names = ["x", "r", "shape", "nz", "y"]
+    sess = session(model, names)
+    out = Outputs(sess, names)
+    for n in (2, 2, 2, 4, 4, 1, 4, 4, 4):
+        feed = {"x": rng.normal(0, 1, (n, 4)).astype(np.float32)}
+        got = [v.copy() for v in out.run(feed)]
+        for name, a, b in zip(names, got, sess.run(names, feed)):
+            assert a.shape == b.shape and np.array_equal(a, b), (n, name)
+    assert out.failures >= 2 and out.binding is None  # NonZero's shape follows the data: binding given up
+
+
+def test_bound_outputs_reused_between_batches(rng):
+    """Where the shapes follow the batch, the second batch of a size runs bound (the buffers stay the same)."""
+    from builders import zoo
+
+    from ptq.observe import Outputs, session
+    model = zoo(rng)
+    names = ["x", "r1", "cat", "logits"]
+    sess = session(model, names)
+    out = Outputs(sess, names)
+    feeds = [{"x": rng.normal(0, 1, (3, 3, 16, 16)).astype(np.float32)} for _ in range(3)]
+    for k, feed in enumerate(feeds):
+        got = out.run(feed)
+        ref = sess.run(names, feed)
+        assert all(np.array_equal(a, b) for a, b in zip(got, ref))
+        if k:
+            assert out.binding is not None and got[1] is out.buffers["r1"]
+    assert out.failures == 0

@@ -472,7 +472,8 @@ def concat_values(model, calib, names):
 def test_concat_inputs_read_by_the_concat_alone_take_its_grid(rng, tmp_path, monkeypatch):
     """b's range is 5× below a's: on the Concat's grid it loses resolution, but what the Concat's reader sees
     only gains (one rounding onto the output grid instead of two), so both inputs share the grid: one scale in
-    the exported model, QLinearConcat copying, and the Concat's quantized output no farther from FP32."""
+    the exported model, QLinearConcat copying, and the Concat's quantized output no farther from FP32 (within 1 %:
+    on 6144 values a second rounding from a 5× finer grid adds about as much error as chance moves it)."""
     calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 16)
     model = concat_model(rng, 0.2)
     state = state_for(model, calib, reduce_range="never")  # 8-bit weights on any target: the grids alone differ
@@ -488,7 +489,7 @@ def test_concat_inputs_read_by_the_concat_alone_take_its_grid(rng, tmp_path, mon
     assert "Concat" not in unfused_qdq(shared)["beside"]
     fp = concat_values(model, calib, ["cat"])["cat"]
     err = [float(((concat_values(m, calib, ["cat"])["cat"] - fp) ** 2).sum()) for m in (shared, apart)]
-    assert err[0] <= err[1]
+    assert err[0] <= err[1] * 1.01
 
 
 def test_concat_inputs_with_other_readers_share_only_within_the_tolerance(rng, tmp_path):

@@ -77,6 +77,23 @@ def test_histogram_streaming_keeps_counts_and_extremes(rng):
     assert np.all(np.abs(c) <= h.nb * h.width)
 
 
+def test_histogram_does_not_depend_on_the_batches(rng):
+    """Split into batches of any size, in any order, the data give the same histogram: the one made by hand at the
+    smallest power-of-two width w with every |x| < HALF_BINS·w."""
+    x = np.concatenate([rng.normal(0, 0.01, 3000), rng.standard_t(2, 3000) * 5]).astype(np.float32)
+    made = []
+    for split in ([x.size], [7, 500, 5493], [4000, 1000, 1000]):
+        h = Histogram(half_bins=64)
+        for part in np.split(rng.permutation(x), np.cumsum(split)[:-1]):
+            h.update(part)
+        made.append((h.width, h.counts.copy()))
+    w = 2.0 ** np.ceil(np.log2(np.abs(x).max() / 64 * (1 + 1e-12)))
+    assert np.abs(x).max() < 64 * w <= 2 * np.abs(x).max()
+    by_hand = np.bincount((np.floor(x.astype(np.float64) / w) + 64).astype(int), minlength=128)
+    for width, counts in made:
+        assert width == w and np.array_equal(counts, by_hand)
+
+
 def test_percentile_by_hand():
     h = Histogram()
     h.update(np.arange(10001, dtype=np.float32) / 100)  # 0..100
