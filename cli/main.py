@@ -198,6 +198,10 @@ def _metric(spec):
 @click.option("--strict", is_flag=True,
               help="With --no-repair: exit 3 (after writing) when an output, or a slice of one, is under the "
                    "fidelity bounds (with repair, the default, that is always so).")
+@click.option("--placement", type=click.Choice(["measured", "all"]), default=None,
+              help="measured: layers whose int8 kernels run slower than float on this runtime stay float, and a "
+                   "model that no int8 placement makes faster is written in float (timed; the decision is cached); "
+                   "all: every layer int8 (measured).")
 @click.option("--repair/--no-repair", default=None,
               help="Raise the fewest quantizers until every output meets the fidelity bounds on the held-back "
                    "samples, exit 3 naming the culprits where they cannot be met (on).")
@@ -269,6 +273,8 @@ def _print_run(result, paths):
         click.echo(f"repair: raised {len(fix['raised'])} quantizer(s) to {fix['to']} ({', '.join(fix['raised'][:6])}"
                    f"{' …' if len(fix['raised']) > 6 else ''}): the fidelity bounds are "
                    f"{'met' if fix['met'] else 'still not met'}")
+    if (r.get("placement") or {}).get("line"):
+        click.echo(r["placement"]["line"])
     click.echo(f"wrote {paths[0]} ({s['quant_bytes'] / 1e6:.2f} MB, {s['ratio']:.2f}x smaller than FP32) "
                f"in {r['timings']['total']:.1f} s")
     click.echo(f"report: {paths[2]} ({paths[3].name}, {paths[1].name})")

@@ -66,6 +66,7 @@ class Config:
     fidelity_sqnr_db: float = 6.0  # an output, or a slice of one, under this SQNR against FP32 is flagged
     fidelity_cosine: float = 0.9  # … or under this cosine
     repair: bool = True  # raise the fewest quantizers until every output meets those bounds (ptq.repair)
+    placement: str = "measured"  # int8 where it runs faster, timed on this runtime (ptq.placement); "all": every layer
     memory_limit: float = 2.0  # GB the calibration passes aim to stay within (their batches shrink to fit)
     threads: int = 0  # onnxruntime's and torch's threads (0: every core; ptq.threads)
     latency_runs: int = 20  # batch-1 runs timed per model for the report's speed section (0: not measured)
@@ -174,6 +175,8 @@ class Config:
             raise InputError(f"activation bits must be 2-8 or 16, not {self.act_bits}")
         if self.weight_range not in WEIGHT_METHODS:
             raise InputError(f"unknown weight range {self.weight_range!r} (choose from {', '.join(WEIGHT_METHODS)})")
+        if self.placement not in ("measured", "all"):
+            raise InputError(f"placement must be 'measured' or 'all', not {self.placement!r}")
         if self.act_range not in ACT_METHODS:
             raise InputError(f"unknown activation range {self.act_range!r} (choose from {', '.join(ACT_METHODS)})")
         if self.logits_range not in ACT_METHODS + ("xent",):

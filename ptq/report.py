@@ -134,6 +134,8 @@ def sections(r: dict) -> list[Section]:
             out.append(Section("What the layout's choices cost (each measured by timing the model without it)",
                                header=["choice", "count", "latency × FP32 without it", "with it"],
                                rows=[[k, v["count"], v["ratio_without"], sp["ratio"]] for k, v in sp["costs"].items()]))
+    if r.get("placement"):
+        out.append(placement_section(r["placement"]))
     if r.get("repair"):
         fix = r["repair"]
         lat = fix.get("latency_ms_batch1")
@@ -326,3 +328,23 @@ def summary_table(report_files: list[Path], exit_files: list[Path] = ()) -> str:
             rows.append(f"| — | {stem.name}.onnx | — | — | — | — | — | — | — | **failed, nothing written** "
                         f"(exit {code}) |")
     return "\n".join(rows) + "\n"
+
+
+def placement_section(pl: dict) -> "Section":
+    """The measured placement: per pattern its layers, its int8 and float kernel time (onnxruntime's profiler),
+    the whole-model trial and the decision."""
+    trials = {t["pattern"]: t for t in pl.get("trials", [])}
+    text = [pl.get("skipped") or pl.get("line") or "every layer stays int8: no float placement ran faster"]
+    if "ratio_to_fp32" in pl:
+        text.append(f"Written placement against FP32: {pl['ratio_to_fp32']}× (95 % interval {pl['ratio_ci'][0]}–"
+                    f"{pl['ratio_ci'][1]}×); all-int8 {pl['int8_ms']} ms, FP32 {pl['fp32_ms']} ms batch 1."
+                    + (f" Decision from the cache {pl['cached']}." if pl.get("cached") else ""))
+    rows = []
+    for p, v in pl.get("patterns", {}).items():
+        t = trials.get(p)
+        tried = f"{t['ratio_to_previous']}× ({t['ratio_ci'][0]}–{t['ratio_ci'][1]})" if t else "—"
+        rows.append([p, len(v["layers"]), v["int8_us"], v["fp32_us"], tried,
+                     "float" if p in pl.get("float_patterns", []) or pl.get("all_float") else "int8"])
+    return Section("Placement by measured latency (onnxruntime CPU, batch 1)", text=text,
+                   header=["pattern", "layers", "int8 kernels µs", "float kernels µs", "model with it in float",
+                           "written"], rows=rows)

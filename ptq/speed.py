@@ -54,14 +54,14 @@ def unfused_qdq(model: onnx.ModelProto) -> dict:
             "beside": dict(beside.most_common())}
 
 
-def op_times(model: onnx.ModelProto, feed: dict, runs: int = 10, top: int = 8) -> dict[str, float]:
-    """{op type: µs per run} for the ``top`` op types of the graph onnxruntime runs (after its fusions, so the
-    quantized model's convolutions appear as QLinearConv), from onnxruntime's profiler on one thread: the
-    ``*_kernel_time`` events of ``runs`` runs after a first, untimed one (which allocates and packs), summed per op
-    type and divided by ``runs``; the remaining op types together as "other". The profile file goes to a temporary
+def node_times(model: onnx.ModelProto, feed: dict, runs: int = 10) -> dict[tuple[str, str], float]:
+    """{(node name, op type): µs per run} of the graph onnxruntime runs (after its fusions: a quantized
+    convolution is one QLinearConv named ``<Conv name>_token_<k>``), from onnxruntime's profiler on one thread
+    (each kernel's time is its own, not its share of a pool): the ``*_kernel_time`` events of ``runs`` runs after a
+    first, untimed one (which allocates and packs), divided by ``runs``. The profile file goes to a temporary
     folder."""
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort_options(threads=1)  # one thread: each kernel's time is its own, not its share of a pool
+        opts = ort_options(threads=1)
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "profile")
         session_options(model, opts)
@@ -75,12 +75,21 @@ def op_times(model: onnx.ModelProto, feed: dict, runs: int = 10, top: int = 8) -
     total = collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= timed_from:
-            total[e["args"]["op_name"]] += e["dur"]
+            total[(e["name"][:-len("_kernel_time")], e["args"]["op_name"])] += e["dur"]
+    return {k: us / runs for k, us in total.items()}
+
+
+def op_times(model: onnx.ModelProto, feed: dict, runs: int = 10, top: int = 8) -> dict[str, float]:
+    """{op type: µs per run} for the ``top`` op types of ``node_times`` (the quantized model's convolutions
+    appear as QLinearConv), the remaining op types together as "other"."""
+    total = collections.Counter()
+    for (_, op), us in node_times(model, feed, runs).items():
+        total[op] += us
     ranked = total.most_common()
-    out = {op: round(us / runs, 1) for op, us in ranked[:top]}
+    out = {op: round(us, 1) for op, us in ranked[:top]}
     rest = sum(us for _, us in ranked[top:])
     if rest:
-        out["other"] = round(rest / runs, 1)
+        out["other"] = round(rest, 1)
     return out
 
 
@@ -193,12 +202,13 @@ def costly_choices(q_model: onnx.ModelProto) -> dict:
     return out
 
 
-def paired_ratio(fp_model, q_model, feed: dict, runs: int = 20, warmup: int = 3) -> dict:
+def paired_ratio(fp_model, q_model, feed: dict, runs: int = 20, warmup: int = 3, until=None) -> dict:
     """The quantized model's batch-1 latency relative to FP32, from ``runs`` paired rounds: each round runs both
     models, in alternating order, and times each run's wall clock and this process's CPU time (every onnxruntime
     thread). With r_i = t_q,i / t_fp,i, the ratio is the geometric mean exp(mean log r_i) and its 95 % interval
     exp(mean ± t_{0.975, n−1} · sd / √n): pairing cancels the machine's drift, the interval says what the noise
-    leaves. Also the median wall and CPU ms of each model."""
+    leaves. Also the median wall and CPU ms of each model. ``until(lo, hi)``: checked every 10 rounds (from the
+    tenth), stop early once it is true of the interval so far (``runs`` is then the most)."""
     import time
 
     sessions = [_session(fp_model), _session(q_model)]
@@ -206,17 +216,23 @@ def paired_ratio(fp_model, q_model, feed: dict, runs: int = 20, warmup: int = 3)
         for s in sessions:
             s.run(None, feed)
     wall, cpu = np.zeros((runs, 2)), np.zeros((runs, 2))
+    done = runs
     for i in range(runs):
         for k in ((0, 1) if i % 2 == 0 else (1, 0)):
             w0, c0 = time.perf_counter(), time.process_time()
             sessions[k].run(None, feed)
             wall[i, k], cpu[i, k] = time.perf_counter() - w0, time.process_time() - c0
+        if until is not None and i >= 9 and (i + 1) % 10 == 0 and until(*ratio_interval(wall[:i + 1, 0],
+                                                                                        wall[:i + 1, 1])[1:]):
+            done = i + 1
+            break
+    wall, cpu = wall[:done], cpu[:done]
     ratio, lo, hi = ratio_interval(wall[:, 0], wall[:, 1])
     return {"fp32_ms": round(float(np.median(wall[:, 0])) * 1000, 3),
             "quant_ms": round(float(np.median(wall[:, 1])) * 1000, 3),
             "ratio": round(ratio, 3), "ratio_ci": [round(lo, 3), round(hi, 3)],
             "cpu_ms": [round(float(np.median(cpu[:, 0])) * 1000, 3), round(float(np.median(cpu[:, 1])) * 1000, 3)],
-            "cpu_ratio": round(float(np.median(cpu[:, 1]) / max(np.median(cpu[:, 0]), 1e-9)), 3), "runs": runs}
+            "cpu_ratio": round(float(np.median(cpu[:, 1]) / max(np.median(cpu[:, 0]), 1e-9)), 3), "runs": done}
 
 
 def ratio_interval(fp: np.ndarray, q: np.ndarray) -> tuple[float, float, float]:

@@ -1,0 +1,210 @@
+"""Placement by measured latency: which layers run in int8 and which stay in float, decided by timing the models
+on the target runtime (onnxruntime CPU, batch 1), so the written model is not slower than FP32.
+
+Regions are the quantized layers, grouped into patterns that run the same onnxruntime kernel (``pattern``: op,
+depthwise or not, kernel size); a pattern is measured and placed once for all its layers:
+1. onnxruntime's profiler times every node of the quantized and of the FP32 model (``ptq.speed.node_times``);
+   each layer gets its kernel's time in both (the fused QLinearConv ``<name>_token_<k>`` / the float Conv named
+   after its output tensor). Patterns whose int8 kernels take longer than their float ones are the candidates,
+   the largest loss first.
+2. Each candidate, in that order, is kept in float (``in_float``: its weight quantizers removed, then every
+   activation quantizer that no int8 node reads or writes any more) and the two whole models are timed in paired,
+   interleaved rounds (``ptq.speed.paired_ratio``); the float placement is kept where it is faster
+   (geometric-mean ratio under 1 − ``MIN_GAIN``).
+3. The result is timed against FP32 the same way. Where it is still slower with confidence (the 95 % interval
+   above 1), no int8 placement is faster on this runtime: the model is written in float, and the report says so.
+Leaving a layer in float only removes rounding, so the fidelity bounds still hold (the caller measures them
+again and goes back to the all-int8 placement where they do not).
+
+Timings vary from run to run; the decision is kept in a cache keyed by the all-int8 model's bytes, the target and
+the onnxruntime version and threads (``PTQ_CACHE``, else ``~/.cache/ptq``), so the same inputs give the same bytes
+on a machine. Models under ``MIN_MS`` of FP32 latency are not placed (their time is the runtime's overhead)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import onnxruntime as ort
+
+from .debug import raise_quantizers
+from .export import export_qdq
+from .model import Graph
+from .speed import node_times, paired_ratio
+from .weights import layer_kind
+
+MIN_MS = 0.2  # FP32 batch-1 latency under which placement is skipped
+MIN_GAIN = 0.02  # a float placement is kept where the model gets at least this much faster
+BUDGET_S = 2.0  # seconds of timing per comparison (the rounds follow from the models' latency)
+CACHE_VERSION = 2
+
+
+def pattern(gr: Graph, layer) -> str:
+    """The layer's pattern: its op, its kind (conv, depthwise, dense) and kernel size ("Conv depthwise 5×5").
+    Layers of one pattern run the same onnxruntime kernel, so they are measured and placed together."""
+    kind = layer_kind(gr, layer) or "grouped"
+    if layer.op != "Conv":
+        return f"{layer.op} {kind}"
+    return f"Conv {kind} " + "×".join(str(d) for d in gr.const(layer.weight).shape[2:])
+
+
+def _base_name(name: str) -> str:
+    """A profiled node's name without onnxruntime's fusion suffixes."""
+    return re.sub(r"(_token_\d+|_nchwc|/MatMulAddFusion|_fused.*)$", "", name)
+
+
+def layer_times(state, times: dict) -> dict[str, float]:
+    """{layer name: µs} from ``node_times``: the node named after the layer, its output or its pre-activation."""
+    by_name = {}
+    for (name, _), us in times.items():
+        base = _base_name(name)
+        by_name[base] = by_name.get(base, 0.0) + us
+    out = {}
+    for l in state.layers:
+        for key in (l.name, l.out, l.pre_act):
+            if key in by_name:
+                out[l.name] = by_name[key]
+                break
+    return out
+
+
+def in_float(state, layer_names) -> object:
+    """A copy of the state with the layers ``layer_names`` in float: their weight quantizers removed, then, until
+    nothing changes, every activation quantizer that no int8 node reads or writes (a tensor whose producer and
+    readers all run in float only gains a round trip from its Q/DQ pair)."""
+    sub = raise_quantizers(state, [f"weight:{n}" for n in layer_names], "fp32")
+    gr = Graph(state.model)
+    root = state.placement.root
+    members: dict[str, list[str]] = {}
+    for t, r in root.items():
+        members.setdefault(r, []).append(t)
+    layers = {l.name: l for l in state.layers}
+    writer = {t: l.name for l in state.layers for t in (l.out, l.pre_act)}  # through its fused activation
+
+    def int8(node, r) -> bool:
+        """Whether ``node`` (outside quantizer r's tensors) runs on integers: a layer with its weight quantized, or
+        another op whose outputs are all quantized."""
+        if node.name in layers:
+            return node.name in sub.weights
+        outs = [o for o in node.output if o]
+        return bool(outs) and all(root.get(o) in sub.acts and root.get(o) != r for o in outs)
+
+    changed = True
+    while changed:
+        changed = False
+        for r in list(sub.acts):
+            group = set(members.get(r, [r]))
+            if any(writer.get(t) in sub.weights for t in group):  # written by an int8 layer
+                continue
+            nodes = {id(n): n for t in group for n in gr.consumers.get(t, [])}
+            nodes.update({id(gr.producer[t]): gr.producer[t] for t in group if t in gr.producer})
+            if not any(int8(n, r) for n in nodes.values() if not all(o in group for o in n.output if o)):
+                del sub.acts[r]
+                changed = True
+    return sub
+
+
+def _cache_file(qmodel, state) -> Path:
+    key = hashlib.sha256(qmodel.SerializeToString()).hexdigest()[:32]
+    base = Path(os.environ.get("PTQ_CACHE") or Path.home() / ".cache" / "ptq") / "placement"
+    return base / f"{key}.{state.target.name}.ort{ort.__version__}.t{state.config.threads}.v{CACHE_VERSION}.json"
+
+
+def _settled(lo: float, hi: float) -> bool:
+    """Whether a trial's interval already decides it: all of it under 1 − MIN_GAIN (faster) or above 1."""
+    return hi < 1 - MIN_GAIN or lo > 1
+
+
+def _resolved(lo: float, hi: float) -> bool:
+    """Whether the interval against FP32 is on one side of 1."""
+    return hi < 1 or lo > 1
+
+
+def _rounds(ms: float) -> int:
+    return int(min(400, max(20, BUDGET_S * 1000 / max(2 * ms, 1e-3))))
+
+
+def place(original, state, qmodel, feed: dict, progress: bool = False) -> tuple:
+    """(state, QDQ model, report dict) with the patterns whose int8 kernels lose kept in float, or everything in
+    float where no placement beats FP32; ``feed``: one batch-1 sample. A cached decision for the same quantized
+    model, target and runtime is reused."""
+    cache = _cache_file(qmodel, state)
+    decided = None
+    if cache.exists():
+        try:
+            decided = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            decided = None
+    if decided is None:
+        decided = _measure(original, state, qmodel, feed)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(decided, indent=1))
+            tmp.replace(cache)
+        except OSError:
+            pass
+    else:
+        decided = {**decided, "cached": str(cache)}
+    if decided.get("all_float"):
+        placed = raise_quantizers(state, [f"weight:{k}" for k in state.weights] + [f"act:{k}" for k in state.acts],
+                                  "fp32")
+        return placed, export_qdq(placed), decided
+    names = [l for p in decided.get("float_patterns", []) for l in decided["patterns"][p]["layers"]]
+    if not names:
+        return state, qmodel, decided
+    placed = in_float(state, names)
+    return placed, export_qdq(placed), decided
+
+
+def _measure(original, state, qmodel, feed: dict) -> dict:
+    """Profile, try the candidates, compare with FP32 (see the module docstring): the decision as a dict."""
+    first = paired_ratio(original, qmodel, feed, 20)
+    info = {"fp32_ms": first["fp32_ms"], "int8_ms": first["quant_ms"], "patterns": {}, "float_patterns": [],
+            "trials": [], "all_float": False}
+    if first["fp32_ms"] < MIN_MS:
+        info["skipped"] = f"FP32 runs in {first['fp32_ms']:.3f} ms (< {MIN_MS} ms): runtime overhead, not placed"
+        return info
+    gr = Graph(state.model)
+    q_us = layer_times(state, node_times(qmodel, feed))
+    fp_us = layer_times(state, node_times(original, feed))
+    for l in state.layers:
+        if l.name not in state.weights:
+            continue
+        p = info["patterns"].setdefault(pattern(gr, l), {"layers": [], "int8_us": 0.0, "fp32_us": 0.0})
+        p["layers"].append(l.name)
+        p["int8_us"] = round(p["int8_us"] + q_us.get(l.name, 0.0), 1)
+        p["fp32_us"] = round(p["fp32_us"] + fp_us.get(l.name, 0.0), 1)
+    candidates = sorted((p for p, v in info["patterns"].items() if v["int8_us"] > v["fp32_us"] > 0),
+                        key=lambda p: info["patterns"][p]["fp32_us"] - info["patterns"][p]["int8_us"])
+    current_state, current = state, qmodel
+    for p in candidates:
+        trial_state = in_float(current_state, info["patterns"][p]["layers"])
+        trial = export_qdq(trial_state)
+        r = paired_ratio(current, trial, feed, _rounds(first["quant_ms"]), until=_settled)
+        kept = r["ratio"] < 1 - MIN_GAIN
+        info["trials"].append({"pattern": p, "ratio_to_previous": r["ratio"], "ratio_ci": r["ratio_ci"],
+                               "rounds": r["runs"], "kept": kept})
+        if kept:
+            info["float_patterns"].append(p)
+            current_state, current = trial_state, trial
+    final = paired_ratio(original, current, feed, _rounds(first["fp32_ms"]), until=_resolved)
+    info["ratio_to_fp32"], info["ratio_ci"] = final["ratio"], final["ratio_ci"]
+    if final["ratio_ci"][0] > 1:
+        info["all_float"] = True
+        info["line"] = (f"no int8 placement ran faster than FP32 on this runtime (the fastest: "
+                        f"{final['ratio']:.2f}× FP32, 95 % interval {final['ratio_ci'][0]:.2f}–"
+                        f"{final['ratio_ci'][1]:.2f}×): the model is written in float; --placement all writes "
+                        "the int8 model")
+    elif len(info["float_patterns"]) == len(info["patterns"]):
+        info["line"] = (f"every layer kept in float: no int8 kernel ran faster than float on this runtime "
+                        f"({final['ratio']:.2f}× FP32 in float, {first['quant_ms'] / first['fp32_ms']:.2f}× in "
+                        "int8); --placement all writes the int8 model")
+    elif info["float_patterns"]:
+        n = sum(len(info["patterns"][p]["layers"]) for p in info["float_patterns"])
+        info["line"] = (f"placement: {n} of {sum(len(v['layers']) for v in info['patterns'].values())} layers "
+                        f"({', '.join(info['float_patterns'])}) kept in float, where int8 ran slower "
+                        f"({final['ratio']:.2f}× FP32 after); --placement all quantizes them")
+    return info

@@ -1,0 +1,151 @@
+"""Placement by measured latency (ptq.placement): which quantizers a float layer takes with it, the greedy
+decision on given timings, its cache, and the skip for models whose time is the runtime's overhead."""
+import numpy as np
+import onnxruntime as ort
+from onnx import helper
+
+import ptq.placement as placement
+from builders import init, make, save_npy_samples
+from ptq.data import DataSource, model_inputs
+from ptq.export import export_qdq
+from ptq.pipeline import Config, Context, prepare, run_steps
+
+
+def chain3(rng):
+    """x -> conv1 -> relu -> conv2 -> relu -> conv3 -> y (1×1 convolutions, 6 channels)."""
+    w = lambda *s: rng.normal(0, 0.4, s).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1"), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], "conv2"), helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3"], ["y"], "conv3")]
+    inits = [init("w1", w(6, 3, 1, 1)), init("w2", w(6, 6, 1, 1)), init("w3", w(4, 6, 1, 1))]
+    return make(nodes, [("x", [None, 3, 8, 8])], [("y", [None, 4, 8, 8])], inits)
+
+
+def quantized_state(rng, tmp_path, model):
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8)
+    state = prepare(model, Config(holdout=0, batch_size=4, reduce_range="never"))
+    return run_steps(state, Context(DataSource(calib, model_inputs(model))), {})
+
+
+def act_tensors(state):
+    return {r for r in state.acts}
+
+
+def test_a_float_layer_takes_only_the_quantizers_no_int8_node_uses(rng, tmp_path):
+    state = quantized_state(rng, tmp_path, chain3(rng))
+    root = state.placement.root
+    acts = {root[t] for t in ("x", "r1", "r2", "y")}
+    assert acts <= act_tensors(state) and set(state.weights) == {"conv1", "conv2", "conv3"}
+    middle = placement.in_float(state, ["conv2"])
+    # conv1 still writes integers for r1 (read by float conv2): kept; r2 is read by int8 conv3: kept
+    assert set(middle.weights) == {"conv1", "conv3"} and act_tensors(middle) == acts
+    tail = placement.in_float(state, ["conv2", "conv3"])
+    # r2 is written by float conv2 and read by float conv3, y written by float conv3: both go
+    assert act_tensors(tail) == {root["x"], root["r1"]}
+    none = placement.in_float(state, ["conv1", "conv2", "conv3"])
+    assert not none.weights and not none.acts
+    assert not [n for n in export_qdq(none).graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert state.weights.keys() == {"conv1", "conv2", "conv3"}  # the state it came from is untouched
+
+
+def test_a_float_layer_runs_closer_to_fp32(rng, tmp_path):
+    model = chain3(rng)
+    state = quantized_state(rng, tmp_path, model)
+    x = {"x": rng.normal(0, 1, (4, 3, 8, 8)).astype(np.float32)}
+
+    def err(m):
+        fp = ort.InferenceSession(model.SerializeToString()).run(None, x)[0]
+        return float(((ort.InferenceSession(m.SerializeToString()).run(None, x)[0] - fp) ** 2).sum())
+    whole, part, none = (err(export_qdq(s)) for s in (state, placement.in_float(state, ["conv3"]),
+                                                       placement.in_float(state, ["conv1", "conv2", "conv3"])))
+    assert none < 1e-8 < part < whole
+
+
+def fake_timings(monkeypatch, kernel_us, trial_ratio, final_lo):
+    """node_times from {layer: (int8 µs, fp32 µs)}; paired_ratio(a, b) from ``trial_ratio(a, b)``, or where that is
+    None (a comparison with FP32) 1.0 with the interval's lower bound ``final_lo``."""
+    calls = {"trials": [], "profiles": 0}
+
+    def node_times(model, feed, runs=10):
+        calls["profiles"] += 1
+        quantized = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+        return {(f"{name}_token_1" if quantized else name, "op"): us[0 if quantized else 1]
+                for name, us in kernel_us.items()}
+
+    def paired_ratio(a, b, feed, runs=20, warmup=3, until=None):
+        calls["trials"].append(b)
+        ratio = trial_ratio(a, b)  # None: a comparison with FP32 (lower bound final_lo)
+        lo = final_lo if ratio is None else ratio * 0.95
+        ratio = 1.0 if ratio is None else ratio
+        return {"fp32_ms": 1.0, "quant_ms": 1.5, "ratio": ratio, "ratio_ci": [lo, max(lo, ratio) * 1.05],
+                "runs": runs}
+    monkeypatch.setattr(placement, "node_times", node_times)
+    monkeypatch.setattr(placement, "paired_ratio", paired_ratio)
+    return calls
+
+
+def float_convs(model):
+    """Convolutions whose weight is not dequantized (they run in float)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    return {n.name for n in model.graph.node if n.op_type == "Conv"
+            and getattr(producers.get(n.input[1]), "op_type", None) != "DequantizeLinear"}
+
+
+def test_the_greedy_keeps_a_float_pattern_only_where_the_model_got_faster(rng, tmp_path, monkeypatch):
+    """Two patterns lose in int8 (conv1 3×3: 50 against 10 µs; the 1×1 pair: 30 against 20); floating the 3×3
+    makes the model 0.8× as slow, floating the 1×1 pair 1.1×: only the first is kept, and it is tried first
+    (the larger loss)."""
+    model = chain3(rng)
+    w1 = rng.normal(0, 0.4, (6, 3, 3, 3)).astype(np.float32)
+    model.graph.initializer[0].CopyFrom(init("w1", w1))
+    model.graph.node[0].attribute.extend([helper.make_attribute("pads", [1, 1, 1, 1])])
+    state = quantized_state(rng, tmp_path, model)
+    qmodel = export_qdq(state)
+    kernel = {"conv1": (50.0, 10.0), "conv2": (15.0, 10.0), "conv3": (15.0, 10.0)}
+
+    def trial(a, b):
+        if a is qmodel and b is qmodel:
+            return None
+        if not float_convs(a) and not float_convs(b):  # against FP32: no int8 convolution in a
+            return None
+        new = float_convs(b) - float_convs(a)
+        return 0.8 if new == {"conv1"} else 1.1 if new else None
+    calls = fake_timings(monkeypatch, kernel, trial, final_lo=0.7)
+    monkeypatch.setattr(placement, "MIN_MS", 0.0)
+    feed = {"x": np.zeros((1, 3, 8, 8), np.float32)}
+    placed, pmodel, info = placement.place(model, state, qmodel, feed)
+    assert [t["pattern"] for t in info["trials"]] == ["Conv conv 3×3", "Conv conv 1×1"]
+    assert [t["kept"] for t in info["trials"]] == [True, False]
+    assert info["float_patterns"] == ["Conv conv 3×3"] and not info["all_float"]
+    assert float_convs(pmodel) == {"conv1"} and set(placed.weights) == {"conv2", "conv3"}
+    assert calls["profiles"] == 2  # each model profiled once, not once per pattern
+    # the decision is cached: the same quantized model is placed again without timing anything
+    monkeypatch.setattr(placement, "_measure", lambda *a: (_ for _ in ()).throw(AssertionError("measured")))
+    again = placement.place(model, state, qmodel, feed)
+    assert again[1].SerializeToString() == pmodel.SerializeToString() and again[2]["cached"]
+
+
+def test_no_faster_placement_writes_the_model_in_float(rng, tmp_path, monkeypatch):
+    """Every trial slower and the int8 model slower than FP32 with confidence: written in float, said in a line."""
+    model = chain3(rng)
+    state = quantized_state(rng, tmp_path, model)
+    qmodel = export_qdq(state)
+    fake_timings(monkeypatch, {"conv1": (15.0, 10.0), "conv2": (15.0, 10.0), "conv3": (15.0, 10.0)},
+                 lambda a, b: 1.2 if b is not qmodel or a is not model else None, final_lo=1.3)
+    monkeypatch.setattr(placement, "MIN_MS", 0.0)
+    placed, pmodel, info = placement.place(model, state, qmodel, {"x": np.zeros((1, 3, 8, 8), np.float32)})
+    assert info["all_float"] and "written in float" in info["line"]
+    assert not placed.weights and not placed.acts
+    assert not [n for n in pmodel.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+
+
+def test_a_model_faster_than_the_threshold_is_not_placed(rng, tmp_path):
+    """The test models run in microseconds: placement is skipped, and the default run writes the same bytes as
+    --placement all."""
+    from ptq.run import quantize
+    model = chain3(rng)
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 24)
+    measured = quantize(model, calib, holdout=8, reduce_range="never")
+    plain = quantize(model, calib, holdout=8, reduce_range="never", placement="all")
+    assert "skipped" in measured.report["placement"] and "placement" not in plain.report
+    assert measured.model.SerializeToString() == plain.model.SerializeToString()
