@@ -1,16 +1,19 @@
 """The automatic choices, and the model they build: ``build`` prepares, runs the steps and exports, then, where
 ptq chose a setting for the user at 4-bit weights or fewer (CLE, the weight grids' symmetry), quantizes once more
 with the other setting and keeps the model whose worst held-back output is closer to FP32; block reconstruction,
-the slowest step, runs last, once, on the model kept. ``ptq run``, ``ptq debug`` and ``ptq.quantize`` all build
+the slowest step, runs last, once, on the model kept; then the measured placement (``ptq.placement``) keeps in
+float the layers whose int8 kernels run slower on this runtime. ``ptq run``, ``ptq debug`` and ``ptq.quantize`` all build
 their model here, so they build the same one."""
 from __future__ import annotations
 
 import dataclasses
 import time
 
-from .evaluate import evaluate
+from .evaluate import evaluate, fidelity_flags
 from .export import export_qdq
+from .external import folder
 from .pipeline import Config, Context, prepare, run_steps
+from .placement import place
 
 
 def build(original, config: Config, calib_src, held, progress: bool = False, timings: dict | None = None) -> tuple:
@@ -41,7 +44,30 @@ def build(original, config: Config, calib_src, held, progress: bool = False, tim
         timings["symmetry_choice"] = round(time.perf_counter() - t0, 3)
     if defer:
         state, qmodel = _reconstruct_blocks_last(state, tail, calib_src, progress, timings)
+    timing_src = held if held is not None else calib_src
+    if config.placement == "measured" and config.latency_runs and timing_src is not None \
+            and folder(original) is None:
+        t0 = time.perf_counter()
+        state, qmodel = _placed(original, state, qmodel, timing_src, held, progress)
+        timings["placement"] = round(time.perf_counter() - t0, 3)
     return state, qmodel
+
+
+def _placed(original, state, qmodel, timing_src, held, progress: bool) -> tuple:
+    """(state, QDQ model) after ``ptq.placement.place`` (its report in ``state.report["placement"]``); the int8
+    placement is kept where the measured one falls under fidelity bounds on the held-back samples that the int8
+    one met."""
+    _, feed = next(iter(timing_src.batches(1)))
+    placed, model, info = place(original, state, qmodel, feed, progress)
+    if model is not qmodel and held is not None:
+        cfg = state.config
+        bounds = (cfg.fidelity_sqnr_db, cfg.fidelity_cosine)
+        before, after = (evaluate(original, m, held, cfg.batch_size) for m in (qmodel, model))
+        if fidelity_flags(after, *bounds) and not fidelity_flags(before, *bounds):
+            info["kept_int8"] = "the measured placement fell under fidelity bounds that the int8 one met"
+            placed, model = state, qmodel
+    placed.report = {**placed.report, "placement": info}
+    return placed, model
 
 
 def _closeness(original, model, held, batch_size: int) -> float:

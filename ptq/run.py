@@ -24,7 +24,6 @@ from .feeds import calibration_input
 from .model import load_model
 from .observe import check_runnable
 from .opset import upgraded
-from .placement import place
 from .repair import repair
 from .outputs import OutputSet
 from .patterns import class_score_outputs
@@ -167,13 +166,6 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
             fidelity = evaluate(original, qmodel, held, config.batch_size, progress=progress, desc="fidelity")
         timings["repair"] = round(time.perf_counter() - t0, 3)
     timing_src = next((s for s in (held, calib_src, eval_src) if s is not None), None)
-    placed = None
-    if config.placement == "measured" and config.latency_runs and timing_src is not None \
-            and folder(original) is None:
-        t0 = time.perf_counter()
-        state, qmodel, fidelity, placed = _placed(original, state, qmodel, fidelity, timing_src, held, config,
-                                                  progress)
-        timings["placement"] = round(time.perf_counter() - t0, 3)
     evaluation = None
     if eval_src is not None:
         t0 = time.perf_counter()
@@ -219,27 +211,10 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
         report["auto_fix"] = fixed
     if repaired is not None:
         report["repair"] = repaired
-    if placed is not None:
-        report["placement"] = placed
     if verdict is not None:
         report["gate"] = verdict
     return Result(qmodel, report, fidelity, evaluation, verdict and verdict["line"],
                   verdict and verdict["passed"], flags)
-
-
-def _placed(original, state, qmodel, fidelity, timing_src, held, config: Config, progress: bool) -> tuple:
-    """(state, QDQ model, fidelity, placement report) after ``ptq.placement.place``; the int8 placement is kept
-    where the measured one falls under fidelity bounds that the int8 one met."""
-    _, feed = next(iter(timing_src.batches(1)))
-    p_state, p_model, info = place(original, state, qmodel, feed, progress)
-    if p_model is qmodel:
-        return state, qmodel, fidelity, info
-    bounds = (config.fidelity_sqnr_db, config.fidelity_cosine)
-    p_fid = evaluate(original, p_model, held, config.batch_size) if held is not None else None
-    if held is not None and fidelity_flags(p_fid, *bounds) and not fidelity_flags(fidelity, *bounds):
-        info["kept_int8"] = "the measured placement fell under the fidelity bounds that the int8 one met"
-        return state, qmodel, fidelity, info
-    return p_state, p_model, p_fid, info
 
 
 def calibration_counts(config: Config, calib_src, held) -> dict:
@@ -390,5 +365,6 @@ def build_report(model_name, state, timings, fidelity, evaluation, original, qmo
         "fp32_ops": state.placement.fp32_ops,
         "fidelity": fidelity, "evaluation": evaluation,
         "weights": weights, "activations": acts,
-        "stages": state.report,
+        "placement": state.report.get("placement"),
+        "stages": {k: v for k, v in state.report.items() if k != "placement"},
     }
