@@ -3,8 +3,7 @@ ptq chose a setting for the user at 4-bit weights or fewer (CLE, the weight grid
 with the other setting and keeps the model whose worst held-back output is closer to FP32; block reconstruction,
 the slowest step, runs last, once, on the model kept; then the measured placement (``ptq.placement``) keeps in
 float the layers whose int8 kernels run slower on this runtime. ``ptq run``, ``ptq debug`` and ``ptq.quantize``
-all build
-their model here, so they build the same one."""
+all build their model here, so they build the same one."""
 from __future__ import annotations
 
 import dataclasses
