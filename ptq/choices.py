@@ -14,6 +14,7 @@ from .export import export_qdq
 from .external import folder
 from .pipeline import Config, Context, prepare, run_steps
 from .placement import place
+from .target import this_machine
 
 
 def build(original, config: Config, calib_src, held, progress: bool = False, timings: dict | None = None) -> tuple:
@@ -57,6 +58,12 @@ def _placed(original, state, qmodel, timing_src, held, progress: bool) -> tuple:
     """(state, QDQ model) after ``ptq.placement.place`` (its report in ``state.report["placement"]``); the int8
     placement is kept where the measured one falls under fidelity bounds on the held-back samples that the int8
     one met."""
+    here = this_machine()
+    if here.name != state.target.name:
+        info = {"skipped": f"built for target {state.target.name} on a {here.name} machine: placement times this "
+                           "machine's runtime, so it is left to a run on the target"}
+        state.report = {**state.report, "placement": info}
+        return state, qmodel
     _, feed = next(iter(timing_src.batches(1)))
     placed, model, info = place(original, state, qmodel, feed, progress)
     if model is not qmodel and held is not None:

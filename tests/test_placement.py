@@ -149,3 +149,13 @@ def test_a_model_faster_than_the_threshold_is_not_placed(rng, tmp_path):
     plain = quantize(model, calib, holdout=8, reduce_range="never", placement="all")
     assert "skipped" in measured.report["placement"] and plain.report["placement"] is None
     assert measured.model.SerializeToString() == plain.model.SerializeToString()
+
+
+def test_a_model_built_for_another_target_is_not_placed_here(rng, tmp_path):
+    """Placement times this machine's runtime: built for the other target, it is skipped and says why."""
+    from ptq.run import quantize
+    from ptq.target import this_machine
+    other = "vnni" if this_machine().name == "avx2" else "avx2"
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 24)
+    result = quantize(chain3(rng), calib, holdout=8, target=other)
+    assert f"built for target {other}" in result.report["placement"]["skipped"]
