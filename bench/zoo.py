@@ -628,6 +628,7 @@ def prepare(name: str, data: Path) -> dict:
         clips = [drum_clip(seed) for seed in range(8)]
         feeds = [{"input": beat_input(y)} for y, _ in clips]
         return dict(path=path, calib=save_samples(data / "calib", calib, "input"), eval=feeds, first=feeds[0],
+                    whole_feeds=True,
                     family="temporal convolutions, input [T, 81] without a batch axis",
                     score=beat_f([b for _, b in clips]))
     if name == "cunet_sr":
@@ -642,6 +643,7 @@ def prepare(name: str, data: Path) -> dict:
         path = cache_wheel("silero-vad==6.2.3") / "silero_vad" / "data" / "silero_vad.onnx"
         streams = [vad_stream(seed) for seed in range(4)]
         return dict(path=path, calib=vad_feeds(data / "stream_feeds", path), calib_flag="--calib-feeds",
+                    whole_feeds=True,
                     run=lambda p: vad_run(p, streams), first={"input": streams[0][0][0],
                                                               "state": np.zeros((2, 1, 128), np.float32),
                                                               "sr": np.array(VAD_SR, np.int64)},
@@ -656,16 +658,17 @@ ZOO = ["minilm", "nudenet", "picodet_layout", "vit_focus", "ppocr_det", "ppocr_c
 
 
 class Reader:
-    """onnxruntime's CalibrationDataReader over a folder of .npz samples (one sample each, batch of 1)."""
+    """onnxruntime's CalibrationDataReader over a folder of .npz samples (one sample each, batch of 1; ``whole``:
+    each file is a complete feed)."""
 
-    def __init__(self, folder: Path):
-        self.files = sorted(folder.glob("*.npz"))
+    def __init__(self, folder: Path, whole: bool = False):
+        self.files, self.whole = sorted(folder.glob("*.npz")), whole
 
     def get_next(self):
         if not self.files:
             return None
         with np.load(self.files.pop(0)) as z:
-            return {k: z[k][None] for k in z.files}
+            return {k: z[k] if self.whole else z[k][None] for k in z.files}
 
 
 def run_ptq(args: list[str]) -> tuple[int, str, float]:
@@ -678,10 +681,10 @@ def run_ptq(args: list[str]) -> tuple[int, str, float]:
     return p.returncode, p.stderr, float(p.stdout.split()[-1]) / 1024 if p.stdout.split() else float("nan")
 
 
-def ort_quantize(path: Path, calib: Path, out: Path) -> float:
+def ort_quantize(path: Path, calib: Path, out: Path, whole: bool = False) -> float:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     t0 = time.perf_counter()
-    quantize_static(str(path), str(out), Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(path), str(out), Reader(calib, whole), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)
     return time.perf_counter() - t0
@@ -716,14 +719,21 @@ def measure(work: Path, names=None, tools=TOOLS) -> list[ZooRow]:
                 continue
             else:
                 try:
-                    ort_quantize(fp_path, spec["calib"], out)
+                    ort_quantize(fp_path, spec["calib"], out, spec.get("whole_feeds", False))
                     code, note = 0, ""
                 except Exception as e:
                     code, note = 1, f"{type(e).__name__}: {str(e)[:120]}"
             seconds = time.perf_counter() - t0
             row = ZooRow(name, spec["family"], tool, code, seconds=round(seconds, 1), note=note, saturating=saturating)
             if out.exists():
-                q_out = run(out)
+                try:
+                    q_out = run(out)
+                except Exception as e:  # written, but not a model onnxruntime loads
+                    row.exit, row.note = 1, f"wrote a model onnxruntime cannot run: {str(e).splitlines()[0][-140:]}"
+                    rows[(name, tool)] = row
+                    save(rows)
+                    print(f"{name} {tool}: {row.note}", flush=True)
+                    continue
                 row.metrics = spec["score"](fp_out, q_out)
                 row.sqnr_db, row.worst_slice_db = fidelity(fp_out, q_out)
                 first = spec.get("first") or {k: v[:1] for k, v in spec["eval"][0].items()}
