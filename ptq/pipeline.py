@@ -406,7 +406,8 @@ def prepare(model: onnx.ModelProto, config: Config) -> State:
     if not layers:
         raise InputError("nothing to quantize: the model's main graph has no Conv, Gemm or MatMul with a constant "
                          "float weight" + (f"; its {inner} such ops are inside If / Loop / Scan bodies, which ptq does "
-                                           "not quantize" if inner else ""))
+                                           "not quantize (an If is, where every calibration sample takes the same "
+                                           "branch)" if inner else ""))
     placement = place_activation_quantizers(model, layers)
     check_override_names(config.overrides, {n for l in layers for n in (l.name, l.weight)} | set(placement.root))
     by_out = {l.out: l for l in layers}

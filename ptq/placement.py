@@ -29,7 +29,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .debug import raise_quantizers
+from .quantizers import raise_quantizers
 from .export import export_qdq
 from .model import Graph
 from .speed import node_times, paired_ratio
@@ -38,7 +38,7 @@ from .weights import layer_kind
 MIN_MS = 0.2  # FP32 batch-1 latency under which placement is skipped
 MIN_GAIN = 0.02  # a float placement is kept where the model gets at least this much faster
 BUDGET_S = 2.0  # seconds of timing per comparison (the rounds follow from the models' latency)
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def pattern(gr: Graph, layer) -> str:
@@ -71,9 +71,12 @@ def layer_times(state, times: dict) -> dict[str, float]:
 
 
 def in_float(state, layer_names) -> object:
-    """A copy of the state with the layers ``layer_names`` in float: their weight quantizers removed, then, until
-    nothing changes, every activation quantizer that no int8 node reads or writes (a tensor whose producer and
-    readers all run in float only gains a round trip from its Q/DQ pair)."""
+    """A copy of the state with the layers ``layer_names`` in float: their weight quantizers removed; then, until
+    nothing changes, every activation quantizer that no int8 node reads (a graph output's stays where an int8 layer
+    writes it); last, a float layer that still reads a quantized tensor and writes one loses its output's quantizer:
+    between a DequantizeLinear and a QuantizeLinear onnxruntime would quantize its float weights itself (and on a
+    CPU without VNNI saturate them). A layer at the edge of a float region then runs unfused, in float, on its
+    dequantized weights and inputs."""
     sub = raise_quantizers(state, [f"weight:{n}" for n in layer_names], "fp32")
     gr = Graph(state.model)
     root = state.placement.root
@@ -82,6 +85,7 @@ def in_float(state, layer_names) -> object:
         members.setdefault(r, []).append(t)
     layers = {l.name: l for l in state.layers}
     writer = {t: l.name for l in state.layers for t in (l.out, l.pre_act)}  # through its fused activation
+    outputs = {o.name for o in state.model.graph.output}
 
     def int8(node, r) -> bool:
         """Whether ``node`` (outside quantizer r's tensors) runs on integers: a layer with its weight quantized, or
@@ -96,13 +100,17 @@ def in_float(state, layer_names) -> object:
         changed = False
         for r in list(sub.acts):
             group = set(members.get(r, [r]))
-            if any(writer.get(t) in sub.weights for t in group):  # written by an int8 layer
+            if any(t in outputs and writer.get(t) in sub.weights for t in group):
                 continue
-            nodes = {id(n): n for t in group for n in gr.consumers.get(t, [])}
-            nodes.update({id(gr.producer[t]): gr.producer[t] for t in group if t in gr.producer})
-            if not any(int8(n, r) for n in nodes.values() if not all(o in group for o in n.output if o)):
+            readers = {id(n): n for t in group for n in gr.consumers.get(t, [])
+                       if not all(o in group for o in n.output if o)}
+            if not any(int8(n, r) for n in readers.values()):
                 del sub.acts[r]
                 changed = True
+    for name in layer_names:
+        l = layers[name]
+        if root.get(l.x) in sub.acts and root.get(l.out) in sub.acts:
+            del sub.acts[root[l.out]]
     return sub
 
 

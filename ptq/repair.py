@@ -17,7 +17,7 @@ import time
 
 from tqdm import tqdm
 
-from .debug import quantizers, raise_quantizers, subset_state
+from .quantizers import quantizers, raise_quantizers, subset_state
 from .evaluate import fidelity_flags, latencies_ms
 from .export import export_qdq
 

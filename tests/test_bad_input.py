@@ -190,8 +190,9 @@ def test_run_refuses_bad_input_and_writes_nothing(setup, capsys, rng, case):
         onnx.save(conv1d_model(rng), str(model))
         args[3] = save_npy_samples(tmp / "c1", rng, (3, 16), 8)
         args += ["--adaround" if case.startswith("adaround") else "--easyquant"]
-    elif case == "layers_only_inside_if":
+    elif case == "layers_only_inside_if":  # one sample a batch: the data take both branches, which stay float
         onnx.save(if_model(rng), str(model))
+        args += ["--batch-size", "1"]
     elif case == "cle_after_weight_ranges":
         args += ["--recipe", write_recipe(tmp, 'steps = ["weight_ranges", "cle", "activation_ranges"]\n')]
     elif case == "integer_pixels":

@@ -14,7 +14,8 @@ from onnx import helper
 
 from ptq_cli.main import main
 from ptq.data import DataSource, model_inputs
-from ptq.debug import fp32_sanity, per_quantizer, raise_quantizers
+from ptq.debug import fp32_sanity, per_quantizer
+from ptq.quantizers import raise_quantizers
 from ptq.export import export_qdq
 from ptq.metric import Scorer
 from ptq.pipeline import Config, Context, prepare, run_steps

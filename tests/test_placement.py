@@ -37,15 +37,34 @@ def test_a_float_layer_takes_only_the_quantizers_no_int8_node_uses(rng, tmp_path
     acts = {root[t] for t in ("x", "r1", "r2", "y")}
     assert acts <= act_tensors(state) and set(state.weights) == {"conv1", "conv2", "conv3"}
     middle = placement.in_float(state, ["conv2"])
-    # conv1 still writes integers for r1 (read by float conv2): kept; r2 is read by int8 conv3: kept
-    assert set(middle.weights) == {"conv1", "conv3"} and act_tensors(middle) == acts
+    # r1 is read by float conv2 alone: it goes (conv1 then runs unfused); r2 is read by int8 conv3: it stays
+    assert set(middle.weights) == {"conv1", "conv3"} and act_tensors(middle) == {root[t] for t in ("x", "r2", "y")}
     tail = placement.in_float(state, ["conv2", "conv3"])
-    # r2 is written by float conv2 and read by float conv3, y written by float conv3: both go
-    assert act_tensors(tail) == {root["x"], root["r1"]}
+    # r2 is read by float conv3 alone, y is a graph output written by float conv3: both go
+    assert act_tensors(tail) == {root["x"]}
+    head = placement.in_float(state, ["conv1"])
+    # x is read by float conv1 alone: it goes, so conv1 reads no quantized tensor and may write one (r1)
+    assert act_tensors(head) == {root[t] for t in ("r1", "r2", "y")}
     none = placement.in_float(state, ["conv1", "conv2", "conv3"])
     assert not none.weights and not none.acts
     assert not [n for n in export_qdq(none).graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert state.weights.keys() == {"conv1", "conv2", "conv3"}  # the state it came from is untouched
+
+
+def test_a_float_layer_between_int8_readers_and_writers_loses_its_output_quantizer(rng, tmp_path):
+    """x feeds conv1 and conv2 (both read the quantized x); conv2 in float would sit between x's DequantizeLinear
+    and its output's QuantizeLinear, where onnxruntime quantizes float weights itself: its output goes float."""
+    w = lambda *s: rng.normal(0, 0.4, s).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], "conv1"),
+             helper.make_node("Conv", ["x", "w2"], ["b"], "conv2"), helper.make_node("Add", ["a", "b"], ["s"], "add"),
+             helper.make_node("Conv", ["s", "w3"], ["y"], "conv3")]
+    model = make(nodes, [("x", [None, 3, 8, 8])], [("y", [None, 4, 8, 8])],
+                 [init("w1", w(6, 3, 1, 1)), init("w2", w(6, 3, 1, 1)), init("w3", w(4, 6, 1, 1))])
+    state = quantized_state(rng, tmp_path, model)
+    root = state.placement.root
+    assert {root["x"], root["b"]} <= act_tensors(state)
+    placed = placement.in_float(state, ["conv2"])
+    assert root["x"] in act_tensors(placed) and root["b"] not in act_tensors(placed)
 
 
 def test_a_float_layer_runs_closer_to_fp32(rng, tmp_path):
@@ -56,9 +75,10 @@ def test_a_float_layer_runs_closer_to_fp32(rng, tmp_path):
     def err(m):
         fp = ort.InferenceSession(model.SerializeToString()).run(None, x)[0]
         return float(((ort.InferenceSession(m.SerializeToString()).run(None, x)[0] - fp) ** 2).sum())
-    whole, part, none = (err(export_qdq(s)) for s in (state, placement.in_float(state, ["conv3"]),
-                                                       placement.in_float(state, ["conv1", "conv2", "conv3"])))
-    assert none < 1e-8 < part < whole
+    whole, part, middle, none = (err(export_qdq(s)) for s in (
+        state, placement.in_float(state, ["conv3"]), placement.in_float(state, ["conv2"]),
+        placement.in_float(state, ["conv1", "conv2", "conv3"])))
+    assert none < 1e-8 < part < whole and middle < whole  # each really runs in float on this machine
 
 
 def fake_timings(monkeypatch, kernel_us, trial_ratio, final_lo):
