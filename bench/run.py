@@ -450,8 +450,9 @@ def write(rows: dict, out: str):
                      f"| {f(r.agree)} | {f(r.seconds, 1)} | {f(r.rss_mb, 0)} | {f(r.size_mb)} | {f(r.latency)} "
                      f"| {r.note} |")
     import cost
+    import providers
     import zoo
-    Path(out).write_text("\n".join(lines + zoo.table() + cost.table()) + "\n")
+    Path(out).write_text("\n".join(lines + zoo.table() + cost.table() + providers.table()) + "\n")
 
 
 if __name__ == "__main__":
