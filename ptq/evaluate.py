@@ -17,7 +17,7 @@ from .observe import session
 from .patterns import class_score_outputs
 
 
-MAX_SLICES = 4096  # per-slice fidelity for outputs with at most this many slices on axis 1
+MAX_SLICES = 4096  # per-slice fidelity for outputs with at most this many slices on their feature axis
 MIN_SLICE_SAMPLES = 8  # slices are judged on at least this many samples
 SLICE_FLOOR = 1e-3  # slices whose FP32 peak |value| is under this share of the output's peak are not judged
 
@@ -30,9 +30,17 @@ def _sqnr_cos(signal, noise, dot, nq):
     return sqnr, cos
 
 
+def feature_axis(shape) -> int:
+    """The axis an output's slices are taken on: its features. Axis 1 (channels, a detector head's rows), except
+    for a 3-D output [N, L, F] whose last axis is the shorter: positions × features (a detector's anchors × class
+    scores), where the last axis holds the features."""
+    return 2 if len(shape) == 3 and shape[2] < shape[1] else 1
+
+
 class _OutputStats:
-    """Running sums of one output, over the whole tensor and per slice of axis 1 (a detector head's rows, an
-    output's channels), where a large sub-range can hide a collapsed small one.
+    """Running sums of one output, over the whole tensor and per slice of its feature axis (``feature_axis``: a
+    detector head's rows or class columns, an output's channels), where a large sub-range can hide a collapsed
+    small one.
 
     A slice's SQNR is judged with its uncertainty: axis 0 holds the samples, and for each slice the running sums of
     each sample's signal s_i = Σ r² and noise e_i = Σ (r − q)², their squares and product give, by the delta
@@ -45,13 +53,17 @@ class _OutputStats:
 
     def __init__(self):
         self.sums = np.zeros(4)  # Σr², Σ(r − q)², Σr·q, Σq²
-        self.slices = None  # [4, S] per slice of axis 1
+        self.slices = None  # [4, S] per slice of the feature axis
         self.moments = None  # [5, S]: Σ s_i, Σ e_i, Σ s_i², Σ e_i², Σ s_i·e_i over samples i, per slice
         self.n = 0  # samples seen on axis 0
         self.peak = None  # [S] max |r| per slice
+        self.axis = None  # the feature axis, moved to 1 below
 
     def update(self, ref: np.ndarray, q: np.ndarray):
         r, d = ref.astype(np.float64), q.astype(np.float64)
+        self.axis = feature_axis(r.shape) if self.axis is None else self.axis
+        if self.axis != 1 and r.ndim > self.axis:
+            r, d = np.moveaxis(r, self.axis, 1), np.moveaxis(d, self.axis, 1)
         parts = (r * r, (r - d) ** 2, r * d, d * d)
         self.sums += [float(p.sum()) for p in parts]
         if r.ndim >= 2 and 1 < r.shape[1] <= MAX_SLICES and (self.slices is None or self.slices.shape[1]
@@ -95,7 +107,7 @@ class _OutputStats:
                 z = float(norm.ppf(1 - 0.05 / (2 * int(live.sum()))))
                 upper = np.where(live, s_sqnr + z * se, np.inf)
                 k = int(np.argmin(upper))
-                out["worst_slice"] = {"axis": 1, "index": k, "of": int(self.slices.shape[1]),
+                out["worst_slice"] = {"axis": self.axis, "index": k, "of": int(self.slices.shape[1]),
                                       "sqnr_db": round(float(s_sqnr[k]), 2), "cosine": round(float(s_cos[k]), 6),
                                       "sqnr_db_se": round(float(se[k]), 2),
                                       "sqnr_db_upper": round(float(upper[k]), 2), "z": round(z, 2),
@@ -215,8 +227,8 @@ def evaluate(fp_model, q_model, source, batch_size: int = 16, labels: dict | Non
 
 def fidelity_flags(result: dict, min_sqnr_db: float, min_cosine: float) -> list[tuple[str, str]]:
     """(output, one line) per output of ``result`` (ptq.evaluate's) whose SQNR or cosine over the whole tensor is
-    under the bound, or whose worst slice of axis 1 is under the SQNR bound with 95 % confidence (its upper
-    bound is, ``_OutputStats``): the quantized model is broken there, whatever else looks fine."""
+    under the bound, or whose worst slice (of its feature axis) is under the SQNR bound with 95 % confidence (its
+    upper bound is, ``_OutputStats``): the quantized model is broken there, whatever else looks fine."""
     flags = []
     for name, o in (result or {}).get("outputs", {}).items():
         if o["sqnr_db"] < min_sqnr_db or o["cosine"] < min_cosine:
@@ -224,7 +236,7 @@ def fidelity_flags(result: dict, min_sqnr_db: float, min_cosine: float) -> list[
                                 f"(bounds {min_sqnr_db:g} dB, {min_cosine:g})"))
         elif "worst_slice" in o and o["worst_slice"].get("sqnr_db_upper", o["worst_slice"]["sqnr_db"]) < min_sqnr_db:
             w = o["worst_slice"]
-            flags.append((name, f"output '{name}': slice {w['index']} of {w['of']} on axis 1 (FP32 peak "
+            flags.append((name, f"output '{name}': slice {w['index']} of {w['of']} on axis {w['axis']} (FP32 peak "
                                 f"{w['fp32_peak']:g}) at SQNR {w['sqnr_db']} ± {w.get('sqnr_db_se', 0)} dB on "
                                 f"{w.get('samples', '?')} samples (bound {min_sqnr_db:g} dB, beyond its 95 % "
                                 f"interval), though the whole tensor has {o['sqnr_db']} dB"))

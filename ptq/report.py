@@ -111,7 +111,7 @@ def sections(r: dict) -> list[Section]:
         f = r["fidelity"]
         out.append(Section(f"Output fidelity (FP32 vs quantized, {f['samples']} held-back calibration samples)",
                            text=[f"Top-1 agreement with FP32: {f['top1_agreement']} %"] if "top1_agreement" in f
-                           else [], header=["output", "SQNR dB", "cosine", "worst slice of axis 1: SQNR dB, cosine"],
+                           else [], header=["output", "SQNR dB", "cosine", "worst feature slice: SQNR dB, cosine"],
                            rows=[[k, v["sqnr_db"], v["cosine"], _worst(v)] for k, v in f["outputs"].items()]))
     sp = r.get("speed")
     if sp:

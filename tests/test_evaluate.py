@@ -85,6 +85,20 @@ def test_one_bad_class_on_few_samples_is_not_flagged_but_a_collapsed_slice_is(rn
     assert "worst_slice" not in few and few["slices"].startswith("not judged: 5 samples")
 
 
+def test_anchors_by_classes_are_sliced_by_class(rng):
+    """Scores [N, 400 anchors, 8 classes] (a PicoDet head): the slices are the classes (axis 2), so one class lost
+    everywhere is flagged, while low-score anchors are not judged one by one; [N, 8, 400] stays sliced on axis 1."""
+    from ptq.evaluate import feature_axis, fidelity_flags
+    assert feature_axis((1, 400, 8)) == 2 and feature_axis((1, 8, 400)) == 1 and feature_axis((1, 8, 4, 4)) == 1
+    scores = rng.uniform(0, 1, size=(12, 400, 8))
+    q = scores + 0.01 * rng.normal(size=scores.shape)
+    q[:, :, 3] = 0.0  # class 3 lost at every anchor
+    out = slice_result(scores, q)
+    assert out["worst_slice"]["axis"] == 2 and out["worst_slice"]["index"] == 3 and out["worst_slice"]["of"] == 8
+    flags = fidelity_flags({"outputs": {"y": out}}, 6.0, 0.9)
+    assert len(flags) == 1 and "slice 3 of 8 on axis 2" in flags[0][1]
+
+
 def test_class_scores_are_found_through_a_bias_add_and_a_pooled_convolution():
     """MatMul -> Add(bias) -> Softmax [N, 2] (the PP-OCR direction classifier's tail) and Conv -> GlobalAveragePool
     -> Flatten are class scores; a Conv -> Flatten feature map and a MatMul divided by a computed norm are not."""
