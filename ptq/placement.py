@@ -13,6 +13,8 @@ depthwise or not, kernel size); a pattern is measured and placed once for all it
    (geometric-mean ratio under 1 − ``MIN_GAIN``).
 3. The result is timed against FP32 the same way. Where it is still slower with confidence (the 95 % interval
    above 1), no int8 placement is faster on this runtime: the model is written in float, and the report says so.
+   Written in float (so too where every pattern went float), it is the faster of ptq's FP32 reference (its folds
+   run as fewer ops, SmoothQuant's scales as more) and the model as given, timed against each other.
 Leaving a layer in float only removes rounding, so the fidelity bounds still hold (the caller measures them
 again and goes back to the all-int8 placement where they do not).
 
@@ -27,6 +29,7 @@ import os
 import re
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 
 from .quantizers import raise_quantizers
@@ -38,7 +41,7 @@ from .weights import layer_kind
 MIN_MS = 0.2  # FP32 batch-1 latency under which placement is skipped
 MIN_GAIN = 0.02  # a float placement is kept where the model gets at least this much faster
 BUDGET_S = 2.0  # seconds of timing per comparison (the rounds follow from the models' latency)
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 def pattern(gr: Graph, layer) -> str:
@@ -157,8 +160,9 @@ def place(original, state, qmodel, feed: dict, progress: bool = False) -> tuple:
     else:
         decided = {**decided, "cached": str(cache)}
     if decided.get("all_float"):
-        placed = raise_quantizers(state, [f"weight:{k}" for k in state.weights] + [f"act:{k}" for k in state.acts],
-                                  "fp32")
+        placed = _bare(state)
+        if decided.get("float_model") == "original":
+            return placed, onnx.ModelProto.FromString(original.SerializeToString()), decided
         return placed, export_qdq(placed), decided
     names = [l for p in decided.get("float_patterns", []) for l in decided["patterns"][p]["layers"]]
     if not names:
@@ -207,6 +211,7 @@ def _measure(original, state, qmodel, feed: dict) -> dict:
                         f"{final['ratio_ci'][1]:.2f}×): the model is written in float; --placement all writes "
                         "the int8 model")
     elif len(info["float_patterns"]) == len(info["patterns"]):
+        info["all_float"] = True
         info["line"] = (f"every layer kept in float: no int8 kernel ran faster than float on this runtime "
                         f"({final['ratio']:.2f}× FP32 in float, {first['quant_ms'] / first['fp32_ms']:.2f}× in "
                         "int8); --placement all writes the int8 model")
@@ -215,4 +220,15 @@ def _measure(original, state, qmodel, feed: dict) -> dict:
         info["line"] = (f"placement: {n} of {sum(len(v['layers']) for v in info['patterns'].values())} layers "
                         f"({', '.join(info['float_patterns'])}) kept in float, where int8 ran slower "
                         f"({final['ratio']:.2f}× FP32 after); --placement all quantizes them")
+    if info["all_float"]:  # ptq's float reference (folds: fewer ops; SmoothQuant's scales: more) or the model given
+        r = paired_ratio(original, export_qdq(_bare(state)), feed, _rounds(first["fp32_ms"]), until=_resolved)
+        info["float_model"] = "original" if r["ratio"] > 1 else "reference"
+        info["float_reference_vs_original"] = {"ratio": r["ratio"], "ratio_ci": r["ratio_ci"]}
+        info["line"] += f" (written: the {'model as given' if r['ratio'] > 1 else 'folded FP32 reference'}, the faster)"
     return info
+
+
+def _bare(state):
+    """The state without any quantizer."""
+    return raise_quantizers(state, [f"weight:{k}" for k in state.weights] + [f"act:{k}" for k in state.acts], "fp32")
+
