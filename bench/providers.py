@@ -4,7 +4,7 @@ runs in an environment of its own, whose onnxruntime is the provider's build).
 
     python -m venv /tmp/ov && /tmp/ov/bin/pip install onnxruntime-openvino numpy
     ptq run efficientnet_lite0.onnx --calib DIR --preset efficientnet-lite --placement all -o /tmp/l0.int8.onnx
-    /tmp/ov/bin/python bench/providers.py efficientnet_lite0=M.onnx,/tmp/l0.int8.onnx [NAME=FP32,INT8 ...]
+    /tmp/ov/bin/python bench/providers.py efficientnet_lite0=M.onnx,/tmp/l0.int8.onnx [NAME=FP32,INT8[,1x3x48x192] ...]
 
 Rows go to bench/provider_results.json and the "Execution providers" section of bench/results.md (re-rendered by
 bench/run.py's writer)."""
@@ -23,21 +23,22 @@ RESULTS = ROOT / "bench" / "provider_results.json"
 ROUNDS = 60
 
 
-def feed_for(session) -> dict:
-    """One batch-1 sample of the right shapes (dynamic dimensions 1), uniform in [0, 1)."""
+def feed_for(session, shape=None) -> dict:
+    """One batch-1 sample, uniform in [0, 1): of ``shape`` (the first input's), else of the inputs' shapes with
+    their dynamic dimensions 1."""
     rng = np.random.default_rng(0)
     out = {}
-    for i in session.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+    for k, i in enumerate(session.get_inputs()):
+        shape = shape if shape and k == 0 else [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
         out[i.name] = rng.random(shape, dtype=np.float32)
     return out
 
 
-def paired(fp: str, q: str, provider: str) -> dict:
+def paired(fp: str, q: str, provider: str, shape=None) -> dict:
     """Geometric mean of t_int8 / t_fp32 over ROUNDS paired rounds (alternating order) and its 95 % interval."""
     opts = ort.SessionOptions()
     sessions = [ort.InferenceSession(p, opts, providers=[provider]) for p in (fp, q)]
-    feed = feed_for(sessions[0])
+    feed = feed_for(sessions[0], shape)
     for s in sessions:
         for _ in range(3):
             s.run(None, feed)
@@ -76,11 +77,12 @@ def main(pairs: list[str]) -> int:
     keep = {(r["model"], r["provider"]): r for r in rows}
     for spec in pairs:
         name, paths = spec.split("=", 1)
-        fp, q = paths.split(",")
+        fp, q, *shape = paths.split(",")
+        shape = [int(d) for d in shape[0].split("x")] if shape else None
         for provider in ("OpenVINOExecutionProvider", "CPUExecutionProvider"):
             if provider not in ort.get_available_providers():
                 continue
-            r = {"model": name, "provider": provider, "onnxruntime": ort.__version__, **paired(fp, q, provider),
+            r = {"model": name, "provider": provider, "onnxruntime": ort.__version__, **paired(fp, q, provider, shape),
                  "when": time.strftime("%Y-%m-%d")}
             keep[(name, provider)] = r
             print(r, flush=True)
