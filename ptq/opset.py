@@ -31,8 +31,7 @@ def upgraded(model: onnx.ModelProto, source, batch_size: int = 8) -> tuple[onnx.
         raise InputError(f"cannot convert the model from opset {old} to {TARGET_OPSET} (needed for per-channel "
                          f"quantization): {first_line(e)}; convert it yourself (onnx.version_converter, or "
                          "re-export at opset 13 or later)") from None
-    feeds = list(_feeds(model, source, batch_size))
-    worst, samples = _largest_difference(model, new, feeds)
+    worst, samples = largest_difference(model, new, check_feeds(model, source, batch_size))
     if worst > RTOL:
         raise InputError(f"converting the model from opset {old} to {TARGET_OPSET} changes its outputs (largest "
                          f"difference {worst:.2e} of the output's peak on {samples} samples); re-export it at opset "
@@ -41,8 +40,9 @@ def upgraded(model: onnx.ModelProto, source, batch_size: int = 8) -> tuple[onnx.
                  f"{samples} samples (largest difference {worst:.1e} of each output's peak)")
 
 
-def _feeds(model, source, batch_size):
-    """(samples, feed) pairs: up to CHECK_SAMPLES of ``source``, or one random feed of the static shapes."""
+def check_feeds(model, source, batch_size):
+    """(samples, feed) pairs to check a rewritten model on: up to CHECK_SAMPLES of ``source``, or one random feed
+    of the static shapes."""
     if source is not None:
         taken = 0
         for paths, feed in source.batches(min(batch_size, CHECK_SAMPLES)):
@@ -63,8 +63,9 @@ def _feeds(model, source, batch_size):
     yield 1, feed
 
 
-def _largest_difference(a, b, feeds) -> tuple[float, int]:
-    """(max over outputs and feeds of max |a − b| / max |a|, samples compared)."""
+def largest_difference(a, b, feeds) -> tuple[float, int]:
+    """(max over outputs and feeds of max |a − b| / max |a|, samples compared): how far a rewritten model ``b``
+    is from ``a`` (inf where an output's shape differs)."""
     from .observe import session
     sa, sb = session(a, arena=False), session(b, arena=False)
     names = [o.name for o in sa.get_outputs()]

@@ -8,7 +8,8 @@ depthwise or not, kernel size); a pattern is measured and placed once for all it
    after its output tensor). Patterns whose int8 kernels take longer than their float ones are the candidates,
    the largest loss first.
 2. Each candidate, in that order, is kept in float (``in_float``: its weight quantizers removed, then every
-   activation quantizer that no int8 node reads or writes any more) and the two whole models are timed in paired,
+   activation quantizer that no int8 node reads, and never a float layer between a DequantizeLinear and a
+   QuantizeLinear, where onnxruntime would quantize it itself) and the two whole models are timed in paired,
    interleaved rounds (``ptq.speed.paired_ratio``); the float placement is kept where it is faster
    (geometric-mean ratio under 1 − ``MIN_GAIN``).
 3. The result is timed against FP32 the same way. Where it is still slower with confidence (the 95 % interval
