@@ -55,7 +55,9 @@ def measured(cmd: list[str]) -> dict:
                "w = time.perf_counter() - t; u = resource.getrusage(resource.RUSAGE_CHILDREN); "
                "print(w, u.ru_utime + u.ru_stime, u.ru_maxrss / 1024); sys.stderr.write(r.stderr[-2000:]); "
                "sys.exit(r.returncode)")
-    p = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as cache:  # a first run: no placement decision cached from before
+        p = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True,
+                           env={**os.environ, "PTQ_CACHE": cache})
     if p.returncode != 0:
         raise RuntimeError(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}")
     wall, cpu, rss = (float(v) for v in p.stdout.split()[-3:])

@@ -8,19 +8,35 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 
 from .evaluate import evaluate, fidelity_flags
 from .export import export_qdq
 from .external import folder
 from .pipeline import Config, Context, prepare, run_steps
 from .placement import place
+from .speed import Timed
 from .target import this_machine
 
 
+@dataclass
+class Measured:
+    """What ``build`` measured of the model it returns, for the report to reuse instead of measuring again: its
+    latency against FP32 (``timed``) and its fidelity on the held-back samples (``fidelity``, as ``evaluate``
+    gives it); None where not measured. ``model``: the model they are of."""
+    model: object = None
+    timed: Timed | None = None
+    fidelity: dict | None = None
+
+    def of(self, model) -> "Measured":
+        """These measurements where ``model`` is the one they are of, else none."""
+        return self if model is self.model else Measured()
+
+
 def build(original, config: Config, calib_src, held, progress: bool = False, timings: dict | None = None) -> tuple:
-    """(state, QDQ model) of ``original`` with ``config``: prepare, the steps, export, then the automatic choices
-    (CLE and weight symmetry at 4 bits or fewer, compared on ``held``) and block reconstruction last on the model
-    kept. What ``ptq run`` writes and ``ptq debug`` analyses."""
+    """(state, QDQ model, ``Measured``) of ``original`` with ``config``: prepare, the steps, export, then the
+    automatic choices (CLE and weight symmetry at 4 bits or fewer, compared on ``held``), block reconstruction
+    last on the model kept, and the measured placement. What ``ptq run`` writes and ``ptq debug`` analyses."""
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
     # the choices below quantize again: block reconstruction, the slowest step, and the steps after it run once,
@@ -46,35 +62,38 @@ def build(original, config: Config, calib_src, held, progress: bool = False, tim
     if defer:
         state, qmodel = _reconstruct_blocks_last(state, tail, calib_src, progress, timings)
     timing_src = held if held is not None else calib_src
+    measured = Measured()
     if config.placement == "measured" and config.latency_runs and timing_src is not None \
             and folder(original) is None:
         t0 = time.perf_counter()
-        state, qmodel = _placed(original, state, qmodel, timing_src, held, progress)
+        state, qmodel, measured = _placed(original, state, qmodel, timing_src, held, progress)
         timings["placement"] = round(time.perf_counter() - t0, 3)
-    return state, qmodel
+    return state, qmodel, measured
 
 
 def _placed(original, state, qmodel, timing_src, held, progress: bool) -> tuple:
-    """(state, QDQ model) after ``ptq.placement.place`` (its report in ``state.report["placement"]``); the int8
-    placement is kept where the measured one falls under fidelity bounds on the held-back samples that the int8
-    one met."""
+    """(state, QDQ model, ``Measured``) after ``ptq.placement.place`` (its report in
+    ``state.report["placement"]``); the int8 placement is kept where the measured one falls under fidelity bounds
+    on the held-back samples that the int8 one met."""
     here = this_machine()
     if here.name != state.target.name:
         info = {"skipped": f"built for target {state.target.name} on a {here.name} machine: placement times this "
                            "machine's runtime, so it is left to a run on the target"}
         state.report = {**state.report, "placement": info}
-        return state, qmodel
+        return state, qmodel, Measured()
     _, feed = next(iter(timing_src.batches(1)))
-    placed, model, info = place(original, state, qmodel, feed, progress)
+    placed, model, info, timed = place(original, state, qmodel, feed, progress)
+    measured = Measured(model, timed)
     if model is not qmodel and held is not None:
         cfg = state.config
         bounds = (cfg.fidelity_sqnr_db, cfg.fidelity_cosine)
         before, after = (evaluate(original, m, held, cfg.batch_size) for m in (qmodel, model))
+        measured.fidelity = after
         if fidelity_flags(after, *bounds) and not fidelity_flags(before, *bounds):
             info["kept_int8"] = "the measured placement fell under fidelity bounds that the int8 one met"
-            placed, model = state, qmodel
+            placed, model, measured = state, qmodel, Measured(qmodel, fidelity=before)
     placed.report = {**placed.report, "placement": info}
-    return placed, model
+    return placed, model, measured
 
 
 def _closeness(original, model, held, batch_size: int) -> float:

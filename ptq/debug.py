@@ -184,7 +184,7 @@ def debug(model_path, calib, output=None, config=None, preprocess=None, eval_dir
         data = full.subset(choose(full.files, config.debug_samples, config.seed + 7))
         data_note = f"{len(data)} samples of the calibration data (no --eval given)"
     flat, taken, _ = inline_taken(original, calib_src, config.batch_size)  # the If branch the data take
-    state, qmodel = build(flat, config, calib_src, held, progress, timings)  # what ptq run writes
+    state, qmodel, _ = build(flat, config, calib_src, held, progress, timings)  # what ptq run writes
     written = reassemble(original, qmodel, taken) if taken else qmodel
     timings["quantize"] = round(time.perf_counter() - t0, 3)
 

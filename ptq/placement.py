@@ -36,7 +36,7 @@ import onnxruntime as ort
 from .quantizers import raise_quantizers
 from .export import export_qdq
 from .model import Graph
-from .speed import node_times, paired_ratio
+from .speed import Timed, node_times, paired_ratio
 from .weights import layer_kind
 
 MIN_MS = 0.2  # FP32 batch-1 latency under which placement is skipped
@@ -139,18 +139,19 @@ def _rounds(ms: float) -> int:
 
 
 def place(original, state, qmodel, feed: dict, progress: bool = False) -> tuple:
-    """(state, QDQ model, report dict) with the patterns whose int8 kernels lose kept in float, or everything in
-    float where no placement beats FP32; ``feed``: one batch-1 sample. A cached decision for the same quantized
-    model, target and runtime is reused."""
+    """(state, QDQ model, report dict, ``Timed`` or None) with the patterns whose int8 kernels lose kept in float,
+    or everything in float where no placement beats FP32; ``feed``: one batch-1 sample. A cached decision for the
+    same quantized model, target and runtime is reused. The ``Timed`` is the last comparison of the model returned
+    against ``original`` (None where the decision came from the cache or the model is written in float)."""
     cache = _cache_file(qmodel, state)
-    decided = None
+    decided, timed = None, None
     if cache.exists():
         try:
             decided = json.loads(cache.read_text())
         except (OSError, ValueError):
             decided = None
     if decided is None:
-        decided = _measure(original, state, qmodel, feed)
+        decided, timed = _measure(original, state, qmodel, feed)
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")
@@ -163,26 +164,28 @@ def place(original, state, qmodel, feed: dict, progress: bool = False) -> tuple:
     if decided.get("all_float"):
         placed = _bare(state)
         if decided.get("float_model") == "original":
-            return placed, onnx.ModelProto.FromString(original.SerializeToString()), decided
-        return placed, export_qdq(placed), decided
+            return placed, onnx.ModelProto.FromString(original.SerializeToString()), decided, None
+        return placed, export_qdq(placed), decided, None
     names = [l for p in decided.get("float_patterns", []) for l in decided["patterns"][p]["layers"]]
-    if not names:
-        return state, qmodel, decided
-    placed = in_float(state, names)
-    return placed, export_qdq(placed), decided
+    placed, model = (in_float(state, names), None) if names else (state, qmodel)
+    model = model or export_qdq(placed)
+    same = timed is not None and (timed[0] is model or timed[0].SerializeToString() == model.SerializeToString())
+    return placed, model, decided, Timed(model, *timed[1:]) if same else None
 
 
-def _measure(original, state, qmodel, feed: dict) -> dict:
-    """Profile, try the candidates, compare with FP32 (see the module docstring): the decision as a dict."""
+def _measure(original, state, qmodel, feed: dict) -> tuple[dict, tuple | None]:
+    """Profile, try the candidates, compare with FP32 (see the module docstring): (the decision as a dict, (the
+    last model compared with FP32, that comparison, FP32's node times, that model's node times or None))."""
     first = paired_ratio(original, qmodel, feed, 20)
     info = {"fp32_ms": first["fp32_ms"], "int8_ms": first["quant_ms"], "patterns": {}, "float_patterns": [],
             "trials": [], "all_float": False}
     if first["fp32_ms"] < MIN_MS:
         info["skipped"] = f"FP32 runs in {first['fp32_ms']:.3f} ms (< {MIN_MS} ms): runtime overhead, not placed"
-        return info
+        return info, (qmodel, first, None, None)
     gr = Graph(state.model)
-    q_us = layer_times(state, node_times(qmodel, feed))
-    fp_us = layer_times(state, node_times(original, feed))
+    q_nodes, fp_nodes = node_times(qmodel, feed), node_times(original, feed)
+    q_us, fp_us = layer_times(state, q_nodes), layer_times(state, fp_nodes)
+    q_total = sum(q_nodes.values())
     for l in state.layers:
         if l.name not in state.weights:
             continue
@@ -190,7 +193,10 @@ def _measure(original, state, qmodel, feed: dict) -> dict:
         p["layers"].append(l.name)
         p["int8_us"] = round(p["int8_us"] + q_us.get(l.name, 0.0), 1)
         p["fp32_us"] = round(p["fp32_us"] + fp_us.get(l.name, 0.0), 1)
-    candidates = sorted((p for p, v in info["patterns"].items() if v["int8_us"] > v["fp32_us"] > 0),
+    # a pattern is tried where its int8 kernels lose at least MIN_GAIN of the int8 model's profiled time: less
+    # could not make the whole model MIN_GAIN faster
+    candidates = sorted((p for p, v in info["patterns"].items()
+                         if v["int8_us"] - v["fp32_us"] >= MIN_GAIN * q_total and v["fp32_us"] > 0),
                         key=lambda p: info["patterns"][p]["fp32_us"] - info["patterns"][p]["int8_us"])
     current_state, current = state, qmodel
     for p in candidates:
@@ -205,6 +211,7 @@ def _measure(original, state, qmodel, feed: dict) -> dict:
             current_state, current = trial_state, trial
     final = paired_ratio(original, current, feed, _rounds(first["fp32_ms"]), until=_resolved)
     info["ratio_to_fp32"], info["ratio_ci"] = final["ratio"], final["ratio_ci"]
+    timed = (current, final, fp_nodes, q_nodes if current is qmodel else None)
     if final["ratio_ci"][0] > 1:
         info["all_float"] = True
         info["line"] = (f"no int8 placement ran faster than FP32 on this runtime (the fastest: "
@@ -226,7 +233,7 @@ def _measure(original, state, qmodel, feed: dict) -> dict:
         info["float_model"] = "original" if r["ratio"] > 1 else "reference"
         info["float_reference_vs_original"] = {"ratio": r["ratio"], "ratio_ci": r["ratio_ci"]}
         info["line"] += f" (written: the {'model as given' if r['ratio'] > 1 else 'folded FP32 reference'}, the faster)"
-    return info
+    return info, timed
 
 
 def _bare(state):

@@ -133,7 +133,7 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
     flat, taken, branch_notes = inline_taken(original, calib_src if calib_src is not None else held,
                                              config.batch_size)
     timings["load"] = round(time.perf_counter() - t0, 3)
-    state, qmodel = build(flat, config, calib_src, held, progress, timings)
+    state, qmodel, measured = build(flat, config, calib_src, held, progress, timings)
     written = (lambda m: reassemble(original, m, taken)) if taken else (lambda m: m)  # noqa: E731
     qmodel = written(qmodel)
     for t in taken:
@@ -169,7 +169,8 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
     fidelity, repaired = None, None
     if held is not None:
         t0 = time.perf_counter()
-        fidelity = evaluate(original, qmodel, held, config.batch_size, progress=progress, desc="fidelity")
+        fidelity = measured.of(qmodel).fidelity or evaluate(original, qmodel, held, config.batch_size,
+                                                            progress=progress, desc="fidelity")
         timings["fidelity"] = round(time.perf_counter() - t0, 3)
     if config.repair and fidelity_flags(fidelity, config.fidelity_sqnr_db, config.fidelity_cosine):
         t0 = time.perf_counter()
@@ -193,7 +194,7 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
     if config.latency_runs and timing_src is not None:
         t0 = time.perf_counter()
         _, feed = next(iter(timing_src.batches(1)))
-        speed = measure_speed(original, qmodel, feed, config.latency_runs)
+        speed = measure_speed(original, qmodel, feed, config.latency_runs, measured.of(qmodel).timed)
         timings["latency"] = round(time.perf_counter() - t0, 3)
         if speed_verdict(speed) == "slower" or ("ratio_ci" not in speed and speed["ratio"] > 1):
             u = speed["unfused"]

@@ -10,6 +10,7 @@ import collections
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -21,6 +22,17 @@ from .external import folder, session_options
 from .threads import ort_options
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+@dataclass
+class Timed:
+    """What was measured already of one (FP32, quantized) pair on this runtime with one batch-1 feed, so the report
+    does not time the same models again: ``pair`` from ``paired_ratio``, each model's ``node_times`` (None where
+    that model was not profiled). ``model``: the quantized model it was measured on (reused only for that one)."""
+    model: onnx.ModelProto
+    pair: dict
+    fp32_nodes: dict | None = None
+    quant_nodes: dict | None = None
 
 
 def unfused_qdq(model: onnx.ModelProto) -> dict:
@@ -82,8 +94,13 @@ def node_times(model: onnx.ModelProto, feed: dict, runs: int = 10) -> dict[tuple
 def op_times(model: onnx.ModelProto, feed: dict, runs: int = 10, top: int = 8) -> dict[str, float]:
     """{op type: µs per run} for the ``top`` op types of ``node_times`` (the quantized model's convolutions
     appear as QLinearConv), the remaining op types together as "other"."""
+    return by_op(node_times(model, feed, runs), top)
+
+
+def by_op(times: dict[tuple[str, str], float], top: int = 8) -> dict[str, float]:
+    """``node_times`` summed per op type: the ``top`` op types, the rest together as "other"."""
     total = collections.Counter()
-    for (_, op), us in node_times(model, feed, runs).items():
+    for (_, op), us in times.items():
         total[op] += us
     ranked = total.most_common()
     out = {op: round(us, 1) for op, us in ranked[:top]}
@@ -256,14 +273,21 @@ def _session(model):
     return session(model if not hasattr(model, "__fspath__") else str(model))
 
 
-def measure_speed(fp_model: onnx.ModelProto, q_model: onnx.ModelProto, feed: dict, runs: int = 20) -> dict:
+def measure_speed(fp_model: onnx.ModelProto, q_model: onnx.ModelProto, feed: dict, runs: int = 20,
+                  timed: Timed | None = None) -> dict:
     """Batch-1 latency of both models (``paired_ratio``: paired, interleaved rounds, the ratio with its 95 %
     interval, wall and CPU time; models kept on disk are timed one at a time, medians, without an interval), the
     unfused Q/DQ, per costly choice (``costly_choices``) how many there are and the ratio to FP32 the model would
-    have without it, and each model's time per op type (``op_times``; None for a model kept on disk)."""
+    have without it, and each model's time per op type (``op_times``; None for a model kept on disk). ``timed``:
+    what was measured of this very pair already (the measured placement's last comparison), used instead of timing
+    again."""
+    timed = timed if timed is not None and timed.model is q_model else None
     choices = costly_choices(q_model)
     on_disk = folder(fp_model) is not None
-    if on_disk:
+    if timed is not None:
+        pair = dict(timed.pair)
+        fp_ms = pair["fp32_ms"]
+    elif on_disk:
         fp_ms, q_ms = latencies_ms([fp_model, q_model], feed, runs, interleave=False)
         pair = {"fp32_ms": round(fp_ms, 3), "quant_ms": round(q_ms, 3), "ratio": round(q_ms / max(fp_ms, 1e-9), 3),
                 "runs": runs}
@@ -279,5 +303,8 @@ def measure_speed(fp_model: onnx.ModelProto, q_model: onnx.ModelProto, feed: dic
              for (what, (count, _)), ms in zip(choices.items(), without_ms)}
     ops = None
     if not on_disk:  # a model kept on disk is not loaded twice more to be profiled
-        ops = {"fp32": op_times(fp_model, feed), "quantized": op_times(q_model, feed)}
+        known = timed or Timed(q_model, pair)
+        ops = {"fp32": by_op(known.fp32_nodes if known.fp32_nodes is not None else node_times(fp_model, feed)),
+               "quantized": by_op(known.quant_nodes if known.quant_nodes is not None
+                                  else node_times(q_model, feed))}
     return {**pair, "unfused": unfused_qdq(q_model), "costs": costs, "ops": ops}

@@ -1,6 +1,7 @@
 """Placement by measured latency (ptq.placement): which quantizers a float layer takes with it, the greedy
 decision on given timings, its cache, and the skip for models whose time is the runtime's overhead."""
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnx import helper
 
@@ -133,7 +134,7 @@ def test_the_greedy_keeps_a_float_pattern_only_where_the_model_got_faster(rng, t
     calls = fake_timings(monkeypatch, kernel, trial, final_lo=0.7)
     monkeypatch.setattr(placement, "MIN_MS", 0.0)
     feed = {"x": np.zeros((1, 3, 8, 8), np.float32)}
-    placed, pmodel, info = placement.place(model, state, qmodel, feed)
+    placed, pmodel, info, _ = placement.place(model, state, qmodel, feed)
     assert [t["pattern"] for t in info["trials"]] == ["Conv conv 3×3", "Conv conv 1×1"]
     assert [t["kept"] for t in info["trials"]] == [True, False]
     assert info["float_patterns"] == ["Conv conv 3×3"] and not info["all_float"]
@@ -145,6 +146,29 @@ def test_the_greedy_keeps_a_float_pattern_only_where_the_model_got_faster(rng, t
     assert again[1].SerializeToString() == pmodel.SerializeToString() and again[2]["cached"]
 
 
+def test_a_pattern_that_cannot_gain_min_gain_is_not_tried(rng, tmp_path, monkeypatch):
+    """The 1×1 pair loses 2 × 5 µs of the int8 model's 1030 µs (under MIN_GAIN = 2 %): only the 3×3, losing
+    990 µs, is tried. The last comparison with FP32 comes back with the model it timed (fresh), not from the cache."""
+    model = chain3(rng)
+    w1 = rng.normal(0, 0.4, (6, 3, 3, 3)).astype(np.float32)
+    model.graph.initializer[0].CopyFrom(init("w1", w1))
+    model.graph.node[0].attribute.extend([helper.make_attribute("pads", [1, 1, 1, 1])])
+    state = quantized_state(rng, tmp_path, model)
+    qmodel = export_qdq(state)
+    kernel = {"conv1": (1000.0, 10.0), "conv2": (15.0, 10.0), "conv3": (15.0, 10.0)}
+    assert (15.0 - 10.0) * 2 < placement.MIN_GAIN * sum(v[0] for v in kernel.values()) < 1000.0 - 10.0
+    calls = fake_timings(monkeypatch, kernel, lambda a, b: 1.1 if a is qmodel and b is not qmodel else None,
+                         final_lo=0.7)
+    monkeypatch.setattr(placement, "MIN_MS", 0.0)
+    feed = {"x": np.zeros((1, 3, 8, 8), np.float32)}
+    placed, pmodel, info, timed = placement.place(model, state, qmodel, feed)
+    assert [t["pattern"] for t in info["trials"]] == ["Conv conv 3×3"] and not info["float_patterns"]
+    assert pmodel is qmodel and timed.model is qmodel and timed.pair["ratio_ci"][0] == 0.7
+    assert timed.fp32_nodes is not None and timed.quant_nodes is not None
+    assert calls["trials"][-1] is qmodel  # the last comparison: the model written against FP32
+    assert placement.place(model, state, qmodel, feed)[3] is None  # cached: nothing was timed
+
+
 def test_no_faster_placement_writes_the_model_in_float(rng, tmp_path, monkeypatch):
     """Every trial slower and the int8 model slower than FP32 with confidence: written in float, said in a line."""
     model = chain3(rng)
@@ -153,7 +177,7 @@ def test_no_faster_placement_writes_the_model_in_float(rng, tmp_path, monkeypatc
     fake_timings(monkeypatch, {"conv1": (15.0, 10.0), "conv2": (15.0, 10.0), "conv3": (15.0, 10.0)},
                  lambda a, b: 1.2 if b is not qmodel or a is not model else None, final_lo=1.3)
     monkeypatch.setattr(placement, "MIN_MS", 0.0)
-    placed, pmodel, info = placement.place(model, state, qmodel, {"x": np.zeros((1, 3, 8, 8), np.float32)})
+    placed, pmodel, info, _ = placement.place(model, state, qmodel, {"x": np.zeros((1, 3, 8, 8), np.float32)})
     assert info["all_float"] and "written in float" in info["line"]
     assert not placed.weights and not placed.acts
     assert not [n for n in pmodel.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
@@ -179,3 +203,23 @@ def test_a_model_built_for_another_target_is_not_placed_here(rng, tmp_path):
     calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 24)
     result = quantize(chain3(rng), calib, holdout=8, target=other)
     assert f"built for target {other}" in result.report["placement"]["skipped"]
+
+
+def test_the_report_reuses_the_placements_timing_of_the_same_model_only(rng, tmp_path, monkeypatch):
+    """measure_speed takes the pair and the node times measured already (``Timed``) for the very model it is
+    given, and times a different model itself."""
+    from ptq import speed
+    model = chain3(rng)
+    qmodel = export_qdq(quantized_state(rng, tmp_path, model))
+    feed = {"x": np.zeros((1, 3, 8, 8), np.float32)}
+    pair = {"fp32_ms": 1.0, "quant_ms": 0.5, "ratio": 0.5, "ratio_ci": [0.4, 0.6], "runs": 30}
+    timed = speed.Timed(qmodel, pair, {("conv1", "Conv"): 7.0}, {("conv1_token_1", "QLinearConv"): 3.0})
+    timed_calls = []
+    real = speed.paired_ratio
+    monkeypatch.setattr(speed, "paired_ratio", lambda *a, **k: timed_calls.append(a[1]) or real(*a, **k))
+    got = speed.measure_speed(model, qmodel, feed, 5, timed)
+    assert got["ratio"] == 0.5 and got["ratio_ci"] == [0.4, 0.6] and not timed_calls
+    assert got["ops"] == {"fp32": {"Conv": 7.0}, "quantized": {"QLinearConv": 3.0}}
+    other = onnx.ModelProto.FromString(qmodel.SerializeToString())
+    got = speed.measure_speed(model, other, feed, 5, timed)
+    assert timed_calls == [other] and got["runs"] == 5 and "QLinearConv" in got["ops"]["quantized"]
