@@ -1,6 +1,7 @@
 """What a default W8A8 run costs, against onnxruntime's own quantize_static (QDQ, per-channel, MinMax) on the same
-images, back to back in one run: wall time, CPU time (user + system, every thread) and peak RSS of each
-quantization process alone; and how both grow with the calibration set (256 -> 1000 images) and the model (the
+images, the two alternating in one run (medians of --repeat runs each; ptq with an empty placement cache, as a
+first run): wall time, CPU time (user + system, every thread) and peak RSS of each quantization process alone;
+and how both grow with the calibration set (256 -> 1000 images) and the model (the
 2.7 GB model's cost is in the zoo table).
 
     python bench/cost.py [--images 256,1000] [--models efficientnet_lite0,efficientnet_lite2]
@@ -64,7 +65,13 @@ def measured(cmd: list[str]) -> dict:
     return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mb": round(rss)}
 
 
-def imagenet_rows(models, sizes, work: Path) -> list[dict]:
+def median(runs: list[dict]) -> dict:
+    """Each measure's median over the runs."""
+    import numpy as np
+    return {k: round(float(np.median([r[k] for r in runs])), 1) for k in runs[0]}
+
+
+def imagenet_rows(models, sizes, work: Path, repeat: int = 3) -> list[dict]:
     rows = []
     calib_all = SHARED / "data" / "imagenet-calib"
     files = sorted(calib_all.glob("*.JPEG"))
@@ -77,12 +84,18 @@ def imagenet_rows(models, sizes, work: Path) -> list[dict]:
                 folder.mkdir()
                 for i in sorted(np.random.default_rng(0).choice(len(files), n, replace=False)):
                     (folder / files[i].name).symlink_to(files[i])
-            ptq = measured([sys.executable, "-m", "ptq", "run", str(path), "--calib", str(folder), "--preset",
-                            PRESET[name], "--calib-size", str(n), "-o", str(work / f"{name}.{n}.onnx"), "-q"])
-            ort = measured([sys.executable, "-c", ORT_SCRIPT, str(path), str(work / f"{name}.{n}.ort.onnx"),
-                            str(calib_all), str(n), PRESET[name]])
+            runs = {"ptq": [], "ort": []}
+            for _ in range(repeat):  # alternating, so the machine's drift falls on both tools alike
+                runs["ptq"].append(measured([sys.executable, "-m", "ptq", "run", str(path), "--calib", str(folder),
+                                             "--preset", PRESET[name], "--calib-size", str(n), "-o",
+                                             str(work / f"{name}.{n}.onnx"), "-q"]))
+                runs["ort"].append(measured([sys.executable, "-c", ORT_SCRIPT, str(path),
+                                             str(work / f"{name}.{n}.ort.onnx"), str(calib_all), str(n),
+                                             PRESET[name]]))
             rows.append({"model": name, "size_mb": round(path.stat().st_size / 1e6, 1), "images": n,
-                         "ptq": ptq, "ort": ort})
+                         "repeats": repeat, **{tool: median(r) for tool, r in runs.items()},
+                         "wall_ratios": [round(p["wall_s"] / o["wall_s"], 2)
+                                         for p, o in zip(runs["ptq"], runs["ort"])]})
             print(rows[-1], flush=True)
     return rows
 
@@ -92,8 +105,9 @@ def table(rows=None) -> list[str]:
     if not rows:
         return []
     lines = ["", "## Cost: a default W8A8 run against onnxruntime quantize_static", "",
-             "Written by bench/cost.py: each quantization alone in its own process, back to back on the same machine "
-             "(wall s / CPU s, user + system of every thread / peak RSS MB); both decode the same JPEG files with the "
+             "Written by bench/cost.py: each quantization alone in its own process, the two tools alternating, "
+             "medians of the repeats (wall s / CPU s, user + system of every thread / peak RSS MB); ptq's placement "
+             "cache empty (a first run); both decode the same JPEG files with the "
              "same preprocessing. onnxruntime: QDQ, per-channel S8 weights, U8 activations, MinMax.", "",
              "| model | size MB | images | ptq wall s | ptq CPU s | ptq peak RSS MB | onnxruntime wall s | "
              "onnxruntime CPU s | onnxruntime peak RSS MB | ptq / onnxruntime wall, CPU | measured |",
@@ -127,12 +141,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", default="256,1000")  # the calibration folder holds 1000 images
     ap.add_argument("--models", default="efficientnet_lite0")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each tool, alternating; the table has medians")
     a = ap.parse_args()
     if not SHARED.exists():
         print(f"{SHARED} is absent: nothing to measure")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        rows = imagenet_rows(a.models.split(","), [int(v) for v in a.images.split(",")], Path(tmp))
+        rows = imagenet_rows(a.models.split(","), [int(v) for v in a.images.split(",")], Path(tmp), a.repeat)
     write(rows)
     return 0
 

@@ -8,7 +8,7 @@ over m labelled samples, b of them +1 and c of them −1, the drop is 100·(b �
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import norm
+from scipy.special import ndtri
 from tqdm import tqdm
 
 from .errors import AccuracyGateError, InputError
@@ -104,7 +104,7 @@ class _OutputStats:
             elif live.any():
                 s_sqnr, s_cos = _sqnr_cos(*self.slices)
                 se = self.slice_se_db()
-                z = float(norm.ppf(1 - 0.05 / (2 * int(live.sum()))))
+                z = float(ndtri(1 - 0.05 / (2 * int(live.sum()))))
                 upper = np.where(live, s_sqnr + z * se, np.inf)
                 k = int(np.argmin(upper))
                 out["worst_slice"] = {"axis": self.axis, "index": k, "of": int(self.slices.shape[1]),

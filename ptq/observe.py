@@ -194,13 +194,13 @@ def check_runnable(model: onnx.ModelProto, name: str = "model") -> None:
 
 
 GIVE_UP = 2
-OUTPUT_SHARE = 0.125  # of the memory limit, for one batch's requested outputs: they live once, in the bound
+OUTPUT_SHARE = 0.0625  # of the memory limit, for one batch's requested outputs: they live once, in the bound
 # buffers, beside onnxruntime's own intermediate tensors, the observers' temporaries, the models and the libraries
 
 
 def batch_within(outputs: "Outputs", source, batch_size: int, memory_limit: float | None) -> int:
     """The largest batch size up to ``batch_size`` whose requested outputs fit in OUTPUT_SHARE of ``memory_limit``
-    bytes (EfficientNet-Lite0: 8 images at the default 2 GB, the whole run's peak RSS 0.9 GB): one sample is run
+    bytes (EfficientNet-Lite0: 4 images at the default 2 GB, the whole run's peak RSS 0.6 GB): one sample is run
     to measure a sample's outputs. What the process holds already is not
     counted (memory freed earlier, e.g. by AdaRound, often stays resident), so the batches change only where the
     outputs themselves would not fit (the histograms do not depend on the batches)."""

@@ -12,7 +12,8 @@ depthwise or not, kernel size); a pattern is measured and placed once for all it
    QuantizeLinear, where onnxruntime would quantize it itself) and the two whole models are timed in paired,
    interleaved rounds (``ptq.speed.paired_ratio``); the float placement is kept where it is faster
    (geometric-mean ratio under 1 − ``MIN_GAIN``).
-3. The result is timed against FP32 the same way. Where it is still slower with confidence (the 95 % interval
+3. The result is timed against FP32 the same way (the first comparison stands where no pattern went float and its
+   interval already is on one side of 1). Where it is still slower with confidence (the 95 % interval
    above 1), no int8 placement is faster on this runtime: the model is written in float, and the report says so.
    Written in float (so too where every pattern went float), it is the faster of ptq's FP32 reference (its folds
    run as fewer ops, SmoothQuant's scales as more) and the model as given, timed against each other.
@@ -209,7 +210,8 @@ def _measure(original, state, qmodel, feed: dict) -> tuple[dict, tuple | None]:
         if kept:
             info["float_patterns"].append(p)
             current_state, current = trial_state, trial
-    final = paired_ratio(original, current, feed, _rounds(first["fp32_ms"]), until=_resolved)
+    final = first if current is qmodel and _resolved(*first["ratio_ci"]) else \
+        paired_ratio(original, current, feed, _rounds(first["fp32_ms"]), until=_resolved)
     info["ratio_to_fp32"], info["ratio_ci"] = final["ratio"], final["ratio_ci"]
     timed = (current, final, fp_nodes, q_nodes if current is qmodel else None)
     if final["ratio_ci"][0] > 1:

@@ -255,10 +255,10 @@ def paired_ratio(fp_model, q_model, feed: dict, runs: int = 20, warmup: int = 3,
 def ratio_interval(fp: np.ndarray, q: np.ndarray) -> tuple[float, float, float]:
     """(geometric mean of q_i / fp_i, its 95 % interval): exp(m), exp(m ∓ t_{0.975, n−1} · s / √n) with m, s the
     mean and sample standard deviation of log(q_i / fp_i) over the n pairs."""
-    from scipy.stats import t as student
+    from scipy.special import stdtrit
     logs = np.log(np.maximum(np.asarray(q, float), 1e-12) / np.maximum(np.asarray(fp, float), 1e-12))
     n, m = logs.size, float(logs.mean())
-    half = float(student.ppf(0.975, n - 1) * logs.std(ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
+    half = float(stdtrit(n - 1, 0.975) * logs.std(ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
     return float(np.exp(m)), float(np.exp(m - half)), float(np.exp(m + half))
 
 
