@@ -173,58 +173,68 @@ def saved_chain(rng, tmp_path):
     return path, save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 24, scale=2.0)
 
 
-def test_cle_by_default_at_four_bits_keeps_the_model_closer_to_fp32(rng, tmp_path):
-    """At 4-bit weights CLE comes on by default and ptq.quantize also quantizes without it: the model it returns
-    is the one whose worst held-back output is closer to FP32 (its own fidelity equals the better of the two
-    SQNRs the report gives), and the report's choices say which was kept. A user's --cle / --no-cle skips the
+def test_cle_by_default_at_four_bits_keeps_the_setting_closer_to_fp32(rng, tmp_path, monkeypatch):
+    """At 4-bit weights CLE comes on by default and ptq.quantize compares it with CLE off, both at nearest
+    rounding: the SQNRs the report gives are those of the two models quantized so with the setting given (its
+    fidelity on the same held-back samples), the setting kept is the closer one, and the model returned is
+    quantized once with it, AdaRound included (AdaRound runs once). A user's --cle / --no-cle skips the
     comparison."""
+    from ptq import pipeline
     from ptq.run import quantize
     path, calib = saved_chain(rng, tmp_path)
     kw = dict(weight_bits=4, holdout=8, latency_runs=0, adaround_iters=20, weight_symmetric=True)
+    rounded = []
+    real = pipeline.STEPS["adaround"]
+    monkeypatch.setitem(pipeline.STEPS, "adaround", lambda state, ctx: rounded.append(state.config.cle) or
+                        real(state, ctx))
     r = quantize(path, calib, **kw)
     choice = r.report["stages"]["cle_choice"]
-    best = max(choice["sqnr_db_with"], choice["sqnr_db_without"])
-    assert r.fidelity["outputs"]["y"]["sqnr_db"] == pytest.approx(best, abs=0.01)
     kept_cle = choice["kept"] == "cle"
     assert kept_cle == (choice["sqnr_db_with"] >= choice["sqnr_db_without"])
+    assert rounded == [kept_cle] and r.report["settings"]["cle"] == kept_cle
     assert ("cle" in r.report["stages"]) == kept_cle
     assert r.report["stages"]["choices"]["cle"].startswith("on" if kept_cle else "off")
-    for cle in (True, False):
+    for cle, key in ((True, "sqnr_db_with"), (False, "sqnr_db_without")):
+        nearest = quantize(path, calib, cle=cle, **{**kw, "adaround": False, "adaround_iters": 500})
+        assert nearest.fidelity["outputs"]["y"]["sqnr_db"] == pytest.approx(choice[key], abs=0.01)
         assert "cle_choice" not in quantize(path, calib, cle=cle, **kw).report["stages"]
 
 
 def test_the_cle_choice_stays_in_the_report_when_asymmetric_weights_are_kept(rng, tmp_path, monkeypatch):
-    """Both choices run (CLE, then symmetry, each comparing two closeness numbers): with the comparisons made to
-    keep CLE and then asymmetric grids, the returned model's report still has the CLE comparison's numbers."""
+    """Both choices run (CLE, then symmetry, comparing three closeness numbers: the symmetric candidate is the
+    CLE candidate kept): with the comparisons made to keep CLE and then asymmetric grids, the returned model's
+    report has both comparisons' numbers and is quantized with both settings."""
     from ptq import choices as choices_module, run as run_module
     path, calib = saved_chain(rng, tmp_path)
-    scores = iter([2.0, 1.0, 1.0, 2.0])  # with CLE / without; symmetric / asymmetric
+    scores = iter([2.0, 1.0, 3.0])  # with CLE / without; asymmetric (symmetric: with CLE)
     monkeypatch.setattr(choices_module, "_closeness", lambda *a, **k: next(scores))
     r = run_module.quantize(path, calib, weight_bits=4, holdout=8, latency_runs=0, adaround_iters=20)
     stages = r.report["stages"]
     assert stages["symmetry_choice"]["kept"] == "asymmetric"
     assert stages["cle_choice"] == {"sqnr_db_with": 2.0, "sqnr_db_without": 1.0, "kept": "cle"}
+    assert stages["symmetry_choice"] == {"sqnr_db_symmetric": 2.0, "sqnr_db_asymmetric": 3.0, "kept": "asymmetric"}
     assert "cle" in stages and stages["choices"]["cle"].startswith("on")
+    assert all(not w["symmetric"] for w in r.report["weights"].values())
 
 
 def test_weight_symmetry_at_four_bits_is_chosen_by_the_held_back_samples(rng, tmp_path):
-    """At 4-bit weights ptq.quantize quantizes with symmetric and with asymmetric grids: the model it returns is
-    the one whose worst held-back output is closer to FP32 (its fidelity is the better SQNR of the two the report
-    gives), its weight encodings have that symmetry, the CLE decision is the same in both, and a user's
-    --weight-symmetric / --weight-asymmetric skips the comparison."""
+    """At 4-bit weights ptq.quantize compares symmetric and asymmetric grids at nearest rounding: the SQNRs the
+    report gives are those of the two models quantized so (their fidelity on the same held-back samples), the
+    model returned has the closer one's symmetry in every weight, the CLE decision is the same in both, and a
+    user's --weight-symmetric / --weight-asymmetric skips the comparison."""
     from ptq.run import quantize
     path, calib = saved_chain(rng, tmp_path)
     kw = dict(weight_bits=4, holdout=8, latency_runs=0, adaround_iters=20, cle=False)
     r = quantize(path, calib, **kw)
     choice = r.report["stages"]["symmetry_choice"]
-    best = max(choice["sqnr_db_symmetric"], choice["sqnr_db_asymmetric"])
-    assert r.fidelity["outputs"]["y"]["sqnr_db"] == pytest.approx(best, abs=0.01)
     asym = choice["kept"] == "asymmetric"
     assert asym == (choice["sqnr_db_asymmetric"] > choice["sqnr_db_symmetric"])
     assert all(w["symmetric"] != asym for w in r.report["weights"].values())
     assert r.report["stages"]["choices"]["weight_symmetric"].startswith("asymmetric" if asym else "symmetric")
     assert "cle" not in r.report["stages"]
-    for symmetric in (True, False):
+    for symmetric, key in ((True, "sqnr_db_symmetric"), (False, "sqnr_db_asymmetric")):
+        nearest = quantize(path, calib, weight_symmetric=symmetric, **{**kw, "adaround": False, "adaround_iters": 500})
+        assert nearest.fidelity["outputs"]["y"]["sqnr_db"] == pytest.approx(choice[key], abs=0.01)
         rep = quantize(path, calib, weight_symmetric=symmetric, **kw).report
         assert "symmetry_choice" not in rep["stages"] and "weight_symmetric" not in rep["stages"]["choices"]
         assert all(w["symmetric"] == symmetric for w in rep["weights"].values())
