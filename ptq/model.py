@@ -43,7 +43,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise InputError(f"{path}: opset {opset} is not supported (ptq reads opsets {MIN_OPSET}-{MAX_OPSET}, and "
                          f"converts those under 13 to 13); re-export the model at opset 13 or later")
     try:
-        onnx.checker.check_model(str(path) if on_disk or model.ByteSize() > 2**31 - 1 else model)
+        onnx.checker.check_model(str(path))  # from the file: serializing the loaded model again costs more
     except Exception as e:
         raise InputError(f"{path}: invalid ONNX model ({first_line(e)})") from None
     return model
