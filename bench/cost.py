@@ -68,7 +68,7 @@ def measured(cmd: list[str]) -> dict:
 def median(runs: list[dict]) -> dict:
     """Each measure's median over the runs."""
     import numpy as np
-    return {k: round(float(np.median([r[k] for r in runs])), 1) for k in runs[0]}
+    return {k: round(float(np.median([r[k] for r in runs])), 1 if k != "peak_rss_mb" else None) for k in runs[0]}
 
 
 def imagenet_rows(models, sizes, work: Path, repeat: int = 3) -> list[dict]:

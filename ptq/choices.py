@@ -1,7 +1,7 @@
 """The automatic choices, and the model they build: ``build`` decides the settings ptq chose for the user at 4-bit
-weights or fewer (CLE, the weight grids' symmetry) by quantizing each candidate without the learned steps
-(AdaRound, block reconstruction: nearest rounding) and keeping the one whose worst held-back output is closer to
-FP32; then it quantizes once with the settings kept, the learned steps included; then the measured placement
+weights or fewer (CLE, the weight grids' symmetry) by quantizing each candidate with a shortened run (AdaRound
+with a fifth of its iterations on 256 samples, no block reconstruction) and keeping the one whose worst held-back
+output is closer to FP32; then it quantizes once with the settings kept, in full; then the measured placement
 (``ptq.placement``) keeps in float the layers whose int8 kernels run slower on this runtime. ``ptq run``, ``ptq
 debug`` and ``ptq.quantize`` all build their model here, so they build the same one."""
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Measured:
 
 def build(original, config: Config, calib_src, held, progress: bool = False, timings: dict | None = None) -> tuple:
     """(state, QDQ model, ``Measured``) of ``original`` with ``config``: the automatic choices (CLE and weight
-    symmetry at 4 bits or fewer, compared on ``held`` at nearest rounding), then prepare, the steps and export
+    symmetry at 4 bits or fewer, compared on ``held`` after shortened runs), then prepare, the steps and export
     with the settings kept, then the measured placement. What ``ptq run`` writes and ``ptq debug`` analyses."""
     timings = {} if timings is None else timings
     chosen = {}
@@ -101,18 +101,29 @@ def _with(config: Config, **changes) -> Config:
     return cfg
 
 
+PROXY_SAMPLES = 256  # calibration samples a candidate is quantized on
+PROXY_ITERS = 5  # a candidate's AdaRound runs 1 / PROXY_ITERS of its iterations (at least 20)
+PROXY_ROWS = 2048  # and samples at most this many rows per layer
+
+
 def _candidate_db(original, config: Config, calib_src, held, progress, **changes) -> float:
-    """``_closeness`` of ``original`` quantized with ``config`` and ``changes``, at nearest rounding: without
-    AdaRound and block reconstruction, the steps that learn and take most of a low-bit run's time."""
-    cfg = _with(config, adaround=False, block_recon=False, steps=None, **changes)
-    state = run_steps(prepare(original, cfg), Context(calib_src, progress), {})
+    """``_closeness`` of ``original`` quantized with ``config`` and ``changes`` by a shortened run: block
+    reconstruction off, AdaRound (where on) with a fifth of its iterations and PROXY_ROWS rows, on the first
+    PROXY_SAMPLES calibration samples (the candidates are compared, not written: a short AdaRound already tells
+    them apart where nearest rounding at 4 bits leaves every candidate far from FP32)."""
+    cfg = _with(config, block_recon=False, adaround_iters=max(20, config.adaround_iters // PROXY_ITERS),
+                adaround_rows=min(config.adaround_rows, PROXY_ROWS), steps=None, **changes)
+    files = getattr(calib_src, "files", None)
+    source = calib_src.subset(files[:PROXY_SAMPLES]) if files is not None and len(files) > PROXY_SAMPLES \
+        else calib_src
+    state = run_steps(prepare(original, cfg), Context(source, progress), {})
     samples = held if held is not None else calib_src
     return _closeness(original, export_qdq(state), samples, config.batch_size)
 
 
 def _choose(original, config: Config, calib_src, held, progress) -> tuple[Config, dict]:
-    """Decide the settings ptq chose for the user at 4-bit weights or fewer by quantizing the candidates at nearest
-    rounding (``_candidate_db``) and comparing how close their worst output on the held-back samples (the
+    """Decide the settings ptq chose for the user at 4-bit weights or fewer by quantizing the candidates with a
+    shortened run (``_candidate_db``) and comparing how close their worst output on the held-back samples (the
     calibration samples where none are held back) is to FP32:
     - CLE (came on): with it and without it; kept where at least as close. Whether equalizing helps depends on the
       model (EfficientNet-Lite0 W4A8: drop 5.00 -> 1.92; Lite2: 1.23 -> 2.53), so the data decide;
@@ -131,8 +142,8 @@ def _choose(original, config: Config, calib_src, held, progress) -> tuple[Config
         plain_db = _candidate_db(original, config, calib_src, held, progress, cle=False)
         keep = cle_db >= plain_db
         db = cle_db if keep else plain_db
-        done["cle"] = (f"{'on' if keep else 'off'}: with {bits}-bit weights ptq quantized with and without CLE at "
-                       f"nearest rounding; on {samples} samples the worst output's SQNR against FP32 was "
+        done["cle"] = (f"{'on' if keep else 'off'}: with {bits}-bit weights ptq quantized with and without CLE (a "
+                       f"shortened AdaRound); on {samples} samples the worst output's SQNR against FP32 was "
                        f"{cle_db:.2f} dB with it and {plain_db:.2f} dB without; --cle / --no-cle decide it yourself")
         report["cle_choice"] = {"sqnr_db_with": round(cle_db, 2), "sqnr_db_without": round(plain_db, 2),
                                 "kept": "cle" if keep else "no cle"}
@@ -144,7 +155,7 @@ def _choose(original, config: Config, calib_src, held, progress) -> tuple[Config
         keep_asym = asym_db > sym_db
         done["weight_symmetric"] = (
             f"{'asymmetric' if keep_asym else 'symmetric'}: with {bits}-bit weights ptq quantized with symmetric "
-            f"and with asymmetric weight grids at nearest rounding; on {samples} samples the worst output's SQNR "
+            f"and with asymmetric weight grids (a shortened AdaRound); on {samples} samples the worst output's SQNR "
             f"against FP32 was {sym_db:.2f} dB symmetric and {asym_db:.2f} dB asymmetric (written at zero point 0, "
             "so as fast); --weight-symmetric / --weight-asymmetric decide it yourself")
         report["symmetry_choice"] = {"sqnr_db_symmetric": round(sym_db, 2), "sqnr_db_asymmetric": round(asym_db, 2),

@@ -174,29 +174,29 @@ def saved_chain(rng, tmp_path):
 
 
 def test_cle_by_default_at_four_bits_keeps_the_setting_closer_to_fp32(rng, tmp_path, monkeypatch):
-    """At 4-bit weights CLE comes on by default and ptq.quantize compares it with CLE off, both at nearest
-    rounding: the SQNRs the report gives are those of the two models quantized so with the setting given (its
-    fidelity on the same held-back samples), the setting kept is the closer one, and the model returned is
-    quantized once with it, AdaRound included (AdaRound runs once). A user's --cle / --no-cle skips the
-    comparison."""
+    """At 4-bit weights CLE comes on by default and ptq.quantize compares it with CLE off, each candidate quantized
+    by a shortened run (AdaRound with a fifth of its iterations): the SQNRs the report gives are those of the two
+    models quantized so with the setting given (their fidelity on the same held-back samples), the setting kept is
+    the closer one, and the model returned is quantized with it in full (AdaRound's last run, all iterations). A
+    user's --cle / --no-cle skips the comparison."""
     from ptq import pipeline
     from ptq.run import quantize
     path, calib = saved_chain(rng, tmp_path)
-    kw = dict(weight_bits=4, holdout=8, latency_runs=0, adaround_iters=20, weight_symmetric=True)
+    kw = dict(weight_bits=4, holdout=8, latency_runs=0, adaround_iters=100, weight_symmetric=True)
     rounded = []
     real = pipeline.STEPS["adaround"]
-    monkeypatch.setitem(pipeline.STEPS, "adaround", lambda state, ctx: rounded.append(state.config.cle) or
-                        real(state, ctx))
+    monkeypatch.setitem(pipeline.STEPS, "adaround", lambda state, ctx: rounded.append(
+        (state.config.cle, state.config.adaround_iters)) or real(state, ctx))
     r = quantize(path, calib, **kw)
     choice = r.report["stages"]["cle_choice"]
     kept_cle = choice["kept"] == "cle"
     assert kept_cle == (choice["sqnr_db_with"] >= choice["sqnr_db_without"])
-    assert rounded == [kept_cle] and r.report["settings"]["cle"] == kept_cle
+    assert rounded == [(True, 20), (False, 20), (kept_cle, 100)] and r.report["settings"]["cle"] == kept_cle
     assert ("cle" in r.report["stages"]) == kept_cle
     assert r.report["stages"]["choices"]["cle"].startswith("on" if kept_cle else "off")
     for cle, key in ((True, "sqnr_db_with"), (False, "sqnr_db_without")):
-        nearest = quantize(path, calib, cle=cle, **{**kw, "adaround": False, "adaround_iters": 500})
-        assert nearest.fidelity["outputs"]["y"]["sqnr_db"] == pytest.approx(choice[key], abs=0.01)
+        short = quantize(path, calib, cle=cle, **{**kw, "adaround_iters": 20, "adaround_rows": 2048})
+        assert short.fidelity["outputs"]["y"]["sqnr_db"] == pytest.approx(choice[key], abs=0.01)
         assert "cle_choice" not in quantize(path, calib, cle=cle, **kw).report["stages"]
 
 
@@ -218,8 +218,9 @@ def test_the_cle_choice_stays_in_the_report_when_asymmetric_weights_are_kept(rng
 
 
 def test_weight_symmetry_at_four_bits_is_chosen_by_the_held_back_samples(rng, tmp_path):
-    """At 4-bit weights ptq.quantize compares symmetric and asymmetric grids at nearest rounding: the SQNRs the
-    report gives are those of the two models quantized so (their fidelity on the same held-back samples), the
+    """At 4-bit weights ptq.quantize compares symmetric and asymmetric grids, each by a shortened run (here as
+    long as the full one: 20 AdaRound iterations): the SQNRs the report gives are those of the two models
+    quantized so (their fidelity on the same held-back samples), the
     model returned has the closer one's symmetry in every weight, the CLE decision is the same in both, and a
     user's --weight-symmetric / --weight-asymmetric skips the comparison."""
     from ptq.run import quantize
@@ -233,8 +234,8 @@ def test_weight_symmetry_at_four_bits_is_chosen_by_the_held_back_samples(rng, tm
     assert r.report["stages"]["choices"]["weight_symmetric"].startswith("asymmetric" if asym else "symmetric")
     assert "cle" not in r.report["stages"]
     for symmetric, key in ((True, "sqnr_db_symmetric"), (False, "sqnr_db_asymmetric")):
-        nearest = quantize(path, calib, weight_symmetric=symmetric, **{**kw, "adaround": False, "adaround_iters": 500})
-        assert nearest.fidelity["outputs"]["y"]["sqnr_db"] == pytest.approx(choice[key], abs=0.01)
+        short = quantize(path, calib, weight_symmetric=symmetric, **{**kw, "adaround_rows": 2048})
+        assert short.fidelity["outputs"]["y"]["sqnr_db"] == pytest.approx(choice[key], abs=0.01)
         rep = quantize(path, calib, weight_symmetric=symmetric, **kw).report
         assert "symmetry_choice" not in rep["stages"] and "weight_symmetric" not in rep["stages"]["choices"]
         assert all(w["symmetric"] == symmetric for w in rep["weights"].values())
