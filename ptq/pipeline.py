@@ -131,7 +131,8 @@ class Config:
             if self.cle and not self.data_free:
                 self.choices["cle"] = (
                     f"on, to be compared: with {self.weight_bits}-bit weights ptq.quantize also quantizes without "
-                    "CLE and keeps the model closer to FP32 on the held-back samples (it helps some models, "
+                    "CLE (shortened runs) and keeps the setting closer to FP32 on the held-back samples (it helps "
+                    "some models, "
                     "EfficientNet-Lite0 W4A8: drop 5.00 -> 1.92 points, and not others; docs/FINDINGS.md); "
                     "--cle / --no-cle decide it yourself")
         if self.weight_symmetric is None:
@@ -139,7 +140,8 @@ class Config:
             if self.weight_bits <= 4 and not (self.easyquant or self.data_free):
                 self.choices["weight_symmetric"] = (
                     f"symmetric, to be compared: with {self.weight_bits}-bit weights ptq.quantize also quantizes "
-                    "with asymmetric grids and keeps the model closer to FP32 on the held-back samples (they help "
+                    "with asymmetric grids (shortened runs) and keeps the setting closer to FP32 on the held-back "
+                    "samples (they help "
                     "some models, EfficientNet-Lite0 W4A8: drop 2.08 -> 0.77 points, and hurt others, Lite2: "
                     "1.53 -> 3.00; docs/FINDINGS.md); --weight-symmetric / --weight-asymmetric decide it yourself")
         if self.ends_8bit is None:

@@ -112,16 +112,22 @@ def float_convs(model):
             and getattr(producers.get(n.input[1]), "op_type", None) != "DequantizeLinear"}
 
 
-def test_the_greedy_keeps_a_float_pattern_only_where_the_model_got_faster(rng, tmp_path, monkeypatch):
-    """Two patterns lose in int8 (conv1 3×3: 50 against 10 µs; the 1×1 pair: 30 against 20); floating the 3×3
-    makes the model 0.8× as slow, floating the 1×1 pair 1.1×: only the first is kept, and it is tried first
-    (the larger loss)."""
+def chain3_with_3x3(rng, tmp_path):
+    """chain3 with a padded 3×3 first convolution (a pattern of its own), its quantized state and QDQ model."""
     model = chain3(rng)
     w1 = rng.normal(0, 0.4, (6, 3, 3, 3)).astype(np.float32)
     model.graph.initializer[0].CopyFrom(init("w1", w1))
     model.graph.node[0].attribute.extend([helper.make_attribute("pads", [1, 1, 1, 1])])
     state = quantized_state(rng, tmp_path, model)
     qmodel = export_qdq(state)
+    return model, state, qmodel
+
+
+def test_the_greedy_keeps_a_float_pattern_only_where_the_model_got_faster(rng, tmp_path, monkeypatch):
+    """Two patterns lose in int8 (conv1 3×3: 50 against 10 µs; the 1×1 pair: 30 against 20); floating the 3×3
+    makes the model 0.8× as slow, floating the 1×1 pair 1.1×: only the first is kept, and it is tried first
+    (the larger loss)."""
+    model, state, qmodel = chain3_with_3x3(rng, tmp_path)
     kernel = {"conv1": (50.0, 10.0), "conv2": (15.0, 10.0), "conv3": (15.0, 10.0)}
 
     def trial(a, b):
@@ -149,12 +155,7 @@ def test_the_greedy_keeps_a_float_pattern_only_where_the_model_got_faster(rng, t
 def test_a_pattern_that_cannot_gain_min_gain_is_not_tried(rng, tmp_path, monkeypatch):
     """The 1×1 pair loses 2 × 5 µs of the int8 model's 1030 µs (under MIN_GAIN = 2 %): only the 3×3, losing
     990 µs, is tried. The last comparison with FP32 comes back with the model it timed (fresh), not from the cache."""
-    model = chain3(rng)
-    w1 = rng.normal(0, 0.4, (6, 3, 3, 3)).astype(np.float32)
-    model.graph.initializer[0].CopyFrom(init("w1", w1))
-    model.graph.node[0].attribute.extend([helper.make_attribute("pads", [1, 1, 1, 1])])
-    state = quantized_state(rng, tmp_path, model)
-    qmodel = export_qdq(state)
+    model, state, qmodel = chain3_with_3x3(rng, tmp_path)
     kernel = {"conv1": (1000.0, 10.0), "conv2": (15.0, 10.0), "conv3": (15.0, 10.0)}
     assert (15.0 - 10.0) * 2 < placement.MIN_GAIN * sum(v[0] for v in kernel.values()) < 1000.0 - 10.0
     calls = fake_timings(monkeypatch, kernel, lambda a, b: 1.1 if a is qmodel and b is not qmodel else None,
