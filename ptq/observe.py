@@ -30,9 +30,10 @@ class Histogram:
     whatever the batches were (their size, their order).
 
     Min and max are those of every value; the bins count every value of a tensor whose rows (axis 0: a sample)
-    are short, and a strided sample of each row of a longer one (``sample_stride``): binning is the costly part
-    of a calibration pass (3 ns a value), the sample keeps 1 value in p from every row, every channel and every
-    position, so the histogram is the same distribution, still independent of the batches."""
+    are short; of a longer one's rows, a strided sample (``sample_stride``), each value counted p times, and each
+    row's tail beyond its sample's largest |x| exactly (``_sample_and_tail``). Binning is the costly part of a
+    calibration pass (3 ns a value); the sample keeps 1 value in p from every row, every channel and every
+    position, the tail keeps the outliers, and both are of one row at a time: still independent of the batches."""
 
     def __init__(self, half_bins: int = HALF_BINS):
         self.nb = half_bins
@@ -46,6 +47,7 @@ class Histogram:
         if x.size == 0:
             return
         lo, hi = float(x.min()), float(x.max())
+        parts = []  # (values, the count each stands for)
         if not (abs(lo) < SENTINEL and abs(hi) < SENTINEL):  # nan fails both comparisons too
             x = x.ravel()
             keep = np.abs(x) < SENTINEL  # inf, nan and ±1e30-style sentinels never set a range
@@ -54,14 +56,16 @@ class Histogram:
             if x.size == 0:
                 return
             lo, hi = float(x.min()), float(x.max())
+            parts.append((x, 1))
         else:
             p = sample_stride(x.shape)
-            x = x.ravel() if p == 1 else np.ascontiguousarray(x.reshape(x.shape[0], -1)[:, ::p]).ravel()
-        self.min, self.max, self.n = min(self.min, lo), max(self.max, hi), self.n + x.size
+            parts += [(x.ravel(), 1)] if p == 1 else _sample_and_tail(x.reshape(x.shape[0], -1), p)
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        self.n += sum(v.size * w for v, w in parts)
         top = max(abs(lo), abs(hi))
         if self.width == 0.0:
             if top == 0.0:
-                self.counts[self.nb] += x.size
+                self.counts[self.nb] += sum(v.size * w for v, w in parts)
                 return
             self.width = float(2.0 ** np.floor(np.log2(top / self.nb)))
         while top >= self.nb * self.width:
@@ -69,6 +73,11 @@ class Histogram:
             self.counts[:] = 0
             self.counts[self.nb // 2: self.nb // 2 + self.nb] = merged
             self.width *= 2
+        for values, weight in parts:
+            self._bin(values, weight)
+
+    def _bin(self, x: np.ndarray, weight: int) -> None:
+        """Add ``weight`` to the bin of each value of ``x`` (the range already covers them)."""
         inv = np.float32(1.0 / self.width)
         part = np.empty(min(CHUNK, x.size), np.float32)
         index = np.empty(part.size, np.intp)
@@ -79,7 +88,7 @@ class Histogram:
             np.floor(p, out=p)
             i[:] = p  # bin −nb .. nb−1, one beyond either end where rounding puts a value on the edge
             i += self.nb + 1
-            c = np.bincount(i, minlength=2 * self.nb + 2)
+            c = np.bincount(i, minlength=2 * self.nb + 2) * weight
             self.counts += c[1:-1]
             self.counts[0] += c[0]
             self.counts[-1] += c[-1]
@@ -95,6 +104,18 @@ class Histogram:
             return 0.0
         cdf = np.cumsum(n) / n.sum()
         return float(c[min(np.searchsorted(cdf, q), c.size - 1)])
+
+
+def _sample_and_tail(rows: np.ndarray, p: int) -> list[tuple[np.ndarray, int]]:
+    """A [N, L] tensor's values as (values, the count each stands for): every p-th value of each row, standing for
+    p, and, exactly, each row's values beyond the largest |x| of its sample (its tail: the outliers that set a
+    clipping range, e.g. a transformer's few huge features, are counted one by one, never p at a time)."""
+    sample = np.ascontiguousarray(rows[:, ::p])
+    edge = np.abs(sample).max(axis=1, keepdims=True)
+    step = max(1, CHUNK // rows.shape[1])
+    tail = [rows[k:k + step][(rows[k:k + step] > edge[k:k + step]) | (rows[k:k + step] < -edge[k:k + step])]
+            for k in range(0, rows.shape[0], step)]  # bounded temporaries: rows of CHUNK values at a time
+    return [(sample.ravel(), p), (np.concatenate(tail), 1)]
 
 
 def sample_stride(shape: tuple) -> int:

@@ -94,28 +94,35 @@ def test_histogram_does_not_depend_on_the_batches(rng):
         assert width == w and np.array_equal(counts, by_hand)
 
 
-def test_histogram_of_long_rows_bins_a_strided_sample_of_each_row(rng):
-    """Rows (axis 0) of SAMPLE_FROM values or more are binned at a prime stride that divides no dimension, min and
-    max are of every value, and the counts do not depend on how the rows were batched."""
+def test_histogram_of_long_rows_bins_a_strided_sample_of_each_row_and_its_tail(rng):
+    """Rows (axis 0) of SAMPLE_FROM values or more are binned at a prime stride that divides no dimension, each
+    sampled value counted p times, and the values of a row beyond the largest |x| of its sample exactly; min and
+    max are of every value; the counts do not depend on how the rows were batched."""
     from ptq.observe import SAMPLE_FROM, sample_stride
     assert sample_stride((4, SAMPLE_FROM - 1)) == 1 and sample_stride((4, 3, 8)) == 1  # short rows: every value
     assert sample_stride((2, 64, 96)) == 7 and sample_stride((2, 64, 7 * 16)) == 11  # 7 divides 112: the next prime
     x = rng.normal(0, 1, (6, 64, 7 * 16)).astype(np.float32)  # channels last, 112 features
-    x[3, 5, 2] = 40.0  # one extreme value, outside the sample
-    assert (5 * 112 + 2) % 11
+    x[3, 5, 2] = 40.0  # one outlier, outside the sample
+    x[3, 9, 3] = -25.0
+    assert (5 * 112 + 2) % 11 and (9 * 112 + 3) % 11
     h = Histogram(half_bins=64)
     h.update(x)
-    assert (h.min, h.max) == (x.min(), 40.0) and h.n == 6 * len(range(0, 64 * 112, 11))
-    sample = x.reshape(6, -1)[:, ::11].ravel().astype(np.float64)
-    assert np.abs(x).max() < 64 * h.width <= 2 * np.abs(x).max()  # the range covers the value left out
-    by_hand = np.bincount((np.floor(sample / h.width) + 64).astype(int), minlength=128)
-    assert np.array_equal(h.counts, by_hand)
+    assert (h.min, h.max) == (-25.0, 40.0)
+    rows = x.reshape(6, -1).astype(np.float64)
+    sample = rows[:, ::11]
+    edge = np.abs(sample).max(axis=1, keepdims=True)
+    tail = rows[np.abs(rows) > edge]
+    assert 40.0 in tail and -25.0 in tail
+    assert np.abs(x).max() < 64 * h.width <= 2 * np.abs(x).max()  # the range covers the values left out
+    by_hand = 11 * np.bincount((np.floor(sample.ravel() / h.width) + 64).astype(int), minlength=128) \
+        + np.bincount((np.floor(tail / h.width) + 64).astype(int), minlength=128)
+    assert np.array_equal(h.counts, by_hand) and h.n == 11 * sample.size + tail.size
     assert set(np.nonzero(np.isin(np.arange(x.size).reshape(x.shape)[0], np.arange(0, x[0].size, 11)))[1]) \
         == set(range(112))  # every feature is in the sample
-    rows = Histogram(half_bins=64)
+    batched = Histogram(half_bins=64)
     for part in np.split(x, [1, 4]):
-        rows.update(part)
-    assert np.array_equal(rows.counts, h.counts) and rows.width == h.width
+        batched.update(part)
+    assert np.array_equal(batched.counts, h.counts) and batched.width == h.width
 
 
 def test_percentile_by_hand():
