@@ -186,7 +186,6 @@ def _measure(original, state, qmodel, feed: dict) -> tuple[dict, tuple | None]:
     gr = Graph(state.model)
     q_nodes, fp_nodes = node_times(qmodel, feed), node_times(original, feed)
     q_us, fp_us = layer_times(state, q_nodes), layer_times(state, fp_nodes)
-    q_total = sum(q_nodes.values())
     for l in state.layers:
         if l.name not in state.weights:
             continue
@@ -194,10 +193,7 @@ def _measure(original, state, qmodel, feed: dict) -> tuple[dict, tuple | None]:
         p["layers"].append(l.name)
         p["int8_us"] = round(p["int8_us"] + q_us.get(l.name, 0.0), 1)
         p["fp32_us"] = round(p["fp32_us"] + fp_us.get(l.name, 0.0), 1)
-    # a pattern is tried where its int8 kernels lose at least MIN_GAIN of the int8 model's profiled time: less
-    # could not make the whole model MIN_GAIN faster
-    candidates = sorted((p for p, v in info["patterns"].items()
-                         if v["int8_us"] - v["fp32_us"] >= MIN_GAIN * q_total and v["fp32_us"] > 0),
+    candidates = sorted((p for p, v in info["patterns"].items() if v["int8_us"] > v["fp32_us"] > 0),
                         key=lambda p: info["patterns"][p]["fp32_us"] - info["patterns"][p]["int8_us"])
     current_state, current = state, qmodel
     for p in candidates:

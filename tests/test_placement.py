@@ -152,18 +152,17 @@ def test_the_greedy_keeps_a_float_pattern_only_where_the_model_got_faster(rng, t
     assert again[1].SerializeToString() == pmodel.SerializeToString() and again[2]["cached"]
 
 
-def test_a_pattern_that_cannot_gain_min_gain_is_not_tried(rng, tmp_path, monkeypatch):
-    """The 1×1 pair loses 2 × 5 µs of the int8 model's 1030 µs (under MIN_GAIN = 2 %): only the 3×3, losing
-    990 µs, is tried. The last comparison with FP32 comes back with the model it timed (fresh), not from the cache."""
+def test_the_placed_model_comes_back_with_its_last_comparison_with_fp32(rng, tmp_path, monkeypatch):
+    """Floating the 3×3 makes the model slower: nothing goes float, and the last comparison with FP32 comes back
+    with the model it timed (fresh), not from the cache."""
     model, state, qmodel = chain3_with_3x3(rng, tmp_path)
     kernel = {"conv1": (1000.0, 10.0), "conv2": (15.0, 10.0), "conv3": (15.0, 10.0)}
-    assert (15.0 - 10.0) * 2 < placement.MIN_GAIN * sum(v[0] for v in kernel.values()) < 1000.0 - 10.0
     calls = fake_timings(monkeypatch, kernel, lambda a, b: 1.1 if a is qmodel and b is not qmodel else None,
                          final_lo=0.7)
     monkeypatch.setattr(placement, "MIN_MS", 0.0)
     feed = {"x": np.zeros((1, 3, 8, 8), np.float32)}
     placed, pmodel, info, timed = placement.place(model, state, qmodel, feed)
-    assert [t["pattern"] for t in info["trials"]] == ["Conv conv 3×3"] and not info["float_patterns"]
+    assert not info["float_patterns"] and len(info["trials"]) == 2
     assert pmodel is qmodel and timed.model is qmodel and timed.pair["ratio_ci"][0] == 0.7
     assert timed.fp32_nodes is not None and timed.quant_nodes is not None
     assert calls["trials"][-1] is qmodel  # the last comparison: the model written against FP32
