@@ -177,7 +177,7 @@ def place(original, state, qmodel, feed: dict, progress: bool = False) -> tuple:
 def _measure(original, state, qmodel, feed: dict) -> tuple[dict, tuple | None]:
     """Profile, try the candidates, compare with FP32 (see the module docstring): (the decision as a dict, (the
     last model compared with FP32, that comparison, FP32's node times, that model's node times or None))."""
-    first = paired_ratio(original, qmodel, feed, 20)
+    first = paired_ratio(original, qmodel, feed, max(3, state.config.latency_runs))  # as many as the report asks
     info = {"fp32_ms": first["fp32_ms"], "int8_ms": first["quant_ms"], "patterns": {}, "float_patterns": [],
             "trials": [], "all_float": False}
     if first["fp32_ms"] < MIN_MS:
