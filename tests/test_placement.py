@@ -178,9 +178,31 @@ def test_no_faster_placement_writes_the_model_in_float(rng, tmp_path, monkeypatc
                  lambda a, b: 1.2 if b is not qmodel or a is not model else None, final_lo=1.3)
     monkeypatch.setattr(placement, "MIN_MS", 0.0)
     placed, pmodel, info, _ = placement.place(model, state, qmodel, {"x": np.zeros((1, 3, 8, 8), np.float32)})
-    assert info["all_float"] and "written in float" in info["line"]
+    assert info["all_float"] and "written in float" in info["line"] and info["confirmation"]["ratio_ci"][0] == 1.3
     assert not placed.weights and not placed.acts
     assert not [n for n in pmodel.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+
+
+def test_a_slower_verdict_that_a_second_comparison_does_not_confirm_keeps_the_int8_model(rng, tmp_path,
+                                                                                            monkeypatch):
+    """The int8 model slower than FP32 with confidence in one comparison (interval 1.1–1.4) and not in a second
+    one (0.8–1.05): the model is not written in float, and the second comparison is the one reported."""
+    model = chain3(rng)
+    state = quantized_state(rng, tmp_path, model)
+    qmodel = export_qdq(state)
+    fake_timings(monkeypatch, {"conv1": (5.0, 10.0), "conv2": (5.0, 10.0), "conv3": (5.0, 10.0)},
+                 lambda a, b: None, final_lo=1.0)  # no pattern loses in int8: no trial
+    verdicts = iter([[1.1, 1.4], [0.8, 1.05]])
+
+    def paired_ratio(a, b, feed, runs=20, warmup=3, until=None):
+        ci = next(verdicts)
+        return {"fp32_ms": 1.0, "quant_ms": 1.2, "ratio": round(sum(ci) / 2, 3), "ratio_ci": ci, "runs": runs}
+    monkeypatch.setattr(placement, "paired_ratio", paired_ratio)
+    monkeypatch.setattr(placement, "MIN_MS", 0.0)
+    placed, pmodel, info, timed = placement.place(model, state, qmodel, {"x": np.zeros((1, 3, 8, 8), np.float32)})
+    assert not info["all_float"] and pmodel is qmodel and placed.weights
+    assert info["ratio_ci"] == [0.8, 1.05] and info["confirmation"]["ratio_ci"] == [0.8, 1.05]
+    assert timed.pair["ratio_ci"] == [0.8, 1.05]
 
 
 def test_a_model_faster_than_the_threshold_is_not_placed(rng, tmp_path):
