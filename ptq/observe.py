@@ -60,12 +60,12 @@ class Histogram:
         else:
             p = sample_stride(x.shape)
             parts += [(x.ravel(), 1)] if p == 1 else _sample_and_tail(x.reshape(x.shape[0], -1), p)
-        self.min, self.max = min(self.min, lo), max(self.max, hi)
-        self.n += sum(v.size * w for v, w in parts)
+        count = sum(v.size * w for v, w in parts)
+        self.min, self.max, self.n = min(self.min, lo), max(self.max, hi), self.n + count
         top = max(abs(lo), abs(hi))
         if self.width == 0.0:
             if top == 0.0:
-                self.counts[self.nb] += sum(v.size * w for v, w in parts)
+                self.counts[self.nb] += count
                 return
             self.width = float(2.0 ** np.floor(np.log2(top / self.nb)))
         while top >= self.nb * self.width:
@@ -113,8 +113,10 @@ def _sample_and_tail(rows: np.ndarray, p: int) -> list[tuple[np.ndarray, int]]:
     sample = np.ascontiguousarray(rows[:, ::p])
     edge = np.abs(sample).max(axis=1, keepdims=True)
     step = max(1, CHUNK // rows.shape[1])
-    tail = [rows[k:k + step][(rows[k:k + step] > edge[k:k + step]) | (rows[k:k + step] < -edge[k:k + step])]
-            for k in range(0, rows.shape[0], step)]  # bounded temporaries: rows of CHUNK values at a time
+    tail = []
+    for k in range(0, rows.shape[0], step):  # bounded temporaries: rows of CHUNK values at a time
+        block, e = rows[k:k + step], edge[k:k + step]
+        tail.append(block[(block > e) | (block < -e)])
     return [(sample.ravel(), p), (np.concatenate(tail), 1)]
 
 

@@ -26,6 +26,7 @@ the onnxruntime version and threads (``PTQ_CACHE``, else ``~/.cache/ptq``), so t
 on a machine. Models under ``MIN_MS`` of FP32 latency are not placed (their time is the runtime's overhead)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -171,19 +172,20 @@ def place(original, state, qmodel, feed: dict, progress: bool = False) -> tuple:
     names = [l for p in decided.get("float_patterns", []) for l in decided["patterns"][p]["layers"]]
     placed, model = (in_float(state, names), None) if names else (state, qmodel)
     model = model or export_qdq(placed)
-    same = timed is not None and (timed[0] is model or timed[0].SerializeToString() == model.SerializeToString())
-    return placed, model, decided, Timed(model, *timed[1:]) if same else None
+    same = timed is not None and (timed.model is model
+                                  or timed.model.SerializeToString() == model.SerializeToString())
+    return placed, model, decided, dataclasses.replace(timed, model=model) if same else None
 
 
-def _measure(original, state, qmodel, feed: dict) -> tuple[dict, tuple | None]:
-    """Profile, try the candidates, compare with FP32 (see the module docstring): (the decision as a dict, (the
-    last model compared with FP32, that comparison, FP32's node times, that model's node times or None))."""
+def _measure(original, state, qmodel, feed: dict) -> tuple[dict, Timed]:
+    """Profile, try the candidates, compare with FP32 (see the module docstring): (the decision as a dict, the
+    last comparison with FP32 and the node times taken, as a ``Timed`` of the model compared)."""
     first = paired_ratio(original, qmodel, feed, max(3, state.config.latency_runs))  # as many as the report asks
     info = {"fp32_ms": first["fp32_ms"], "int8_ms": first["quant_ms"], "patterns": {}, "float_patterns": [],
             "trials": [], "all_float": False}
     if first["fp32_ms"] < MIN_MS:
         info["skipped"] = f"FP32 runs in {first['fp32_ms']:.3f} ms (< {MIN_MS} ms): runtime overhead, not placed"
-        return info, (qmodel, first, None, None)
+        return info, Timed(qmodel, first)
     gr = Graph(state.model)
     q_nodes, fp_nodes = node_times(qmodel, feed), node_times(original, feed)
     q_us, fp_us = layer_times(state, q_nodes), layer_times(state, fp_nodes)
@@ -209,15 +211,12 @@ def _measure(original, state, qmodel, feed: dict) -> tuple[dict, tuple | None]:
             current_state, current = trial_state, trial
     final = first if current is qmodel and _resolved(*first["ratio_ci"]) else \
         paired_ratio(original, current, feed, _rounds(first["fp32_ms"]), until=_resolved)
-    info["ratio_to_fp32"], info["ratio_ci"] = final["ratio"], final["ratio_ci"]
-    timed = (current, final, fp_nodes, q_nodes if current is qmodel else None)
     if final["ratio_ci"][0] > 1:  # slower with confidence: confirmed by a second, independent comparison
         again = paired_ratio(original, current, feed, _rounds(first["fp32_ms"]), until=_resolved)
         info["confirmation"] = {"ratio": again["ratio"], "ratio_ci": again["ratio_ci"], "rounds": again["runs"]}
-        if again["ratio_ci"][0] <= 1:
-            final = again
-            info["ratio_to_fp32"], info["ratio_ci"] = final["ratio"], final["ratio_ci"]
-            timed = (current, final, fp_nodes, q_nodes if current is qmodel else None)
+        final = final if again["ratio_ci"][0] > 1 else again
+    info["ratio_to_fp32"], info["ratio_ci"] = final["ratio"], final["ratio_ci"]
+    timed = Timed(current, final, fp_nodes, q_nodes if current is qmodel else None)
     if final["ratio_ci"][0] > 1:
         info["all_float"] = True
         info["line"] = (f"no int8 placement ran faster than FP32 on this runtime (the fastest: "

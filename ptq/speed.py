@@ -303,8 +303,7 @@ def measure_speed(fp_model: onnx.ModelProto, q_model: onnx.ModelProto, feed: dic
              for (what, (count, _)), ms in zip(choices.items(), without_ms)}
     ops = None
     if not on_disk:  # a model kept on disk is not loaded twice more to be profiled
-        known = timed or Timed(q_model, pair)
-        ops = {"fp32": by_op(known.fp32_nodes if known.fp32_nodes is not None else node_times(fp_model, feed)),
-               "quantized": by_op(known.quant_nodes if known.quant_nodes is not None
-                                  else node_times(q_model, feed))}
+        fp_nodes, q_nodes = (timed.fp32_nodes, timed.quant_nodes) if timed is not None else (None, None)
+        ops = {"fp32": by_op(fp_nodes if fp_nodes is not None else node_times(fp_model, feed)),
+               "quantized": by_op(q_nodes if q_nodes is not None else node_times(q_model, feed))}
     return {**pair, "unfused": unfused_qdq(q_model), "costs": costs, "ops": ops}
