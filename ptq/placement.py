@@ -39,12 +39,14 @@ import onnxruntime as ort
 from .quantizers import raise_quantizers
 from .export import export_qdq
 from .model import Graph
-from .speed import Timed, node_times, paired_ratio
+from .speed import Timed, node_times, paired_ratio, session
 from .weights import layer_kind
 
 MIN_MS = 0.2  # FP32 batch-1 latency under which placement is skipped
 MIN_GAIN = 0.02  # a float placement is kept where the model gets at least this much faster
-BUDGET_S = 2.0  # seconds of timing per comparison (the rounds follow from the models' latency)
+BUDGET_S = 2.0  # seconds of timing per comparison with FP32 (the rounds follow from the models' latency)
+TRIAL_BUDGET_S = 1.0  # seconds of timing per trial of a pattern in float
+PROFILE_RUNS = 5  # profiled runs of each model for the per-node times
 CACHE_VERSION = 5
 
 
@@ -137,8 +139,10 @@ def _resolved(lo: float, hi: float) -> bool:
     return hi < 1 or lo > 1
 
 
-def _rounds(ms: float) -> int:
-    return int(min(400, max(20, BUDGET_S * 1000 / max(2 * ms, 1e-3))))
+def _rounds(ms: float, budget_s: float = BUDGET_S) -> int:
+    """Paired rounds (two runs each) that fill ``budget_s`` at ``ms`` a run: at least 10 (the first look at the
+    interval), at most 400."""
+    return int(min(400, max(10, budget_s * 1000 / max(2 * ms, 1e-3))))
 
 
 def place(original, state, qmodel, feed: dict, progress: bool = False) -> tuple:
@@ -187,7 +191,7 @@ def _measure(original, state, qmodel, feed: dict) -> tuple[dict, Timed]:
         info["skipped"] = f"FP32 runs in {first['fp32_ms']:.3f} ms (< {MIN_MS} ms): runtime overhead, not placed"
         return info, Timed(qmodel, first)
     gr = Graph(state.model)
-    q_nodes, fp_nodes = node_times(qmodel, feed), node_times(original, feed)
+    q_nodes, fp_nodes = node_times(qmodel, feed, PROFILE_RUNS), node_times(original, feed, PROFILE_RUNS)
     q_us, fp_us = layer_times(state, q_nodes), layer_times(state, fp_nodes)
     for l in state.layers:
         if l.name not in state.weights:
@@ -199,16 +203,21 @@ def _measure(original, state, qmodel, feed: dict) -> tuple[dict, Timed]:
     candidates = sorted((p for p, v in info["patterns"].items() if v["int8_us"] > v["fp32_us"] > 0),
                         key=lambda p: info["patterns"][p]["fp32_us"] - info["patterns"][p]["int8_us"])
     current_state, current = state, qmodel
+    current_session = trial_session = None  # the current model's stays open through the trials
     for p in candidates:
         trial_state = in_float(current_state, info["patterns"][p]["layers"])
         trial = export_qdq(trial_state)
-        r = paired_ratio(current, trial, feed, _rounds(first["quant_ms"]), until=_settled)
+        current_session = current_session or _opened(current, feed)
+        trial_session = _opened(trial, feed)
+        r = paired_ratio(current_session, trial_session, feed, _rounds(first["quant_ms"], TRIAL_BUDGET_S),
+                         until=_settled)
         kept = r["ratio"] < 1 - MIN_GAIN
         info["trials"].append({"pattern": p, "ratio_to_previous": r["ratio"], "ratio_ci": r["ratio_ci"],
                                "rounds": r["runs"], "kept": kept})
         if kept:
             info["float_patterns"].append(p)
-            current_state, current = trial_state, trial
+            current_state, current, current_session = trial_state, trial, trial_session
+    current_session = trial_session = None
     final = first if current is qmodel and _resolved(*first["ratio_ci"]) else \
         paired_ratio(original, current, feed, _rounds(first["fp32_ms"]), until=_resolved)
     if final["ratio_ci"][0] > 1:  # slower with confidence: confirmed by a second, independent comparison
@@ -239,6 +248,13 @@ def _measure(original, state, qmodel, feed: dict) -> tuple[dict, Timed]:
         info["float_reference_vs_original"] = {"ratio": r["ratio"], "ratio_ci": r["ratio_ci"]}
         info["line"] += f" (written: the {'model as given' if r['ratio'] > 1 else 'folded FP32 reference'}, the faster)"
     return info, timed
+
+
+def _opened(model, feed: dict):
+    """An onnxruntime session of ``model`` that has run ``feed`` once (its first run allocates and packs)."""
+    s = session(model)
+    s.run(None, feed)
+    return s
 
 
 def _bare(state):

@@ -110,8 +110,12 @@ def dequantize(q: np.ndarray, enc: Encoding) -> np.ndarray:
 
 
 def fake_quant(x: np.ndarray, enc: Encoding) -> np.ndarray:
-    """Quantize then dequantize: the value the quantized network sees."""
-    return dequantize(quantize(x, enc), enc)
+    """Quantize then dequantize: the value the quantized network sees, (clip(rint(x / s) + z) − z) · s in float32
+    (``dequantize(quantize(x, enc), enc)`` without its integer array)."""
+    x = np.asarray(x, np.float32)
+    s = _bcast(enc.scale, x, enc.spec.axis).astype(np.float32)
+    z = _bcast(enc.zero_point, x, enc.spec.axis).astype(np.float32)
+    return fake_quant_grid(x, s, z, enc.spec.qmin, enc.spec.qmax)
 
 
 def fake_quant_grid(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int) -> np.ndarray:

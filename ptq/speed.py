@@ -225,12 +225,13 @@ def paired_ratio(fp_model, q_model, feed: dict, runs: int = 20, warmup: int = 3,
     thread). With r_i = t_q,i / t_fp,i, the ratio is the geometric mean exp(mean log r_i) and its 95 % interval
     exp(mean ± t_{0.975, n−1} · sd / √n): pairing cancels the machine's drift, the interval says what the noise
     leaves. Also the median wall and CPU ms of each model. ``until(lo, hi)``: checked every 10 rounds (from the
-    tenth), stop early once it is true of the interval so far (``runs`` is then the most)."""
+    tenth), stop early once it is true of the interval so far (``runs`` is then the most). Either model may be an
+    open onnxruntime session (``session``) that has run already: it is warmed by one run, not ``warmup``."""
     import time
 
-    sessions = [_session(fp_model), _session(q_model)]
-    for _ in range(warmup):
-        for s in sessions:
+    sessions = [m if hasattr(m, "run") else session(m) for m in (fp_model, q_model)]
+    for s, m in zip(sessions, (fp_model, q_model)):
+        for _ in range(1 if hasattr(m, "run") else warmup):
             s.run(None, feed)
     wall, cpu = np.zeros((runs, 2)), np.zeros((runs, 2))
     done = runs
@@ -268,9 +269,10 @@ def verdict(speed: dict) -> str | None:
     return "slower" if lo > 1 else "faster" if hi < 1 else None
 
 
-def _session(model):
-    from .observe import session
-    return session(model if not hasattr(model, "__fspath__") else str(model))
+def session(model):
+    """An onnxruntime CPU session of ``model`` (a ModelProto or a path) for timing, as ``paired_ratio`` opens it."""
+    from .observe import session as open_session
+    return open_session(model if not hasattr(model, "__fspath__") else str(model))
 
 
 def measure_speed(fp_model: onnx.ModelProto, q_model: onnx.ModelProto, feed: dict, runs: int = 20,

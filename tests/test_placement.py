@@ -102,6 +102,7 @@ def fake_timings(monkeypatch, kernel_us, trial_ratio, final_lo):
                 "runs": runs}
     monkeypatch.setattr(placement, "node_times", node_times)
     monkeypatch.setattr(placement, "paired_ratio", paired_ratio)
+    monkeypatch.setattr(placement, "_opened", lambda model, feed: model)  # the fake times models, not sessions
     return calls
 
 
@@ -245,3 +246,33 @@ def test_the_report_reuses_the_placements_timing_of_the_same_model_only(rng, tmp
     other = onnx.ModelProto.FromString(qmodel.SerializeToString())
     got = speed.measure_speed(model, other, feed, 5, timed)
     assert timed_calls == [other] and got["runs"] == 5 and "QLinearConv" in got["ops"]["quantized"]
+
+
+def test_the_trials_time_open_sessions_of_the_models_they_compare(rng, tmp_path, monkeypatch):
+    """With onnxruntime's real timings for the trial (the node profile given: the 3×3 loses in int8; the
+    comparisons with FP32 given: int8 faster), the trial times the current model's session against the trial's,
+    each warmed and run at least 10 rounds, and the model returned is the int8 one or the 3×3 in float, as the
+    trial's ratio decided."""
+    from ptq import speed
+    model, state, qmodel = chain3_with_3x3(rng, tmp_path)
+    opened = placement._opened
+    fake = fake_timings(monkeypatch, {"conv1": (50.0, 10.0), "conv2": (5.0, 10.0), "conv3": (5.0, 10.0)},
+                        lambda a, b: None, 0.5)
+    faked = placement.paired_ratio
+    sessions = []
+
+    def paired_ratio(a, b, *args, **kw):
+        if isinstance(a, onnx.ModelProto):  # a comparison with FP32
+            return faked(a, b, *args, **kw)
+        sessions.append((a, b))
+        return speed.paired_ratio(a, b, *args, **kw)
+    monkeypatch.setattr(placement, "_opened", opened)
+    monkeypatch.setattr(placement, "paired_ratio", paired_ratio)
+    monkeypatch.setattr(placement, "MIN_MS", 0.0)
+    feed = {"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)}
+    placed, pmodel, info, _ = placement.place(model, state, qmodel, feed)
+    (trial,) = info["trials"]
+    assert trial["pattern"] == "Conv conv 3×3" and 10 <= trial["rounds"] <= 400 and fake["profiles"] == 2
+    assert len(sessions) == 1 and all(isinstance(s, ort.InferenceSession) for s in sessions[0])
+    assert trial["kept"] == (trial["ratio_to_previous"] < 1 - placement.MIN_GAIN)
+    assert float_convs(pmodel) == ({"conv1"} if trial["kept"] else set()) and not info["all_float"]

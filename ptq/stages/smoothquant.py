@@ -54,20 +54,20 @@ def smoothing_scales(x_peak: np.ndarray, w_peak: np.ndarray, alpha: float) -> np
     return np.clip(s, 1e-5, 1e5).astype(np.float32)
 
 
-def product_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, act_bits: int, w_bits: int) -> float:
+def product_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, act_bits: int, w_bits: int,
+                  reference: np.ndarray | None = None) -> float:
     """Σ over the layers of ‖X W − Q(X / s) Q(diag(s) W)‖²: activations per tensor (asymmetric), weights per
-    output channel (symmetric), min-max grids."""
+    output channel (symmetric), min-max grids. The layers' weights are one matrix [W₁ W₂ …] side by side (the
+    same sum: each column is its own channel); ``reference``: X [W₁ W₂ …] where it is already known."""
+    w = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=1)
     xs = x / s
     a_spec = QuantSpec(act_bits, signed=False, symmetric=False)
     xq = fake_quant(xs, encoding_from_range(a_spec, min(float(xs.min()), 0.0), max(float(xs.max()), 0.0)))
-    w_spec = QuantSpec(w_bits, signed=True, symmetric=True, axis=1)
-    err = 0.0
-    for w in weights:
-        ws = w * s[:, None]
-        top = np.abs(ws).max(axis=0)
-        wq = fake_quant(ws, encoding_from_range(w_spec, -top, top))
-        err += float(np.sum((x @ w - xq @ wq) ** 2))
-    return err
+    ws = w * s[:, None]
+    top = np.abs(ws).max(axis=0)
+    wq = fake_quant(ws, encoding_from_range(QuantSpec(w_bits, signed=True, symmetric=True, axis=1), -top, top))
+    err = (x @ w if reference is None else reference) - xq @ wq
+    return float(np.einsum("ij,ij->", err, err))
 
 
 def _own_const(gr: Graph, name: str, node) -> np.ndarray | None:
@@ -163,10 +163,13 @@ def smoothquant(state, ctx):
         if not np.all(np.abs(sample) < SENTINEL):
             report[x] = {"layers": [l.name for l in layers], "skipped": "carries inf / nan / ±1e30 sentinels"}
             continue
-        base = product_error(sample, weights, np.ones(sample.shape[1], np.float32), cfg.act_bits, cfg.weight_bits)
-        w_peak = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-        tried = {a: product_error(sample, weights, smoothing_scales(peaks[x].peak, w_peak, a), cfg.act_bits,
-                                  cfg.weight_bits) for a in ALPHAS}
+        joined = np.concatenate(weights, axis=1)
+        reference = sample @ joined
+        base = product_error(sample, [joined], np.ones(sample.shape[1], np.float32), cfg.act_bits, cfg.weight_bits,
+                             reference)
+        w_peak = np.abs(joined).max(axis=1)
+        tried = {a: product_error(sample, [joined], smoothing_scales(peaks[x].peak, w_peak, a), cfg.act_bits,
+                                  cfg.weight_bits, reference) for a in ALPHAS}
         alpha = min(tried, key=tried.get)
         entry = {"layers": [l.name for l in layers], "alpha": alpha,
                  "error_ratio": round(tried[alpha] / max(base, 1e-30), 4)}
