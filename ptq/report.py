@@ -145,8 +145,8 @@ def sections(r: dict) -> list[Section]:
             f"quantizers to {fix['to']}: {', '.join(fix['raised']) or 'none'}; worst margin to the bounds "
             f"{fix['margin_db_before']} → {fix['margin_db_after']} dB; size {fix['size_bytes'][0] / 1e6:.2f} → "
             f"{fix['size_bytes'][1] / 1e6:.2f} MB" + (f"; batch-1 latency {lat[0]} → {lat[1]} ms" if lat else "")
-            + f"; {fix['seconds']} s. Culprits by what raising each alone recovers: {', '.join(fix['culprits'])}."],
-            header=["raised", "recovers alone, dB", "margin after, dB"],
+            + f"; {fix['seconds']} s. Culprits: {', '.join(fix['culprits'])}."],
+            header=["raised (a segment of the graph's quantizers)", "recovers alone, dB", "margin after, dB"],
             rows=[[h["raised"], h["gain_alone_db"], h["margin_db"]] for h in fix["history"]]))
     if r.get("evaluation"):
         e = r["evaluation"]

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from builders import save_npy_samples, zoo
 
-from ptq.repair import margin
+from ptq.repair import margin, segments, shrink
 from ptq_cli.main import main
 
 pytestmark = pytest.mark.slow
@@ -20,6 +20,29 @@ def test_margin_is_the_worst_distance_to_the_bounds_by_hand():
     assert margin(result, 6.0, 0.9) == pytest.approx(min(30 - 6, 20 * 0.099, 12 - 6, 20 * 0.05, 7.5 - 6))
     result["outputs"]["b"]["worst_slice"]["sqnr_db_upper"] = 5.0
     assert margin(result, 6.0, 0.9) == pytest.approx(-1.0)
+
+
+def test_segments_cut_the_order_into_contiguous_runs_by_hand():
+    order = [f"q{i}" for i in range(10)]
+    assert segments(order, 4) == [["q0", "q1"], ["q2", "q3", "q4"], ["q5", "q6"], ["q7", "q8", "q9"]]
+    assert segments(order[:3], 8) == [["q0"], ["q1"], ["q2"]]
+
+
+@pytest.mark.parametrize("needed", [{"q3"}, {"q3", "q11"}, {"q0", "q1", "q2", "q15"}, set()])
+def test_shrink_finds_the_smallest_set_that_holds_where_it_has_the_checks(needed):
+    """``holds``: every needed quantizer is raised (monotone): the smallest set that holds is ``needed`` itself,
+    found with enough checks; with too few, what comes back still holds and keeps the order."""
+    raised = [f"q{i}" for i in range(16)]
+    calls = []
+
+    def holds(ids):
+        calls.append(ids)
+        return needed <= set(ids)
+    assert shrink(raised, holds, budget=64) == [q for q in raised if q in needed]
+    assert len(calls) <= 64
+    for budget in (0, 1, 3):
+        got = shrink(raised, holds, budget=budget)
+        assert needed <= set(got) and got == [q for q in raised if q in set(got)]
 
 
 def test_bounds_that_cannot_be_met_exit_3_naming_the_culprits_with_the_model_written(rng, tmp_path, capsys):
