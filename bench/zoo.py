@@ -57,6 +57,7 @@ class ZooRow:
     sqnr_db: float = float("nan")  # the worst output's, over the whole tensor
     worst_slice_db: float = float("nan")  # the worst slice of axis 1 of any output
     latency: float = float("nan")  # quantized / FP32, onnxruntime CPU batch 1
+    latency_ci: list | None = None  # its 95 % interval from paired, interleaved rounds; None: medians, no interval
     seconds: float = float("nan")
     note: str = ""
     saturating: bool | None = None  # measured where onnxruntime saturates u8×s8 (ptq.runtime); None: not recorded
@@ -73,10 +74,12 @@ def outputs(path, feeds: list[dict]) -> list[list[np.ndarray]]:
     return [s.run(None, f) for f in feeds]
 
 
-def latency_ratio(fp, q, feed) -> float:
-    from ptq.evaluate import latencies_ms
-    q_ms, fp_ms = latencies_ms([str(q), str(fp)], feed, LATENCY_RUNS)
-    return q_ms / fp_ms
+def latency_ratio(fp, q, feed) -> tuple[float, list[float]]:
+    """The quantized model's batch-1 latency / FP32's and its 95 % interval: ``ptq.speed.paired_ratio`` (paired,
+    interleaved rounds, the geometric mean of the rounds' ratios)."""
+    from ptq.speed import paired_ratio
+    r = paired_ratio(Path(fp), Path(q), feed, LATENCY_RUNS)
+    return r["ratio"], r["ratio_ci"]
 
 
 def fidelity(fp_out, q_out) -> tuple[float, float]:
@@ -737,7 +740,7 @@ def measure(work: Path, names=None, tools=TOOLS) -> list[ZooRow]:
                 row.metrics = spec["score"](fp_out, q_out)
                 row.sqnr_db, row.worst_slice_db = fidelity(fp_out, q_out)
                 first = spec.get("first") or {k: v[:1] for k, v in spec["eval"][0].items()}
-                row.latency = latency_ratio(fp_path, out, first)
+                row.latency, row.latency_ci = latency_ratio(fp_path, out, first)
             rows[(name, tool)] = row
             print(f"{name} {tool}: exit {row.exit} {metric_text(row.metrics)}, "
                   f"SQNR {row.sqnr_db:.1f} dB (worst slice {row.worst_slice_db:.1f}), latency {row.latency:.2f}x "
@@ -760,6 +763,11 @@ def metric_text(metrics: dict | None) -> str:
     return "; ".join(f"{k} {a:.4g} → {b:.4g}" for k, (a, b) in (metrics or {}).items()) or "—"
 
 
+def interval(row: ZooRow) -> str:
+    """" (lo–hi)" where the row's latency has its interval, else ""."""
+    return f" ({row.latency_ci[0]:.2f}–{row.latency_ci[1]:.2f})" if row.latency_ci else ""
+
+
 def table() -> list[str]:
     """The zoo's rows as Markdown (for bench/results.md)."""
     rows = load()
@@ -772,15 +780,18 @@ def table() -> list[str]:
              "per-channel S8 weights, U8 activations, MinMax) on the same calibration data; the task metric on "
              "evaluation data made on this machine (bench/zoo.py): FP32 → quantized, the comparisons "
              "(agreement, F1, cosine) against the FP32 model's own results. SQNR: the worst output over its "
-             "whole tensor; worst slice: the worst slice of axis 1 of any output. Rows marked † were measured on an "
+             "whole tensor; worst slice: the worst slice of axis 1 of any output; latency: batch 1, onnxruntime CPU, "
+             "from paired interleaved rounds where an interval is given (else medians of interleaved runs). "
+             "Rows marked † were measured on an "
              "x86 CPU whose onnxruntime saturates u8×s8 products (see the first table); the others on one without.", "",
              "| model | family | tool | exit | task metric: FP32 → quantized | SQNR dB | worst slice dB | "
-             "latency × FP32 | time s | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "latency × FP32 (95 % interval) | time s | note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (model, tool) in sorted(rows):
         r = rows[(model, tool)]
         mark = " †" if r.saturating else ""
         lines.append(f"| {r.model} | {r.family} | {r.tool}{mark} | {r.exit} | {metric_text(r.metrics)} "
-                     f"| {f(r.sqnr_db, 1)} | {f(r.worst_slice_db, 1)} | {f(r.latency)} | {f(r.seconds, 1)} "
+                     f"| {f(r.sqnr_db, 1)} | {f(r.worst_slice_db, 1)} | {f(r.latency)}{interval(r)} "
+                     f"| {f(r.seconds, 1)} "
                      f"| {r.note} |")
     return lines
 
