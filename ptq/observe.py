@@ -46,7 +46,9 @@ class Histogram:
         x = np.asarray(x, np.float32)
         if x.size == 0:
             return
-        lo, hi = float(x.min()), float(x.max())
+        rows = x.reshape(x.shape[0] if x.ndim > 1 else 1, -1)
+        row_max, row_min = rows.max(axis=1), rows.min(axis=1)
+        lo, hi = float(row_min.min()), float(row_max.max())
         parts = []  # (values, the count each stands for)
         if not (abs(lo) < SENTINEL and abs(hi) < SENTINEL):  # nan fails both comparisons too
             x = x.ravel()
@@ -59,7 +61,7 @@ class Histogram:
             parts.append((x, 1))
         else:
             p = sample_stride(x.shape)
-            parts += [(x.ravel(), 1)] if p == 1 else _sample_and_tail(x.reshape(x.shape[0], -1), p)
+            parts += [(x.ravel(), 1)] if p == 1 else _sample_and_tail(rows, p, row_max, row_min)
         count = sum(v.size * w for v, w in parts)
         self.min, self.max, self.n = min(self.min, lo), max(self.max, hi), self.n + count
         top = max(abs(lo), abs(hi))
@@ -106,18 +108,20 @@ class Histogram:
         return float(c[min(np.searchsorted(cdf, q), c.size - 1)])
 
 
-def _sample_and_tail(rows: np.ndarray, p: int) -> list[tuple[np.ndarray, int]]:
+def _sample_and_tail(rows: np.ndarray, p: int, row_max: np.ndarray, row_min: np.ndarray) -> list[tuple]:
     """A [N, L] tensor's values as (values, the count each stands for): every p-th value of each row, standing for
     p, and, exactly, each row's values beyond the largest |x| of its sample (its tail: the outliers that set a
-    clipping range, e.g. a transformer's few huge features, are counted one by one, never p at a time)."""
+    clipping range, e.g. a transformer's few huge features, are counted one by one, never p at a time). A row is
+    searched for its tail only on the side where its own max (``row_max``; or min) passes the sample's edge."""
     sample = np.ascontiguousarray(rows[:, ::p])
-    edge = np.abs(sample).max(axis=1, keepdims=True)
-    step = max(1, CHUNK // rows.shape[1])
+    edge = np.abs(sample).max(axis=1)
+    over, under = row_max > edge, row_min < -edge
     tail = []
-    for k in range(0, rows.shape[0], step):  # bounded temporaries: rows of CHUNK values at a time
-        block, e = rows[k:k + step], edge[k:k + step]
-        tail.append(block[(block > e) | (block < -e)])
-    return [(sample.ravel(), p), (np.concatenate(tail), 1)]
+    for k in np.flatnonzero(over | under):  # each row alone: bounded temporaries
+        row, e = rows[k], edge[k]
+        tail.append(row[(row > e) | (row < -e)] if over[k] and under[k] else row[row > e] if over[k]
+                    else row[row < -e])
+    return [(sample.ravel(), p), (np.concatenate(tail) if tail else sample[:0, 0], 1)]
 
 
 def sample_stride(shape: tuple) -> int:

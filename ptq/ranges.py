@@ -24,14 +24,16 @@ GOLDEN = (np.sqrt(5) - 1) / 2
 WIDE_ROWS = 4096  # weight rows longer than this are searched in float32
 
 
-def grid_golden_min(loss, lo: np.ndarray, hi: np.ndarray, grid: int = 20, iters: int = 16) -> np.ndarray:
+def grid_golden_min(loss, lo: np.ndarray, hi: np.ndarray, grid: int = 20, iters: int = 16,
+                    batched: bool = False) -> np.ndarray:
     """Minimize ``loss(t) -> [C]`` independently for each of C problems over t in [lo, hi] ([C] arrays).
 
     A coarse grid of ``grid`` points finds the basin, then golden-section search refines inside the two grid
-    cells around the best point (robust where the loss is not unimodal over the whole range)."""
+    cells around the best point (robust where the loss is not unimodal over the whole range). ``batched``: the
+    loss takes any number of candidates, each on its own (one problem, C = 1): the grid is one call."""
     lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
     ts = lo[None] + (hi - lo)[None] * np.linspace(0, 1, grid)[:, None]  # [G, C]
-    losses = np.stack([loss(t) for t in ts])
+    losses = loss(ts.ravel()).reshape(ts.shape) if batched else np.stack([loss(t) for t in ts])
     best = np.argmin(losses, axis=0)
     step = (hi - lo) / (grid - 1)
     a = np.maximum(ts[best, np.arange(ts.shape[1])] - step, lo)
@@ -131,14 +133,14 @@ def search_range(loss, spec: QuantSpec, lo0: float, hi0: float, rounds: int = 2)
 
         def f(t):
             return loss(sign_lo * t, sign_hi * t)
-        t = float(grid_golden_min(lambda v: f(v.ravel()), np.array([top * 0.01]), np.array([top]))[0])
+        t = float(grid_golden_min(lambda v: f(v.ravel()), np.array([top * 0.01]), np.array([top]), batched=True)[0])
         return sign_lo * t, sign_hi * t
     lo, hi = lo0, hi0
     for _ in range(rounds):
         hi = float(grid_golden_min(lambda v: loss(np.full(v.size, lo), v.ravel()),
-                                   np.array([hi0 * 0.01]), np.array([hi0]))[0])
+                                   np.array([hi0 * 0.01]), np.array([hi0]), batched=True)[0])
         lo = float(grid_golden_min(lambda v: loss(v.ravel(), np.full(v.size, hi)),
-                                   np.array([lo0]), np.array([lo0 * 0.01]))[0])
+                                   np.array([lo0]), np.array([lo0 * 0.01]), batched=True)[0])
     return lo, hi
 
 
