@@ -52,20 +52,23 @@ def build(original, config: Config, calib_src, held, progress: bool = False, tim
     t0 = time.perf_counter()
     qmodel = export_qdq(state)
     timings["export"] = round(time.perf_counter() - t0, 3)
-    timing_src = held if held is not None else calib_src
-    measured = Measured()
-    if config.placement == "measured" and config.latency_runs and timing_src is not None \
-            and folder(original) is None:
-        t0 = time.perf_counter()
-        state, qmodel, measured = _placed(original, state, qmodel, timing_src, held, progress)
+    t0 = time.perf_counter()
+    state, qmodel, measured = measured_placement(original, state, qmodel, held if held is not None else calib_src,
+                                                 held, progress)
+    if "placement" in state.report:
         timings["placement"] = round(time.perf_counter() - t0, 3)
     return state, qmodel, measured
 
 
-def _placed(original, state, qmodel, timing_src, held, progress: bool) -> tuple:
+def measured_placement(original, state, qmodel, timing_src, held, progress: bool = False) -> tuple:
     """(state, QDQ model, ``Measured``) after ``ptq.placement.place`` (its report in
-    ``state.report["placement"]``); the int8 placement is kept where the measured one falls under fidelity bounds
-    on the held-back samples that the int8 one met."""
+    ``state.report["placement"]``) where the settings ask for it (``--placement measured``, latency runs, a sample
+    to time, a model in one file), else as given with nothing measured; the int8 placement is kept where the
+    measured one falls under fidelity bounds on the held-back samples that the int8 one met. ``build`` places the
+    model it quantizes; ``ptq run`` places a repaired model again (its raised quantizers change its speed)."""
+    cfg = state.config
+    if not (cfg.placement == "measured" and cfg.latency_runs and timing_src is not None and folder(original) is None):
+        return state, qmodel, Measured()
     here = this_machine()
     if here.name != state.target.name:
         info = {"skipped": f"built for target {state.target.name} on a {here.name} machine: placement times this "
@@ -76,7 +79,6 @@ def _placed(original, state, qmodel, timing_src, held, progress: bool) -> tuple:
     placed, model, info, timed = place(original, state, qmodel, feed, progress)
     measured = Measured(model, timed)
     if model is not qmodel and held is not None:
-        cfg = state.config
         bounds = (cfg.fidelity_sqnr_db, cfg.fidelity_cosine)
         before, after = (evaluate(original, m, held, cfg.batch_size) for m in (qmodel, model))
         measured.fidelity = after

@@ -335,6 +335,8 @@ def placement_section(pl: dict) -> "Section":
     the whole-model trial and the decision."""
     trials = {t["pattern"]: t for t in pl.get("trials", [])}
     text = [pl.get("skipped") or pl.get("line") or "every layer stays int8: no float placement ran faster"]
+    if pl.get("after_repair"):
+        text.append("Placed after the repair: the model with its raised quantizers was timed again.")
     if "ratio_to_fp32" in pl:
         text.append(f"Written placement against FP32: {pl['ratio_to_fp32']}× (95 % interval {pl['ratio_ci'][0]}–"
                     f"{pl['ratio_ci'][1]}×); all-int8 {pl['int8_ms']} ms, FP32 {pl['fp32_ms']} ms batch 1."

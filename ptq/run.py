@@ -28,7 +28,7 @@ from .opset import upgraded
 from .repair import repair
 from .outputs import OutputSet
 from .patterns import class_score_outputs
-from .choices import build
+from .choices import build, measured_placement
 from .pipeline import Config, check_effective
 from .speed import measure_speed, slowest_ops, verdict as speed_verdict
 from .target import this_machine
@@ -175,10 +175,17 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
     if config.repair and fidelity_flags(fidelity, config.fidelity_sqnr_db, config.fidelity_cosine):
         t0 = time.perf_counter()
         state, qmodel, repaired = repair(original, state, qmodel, held, config, fidelity, progress)
+        timings["repair"] = round(time.perf_counter() - t0, 3)
+        if repaired["raised"]:  # 16-bit quantizers change the speed too: placed again (never slower than FP32)
+            t0 = time.perf_counter()
+            state, qmodel, measured = measured_placement(flat, state, qmodel, held, held, progress)
+            if "placement" in state.report:
+                state.report["placement"]["after_repair"] = True
+                timings["placement_after_repair"] = round(time.perf_counter() - t0, 3)
         qmodel = written(qmodel)
         if repaired["raised"]:  # the model changed: its fidelity is measured again
-            fidelity = evaluate(original, qmodel, held, config.batch_size, progress=progress, desc="fidelity")
-        timings["repair"] = round(time.perf_counter() - t0, 3)
+            fidelity = measured.of(qmodel).fidelity or evaluate(original, qmodel, held, config.batch_size,
+                                                                progress=progress, desc="fidelity")
     timing_src = next((s for s in (held, calib_src, eval_src) if s is not None), None)
     evaluation = None
     if eval_src is not None:

@@ -118,6 +118,34 @@ def test_concat_of_mixed_ranges_keeps_its_inputs_quantizers_and_stays_float(rng,
     assert report["fidelity"]["outputs"]["out"]["worst_slice"]["sqnr_db"] > 20 and report["fidelity_flags"] == []
 
 
+def test_a_repaired_model_is_placed_again_and_written_in_float_where_it_got_slower(rng, tmp_path, monkeypatch):
+    """The repair's 16-bit quantizers change the model's speed: it is placed again. Timings given: the int8 model
+    runs faster than FP32 before the repair (placed int8) and slower with confidence after it, so the model written
+    is in float, and the report says the placement ran after the repair."""
+    import ptq.placement as placement
+    import ptq.run as run_module
+    path = tmp_path / "head.onnx"
+    onnx.save(conv_head(rng), str(path))
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 40)
+    repaired = []
+    real_repair = run_module.repair
+    monkeypatch.setattr(run_module, "repair", lambda *a, **k: repaired.append(1) or real_repair(*a, **k))
+
+    def paired_ratio(a, b, feed, runs=20, warmup=3, until=None):
+        ratio, ci = (2.0, [1.8, 2.2]) if repaired else (0.5, [0.4, 0.6])
+        return {"fp32_ms": 1.0, "quant_ms": ratio, "ratio": ratio, "ratio_ci": ci, "runs": 10,
+                "cpu_ms": [1.0, ratio], "cpu_ratio": ratio}
+    monkeypatch.setattr(placement, "paired_ratio", paired_ratio)
+    monkeypatch.setattr(placement, "node_times", lambda model, feed, runs=10: {})
+    monkeypatch.setattr(placement, "MIN_MS", 0.0)
+    result = run_module.quantize(str(path), calib, holdout=8, range_spread=0)
+    report = result.report
+    assert repaired and report["repair"]["met"] and report["repair"]["raised"]
+    assert report["placement"]["after_repair"] and report["placement"]["all_float"]
+    assert "placement_after_repair" in report["timings"]
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in result.model.graph.node)
+
+
 def test_a_head_forced_to_one_scale_is_caught_by_the_fidelity_check(rng, tmp_path, capsys):
     path = tmp_path / "head.onnx"
     onnx.save(conv_head(rng), str(path))
