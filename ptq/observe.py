@@ -17,6 +17,7 @@ from .threads import ort_options
 
 HALF_BINS = 16384  # bins per sign: 32 to 64 bins per 8-bit step at full range
 CHUNK = 1 << 20
+SMALL = 1 << 11  # values that ``Histogram._bin`` adds one by one rather than by a bincount over every bin
 SAMPLE_FROM = 1 << 12  # values in a row (a tensor's slice on axis 0) from which its histogram bins a sample
 SAMPLE_PRIMES = (7, 11, 13, 17, 19, 23, 29, 31)
 SENTINEL = 1e30  # |x| at or beyond this is a sentinel (float max / min used as ±∞ in masks), never a value
@@ -79,8 +80,15 @@ class Histogram:
             self._bin(values, weight)
 
     def _bin(self, x: np.ndarray, weight: int) -> None:
-        """Add ``weight`` to the bin of each value of ``x`` (the range already covers them)."""
+        """Add ``weight`` to the bin of each value of ``x`` (the range already covers them; a value that rounding
+        puts one bin beyond either end goes to the end bin). A few values (a row's tail) are added one by one
+        instead of through a whole-histogram bincount."""
         inv = np.float32(1.0 / self.width)
+        if x.size < SMALL:
+            p = np.multiply(x, inv, dtype=np.float32)
+            np.floor(p, out=p)
+            np.add.at(self.counts, np.clip(p.astype(np.intp) + self.nb, 0, 2 * self.nb - 1), weight)
+            return
         part = np.empty(min(CHUNK, x.size), np.float32)
         index = np.empty(part.size, np.intp)
         for start in range(0, x.size, CHUNK):  # bounded temporaries, whatever the tensor size

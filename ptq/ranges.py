@@ -161,16 +161,33 @@ ACTIVATIONS = {
 def hist_mse_loss(hist: Histogram, spec: QuantSpec, through=None):
     """The squared quantization error of the histogrammed data for candidate ranges (bin-center approximation):
     Σ n_i (x_i − Q(x_i))², or with ``through`` (a function, the float activation that reads the tensor)
-    Σ n_i (f(x_i) − f(Q(x_i)))² — e.g. after SiLU the negative tail, which SiLU maps to about 0, matters little."""
+    Σ n_i (f(x_i) − f(Q(x_i)))² — e.g. after SiLU the negative tail, which SiLU maps to about 0, matters little.
+    Q(x_i) is one of the grid's 2^b levels, so f is taken at the levels and each center picks its level's value
+    (the same numbers, 2^b evaluations of f instead of one per bin)."""
     centers, counts = hist.centers_counts()
-    f = through or (lambda v: v)
-    target = f(centers)
+    if through is None or spec.qmax - spec.qmin + 1 >= centers.size:  # f on every center (or none)
+        f = through or (lambda v: v)
+        target = f(centers)
 
-    def loss(lo, hi):
+        def loss(lo, hi):
+            s, z = _grid_of(spec, np.asarray(lo), np.asarray(hi))
+            err = target[None] - f(fake_quant_grid(centers[None], s, z, spec.qmin, spec.qmax))
+            return (err**2 * counts[None]).sum(axis=1)
+        return loss
+    target = through(centers)
+    levels = np.arange(spec.qmin, spec.qmax + 1, dtype=np.float64)
+
+    def loss_through(lo, hi):  # f is taken at the grid's 2^b levels, each center picks its level's value
         s, z = _grid_of(spec, np.asarray(lo), np.asarray(hi))
-        err = target[None] - f(fake_quant_grid(centers[None], s, z, spec.qmin, spec.qmax))
+        q = np.divide(centers[None], s)
+        np.rint(q, out=q)
+        q += z
+        np.clip(q, spec.qmin, spec.qmax, out=q)
+        f_levels = through((levels[None] - z) * s)  # [G, 2^b]
+        picked = np.take_along_axis(f_levels, (q - spec.qmin).astype(np.intp), axis=1)
+        err = target[None] - picked
         return (err**2 * counts[None]).sum(axis=1)
-    return loss
+    return loss_through
 
 
 def encoding_mse(loss, enc: Encoding) -> float:
