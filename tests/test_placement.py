@@ -3,6 +3,7 @@ decision on given timings, its cache, and the skip for models whose time is the 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import helper
 
 import ptq.placement as placement
@@ -182,6 +183,28 @@ def test_no_faster_placement_writes_the_model_in_float(rng, tmp_path, monkeypatc
     assert info["all_float"] and "written in float" in info["line"] and info["confirmation"]["ratio_ci"][0] == 1.3
     assert not placed.weights and not placed.acts
     assert not [n for n in pmodel.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+
+
+@pytest.mark.parametrize("ref_ratio, written", [(0.97, "original"), (0.8, "reference"), (1.1, "original")])
+def test_written_in_float_the_reference_only_where_it_is_faster_with_confidence(rng, tmp_path, monkeypatch,
+                                                                                 ref_ratio, written):
+    """No int8 placement beats FP32: the model written in float is ptq's folded reference only where its
+    interval against the model as given is under 1 (0.8: 0.76–0.84); unresolved (0.97: 0.92–1.02) or slower, the
+    model as given, byte for byte."""
+    model = chain3(rng)
+    state = quantized_state(rng, tmp_path, model)
+    qmodel = export_qdq(state)
+
+    def trial(a, b):
+        if a is model and not any(n.op_type == "QuantizeLinear" for n in b.graph.node):
+            return ref_ratio  # ptq's float reference against the model as given
+        return 1.2 if b is not qmodel or a is not model else None
+    fake_timings(monkeypatch, {"conv1": (15.0, 10.0), "conv2": (15.0, 10.0), "conv3": (15.0, 10.0)}, trial,
+                 final_lo=1.3)
+    monkeypatch.setattr(placement, "MIN_MS", 0.0)
+    _, pmodel, info, _ = placement.place(model, state, qmodel, {"x": np.zeros((1, 3, 8, 8), np.float32)})
+    assert info["all_float"] and info["float_model"] == written
+    assert (pmodel.SerializeToString() == model.SerializeToString()) == (written == "original")
 
 
 def test_a_slower_verdict_that_a_second_comparison_does_not_confirm_keeps_the_int8_model(rng, tmp_path,
