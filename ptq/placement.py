@@ -10,7 +10,8 @@ depthwise or not, kernel size); a pattern is measured and placed once for all it
 2. Each candidate, in that order, is kept in float (``in_float``: its weight quantizers removed, then every
    activation quantizer that no int8 node reads, and never a float layer between a DequantizeLinear and a
    QuantizeLinear, where onnxruntime would quantize it itself) and the two whole models are timed in paired,
-   interleaved rounds (``ptq.speed.paired_ratio``); the float placement is kept where it is faster
+   interleaved rounds (``ptq.speed.paired_ratio``: open sessions, the current model's kept across the trials,
+   about ``TRIAL_BUDGET_S`` of rounds and at least 10); the float placement is kept where it is faster
    (geometric-mean ratio under 1 − ``MIN_GAIN``).
 3. The result is timed against FP32 the same way (the first comparison stands where no pattern went float and its
    interval already is on one side of 1). Where it is still slower with confidence (the 95 % interval above 1,
@@ -47,7 +48,7 @@ MIN_GAIN = 0.02  # a float placement is kept where the model gets at least this 
 BUDGET_S = 2.0  # seconds of timing per comparison with FP32 (the rounds follow from the models' latency)
 TRIAL_BUDGET_S = 1.0  # seconds of timing per trial of a pattern in float
 PROFILE_RUNS = 3  # profiled runs of each model for the per-node times
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 
 
 def pattern(gr: Graph, layer) -> str:
