@@ -60,12 +60,14 @@ def build(original, config: Config, calib_src, held, progress: bool = False, tim
     return state, qmodel, measured
 
 
-def measured_placement(original, state, qmodel, timing_src, held, progress: bool = False) -> tuple:
+def measured_placement(original, state, qmodel, timing_src, held, progress: bool = False,
+                       after_repair: bool = False) -> tuple:
     """(state, QDQ model, ``Measured``) after ``ptq.placement.place`` (its report in
     ``state.report["placement"]``) where the settings ask for it (``--placement measured``, latency runs, a sample
     to time, a model in one file), else as given with nothing measured; the int8 placement is kept where the
     measured one falls under fidelity bounds on the held-back samples that the int8 one met. ``build`` places the
-    model it quantizes; ``ptq run`` places a repaired model again (its raised quantizers change its speed)."""
+    model it quantizes; ``ptq run`` places a repaired model again (its raised quantizers change its speed; the
+    report's placement then says ``after_repair``)."""
     cfg = state.config
     if not (cfg.placement == "measured" and cfg.latency_runs and timing_src is not None and folder(original) is None):
         return state, qmodel, Measured()
@@ -85,6 +87,8 @@ def measured_placement(original, state, qmodel, timing_src, held, progress: bool
         if fidelity_flags(after, *bounds) and not fidelity_flags(before, *bounds):
             info["kept_int8"] = "the measured placement fell under fidelity bounds that the int8 one met"
             placed, model, measured = state, qmodel, Measured(qmodel, fidelity=before)
+    if after_repair:
+        info["after_repair"] = True
     placed.report = {**placed.report, "placement": info}
     return placed, model, measured
 

@@ -81,14 +81,9 @@ class Histogram:
 
     def _bin(self, x: np.ndarray, weight: int) -> None:
         """Add ``weight`` to the bin of each value of ``x`` (the range already covers them; a value that rounding
-        puts one bin beyond either end goes to the end bin). A few values (a row's tail) are added one by one
-        instead of through a whole-histogram bincount."""
+        puts one bin beyond either end goes to the end bin): by a bincount over every bin, or, for fewer than
+        SMALL values (a row's tail), one by one."""
         inv = np.float32(1.0 / self.width)
-        if x.size < SMALL:
-            p = np.multiply(x, inv, dtype=np.float32)
-            np.floor(p, out=p)
-            np.add.at(self.counts, np.clip(p.astype(np.intp) + self.nb, 0, 2 * self.nb - 1), weight)
-            return
         part = np.empty(min(CHUNK, x.size), np.float32)
         index = np.empty(part.size, np.intp)
         for start in range(0, x.size, CHUNK):  # bounded temporaries, whatever the tensor size
@@ -97,6 +92,9 @@ class Histogram:
             np.multiply(x[start:start + n], inv, out=p)
             np.floor(p, out=p)
             i[:] = p  # bin −nb .. nb−1, one beyond either end where rounding puts a value on the edge
+            if n < SMALL:
+                np.add.at(self.counts, np.clip(i + self.nb, 0, 2 * self.nb - 1), weight)
+                continue
             i += self.nb + 1
             c = np.bincount(i, minlength=2 * self.nb + 2) * weight
             self.counts += c[1:-1]

@@ -178,9 +178,8 @@ def quantize(model, calib=None, *, config: Config | None = None, preprocess: Pre
         timings["repair"] = round(time.perf_counter() - t0, 3)
         if repaired["raised"]:  # 16-bit quantizers change the speed too: placed again (never slower than FP32)
             t0 = time.perf_counter()
-            state, qmodel, measured = measured_placement(flat, state, qmodel, held, held, progress)
-            if "placement" in state.report:
-                state.report["placement"]["after_repair"] = True
+            state, qmodel, measured = measured_placement(flat, state, qmodel, held, held, progress, after_repair=True)
+            if (state.report.get("placement") or {}).get("after_repair"):
                 timings["placement_after_repair"] = round(time.perf_counter() - t0, 3)
         qmodel = written(qmodel)
         if repaired["raised"]:  # the model changed: its fidelity is measured again
