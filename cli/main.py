@@ -281,7 +281,7 @@ def _print_run(result, paths):
     if r.get("speed"):
         sp = r["speed"]
         ci = (f", 95 % interval {sp['ratio_ci'][0]:.2f}-{sp['ratio_ci'][1]:.2f}x, CPU time {sp['cpu_ratio']:.2f}x"
-              if "ratio_ci" in sp else "")
+              if "ratio_ci" in sp else ", the FP32 model as given" if sp.get("same_model") else "")
         click.echo(f"latency (onnxruntime CPU, batch 1): FP32 {sp['fp32_ms']:.2f} ms, quantized {sp['quant_ms']:.2f} "
                    f"ms ({sp['ratio']:.2f}x{ci}); {sp['unfused']['DequantizeLinear']} DQ nodes left unfused")
     if r.get("fidelity"):

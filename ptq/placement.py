@@ -16,9 +16,13 @@ depthwise or not, kernel size); a pattern is measured and placed once for all it
 3. The result is timed against FP32 the same way (the first comparison stands where no pattern went float and its
    interval already is on one side of 1). Where it is still slower with confidence (the 95 % interval above 1,
    in that comparison and in a second, independent one), no int8 placement is faster on this runtime: the model
-   is written in float, and the report says so. Written in float (so too where every pattern went float), it is
-   the faster of ptq's FP32 reference (its folds run as fewer ops, SmoothQuant's scales as more) and the model as
-   given, timed against each other: the reference where its interval is under 1, else the model as given.
+   is written in float, and the report says so. Where the all-int8 model is slower with confidence and the
+   profile shows that no placement can win (``_hopeless``: every pattern's int8 kernels lose, or floating all the
+   losing ones saves less than the gap to FP32), no candidate is tried: the profile is the second verdict.
+   Written in float (so too where every pattern went float), it is the faster of ptq's FP32 reference (its folds run
+   as fewer ops, SmoothQuant's scales as more) and the model as given, timed against each other: the reference where
+   its interval is under 1, else the model as given (not timed where the reference has as many nodes as the model
+   given, or more).
 Leaving a layer in float only removes rounding, so the fidelity bounds still hold (the caller measures them
 again and goes back to the all-int8 placement where they do not).
 
@@ -48,7 +52,7 @@ MIN_GAIN = 0.02  # a float placement is kept where the model gets at least this 
 BUDGET_S = 2.0  # seconds of timing per comparison with FP32 (the rounds follow from the models' latency)
 TRIAL_BUDGET_S = 1.0  # seconds of timing per trial of a pattern in float
 PROFILE_RUNS = 3  # profiled runs of each model for the per-node times
-CACHE_VERSION = 6
+CACHE_VERSION = 7
 
 
 def pattern(gr: Graph, layer) -> str:
@@ -205,8 +209,9 @@ def _measure(original, state, qmodel, feed: dict) -> tuple[dict, Timed]:
     candidates = sorted((p for p, v in info["patterns"].items() if v["int8_us"] > v["fp32_us"] > 0),
                         key=lambda p: info["patterns"][p]["fp32_us"] - info["patterns"][p]["int8_us"])
     current_state, current = state, qmodel
+    hopeless = _hopeless(first, info["patterns"], candidates)
     current_session = trial_session = None  # the current model's stays open through the trials
-    for p in candidates:
+    for p in ([] if hopeless else candidates):
         trial_state = in_float(current_state, info["patterns"][p]["layers"])
         trial = export_qdq(trial_state)
         current_session = current_session or _opened(current, feed)
@@ -222,7 +227,9 @@ def _measure(original, state, qmodel, feed: dict) -> tuple[dict, Timed]:
     current_session = trial_session = None
     final = first if current is qmodel and _resolved(*first["ratio_ci"]) else \
         paired_ratio(original, current, feed, _rounds(first["fp32_ms"]), until=_resolved)
-    if final["ratio_ci"][0] > 1:  # slower with confidence: confirmed by a second, independent comparison
+    if hopeless:
+        info["confirmation"] = hopeless
+    elif final["ratio_ci"][0] > 1:  # slower with confidence: confirmed by a second, independent comparison
         again = paired_ratio(original, current, feed, _rounds(first["fp32_ms"]), until=_resolved)
         info["confirmation"] = {"ratio": again["ratio"], "ratio_ci": again["ratio_ci"], "rounds": again["runs"]}
         final = final if again["ratio_ci"][0] > 1 else again
@@ -230,9 +237,10 @@ def _measure(original, state, qmodel, feed: dict) -> tuple[dict, Timed]:
     timed = Timed(current, final, fp_nodes, q_nodes if current is qmodel else None)
     if final["ratio_ci"][0] > 1:
         info["all_float"] = True
+        why = f"; {hopeless['why']}" if hopeless else ""
         info["line"] = (f"no int8 placement ran faster than FP32 on this runtime (the fastest: "
                         f"{final['ratio']:.2f}× FP32, 95 % interval {final['ratio_ci'][0]:.2f}–"
-                        f"{final['ratio_ci'][1]:.2f}×): the model is written in float; --placement all writes "
+                        f"{final['ratio_ci'][1]:.2f}×{why}): the model is written in float; --placement all writes "
                         "the int8 model")
     elif len(info["float_patterns"]) == len(info["patterns"]):
         info["all_float"] = True
@@ -245,13 +253,41 @@ def _measure(original, state, qmodel, feed: dict) -> tuple[dict, Timed]:
                         f"({', '.join(info['float_patterns'])}) kept in float, where int8 ran slower "
                         f"({final['ratio']:.2f}× FP32 after); --placement all quantizes them")
     if info["all_float"]:  # ptq's float reference (folds: fewer ops; SmoothQuant's scales: more) or the model given
-        r = paired_ratio(original, export_qdq(_bare(state)), feed, _rounds(first["fp32_ms"]), until=_resolved)
-        faster = r["ratio_ci"][1] < 1  # the model as given is FP32 itself: the reference only where surely faster
+        reference = export_qdq(_bare(state))
+        if len(reference.graph.node) >= len(original.graph.node):  # nothing folded away: the same work, or more
+            faster = False
+            info["float_reference_vs_original"] = {"not_timed": f"{len(reference.graph.node)} nodes against "
+                                                                f"{len(original.graph.node)}"}
+        else:
+            r = paired_ratio(original, reference, feed, _rounds(first["fp32_ms"]), until=_resolved)
+            faster = r["ratio_ci"][1] < 1  # the model as given is FP32 itself: the reference only where surely faster
+            info["float_reference_vs_original"] = {"ratio": r["ratio"], "ratio_ci": r["ratio_ci"]}
         info["float_model"] = "reference" if faster else "original"
-        info["float_reference_vs_original"] = {"ratio": r["ratio"], "ratio_ci": r["ratio_ci"]}
         info["line"] += (" (written: the folded FP32 reference, faster than the model as given)" if faster else
-                         " (written: the model as given; the folded FP32 reference was not faster with confidence)")
+                         " (written: the model as given; the folded FP32 reference was not faster with confidence)"
+                         if "ratio" in info["float_reference_vs_original"] else
+                         " (written: the model as given; ptq's FP32 reference folds no node away)")
     return info, timed
+
+
+def _hopeless(first: dict, patterns: dict, candidates: list) -> dict | None:
+    """Why no mixed placement can beat FP32, from the first comparison and the profile, or None. The all-int8
+    model is slower with confidence (its 95 % lower bound lo > 1), and either every pattern's int8 kernels lose
+    (a mixed placement keeps some of them and adds Q/DQ), or floating every losing pattern cannot close the gap:
+    Σ_losers (t_int8 − t_fp32) < (lo − 1)·t_FP32, the most a placement can save against the least it must."""
+    lo, fp_ms = first["ratio_ci"][0], first["fp32_ms"]
+    if lo <= 1 or not candidates:
+        return None
+    losses_ms = sum(patterns[p]["int8_us"] - patterns[p]["fp32_us"] for p in candidates) / 1000
+    gap_ms = (lo - 1) * fp_ms
+    if len(candidates) == len(patterns):
+        why = "every int8 kernel slower than its float one"
+    elif losses_ms < gap_ms:
+        why = (f"floating every slower int8 kernel saves at most {losses_ms:.2f} ms of the {gap_ms:.2f} ms it "
+               "runs over FP32")
+    else:
+        return None
+    return {"why": why, "losses_ms": round(losses_ms, 3), "gap_ms": round(gap_ms, 3)}
 
 
 def _opened(model, feed: dict):

@@ -120,6 +120,8 @@ def sections(r: dict) -> list[Section]:
             f"FP32 {sp['fp32_ms']} ms, quantized {sp['quant_ms']} ms (medians): {sp['ratio']}×"
             + (f", 95 % interval {sp['ratio_ci'][0]}–{sp['ratio_ci'][1]}× over {sp['runs']} paired, interleaved "
                f"runs; CPU time {sp['cpu_ms'][0]} → {sp['cpu_ms'][1]} ms ({sp['cpu_ratio']}×)" if "ratio_ci" in sp
+               else " (the model written is the FP32 model as given, byte for byte: not timed against itself; "
+               f"FP32 median of {sp['runs']} runs)" if sp.get("same_model")
                else f" (median of {sp['runs']} runs each)")
             + f". Q/DQ nodes left unfused by onnxruntime: {u['QuantizeLinear']} QuantizeLinear, "
             f"{u['DequantizeLinear']} DequantizeLinear."], header=["op beside an unfused Q/DQ", "count"],

@@ -172,31 +172,75 @@ def test_the_placed_model_comes_back_with_its_last_comparison_with_fp32(rng, tmp
 
 
 def test_no_faster_placement_writes_the_model_in_float(rng, tmp_path, monkeypatch):
-    """Every trial slower and the int8 model slower than FP32 with confidence: written in float, said in a line."""
-    model = chain3(rng)
-    state = quantized_state(rng, tmp_path, model)
-    qmodel = export_qdq(state)
-    fake_timings(monkeypatch, {"conv1": (15.0, 10.0), "conv2": (15.0, 10.0), "conv3": (15.0, 10.0)},
-                 lambda a, b: 1.2 if b is not qmodel or a is not model else None, final_lo=1.3)
+    """Every trial slower and the int8 model slower than FP32 with confidence (confirmed by a second comparison):
+    written in float, said in a line. conv1's int8 kernel is the faster, and floating the 1×1 pair could save
+    0.78 ms of the int8 model's 0.3 ms over FP32, so the pair is tried."""
+    model, state, qmodel = chain3_with_3x3(rng, tmp_path)
+    calls = fake_timings(monkeypatch, {"conv1": (5.0, 10.0), "conv2": (400.0, 10.0), "conv3": (400.0, 10.0)},
+                         lambda a, b: 1.2 if b is not qmodel or a is not model else None, final_lo=1.3)
     monkeypatch.setattr(placement, "MIN_MS", 0.0)
     placed, pmodel, info, _ = placement.place(model, state, qmodel, {"x": np.zeros((1, 3, 8, 8), np.float32)})
+    assert [t["pattern"] for t in info["trials"]] == ["Conv conv 1×1"]
     assert info["all_float"] and "written in float" in info["line"] and info["confirmation"]["ratio_ci"][0] == 1.3
     assert not placed.weights and not placed.acts
     assert not [n for n in pmodel.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert sum(b is qmodel for b in calls["trials"]) == 2  # the first comparison and its confirmation
 
 
-@pytest.mark.parametrize("ref_ratio, written", [(0.97, "original"), (0.8, "reference"), (1.1, "original")])
-def test_written_in_float_the_reference_only_where_it_is_faster_with_confidence(rng, tmp_path, monkeypatch,
-                                                                                 ref_ratio, written):
-    """No int8 placement beats FP32: the model written in float is ptq's folded reference only where its
-    interval against the model as given is under 1 (0.8: 0.76–0.84); unresolved (0.97: 0.92–1.02) or slower, the
-    model as given, byte for byte."""
+def test_every_int8_kernel_slower_writes_float_without_trials(rng, tmp_path, monkeypatch):
+    """Every pattern's int8 kernels slower than float in the profile and the int8 model slower with confidence:
+    no mixed placement can be faster, so none is timed; the profile confirms the verdict, no second comparison.
+    So too where floating every losing pattern saves less than the int8 model runs over FP32 (conv1 wins, the
+    1×1 pair loses 0.01 ms against a gap of 0.3 ms). Where the int8 model's interval reaches under 1, the
+    candidates are tried as usual."""
     model = chain3(rng)
     state = quantized_state(rng, tmp_path, model)
     qmodel = export_qdq(state)
+    kernels = {"conv1": (15.0, 10.0), "conv2": (15.0, 10.0), "conv3": (15.0, 10.0)}
+    calls = fake_timings(monkeypatch, kernels, lambda a, b: 1.2 if b is not qmodel or a is not model else None,
+                         final_lo=1.3)
+    monkeypatch.setattr(placement, "MIN_MS", 0.0)
+    feed = {"x": np.zeros((1, 3, 8, 8), np.float32)}
+    placed, pmodel, info, _ = placement.place(model, state, qmodel, feed)
+    assert info["all_float"] and not info["trials"] and not placed.weights
+    assert info["confirmation"] == {"why": "every int8 kernel slower than its float one", "losses_ms": 0.015,
+                                    "gap_ms": 0.3}
+    assert "every int8 kernel slower" in info["line"]
+    assert sum(b is qmodel for b in calls["trials"]) == 1  # the first comparison only
+    monkeypatch.setenv("PTQ_CACHE", str(tmp_path / "other"))
+    fake_timings(monkeypatch, kernels, lambda a, b: 1.2 if b is not qmodel or a is not model else None,
+                 final_lo=0.9)
+    info = placement.place(model, state, qmodel, feed)[2]
+    assert [t["pattern"] for t in info["trials"]] == ["Conv conv 1×1"] and not info["all_float"]
+    monkeypatch.setenv("PTQ_CACHE", str(tmp_path / "gap"))
+    model, state, qmodel = chain3_with_3x3(rng, tmp_path)
+    fake_timings(monkeypatch, {"conv1": (5.0, 10.0), "conv2": (15.0, 10.0), "conv3": (15.0, 10.0)},
+                 lambda a, b: 1.2 if b is not qmodel or a is not model else None, final_lo=1.3)
+    info = placement.place(model, state, qmodel, feed)[2]
+    assert info["all_float"] and not info["trials"] and "saves at most 0.01 ms of the 0.30 ms" in info["line"]
+
+
+@pytest.mark.parametrize("ref_ratio, written, foldable", [(0.97, "original", True), (0.8, "reference", True),
+                                                          (1.1, "original", True), (0.8, "original", False)])
+def test_written_in_float_the_reference_only_where_it_is_faster_with_confidence(rng, tmp_path, monkeypatch,
+                                                                                 ref_ratio, written, foldable):
+    """No int8 placement beats FP32: the model written in float is ptq's folded reference only where its
+    interval against the model as given is under 1 (0.8: 0.76–0.84); unresolved (0.97: 0.92–1.02) or slower, the
+    model as given, byte for byte. A reference that folds no node away (chain3 without its BatchNormalization) is
+    not timed: the model as given is written."""
+    model = chain3(rng)
+    if foldable:  # a BatchNormalization after conv1, which ptq's reference folds into it
+        model.graph.node[0].output[0] = "c0"
+        model.graph.node.insert(1, helper.make_node("BatchNormalization", ["c0", "g", "b", "m", "v"], ["c1"], "bn"))
+        model.graph.initializer.extend([init(k, rng.uniform(0.5, 1.5, 6).astype(np.float32)) for k in "gbmv"])
+    state = quantized_state(rng, tmp_path, model)
+    qmodel = export_qdq(state)
+    assert (len(export_qdq(placement._bare(state)).graph.node) < len(model.graph.node)) == foldable
+    compared = []
 
     def trial(a, b):
         if a is model and not any(n.op_type == "QuantizeLinear" for n in b.graph.node):
+            compared.append(b)
             return ref_ratio  # ptq's float reference against the model as given
         return 1.2 if b is not qmodel or a is not model else None
     fake_timings(monkeypatch, {"conv1": (15.0, 10.0), "conv2": (15.0, 10.0), "conv3": (15.0, 10.0)}, trial,
@@ -205,6 +249,7 @@ def test_written_in_float_the_reference_only_where_it_is_faster_with_confidence(
     _, pmodel, info, _ = placement.place(model, state, qmodel, {"x": np.zeros((1, 3, 8, 8), np.float32)})
     assert info["all_float"] and info["float_model"] == written
     assert (pmodel.SerializeToString() == model.SerializeToString()) == (written == "original")
+    assert len(compared) == foldable and ("not_timed" in info["float_reference_vs_original"]) != foldable
 
 
 def test_a_slower_verdict_that_a_second_comparison_does_not_confirm_keeps_the_int8_model(rng, tmp_path,
@@ -269,6 +314,23 @@ def test_the_report_reuses_the_placements_timing_of_the_same_model_only(rng, tmp
     other = onnx.ModelProto.FromString(qmodel.SerializeToString())
     got = speed.measure_speed(model, other, feed, 5, timed)
     assert timed_calls == [other] and got["runs"] == 5 and "QLinearConv" in got["ops"]["quantized"]
+
+
+def test_a_model_written_as_given_is_not_timed_against_itself(rng, tmp_path, monkeypatch):
+    """The FP32 model written back byte for byte: 1.0× by construction, no paired rounds (an A/A comparison would
+    only report noise); a float model that differs in one weight is timed."""
+    from ptq import speed
+    model = chain3(rng)
+    feed = {"x": np.zeros((1, 3, 8, 8), np.float32)}
+    monkeypatch.setattr(speed, "paired_ratio", lambda *a, **k: (_ for _ in ()).throw(AssertionError("timed")))
+    got = speed.measure_speed(model, onnx.ModelProto.FromString(model.SerializeToString()), feed, 20)
+    assert got["ratio"] == 1.0 and got["same_model"] and got["fp32_ms"] == got["quant_ms"] > 0
+    assert "ratio_ci" not in got and speed.verdict(got) is None
+    changed = onnx.ModelProto.FromString(model.SerializeToString())
+    changed.graph.initializer[0].raw_data = bytes(len(changed.graph.initializer[0].raw_data))
+    assert not speed.same_model(model, changed)
+    with pytest.raises(AssertionError, match="timed"):
+        speed.measure_speed(model, changed, feed, 20)
 
 
 def test_the_trials_time_open_sessions_of_the_models_they_compare(rng, tmp_path, monkeypatch):
