@@ -198,10 +198,12 @@ def session(model: onnx.ModelProto | bytes | str, extra_outputs=(), optimize: bo
     ``exact_qdq``: run Q/DQ as written, without onnxruntime's QDQ transformers. Those fuse into integer kernels,
     but also quantize the float weights and biases of a layer whose input is quantized — wrong for a partly
     quantized model (a quantizer toggled alone) and, with 16-bit scales, overflowing the int32 bias."""
-    if extra_outputs:
-        model = onnx.ModelProto.FromString(model.SerializeToString())
+    suffix = b""
+    if extra_outputs:  # a message appended to a serialized one merges into it: its outputs extend the graph's
         have = {o.name for o in model.graph.output}
-        model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in extra_outputs if t not in have)
+        suffix = onnx.ModelProto(graph=onnx.GraphProto(output=[
+            helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(extra_outputs) if t not in have]))
+        suffix = suffix.SerializeToString()
     opts = ort_options()
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -210,7 +212,7 @@ def session(model: onnx.ModelProto | bytes | str, extra_outputs=(), optimize: bo
     if not arena:  # each run's tensors go back to the system after it: two sessions alive at once do not each
         opts.enable_cpu_mem_arena = False  # keep their largest run's memory
     session_options(model, opts)
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    data = model.SerializeToString() + suffix if isinstance(model, onnx.ModelProto) else model
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 

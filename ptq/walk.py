@@ -27,6 +27,25 @@ def streamed(model: onnx.ModelProto, names, source, batch_size: int):
         yield dict(zip(names, sess.run(names, feed)))
 
 
+def streamed_pair(model_a: onnx.ModelProto, names_a, model_b: onnx.ModelProto, names_b, source, batch_size: int):
+    """``streamed`` of two models over the same batches, each batch decoded once: two iterators, of the first
+    model's and of the second's {name: array}, to be advanced in step (the first, then the second)."""
+    names_a, names_b = list(dict.fromkeys(names_a)), list(dict.fromkeys(names_b))
+    pending: list = []
+
+    def first():
+        sess_a, sess_b = session(truncate(model_a, names_a), arena=False), session(truncate(model_b, names_b),
+                                                                                     arena=False)
+        for _, feed in source.batches(batch_size):
+            pending.append(dict(zip(names_b, sess_b.run(names_b, feed))))
+            yield dict(zip(names_a, sess_a.run(names_a, feed)))
+
+    def second():
+        while pending:
+            yield pending.pop(0)
+    return first(), second()
+
+
 class Walk:
     """Activations of one network at increasing node positions, from a checkpoint (see module docstring).
 

@@ -69,6 +69,47 @@ def test_activation_search_matches_brute_force(rng):
     assert capped <= 0.9 * s0  # a bound (fused Relu6) caps the grid
 
 
+def test_activation_search_of_a_widening_layer_matches_brute_force(rng):
+    """A layer with fewer inputs than outputs (8 → 30) is scored from H = wqᵀwq, not from its outputs: the same
+    best cosine as forming each candidate's outputs."""
+    x, w, b, t = toy_layer(rng, o=30, d=8)
+    x = np.maximum(x, 0)
+    x[0, 0] = 30.0
+    t = x @ w.T + b
+    spec = QuantSpec(4)
+    s0 = np.float32(x.max() / 15)
+    w_q = wq(w, np.float32(np.abs(w).max() / 127), 8)
+    alphas = candidates(50, 0.2, 2.0)
+    scale, c = search_act_scale(x, t, w_q, b, s0, 0, spec.qmin, spec.qmax, alphas)
+
+    def score(s):
+        return cos(fake_quant(x, Encoding(spec, np.float32(s), np.int32(0))) @ w_q.T + b, t)
+    brute = max(score(np.float32(a) * s0) for a in alphas)
+    assert c == pytest.approx(brute, abs=1e-5) and score(scale) == pytest.approx(brute, abs=1e-5)
+    assert scale < s0
+
+
+def test_weight_search_by_moments_picks_each_channels_best_scale(rng):
+    """Scored from the rows' moments (G = xᵀx, …), the weight search picks for each output channel a scale whose
+    cosine, computed from the formed outputs in float64, is the best of the grid (dense with a bias, depthwise)."""
+    import ptq.stages.easyquant as eq
+    x, w, b, t = toy_layer(rng, o=12, d=10, r=400)
+    xd = rng.normal(0, 1, (400, 6, 9)).astype(np.float32)
+    wd, bd = rng.normal(0, 1, (6, 9)).astype(np.float32), rng.normal(0, 0.3, 6).astype(np.float32)
+    td = np.einsum("rck,ck->rc", xd, wd) + bd
+    alphas = candidates(40, 0.5, 2.0)
+    for xx, tt, ww, bb, dw in ((x, t, w, b, False), (xd, td, wd, bd, True)):
+        assert eq._by_moments(xx, ww, len(alphas), dw)
+        s0 = (np.abs(ww).max(1) / 7).astype(np.float32)
+        scale, _ = search_weight_scales(xx, tt, ww, bb, s0, -8, 7, alphas, dw)
+        for o in range(ww.shape[0]):
+            xo = xx[:, o] if dw else xx
+
+            def channel_cos(s):
+                return cos(xo @ wq(ww[o:o + 1], np.float32(s))[0] + bb[o], tt[:, o])
+            assert channel_cos(scale[o]) == pytest.approx(max(channel_cos(a * s0[o]) for a in alphas), abs=1e-6)
+
+
 def test_depthwise_search_equals_per_channel_dense(rng):
     c, k, r = 5, 9, 200
     x = rng.normal(0, 1, (r, c, k)).astype(np.float32)

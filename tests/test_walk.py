@@ -6,7 +6,7 @@ from builders import save_npy_samples, zoo
 
 from ptq.data import DataSource, model_inputs
 from ptq.model import Graph, live_tensors, set_initializer
-from ptq.walk import Walk, streamed
+from ptq.walk import Walk, streamed, streamed_pair
 
 
 def test_live_tensors_by_hand(rng):
@@ -75,3 +75,22 @@ def test_advancing_releases_the_old_checkpoint_as_it_goes(tmp_path, rng, monkeyp
     assert walk.index == convs[2] and len(alive) == 10
     # at the k-th batch of the new checkpoint, k batches of it exist: old + new stay within one checkpoint + 1 batch
     assert all(n_old + k <= 10 + 1 for k, n_old in enumerate(alive)), alive
+
+
+def test_streamed_pair_runs_two_models_on_batches_decoded_once(rng, tmp_path, monkeypatch):
+    """Two models' tensors batch by batch, equal to ``streamed`` of each, the source read once for both."""
+    model = zoo(rng)
+    other = onnx.ModelProto.FromString(model.SerializeToString())
+    set_initializer(other, "w1", Graph(model).const("w1") * 0.5)
+    src = DataSource(save_npy_samples(tmp_path / "c", rng, (3, 16, 16), 10), model_inputs(model))
+    reads = []
+    real = src.batches
+    monkeypatch.setattr(src, "batches", lambda n: reads.append(n) or real(n))
+    a, b = streamed_pair(model, ["r1", "c2"], other, ["r1"], src, 4)
+    pairs = [(x, next(b)) for x in a]
+    assert reads == [4] and len(pairs) == 3
+    for (x, y), want_x, want_y in zip(pairs, streamed(model, ["r1", "c2"], src, 4), streamed(other, ["r1"], src, 4)):
+        assert set(x) == {"r1", "c2"} and set(y) == {"r1"}
+        np.testing.assert_array_equal(x["c2"], want_x["c2"])
+        np.testing.assert_array_equal(y["r1"], want_y["r1"])
+        assert not np.array_equal(x["r1"], y["r1"])

@@ -20,6 +20,8 @@ Choices where the paper is silent:
   fixed; a layer whose input shares another tensor's quantizer (e.g. after MaxPool) searches only Sʷ;
 - Ã comes in ``easyquant_passes`` passes over the calibration set, each serving a block of consecutive layers:
   the network is quantized with every scale chosen so far (earlier blocks) and the initial scales elsewhere;
+- a candidate is scored without forming its outputs where that is cheaper (``search_weight_scales``,
+  ``search_act_scale``: the rows' second moments);
 - depthwise layers use a quarter of the rows (each row holds every channel; their search is not a BLAS product);
 - grouped convolutions other than depthwise are left as they are.
 With AdaRound: EasyQuant chooses the scales, then AdaRound learns the rounding on those grids.
@@ -35,11 +37,12 @@ from ..data import require_calibration
 from ..model import Graph
 from ..patches import paired_rows, rows_per_sample
 from ..quant import Encoding, fake_quant_grid, sqnr_db
-from ..walk import streamed
+from ..walk import streamed_pair
 from ..weights import as_matrix, layer_kind, reconstruction_layers
 from ..patterns import activation_bounds
 
-BUDGET = 1 << 26  # floats per candidate chunk (256 MB of float32 at most)
+BUDGET = 1 << 22  # floats per candidate chunk (16 MB of float32: a fresh 256 MB array costs ~10× its
+# arithmetic in page faults; a small one is reused from the allocator, warm in cache)
 
 
 def candidates(steps: int, lo: float, hi: float) -> np.ndarray:
@@ -61,19 +64,31 @@ def _outputs(x, w, b, depthwise):
 def search_weight_scales(x, t, w, b, s0, qmin, qmax, alphas, depthwise=False):
     """Best per-channel (s0 of shape [O]) or per-tensor (scalar s0) weight scale on inputs x with targets t.
 
-    Returns (scale, cosine of the whole output at that scale)."""
+    Each candidate's output y = x q + b is scored without being formed where that is cheaper (``_by_moments``):
+    per output channel o, with q its quantized weights,
+        Σ_r y t = q·v_o + b_o T_o,      Σ_r y² = qᵀ G q + 2 b_o q·m + R b_o²,
+    from the rows' moments G = xᵀx, v = xᵀt, m = Σ_r x, T = Σ_r t (per channel for a depthwise layer), taken
+    once in float64; else the outputs of each candidate are computed. Returns (scale, cosine of the whole output
+    at that scale)."""
     per_channel = np.ndim(s0) > 0
     s0 = np.asarray(s0, np.float32)
     o = w.shape[0]
-    chunk = max(1, BUDGET // max(w.size + x.shape[0] * o, 1))
+    moments = _moments(x, t) if _by_moments(x, w, len(alphas), depthwise) else None
+    per = 5 * w.size if moments is not None else w.size + x.shape[0] * o  # float32s a candidate holds at once
+    chunk = max(1, BUDGET // max(per, 1))
     dots, yys = [], []
     for k in range(0, len(alphas), chunk):
         a = alphas[k:k + chunk].astype(np.float32)
         s = (a[:, None] * s0[None, :] if per_channel else a[:, None] * np.full((1, o), s0))  # [A, O]
         sb = s.reshape(s.shape + (1,) * (w.ndim - 1))
-        y = _outputs(x, fake_quant_grid(w[None], sb, 0, qmin, qmax), b, depthwise)  # [A, R, O]
-        dots.append(np.einsum("aro,ro->ao", y, t))
-        yys.append(np.einsum("aro,aro->ao", y, y))
+        q = fake_quant_grid(w[None], sb, 0, qmin, qmax)  # [A, O, D] (depthwise [A, C, K])
+        if moments is not None:
+            dot, yy = _scores_by_moments(q, b, *moments)
+        else:
+            y = _outputs(x, q, b, depthwise)  # [A, R, O]
+            dot, yy = np.einsum("aro,ro->ao", y, t), np.einsum("aro,aro->ao", y, y)
+        dots.append(dot)
+        yys.append(yy)
     dot, yy = np.concatenate(dots), np.concatenate(yys)  # [A, O]
     tt = np.einsum("ro,ro->o", t, t)
     if per_channel:
@@ -86,19 +101,65 @@ def search_weight_scales(x, t, w, b, s0, qmin, qmax, alphas, depthwise=False):
     return np.asarray(alphas[best] * s0, np.float32), float(c[best])
 
 
+def _by_moments(x, w, n_alphas: int, depthwise: bool) -> bool:
+    """Whether scoring by the rows' moments takes fewer flops than forming each candidate's outputs: per
+    candidate O·D² (in float64, counted twice) against R·D·O, plus R·D² once (depthwise: per channel, D = K)."""
+    r, o, d = x.shape[0], w.shape[0], x.shape[-1]
+    return 2 * n_alphas * o * d * d + r * o * d * d < n_alphas * r * o * d if depthwise else \
+        2 * n_alphas * o * d * d + r * d * d < n_alphas * r * o * d
+
+
+def _moments(x, t):
+    """(G, v, m, T, R) of rows x [R, D] (depthwise [R, C, K]) and targets t [R, O] in float64: G = xᵀx [D, D]
+    (depthwise [C, K, K]), v = xᵀt [D, O] ([C, K]), m = Σ_r x, T = Σ_r t."""
+    x64, t64 = x.astype(np.float64), t.astype(np.float64)
+    if x.ndim == 3:
+        return (np.einsum("rck,rcl->ckl", x64, x64), np.einsum("rck,rc->ck", x64, t64), x64.sum(0), t64.sum(0),
+                x.shape[0])
+    return x64.T @ x64, x64.T @ t64, x64.sum(0), t64.sum(0), x.shape[0]
+
+
+def _scores_by_moments(q, b, g, v, m, tsum, r):
+    """(Σ_r y t, Σ_r y²) per candidate and channel [A, O] for quantized weights q [A, O, D] (depthwise [A, C, K])."""
+    q = q.astype(np.float64)
+    b = b.astype(np.float64)
+    if g.ndim == 3:  # depthwise: channel c's rows are x[:, c, :]
+        qg = np.einsum("ack,ckl->acl", q, g)
+        dot = np.einsum("ack,ck->ac", q, v)
+        qm = np.einsum("ack,ck->ac", q, m)
+    else:
+        qg = q @ g
+        dot = np.einsum("aod,do->ao", q, v)
+        qm = q @ m
+    yy = np.einsum("aod,aod->ao", qg, q) + 2 * b * qm + r * b * b
+    return dot + b * tsum, yy
+
+
 def search_act_scale(x, t, wq, b, s0, zp, qmin, qmax, alphas, depthwise=False, max_scale=np.inf):
-    """Best input activation scale (zero point fixed) for quantized weights wq; returns (scale, cosine)."""
+    """Best input activation scale (zero point fixed) for quantized weights wq; returns (scale, cosine).
+
+    For a dense or convolutional layer with fewer inputs than outputs (D < O), a candidate's quantized rows x̂
+    are scored without forming its outputs y = x̂ wqᵀ + b:
+        Σ y t = Σ x̂ ∘ (t wq) + Σ b t,      Σ y² = Σ_r x̂_r H x̂_rᵀ + 2 Σ_r x̂_r · wqᵀb + R ‖b‖²,   H = wqᵀ wq."""
     alphas = alphas[alphas * s0 <= max_scale] if np.any(alphas * s0 <= max_scale) else alphas[:1]
     tt = float(np.einsum("ro,ro->", t, t))
-    per = x.size + x.shape[0] * wq.shape[0]
+    gram = not depthwise and wq.shape[1] < wq.shape[0]
+    if gram:
+        u, h, wb = t @ wq, wq.T @ wq, wq.T @ b  # [R, D], [D, D], [D]
+        tb, bb = float(np.einsum("ro,o->", t, b)), x.shape[0] * float(b @ b)
+    per = x.size + x.shape[0] * (x.shape[-1] if gram else wq.shape[0])
     chunk = max(1, BUDGET // max(per, 1))
     cos = []
     for k in range(0, len(alphas), chunk):
         a = alphas[k:k + chunk].astype(np.float32) * np.float32(s0)
         xq = fake_quant_grid(x[None], a.reshape((-1,) + (1,) * x.ndim), zp, qmin, qmax)  # [A, R, ...]
+        if gram:
+            dot = np.einsum("ard,rd->a", xq, u) + tb
+            yy = np.einsum("ard,ard->a", xq @ h, xq) + 2 * (xq @ wb).sum(1) + bb
+            cos.append(cosine(dot, yy, tt))
+            continue
         if depthwise:
-            xq *= wq
-            y = xq.sum(-1) + b
+            y = np.einsum("arck,ck->arc", xq, wq) + b
         else:
             y = np.matmul(xq, wq.T) + b
         cos.append(cosine(np.einsum("aro,ro->a", y, t), np.einsum("aro,aro->a", y, y), tt))
@@ -130,8 +191,8 @@ def easyquant(state, ctx):
         sim, raw = ctx.simulate(state)
         rows: dict[str, list] = {l.name: [[], []] for l in group}
         q_inputs = {l.name: raw.get(l.x, l.x) for l in group}
-        fp_batches = streamed(state.model, [l.x for l in group], ctx.calib, cfg.batch_size)
-        q_batches = streamed(sim, list(q_inputs.values()), ctx.calib, cfg.batch_size)
+        fp_batches, q_batches = streamed_pair(state.model, [l.x for l in group], sim, list(q_inputs.values()),
+                                              ctx.calib, cfg.batch_size)
         for _, l, xf, xq, _ in paired_rows(gr, group, fp_batches, q_batches, q_inputs, per_sample, cfg.seed):
             rows[l.name][0].append(xf)
             rows[l.name][1].append(xq)
