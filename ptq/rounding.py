@@ -208,7 +208,7 @@ class Problem:
 
     # --- the reconstruction loss and its gradient with respect to W̃
     def loss_grad(self, wt, batch: slice | None = None, fast: bool = False):
-        """Mean squared output error and its gradient. ``fast``: the Gram form in float32 (Adam's steps; the
+        """Mean squared output error and its gradient. ``fast``: in float32, without the loss (Adam's steps; the
         reported losses use float64), ``batch``: a slice of the (shuffled) rows."""
         if self.gram is not None:
             g, r = self.gram[0], self.gram[3]
@@ -217,7 +217,10 @@ class Problem:
                 if self._fast is None:
                     self._fast = (g.astype(np.float32), self.w_c().astype(np.float32))
                 g32, wc32 = self._fast
-                return None, 2 * (self.times_gram(wt.astype(np.float32), g32) - wc32).astype(np.float64) / norm
+                grad = self.times_gram(wt.astype(np.float32), g32)
+                grad -= wc32
+                grad *= np.float32(2 / norm)
+                return None, grad
             wg, wc = self.times_gram(wt, g), self.w_c()
             loss = np.sum(wg * wt) - 2 * np.sum(wc * wt) + np.sum(self.target_energy())
             return loss / norm, 2 * (wg - wc) / norm
@@ -239,7 +242,7 @@ class Problem:
         y *= linear
         y *= x.dtype.type(2.0 / y.size)
         grad = np.matmul(y[:, None, :], x)[:, 0] if self.depthwise else y.T @ x
-        return loss, grad.astype(np.float64)
+        return loss, grad if fast else grad.astype(np.float64)
 
 
 def _gauss_newton_bias(y, t, b, lo, hi, axis: int) -> np.ndarray:
@@ -264,30 +267,35 @@ def solve(problem: Problem, iters: int = 500, batch: int = 1024, lam: float = 0.
     The reconstruction loss is divided by its value at nearest rounding and the regularizer averaged over the
     weights, so λ means the same for every layer size and data scale (the paper's λ = 0.01 multiplies its
     unnormalized loss). The defaults (λ = 0.1, 500 iterations) and what other values measured are in
-    docs/FINDINGS.md."""
+    docs/FINDINGS.md. Adam's steps run in float32 (V, its moments, the gradient; the losses that judge the
+    result are float64)."""
+    f32 = np.float32
     norm = max(problem.loss_grad(problem.nearest())[0], 1e-30)
-    lam = lam / problem.w.size
+    lam = f32(lam / problem.w.size)
     frac = problem.w / problem.s - problem.floor
-    v = init_v(frac)
+    v = init_v(frac).astype(f32)
     m, s2 = np.zeros_like(v), np.zeros_like(v)
-    b1, b2, eps = 0.9, 0.999, 1e-8
+    b1, b2, eps, lr = f32(0.9), f32(0.999), f32(1e-8), f32(lr)
     n_rows = problem.n_rows()
     free = (problem.floor >= problem.qmin) & (problem.floor + 1 <= problem.qmax)  # both roundings on the grid
+    scale, floor = problem.s.astype(f32), problem.floor.astype(f32)
+    qmin, qmax = np.asarray(problem.qmin, f32), np.asarray(problem.qmax, f32)
+    zg, gamma = f32(ZETA - GAMMA), f32(GAMMA)
     for t in range(1, iters + 1):
         sig = _sigmoid(v)
-        h_raw = sig * (ZETA - GAMMA) + GAMMA
+        h_raw = sig * zg + gamma
         h = np.clip(h_raw, 0, 1)
         sel = None  # all rows, or (they are shuffled) the next contiguous batch
         if n_rows > batch:
             start = ((t - 1) * batch) % n_rows
             sel = slice(start, start + batch)
-        _, g_w = problem.loss_grad(problem.w_tilde(h), sel, fast=True)
-        g_w = g_w / norm
-        dh_dv = sig * (1 - sig) * (ZETA - GAMMA) * ((h_raw > 0) & (h_raw < 1))
-        grad = g_w * problem.s * free * dh_dv
+        _, g_w = problem.loss_grad(scale * np.clip(floor + h, qmin, qmax), sel, fast=True)  # at W̃ = w_tilde(h)
+        g_w = (g_w / f32(norm)).astype(f32)
+        dh_dv = sig * (1 - sig) * zg * ((h_raw > 0) & (h_raw < 1))
+        grad = g_w * scale * free * dh_dv
         rel = (t - warm * iters) / max((1 - warm) * iters, 1)
         if rel > 0:
-            bt = beta[0] + (beta[1] - beta[0]) * rel
+            bt = f32(beta[0] + (beta[1] - beta[0]) * rel)
             u = 2 * h - 1
             grad = grad + lam * (-bt * np.abs(u) ** (bt - 1) * np.sign(u) * 2) * dh_dv
         m = b1 * m + (1 - b1) * grad
