@@ -49,8 +49,11 @@ def test_weight_search_matches_brute_force_per_tensor_and_per_channel(rng):
     assert scale_c[0] < s0c[0]  # the outlier channel clips
 
 
-def test_activation_search_matches_brute_force(rng):
-    x, w, b, t = toy_layer(rng)
+@pytest.mark.parametrize("o, d", [(6, 20), (30, 8)])
+def test_activation_search_matches_brute_force(rng, o, d):
+    """Against forming each candidate's outputs in float64: a narrowing layer (20 → 6) and a widening one (8 → 30),
+    which is scored from H = wqᵀwq instead of its outputs."""
+    x, w, b, t = toy_layer(rng, o=o, d=d)
     x = np.maximum(x, 0)
     t = x @ w.T + b
     x[0, 0] = 40.0  # one outlier input sets the min-max scale
@@ -67,26 +70,6 @@ def test_activation_search_matches_brute_force(rng):
     assert scale < s0 and c > score(s0)
     capped, _ = search_act_scale(x, t, w_q, b, s0, 0, spec.qmin, spec.qmax, alphas, max_scale=0.9 * s0)
     assert capped <= 0.9 * s0  # a bound (fused Relu6) caps the grid
-
-
-def test_activation_search_of_a_widening_layer_matches_brute_force(rng):
-    """A layer with fewer inputs than outputs (8 → 30) is scored from H = wqᵀwq, not from its outputs: the same
-    best cosine as forming each candidate's outputs."""
-    x, w, b, t = toy_layer(rng, o=30, d=8)
-    x = np.maximum(x, 0)
-    x[0, 0] = 30.0
-    t = x @ w.T + b
-    spec = QuantSpec(4)
-    s0 = np.float32(x.max() / 15)
-    w_q = wq(w, np.float32(np.abs(w).max() / 127), 8)
-    alphas = candidates(50, 0.2, 2.0)
-    scale, c = search_act_scale(x, t, w_q, b, s0, 0, spec.qmin, spec.qmax, alphas)
-
-    def score(s):
-        return cos(fake_quant(x, Encoding(spec, np.float32(s), np.int32(0))) @ w_q.T + b, t)
-    brute = max(score(np.float32(a) * s0) for a in alphas)
-    assert c == pytest.approx(brute, abs=1e-5) and score(scale) == pytest.approx(brute, abs=1e-5)
-    assert scale < s0
 
 
 def test_weight_search_by_moments_picks_each_channels_best_scale(rng):
