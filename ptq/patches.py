@@ -3,7 +3,6 @@ optimizations (AdaRound) work on [rows, Cin·k·k] arrays: conv output = X @ W.r
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from .model import Graph, attr
 
@@ -28,13 +27,21 @@ def sample_rows(x: np.ndarray, layer, geom: dict | None, per_sample: int, rng: n
     if len(geom["kernel"]) != 2:
         raise NotImplementedError("only 2-D convolutions")
     (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = geom["kernel"], geom["strides"], geom["pads"], geom["dilations"]
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if any((pt, pl, pb, pr)) else x
-    win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))[..., ::dh, ::dw]
-    win = win[:, :, ::sh, ::sw]  # [N, C, OH, OW, kh, kw]
-    n, c, oh, ow = win.shape[:4]
+    n, c, h, w = x.shape
+    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
     pos = _positions(n, oh * ow, per_sample, rng)
     p = pos.shape[1]
-    rows = win[np.arange(n)[:, None], :, pos // ow, pos % ow]  # [N, P, C, kh, kw]
+    # the input pixels under each sampled window, gathered directly (no padded copy of the whole tensor): row
+    # i·s_h − p_top + k·d_h of output row i, zero where that falls in the padding
+    ys = (pos // ow)[:, :, None] * sh - pt + np.arange(kh) * dh  # [N, P, kh]
+    xs = (pos % ow)[:, :, None] * sw - pl + np.arange(kw) * dw  # [N, P, kw]
+    inside = ((ys >= 0) & (ys < h))[:, :, :, None] & ((xs >= 0) & (xs < w))[:, :, None, :]  # [N, P, kh, kw]
+    vals = x[np.arange(n)[:, None, None, None], :, np.clip(ys, 0, h - 1)[:, :, :, None],
+             np.clip(xs, 0, w - 1)[:, :, None, :]]  # [N, P, kh, kw, C]
+    if not inside.all():
+        vals = np.where(inside[..., None], vals, np.zeros((), x.dtype))
+    rows = vals.transpose(0, 1, 4, 2, 3)  # [N, P, C, kh, kw]
     if depthwise:
         return rows.reshape(n * p, c, kh * kw)
     return rows.reshape(n * p, c * kh * kw)
