@@ -28,7 +28,7 @@ CACHE = ROOT / "bench" / ".cache"
 sys.path.insert(0, str(ROOT))
 
 from ptq.data import Preprocess, load_image  # noqa: E402
-from ptq.evaluate import evaluate, latencies_ms, latency_ms as ptq_latency_ms  # noqa: E402
+from ptq.evaluate import evaluate, latency_ms as ptq_latency_ms  # noqa: E402
 from ptq.model import load_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -68,6 +68,7 @@ class Row:
     note: str = ""
     drop_se: float = float("nan")  # paired standard error of the drop (rows measured since 2026-11-24)
     saturating: bool | None = None  # measured where onnxruntime saturates u8×s8 (ptq.runtime); None: not recorded
+    latency_ci: list | None = None  # the latency's 95 % interval (paired rounds); None: a median ratio, no interval
 
 
 class ArraySource:
@@ -121,10 +122,12 @@ def latency_ms(model_path: Path, shape, runs: int = 50) -> float:
     return ptq_latency_ms(model_path, random_feed(str(model_path), list(shape)), runs)
 
 
-def latency_ratio(q_path: Path, fp_path: Path, shape, runs: int = 50) -> float:
-    """Quantized / FP32 batch-1 latency, the two models' runs interleaved (ptq.evaluate.latencies_ms)."""
-    q_ms, fp_ms = latencies_ms([q_path, fp_path], random_feed(str(fp_path), list(shape)), runs)
-    return q_ms / fp_ms
+def latency_ratio(q_path: Path, fp_path: Path, shape, runs: int = 100) -> tuple[float, list[float]]:
+    """Quantized / FP32 batch-1 latency and its 95 % interval: ``ptq.speed.paired_ratio`` (paired, interleaved
+    rounds, the geometric mean of the rounds' ratios), as the zoo and ptq's report time it."""
+    from ptq.speed import paired_ratio
+    r = paired_ratio(fp_path, q_path, random_feed(str(fp_path), list(shape)), runs)
+    return r["ratio"], r["ratio_ci"]
 
 
 def cle_invariance(fp, val: ArraySource, limit: int = 256) -> float:
@@ -218,9 +221,9 @@ def measure(args, work: Path) -> int:
         def score(tool, config, qpath, seconds, rss, note=""):
             q = load_model(qpath)
             r = evaluate(fp, q, val, 32, val.labels())
+            ratio, ci = latency_ratio(qpath, model_path, shape)
             row = Row(name, tool, config, r["quant_top1"], r["quant_top5"], r["top1_drop"], r["top1_agreement"],
-                      seconds, rss, qpath.stat().st_size / 1e6, latency_ratio(qpath, model_path, shape), note,
-                      r["top1_drop_se"])
+                      seconds, rss, qpath.stat().st_size / 1e6, ratio, note, r["top1_drop_se"], latency_ci=ci)
             add(rows, row)
             print(f"  {tool} {config}: top-1 {row.top1} drop {row.drop} agree {row.agree} "
                   f"{seconds:.1f}s {rss:.0f}MB lat {row.latency:.2f}", flush=True)
@@ -429,7 +432,9 @@ def write(rows: dict, out: str):
              f"../shared/bench/data/imagenet-calib (the same for every tool); evaluation: imagenet-val "
              f"(1300 images). Drop and agreement are against FP32 on the same images; ± is the drop's paired "
              f"standard error (README, Evaluation), in rows measured since it was added. Time and peak RSS are of "
-             f"the quantization process alone; latency is onnxruntime CPU, batch 1, relative to FP32. "
+             f"the quantization process alone; latency is onnxruntime CPU, batch 1, relative to FP32: with its 95 % "
+             f"interval, the geometric mean of 100 paired, interleaved rounds (rows without one: medians of 50 "
+             f"interleaved runs). "
              f"ptq defaults: weights per-channel MSE, activations MSE, logits cross-entropy (mse+xent); "
              f"BC = empirical bias correction; data-free uses no calibration images. Rows marked † were measured on "
              f"an x86 CPU whose onnxruntime adds u8×s8 products in saturating int16 (no AVX-VNNI), where ptq's "
@@ -447,8 +452,8 @@ def write(rows: dict, out: str):
         mark = " †" if r.saturating else ""
         lines.append(f"| {r.model} | {r.tool} | {r.config}{mark} | {f(r.top1)} | {f(r.top5)} "
                      f"| {f(r.drop)}{pm(r.drop_se)} "
-                     f"| {f(r.agree)} | {f(r.seconds, 1)} | {f(r.rss_mb, 0)} | {f(r.size_mb)} | {f(r.latency)} "
-                     f"| {r.note} |")
+                     f"| {f(r.agree)} | {f(r.seconds, 1)} | {f(r.rss_mb, 0)} | {f(r.size_mb)} | {f(r.latency)}"
+                     f"{f' ({r.latency_ci[0]:.2f}–{r.latency_ci[1]:.2f})' if r.latency_ci else ''} | {r.note} |")
     import cost
     import providers
     import zoo
