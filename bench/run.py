@@ -122,12 +122,11 @@ def latency_ms(model_path: Path, shape, runs: int = 50) -> float:
     return ptq_latency_ms(model_path, random_feed(str(model_path), list(shape)), runs)
 
 
-def latency_ratio(q_path: Path, fp_path: Path, shape, runs: int = 100) -> tuple[float, list[float]]:
-    """Quantized / FP32 batch-1 latency and its 95 % interval: ``ptq.speed.paired_ratio`` (paired, interleaved
-    rounds, the geometric mean of the rounds' ratios), as the zoo and ptq's report time it."""
-    from ptq.speed import paired_ratio
-    r = paired_ratio(fp_path, q_path, random_feed(str(fp_path), list(shape)), runs)
-    return r["ratio"], r["ratio_ci"]
+def latency_ratio(q_path: Path, fp_path: Path, shape) -> tuple[float, list[float]]:
+    """Quantized / FP32 batch-1 latency and its 95 % interval on a random feed of ``shape``, timed as the zoo times
+    it (``zoo.latency_ratio``: paired, interleaved rounds)."""
+    import zoo
+    return zoo.latency_ratio(fp_path, q_path, random_feed(str(fp_path), list(shape)))
 
 
 def cle_invariance(fp, val: ArraySource, limit: int = 256) -> float:

@@ -44,7 +44,7 @@ from zoo_models import CACHE, cache_sdist, cache_wheel  # noqa: E402
 SHARED = ROOT.parent / "shared" / "bench"
 RESULTS = ROOT / "bench" / "zoo_results.json"
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
-LATENCY_RUNS = 100  # per model, interleaved (ptq.evaluate.latencies_ms): fewer leave the ratio to the machine's noise
+LATENCY_RUNS = 100  # paired rounds (ptq.speed.paired_ratio): fewer leave the ratio to the machine's noise
 
 
 @dataclass

@@ -202,8 +202,8 @@ def session(model: onnx.ModelProto | bytes | str, extra_outputs=(), optimize: bo
     if extra_outputs:  # a message appended to a serialized one merges into it: its outputs extend the graph's
         have = {o.name for o in model.graph.output}
         suffix = onnx.ModelProto(graph=onnx.GraphProto(output=[
-            helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(extra_outputs) if t not in have]))
-        suffix = suffix.SerializeToString()
+            helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(extra_outputs) if t not in have
+        ])).SerializeToString()
     opts = ort_options()
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -255,18 +255,17 @@ def _measure(original, state, qmodel, feed: dict) -> tuple[dict, Timed]:
     if info["all_float"]:  # ptq's float reference (folds: fewer ops; SmoothQuant's scales: more) or the model given
         reference = export_qdq(_bare(state))
         if len(reference.graph.node) >= len(original.graph.node):  # nothing folded away: the same work, or more
-            faster = False
+            faster, written = False, "the model as given; ptq's FP32 reference folds no node away"
             info["float_reference_vs_original"] = {"not_timed": f"{len(reference.graph.node)} nodes against "
                                                                 f"{len(original.graph.node)}"}
         else:
             r = paired_ratio(original, reference, feed, _rounds(first["fp32_ms"]), until=_resolved)
             faster = r["ratio_ci"][1] < 1  # the model as given is FP32 itself: the reference only where surely faster
+            written = ("the folded FP32 reference, faster than the model as given" if faster else
+                       "the model as given; the folded FP32 reference was not faster with confidence")
             info["float_reference_vs_original"] = {"ratio": r["ratio"], "ratio_ci": r["ratio_ci"]}
         info["float_model"] = "reference" if faster else "original"
-        info["line"] += (" (written: the folded FP32 reference, faster than the model as given)" if faster else
-                         " (written: the model as given; the folded FP32 reference was not faster with confidence)"
-                         if "ratio" in info["float_reference_vs_original"] else
-                         " (written: the model as given; ptq's FP32 reference folds no node away)")
+        info["line"] += f" (written: {written})"
     return info, timed
 
 

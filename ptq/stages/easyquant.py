@@ -105,8 +105,8 @@ def _by_moments(x, w, n_alphas: int, depthwise: bool) -> bool:
     """Whether scoring by the rows' moments takes fewer flops than forming each candidate's outputs: per
     candidate O·D² (in float64, counted twice) against R·D·O, plus R·D² once (depthwise: per channel, D = K)."""
     r, o, d = x.shape[0], w.shape[0], x.shape[-1]
-    return 2 * n_alphas * o * d * d + r * o * d * d < n_alphas * r * o * d if depthwise else \
-        2 * n_alphas * o * d * d + r * d * d < n_alphas * r * o * d
+    once = r * d * d * (o if depthwise else 1)  # G: one [D, D] matrix, or one [K, K] per channel
+    return 2 * n_alphas * o * d * d + once < n_alphas * r * o * d
 
 
 def _moments(x, t):
