@@ -7,7 +7,9 @@
   (b ← b + c): the exporter's separate bias Adds (Paddle writes one after every Conv without BatchNorm) otherwise
   sit between the integer convolution and whatever reads it;
 - a Mul by one value c (and an Add of one value d after it) whose result only layers read moves into their
-  weights, L(c·x + d) = L_{c·W}(x + d/c): PP-LCNetV3's affine block after each activation;
+  weights, L(c·x + d) = L_{c·W}(x + d/c): PP-LCNetV3's affine block after each activation; except the last
+  Mul of an erf GELU, 0.5 · x · (1 + erf(x/√2)), which onnxruntime fuses with the rest into one Gelu kernel only
+  while it is there;
 - the HardSwish decomposition x · Clip(x + 3, 0, 6) / 6 (or · 1/6) becomes x · HardSigmoid(x) with α = 1/6,
   β = 0.5: two ops instead of four, and a pattern the activation ranges recognize.
 """
@@ -191,7 +193,7 @@ def fold_scales_forward(model: onnx.ModelProto) -> int:
         last = add.output[0] if d is not None else mul.output[0]
         readers = gr.consumers.get(last, [])
         if not readers or x is None or gr.is_const(x) or last in gr.outputs or mul.output[0] in gr.outputs \
-                or not all(_linear_reader(gr, r, last) for r in readers):
+                or not all(_linear_reader(gr, r, last) for r in readers) or _ends_erf_gelu(gr, x):
             continue
         for r in readers:
             w = gr.const(r.input[1])
@@ -209,6 +211,17 @@ def fold_scales_forward(model: onnx.ModelProto) -> int:
     for n in removed:
         model.graph.node.remove(n)
     return len(removed)
+
+
+def _ends_erf_gelu(gr: Graph, x: str) -> bool:
+    """Whether ``x`` is x₀ · (1 + erf(·)), so that a Mul by one value after it ends an erf GELU
+    (0.5 · x₀ · (1 + erf(x₀/√2)), as PyTorch exports it): a Mul reading an Add of one value to an Erf."""
+    mul = gr.producer.get(x)
+    if mul is None or mul.op_type != "Mul":
+        return False
+    adds = [gr.producer.get(t) for t in mul.input]
+    return any(a is not None and a.op_type == "Add" and scalar_operand(gr, a) is not None
+               and any(getattr(gr.producer.get(i), "op_type", None) == "Erf" for i in a.input) for a in adds)
 
 
 def _linear_reader(gr: Graph, node, x: str) -> bool:

@@ -167,3 +167,39 @@ def test_a_scalar_affine_before_layers_moves_into_their_weights_exactly(rng):
     x = rng.normal(0, 2, (2, 3, 8, 8)).astype(np.float32)
     for a, b in zip(run(out, {"x": x}), run(model, {"x": x})):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def fused_ops(model, tmp_path) -> list[str]:
+    """The op types of ``model`` as onnxruntime's CPU graph optimizations leave it."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ops(onnx.load(opts.optimized_model_filepath))
+
+
+def test_an_erf_gelus_half_stays_so_onnxruntime_fuses_the_gelu(rng, tmp_path):
+    """MatMul -> Add(bias) -> 0.5 · x · (1 + erf(x/√2)) -> MatMul: the 0.5 Mul is not moved into the next MatMul's
+    weight (onnxruntime fuses Div, Erf, Add, Mul, Mul into one Gelu only while it is there), while a Mul by one
+    value before the first MatMul still is; outputs unchanged."""
+    nodes = [helper.make_node("Mul", ["x", "c"], ["xc"], "scale"),
+             helper.make_node("MatMul", ["xc", "w0"], ["h0"], "fc0"),
+             helper.make_node("Add", ["h0", "b0"], ["h"], "fc0_bias"),
+             helper.make_node("Div", ["h", "sqrt2"], ["hd"], "gelu_div"),
+             helper.make_node("Erf", ["hd"], ["he"], "gelu_erf"),
+             helper.make_node("Add", ["he", "one"], ["h1"], "gelu_add"),
+             helper.make_node("Mul", ["h", "h1"], ["hm"], "gelu_mul"),
+             helper.make_node("Mul", ["hm", "half"], ["g"], "gelu_half"),
+             helper.make_node("MatMul", ["g", "w1"], ["y"], "fc1")]
+    inits = [init("c", np.float32(0.8)), init("w0", rng.normal(0, 0.3, (16, 32)).astype(np.float32)),
+             init("b0", rng.normal(0, 0.1, 32).astype(np.float32)), init("sqrt2", np.float32(np.sqrt(2))),
+             init("one", np.float32(1.0)), init("half", np.float32(0.5)),
+             init("w1", rng.normal(0, 0.3, (32, 8)).astype(np.float32))]
+    model = make(nodes, [("x", [None, 4, 16])], [("y", [None, 4, 8])], inits)
+    out = canonicalize(model)
+    assert "scale" not in {n.name for n in out.graph.node}  # a Mul by one value before a layer still moves
+    assert "gelu_half" in {n.name for n in out.graph.node}
+    assert {"Gelu", "BiasGelu"} & set(fused_ops(out, tmp_path))
+    x = rng.normal(0, 1, (2, 4, 16)).astype(np.float32)
+    np.testing.assert_allclose(run(out, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-4, atol=1e-5)
