@@ -5,7 +5,8 @@
 3. constant folding: every node whose inputs are all constant (and Shape of a statically shaped tensor) is
    evaluated once with onnxruntime and replaced by its value — this removes the Shape/ConstantOfShape/Slice/Pad
    chains that PyTorch exports for "same" padding;
-4. a zero-constant Pad in front of a Conv is merged into the Conv's ``pads``;
+4. a zero-constant Pad in front of a Conv is merged into the Conv's ``pads``; a ConvTranspose whose kernel is
+   larger than its stride becomes Conv → DepthToSpace → Slice, which onnxruntime runs on integers (ptq.subpixel);
 5. a per-channel Mul after a Conv / Gemm joins its weight and bias, a bias Add its bias, HardSwish decompositions
    become x · HardSigmoid(x), and a Mul by one value before layers moves into their weights (ptq.fuse);
 6. a weight or bias initializer read by several Conv / Gemm / MatMul nodes gets a copy per node, so that a stage
@@ -23,6 +24,7 @@ from .external import session_options
 from .threads import ort_options
 from .errors import InputError
 from .fuse import fold_bias_adds, fold_scale_muls, fold_scales_forward, fuse_hardswish
+from .subpixel import subpixel_conv_transposes
 from .model import (Graph, attr, declared_dims, default_opset, remove_unused_initializers, set_attr, topological_sort,
                     unique_name)
 
@@ -40,6 +42,7 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     model = _infer_shapes(model)
     fold_constants(model)
     merge_pads_into_conv(model)
+    subpixel_conv_transposes(model)
     fold_scale_muls(model)
     fold_bias_adds(model)
     fuse_hardswish(model)

@@ -19,7 +19,8 @@ from .model import Graph, attr
 
 FUSABLE_ACTIVATIONS = {"Relu", "Clip"}
 QUANTIZED_OUTPUT_OPS = {"Add", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid"}
-SHARED_QUANTIZER_OPS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Split"}
+SHARED_QUANTIZER_OPS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Split",
+                        "DepthToSpace", "SpaceToDepth", "Slice"}
 INTEGER_PRODUCERS = {"Conv", "Gemm", "MatMul", "Relu", "Clip"} | QUANTIZED_OUTPUT_OPS | SHARED_QUANTIZER_OPS
 FLOAT = onnx.TensorProto.FLOAT
 
@@ -138,7 +139,8 @@ def _standard_hardsigmoid(node) -> bool:
     return bool(np.isclose(attr(node, "alpha", 0.2), 1 / 6) and np.isclose(attr(node, "beta", 0.5), 0.5))
 
 
-DATA_MOVEMENT = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Concat"}
+DATA_MOVEMENT = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Concat", "DepthToSpace",
+                 "SpaceToDepth", "Slice"}
 
 
 def head_outputs(model: onnx.ModelProto, layers: list[Layer]) -> list[str]:
@@ -188,9 +190,18 @@ def integer_inputs(model: onnx.ModelProto, layers: list[Layer]) -> set[str]:
         elif any(o in out for o in node.output):
             if _integer_op(gr, node):
                 out.update(i for i in node.input if i and not gr.is_const(i))
-            elif node.op_type in SHARED_QUANTIZER_OPS and node.input:
+            elif shares_quantizer(node) and node.input:
                 out.add(node.input[0])
     return out
+
+
+def shares_quantizer(node) -> bool:
+    """Whether ``node``'s output takes its data input's quantizer: an op that moves or selects values
+    (SHARED_QUANTIZER_OPS), or a nearest-neighbour Resize (its outputs are some of its inputs). onnxruntime then
+    drops the DequantizeLinear / QuantizeLinear pair around it and runs it on the integers (a linear or cubic
+    Resize it runs in float whatever the grids)."""
+    return node.op_type in SHARED_QUANTIZER_OPS or (node.op_type == "Resize"
+                                                    and attr(node, "mode", b"nearest") in (b"nearest", "nearest"))
 
 
 def _integer_op(gr: Graph, node) -> bool:
@@ -244,7 +255,7 @@ def place_activation_quantizers(model: onnx.ModelProto, layers: list[Layer]) -> 
         for t in node.input:
             if t in wanted and t not in root:
                 root[t] = t
-        if node.op_type in SHARED_QUANTIZER_OPS and node.input and node.input[0] in root:
+        if shares_quantizer(node) and node.input and node.input[0] in root:
             for o in node.output:
                 root[o] = root[node.input[0]]
         for t in node.output:
@@ -253,7 +264,7 @@ def place_activation_quantizers(model: onnx.ModelProto, layers: list[Layer]) -> 
     root = {t: r for t, r in root.items() if t not in not_float and r not in not_float}
     fp32_ops = sorted({n.op_type for n in model.graph.node
                        if n.name not in layer_nodes and not _integer_op(gr, n)
-                       and n.op_type not in SHARED_QUANTIZER_OPS})
+                       and not shares_quantizer(n)})
     return Placement(root, fp32_ops)
 
 

@@ -529,3 +529,34 @@ def test_a_layer_raised_to_8_bits_is_stored_uint8_on_a_saturating_target_and_the
     w = next(t for t in r.model.graph.initializer if t.name.startswith("conv/weight/quantized"))
     assert w.data_type == TensorProto.UINT8
     assert "adaround" in r.report["stages"]["choices"]
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_a_nearest_resize_and_a_crop_share_their_inputs_grid_and_run_on_integers(rng, tmp_path, mode):
+    """Conv → Resize ×2 → Slice (a crop) → Conv: a nearest Resize's output and the crop's take their input's
+    quantizer and onnxruntime runs both on the integers (its one DequantizeLinear is the output's); a linear
+    Resize, which onnxruntime runs in float whatever the grids, keeps a quantizer of its own after it."""
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["h"], "c0", pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["h", "", "sc"], ["up"], "resize", mode=mode),
+             helper.make_node("Slice", ["up", "st", "en", "ax"], ["crop"], "crop"),
+             helper.make_node("Conv", ["crop", "w1"], ["y"], "c1", pads=[1, 1, 1, 1])]
+    inits = [init("w0", rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32)),
+             init("sc", np.array([1, 1, 2, 2], np.float32)), init("st", np.array([1, 1], np.int64)),
+             init("en", np.array([-1, -1], np.int64)), init("ax", np.array([2, 3], np.int64)),
+             init("w1", rng.normal(0, 0.3, (2, 8, 3, 3)).astype(np.float32))]
+    model = make(nodes, [("x", [None, 3, 8, 8])], [("y", [None, 2, 14, 14])], inits)
+    calib = save_npy_samples(tmp_path / "calib", rng, (3, 8, 8), 8)
+    state = state_for(model, calib, reduce_range="never")
+    root = state.placement.root
+    assert root["crop"] == root["up"]
+    assert (root["up"] == root["h"]) == (mode == "nearest")
+    q = export_qdq(state)
+    o = ort.SessionOptions()
+    o.log_severity_level = 3
+    o.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(q.SerializeToString(), o, providers=["CPUExecutionProvider"])
+    fused = ops(onnx.load(o.optimized_model_filepath))
+    assert (fused.count("DequantizeLinear") == 1) == (mode == "nearest")
+    x = rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
+    y, got = run(model, {"x": x})[0], run(q, {"x": x})[0]
+    assert np.corrcoef(got.ravel(), y.ravel())[0, 1] > 0.99
