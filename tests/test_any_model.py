@@ -271,13 +271,25 @@ def test_smoothquant_keeps_fp32_and_lowers_the_8_bit_error_of_outlier_channels(r
 
 def smoothing_producers(rng, producer: str, residual: bool = False):
     """h [N, 16] with three outlier channels, made by a layer (``producer``: "matmul" = MatMul + bias Add + Relu,
-    "gemm" = Gemm with transB and bias, "layernorm" = LayerNormalization), read by MatMuls q and k (and by a
-    residual Add when ``residual``)."""
+    "gemm" = Gemm with transB and bias, "layernorm" = LayerNormalization, "decomposed" = a LayerNorm written as
+    ops, x̂ · γ + β), read by MatMuls q and k (and by a residual Add when ``residual``)."""
     big = np.ones(16, np.float32)
     big[[2, 7, 11]] = 40.0
     if producer == "layernorm":
         nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], "ln", axis=-1)]
         inits = [init("g", (rng.uniform(0.5, 1.5, 16) * big).astype(np.float32)),
+                 init("b", rng.normal(0, 0.1, 16).astype(np.float32))]
+    elif producer == "decomposed":
+        nodes = [helper.make_node("ReduceMean", ["x"], ["mu"], "mean", axes=[-1]),
+                 helper.make_node("Sub", ["x", "mu"], ["xc"], "center"),
+                 helper.make_node("Mul", ["xc", "xc"], ["sq"], "square"),
+                 helper.make_node("ReduceMean", ["sq"], ["var"], "var", axes=[-1]),
+                 helper.make_node("Add", ["var", "eps"], ["ve"], "eps"),
+                 helper.make_node("Sqrt", ["ve"], ["sd"], "sqrt"),
+                 helper.make_node("Div", ["xc", "sd"], ["xh"], "normalize"),
+                 helper.make_node("Mul", ["xh", "g"], ["xg"], "gamma"),
+                 helper.make_node("Add", ["xg", "b"], ["h"], "beta")]
+        inits = [init("eps", np.float32(1e-5)), init("g", (rng.uniform(0.5, 1.5, 16) * big).astype(np.float32)),
                  init("b", rng.normal(0, 0.1, 16).astype(np.float32))]
     elif producer == "gemm":
         nodes = [helper.make_node("Gemm", ["x", "w0", "b0"], ["h"], "fc", transB=1)]
@@ -307,7 +319,8 @@ def smoothquant_on_samples(model, rng, tmp_path):
                         Context(DataSource(calib, model_inputs(model))), {})
 
 
-@pytest.mark.parametrize("producer,into", [("matmul", "fc"), ("gemm", "fc"), ("layernorm", "ln")])
+@pytest.mark.parametrize("producer,into", [("matmul", "fc"), ("gemm", "fc"), ("layernorm", "ln"),
+                                           ("decomposed", "gamma")])
 def test_smoothquant_folds_the_division_into_the_producing_layer(rng, tmp_path, producer, into):
     """X / s taken by the layer making X (its output channels, bias, γ and β divided by s): no Mul is added, the
     FP32 function is kept, and the values are the ones the inserted Mul would have given."""

@@ -11,9 +11,10 @@ MatMul reading the same X (query, key and value) shares s (max|W_j| over all of 
 tensor, weights per output channel, min-max grids) is closest to X W; the tensor is left alone unless that error is
 at least 10 % under the error without smoothing. Where the smoothed MatMuls are X's only readers and X comes from
 a layer that is linear in its output channels — a MatMul / Gemm with a constant weight (through a constant bias
-Add and a ReLU, which commute with a positive per-channel scale) or a LayerNormalization with constant scale and
-bias, as in the paper — the division is folded into that layer (its output column j, bias j or γ_j, β_j divided
-by s_j) and costs nothing at run time; otherwise it is a float Mul inserted before the MatMuls (X may have other
+Add and a ReLU, which commute with a positive per-channel scale), a LayerNormalization with constant scale and
+bias, as in the paper, or a Mul by a per-channel constant (a LayerNorm exported as ops: x̂ · γ + β) — the
+division is folded into that layer (its output column j, bias j or γ_j, β_j divided by s_j) and costs nothing at
+run time; otherwise it is a float Mul inserted before the MatMuls (X may have other
 readers, such as a residual Add, which keep the unscaled X). Only MatMuls with a constant weight are considered (a
 CNN's Conv / Gemm layers are not). A function-preserving step: it edits the FP32 model before the reference is
 frozen, like CLE.
@@ -84,8 +85,9 @@ def _per_channel(value: np.ndarray | None, n: int) -> bool:
 
 def fold_division(gr: Graph, x: str, readers: set, s: np.ndarray) -> tuple[str, dict] | None:
     """Where X's readers are exactly ``readers`` and X = [Relu](Add(L(·), b)) or [Relu](L(·)) with L a MatMul /
-    Gemm with a constant weight or a LayerNormalization over the last axis, all their constants used by them
-    alone: (L's name, {initializer: new value}) with L's output channel j, b_j (and γ_j, β_j) divided by s_j, so
+    Gemm with a constant weight, a LayerNormalization over the last axis or a Mul by a per-channel constant γ, all
+    their constants used by them alone: (L's name, {initializer: new value}) with L's output channel j, b_j (and
+    γ_j, β_j) divided by s_j, so
     that X becomes X / s; else None."""
     n = len(s)
     if x in gr.outputs or {c.name for c in gr.consumers.get(x, [])} != readers:
@@ -125,6 +127,12 @@ def fold_division(gr: Graph, x: str, readers: set, s: np.ndarray) -> tuple[str, 
             if not _per_channel(c, n):
                 return None
             edits[node.input[2]] = c / s.reshape(c.shape)
+    elif node.op_type == "Mul" and len(node.input) == 2 and sum(gr.is_const(i) for i in node.input) == 1:
+        k = 0 if gr.is_const(node.input[0]) else 1  # a decomposed LayerNorm's γ: x̂ · γ
+        gamma = _own_const(gr, node.input[k], node)
+        if not _per_channel(gamma, n):
+            return None
+        edits[node.input[k]] = gamma / s.reshape(gamma.shape)
     elif node.op_type == "LayerNormalization" and attr(node, "axis", -1) == -1:
         for name in node.input[1:3]:
             if not name:
