@@ -247,11 +247,12 @@ def batch_within(outputs: "Outputs", source, batch_size: int, memory_limit: floa
 
 
 def observe(model: onnx.ModelProto, source, batch_size: int, observers: dict, progress: bool = False,
-            desc: str = "calibrating", memory_limit: float | None = None) -> int:
+            desc: str = "calibrating", memory_limit: float | None = None, enough=None) -> int:
     """Run ``source`` through the FP32 model; feed each tensor named in ``observers`` (name -> list of objects
     with ``update``) batch by batch, the batches made smaller where their outputs would not fit in
-    ``memory_limit`` bytes (``batch_within``). Returns the number of samples seen. The observers see each batch's
-    tensors in buffers that the next batch overwrites (``Outputs``): an observer that keeps data copies it."""
+    ``memory_limit`` bytes (``batch_within``); ``enough(samples seen)``: stop after the first batch where it is
+    true. Returns the number of samples seen. The observers see each batch's tensors in buffers that the next batch
+    overwrites (``Outputs``): an observer that keeps data copies it."""
     names = list(observers)
     outputs = Outputs(session(model, names), names)
     batch_size = batch_within(outputs, source, batch_size, memory_limit)
@@ -263,6 +264,8 @@ def observe(model: onnx.ModelProto, source, batch_size: int, observers: dict, pr
                     obs.update(value)
             seen += len(paths)
             bar.update(len(paths))
+            if enough is not None and enough(seen):
+                break
     return seen
 
 

@@ -7,9 +7,13 @@ s_j and multiplying row j of the weight by s_j keeps the product exact,
 and moves the difficulty from the activations into the weights, which are quantized per output channel. Every
 MatMul reading the same X (query, key and value) shares s (max|W_j| over all of them).
 
-α is searched per input tensor on calibration rows among 0.3 … 0.8: the one whose 8-bit product (activations per
-tensor, weights per output channel, min-max grids) is closest to X W; the tensor is left alone unless that error is
-at least 10 % under the error without smoothing. Where the smoothed MatMuls are X's only readers and X comes from
+max|X_j| and the rows come from the first calibration samples (at least PEAK_SAMPLES, and as many as fill ROWS
+rows): the step reads a prefix of the calibration set, not all of it (outlier channels are the same channels in
+every token, so a prefix finds them). α is searched per input tensor on those rows among 0.3 … 0.8: the one whose
+8-bit product (activations per tensor, weights per output channel, min-max grids) is closest to X W, measured on up
+to COLUMNS of the layers' output columns (a fixed random sample: the error is a sum over columns, each quantized
+on its own, so the sample estimates it without bias); the tensor is left alone unless that error is at least 10 %
+under the error without smoothing. Where the smoothed MatMuls are X's only readers and X comes from
 a layer that is linear in its output channels — a MatMul / Gemm with a constant weight (through a constant bias
 Add and a ReLU, which commute with a positive per-channel scale), a LayerNormalization with constant scale and
 bias, as in the paper, or a Mul by a per-channel constant (a LayerNorm exported as ops: x̂ · γ + β) — the
@@ -32,6 +36,8 @@ from ..quant import QuantSpec, encoding_from_range, fake_quant
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 ROWS = 2048
+PEAK_SAMPLES = 32  # calibration samples the per-channel peaks are taken over, at least
+COLUMNS = 256  # output columns the product error is measured on, at most
 GAIN = 0.9  # smoothing must bring the error under this share of the unsmoothed one
 
 
@@ -69,6 +75,13 @@ def product_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, act_b
     wq = fake_quant(ws, encoding_from_range(QuantSpec(w_bits, signed=True, symmetric=True, axis=1), -top, top))
     err = (x @ w if reference is None else reference) - xq @ wq
     return float(np.einsum("ij,ij->", err, err))
+
+
+def sampled_columns(n: int) -> np.ndarray:
+    """Up to COLUMNS of ``n`` output columns, a fixed random sample in order (all of them where n <= COLUMNS)."""
+    if n <= COLUMNS:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, COLUMNS, replace=False))
 
 
 def _own_const(gr: Graph, name: str, node) -> np.ndarray | None:
@@ -163,7 +176,8 @@ def smoothquant(state, ctx):
     peaks = {x: LastAxisPeak() for x in groups}
     rows = {x: RowSample(ROWS) for x in groups}
     observe(state.model, ctx.calib, cfg.batch_size, {x: [peaks[x], rows[x]] for x in groups}, ctx.progress,
-            desc="smoothquant", memory_limit=cfg.memory_bytes)
+            desc="smoothquant", memory_limit=cfg.memory_bytes,
+            enough=lambda seen: seen >= PEAK_SAMPLES and all(r.n >= ROWS for r in rows.values()))
     taken = set(gr.inits) | set(gr.producer) | {n.name for n in state.model.graph.node}
     for x, layers in groups.items():
         weights = [gr.const(l.weight).astype(np.float32) for l in layers]
@@ -172,11 +186,12 @@ def smoothquant(state, ctx):
             report[x] = {"layers": [l.name for l in layers], "skipped": "carries inf / nan / ±1e30 sentinels"}
             continue
         joined = np.concatenate(weights, axis=1)
-        reference = sample @ joined
-        base = product_error(sample, [joined], np.ones(sample.shape[1], np.float32), cfg.act_bits, cfg.weight_bits,
-                             reference)
         w_peak = np.abs(joined).max(axis=1)
-        tried = {a: product_error(sample, [joined], smoothing_scales(peaks[x].peak, w_peak, a), cfg.act_bits,
+        some = joined[:, sampled_columns(joined.shape[1])]
+        reference = sample @ some
+        base = product_error(sample, [some], np.ones(sample.shape[1], np.float32), cfg.act_bits, cfg.weight_bits,
+                             reference)
+        tried = {a: product_error(sample, [some], smoothing_scales(peaks[x].peak, w_peak, a), cfg.act_bits,
                                   cfg.weight_bits, reference) for a in ALPHAS}
         alpha = min(tried, key=tried.get)
         entry = {"layers": [l.name for l in layers], "alpha": alpha,
