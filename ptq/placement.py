@@ -13,12 +13,13 @@ depthwise or not, kernel size); a pattern is measured and placed once for all it
    interleaved rounds (``ptq.speed.paired_ratio``: open sessions, the current model's kept across the trials,
    about ``TRIAL_BUDGET_S`` of rounds and at least 10); the float placement is kept where it is faster
    (geometric-mean ratio under 1 − ``MIN_GAIN``).
-3. The result is timed against FP32 the same way (the first comparison stands where no pattern went float and its
-   interval already is on one side of 1). Where it is still slower with confidence (the 95 % interval above 1,
-   in that comparison and in a second, independent one), no int8 placement is faster on this runtime: the model
-   is written in float, and the report says so. Where the all-int8 model is slower with confidence and the
-   profile shows that no placement can win (``_hopeless``: every pattern's int8 kernels lose, or floating all the
-   losing ones saves less than the gap to FP32), no candidate is tried: the profile is the second verdict.
+3. The result is timed against FP32 the same way (the first comparison stands where no pattern went float). Where
+   it is faster with confidence (the 95 % interval under 1) it is written. Otherwise a second, independent
+   comparison is pooled with the first (``ptq.speed.pooled``): where the pooled ratio is 1 or more, no int8
+   placement is faster on this runtime beyond its noise, the model is written in float, and the report says so;
+   under 1, the int8 model is written with the pooled interval. Where the all-int8 model is slower with confidence
+   and the profile shows that no placement can win (``_hopeless``: every pattern's int8 kernels lose, or floating
+   all the losing ones saves less than the gap to FP32), no candidate is tried: the profile is the second verdict.
    Written in float (so too where every pattern went float), it is the faster of ptq's FP32 reference (its folds run
    as fewer ops, SmoothQuant's scales as more) and the model as given, timed against each other: the reference where
    its interval is under 1, else the model as given (not timed where the reference has as many nodes as the model
@@ -44,7 +45,7 @@ import onnxruntime as ort
 from .quantizers import raise_quantizers
 from .export import export_qdq
 from .model import Graph
-from .speed import Timed, node_times, paired_ratio, session
+from .speed import Timed, node_times, paired_ratio, pooled, session
 from .weights import layer_kind
 
 MIN_MS = 0.2  # FP32 batch-1 latency under which placement is skipped
@@ -52,7 +53,7 @@ MIN_GAIN = 0.02  # a float placement is kept where the model gets at least this 
 BUDGET_S = 2.0  # seconds of timing per comparison with FP32 (the rounds follow from the models' latency)
 TRIAL_BUDGET_S = 1.0  # seconds of timing per trial of a pattern in float
 PROFILE_RUNS = 3  # profiled runs of each model for the per-node times
-CACHE_VERSION = 7
+CACHE_VERSION = 8
 
 
 def pattern(gr: Graph, layer) -> str:
@@ -225,19 +226,19 @@ def _measure(original, state, qmodel, feed: dict) -> tuple[dict, Timed]:
             info["float_patterns"].append(p)
             current_state, current, current_session = trial_state, trial, trial_session
     current_session = trial_session = None
-    final = first if current is qmodel and _resolved(*first["ratio_ci"]) else \
-        paired_ratio(original, current, feed, _rounds(first["fp32_ms"]), until=_resolved)
+    final = first if current is qmodel else paired_ratio(original, current, feed, _rounds(first["fp32_ms"]),
+                                                         until=_resolved)
     if hopeless:
         info["confirmation"] = hopeless
-    elif final["ratio_ci"][0] > 1:  # slower with confidence: confirmed by a second, independent comparison
+    elif final["ratio_ci"][1] >= 1:  # not faster with confidence: a second, independent comparison, pooled
         again = paired_ratio(original, current, feed, _rounds(first["fp32_ms"]), until=_resolved)
         info["confirmation"] = {"ratio": again["ratio"], "ratio_ci": again["ratio_ci"], "rounds": again["runs"]}
-        final = final if again["ratio_ci"][0] > 1 else again
+        final = {**again, **pooled(final, again)}
     info["ratio_to_fp32"], info["ratio_ci"] = final["ratio"], final["ratio_ci"]
     timed = Timed(current, final, fp_nodes, q_nodes if current is qmodel else None)
-    if final["ratio_ci"][0] > 1:
+    if hopeless or final["ratio"] >= 1:
         info["all_float"] = True
-        why = f"; {hopeless['why']}" if hopeless else ""
+        why = f"; {hopeless['why']}" if hopeless else "" if "confirmation" not in info else ", two comparisons"
         info["line"] = (f"no int8 placement ran faster than FP32 on this runtime (the fastest: "
                         f"{final['ratio']:.2f}× FP32, 95 % interval {final['ratio_ci'][0]:.2f}–"
                         f"{final['ratio_ci'][1]:.2f}×{why}): the model is written in float; --placement all writes "

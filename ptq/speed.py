@@ -263,6 +263,22 @@ def ratio_interval(fp: np.ndarray, q: np.ndarray) -> tuple[float, float, float]:
     return float(np.exp(m)), float(np.exp(m - half)), float(np.exp(m + half))
 
 
+def pooled(a: dict, b: dict) -> dict:
+    """Two independent comparisons (``paired_ratio``'s) as one: the mean of their log ratios weighted by 1 / h², h
+    the half-width of each 95 % interval in log space (inverse-variance pooling), with the interval
+    exp(m ± (Σ 1 / h²)^(−1/2)) and the rounds of both."""
+    m, h = [], []
+    for c in (a, b):
+        lo, hi = (float(np.log(max(v, 1e-12))) for v in c["ratio_ci"])
+        m.append(float(np.log(max(c["ratio"], 1e-12))))
+        h.append(max((hi - lo) / 2, 1e-9))
+    w = 1 / np.square(h)
+    mean, half = float(np.sum(w * m) / np.sum(w)), float(1 / np.sqrt(np.sum(w)))
+    return {"ratio": round(float(np.exp(mean)), 3),
+            "ratio_ci": [round(float(np.exp(mean - half)), 3), round(float(np.exp(mean + half)), 3)],
+            "runs": a["runs"] + b["runs"]}
+
+
 def verdict(speed: dict) -> str | None:
     """'slower' / 'faster' only where the ratio's 95 % interval excludes 1.0, else None (not resolved)."""
     lo, hi = speed.get("ratio_ci", [speed["ratio"]] * 2)
