@@ -281,3 +281,26 @@ def test_network_ends_keep_8_bits_under_4_bit_activations(rng, tmp_path, ends_8b
         assert all(levels[t] > 16 for t in ends)
         assert peaks["conv1"] > 60 and peaks["fc"] > 60, peaks  # symmetric 8-bit MSE grids reach near 127
         assert "ends_8bit" in cfg.choices
+
+
+@pytest.mark.parametrize("bits,symmetric,through", [(8, False, None), (8, True, None), (4, False, None),
+                                                    (8, False, "silu"), (6, False, "hardswish")])
+def test_the_histogram_loss_by_prefix_sums_is_the_sum_over_every_bin(rng, bits, symmetric, through):
+    """``hist_mse_loss`` reads prefix sums at the rounding boundaries; the same Σ n_i (f(x_i) − f(Q(x_i)))² summed
+    bin by bin over the histogram's centers, with Q the fake quantizer itself, gives the same numbers for ranges
+    that clip both tails, one, or none."""
+    from ptq.quant import fake_quant_grid
+    from ptq.ranges import ACTIVATIONS, hist_mse_loss
+    h = Histogram()
+    h.update(np.concatenate([rng.normal(-1, 2, 30000), rng.exponential(3.0, 30000)]).astype(np.float32))
+    spec = QuantSpec(bits, signed=symmetric, symmetric=symmetric)
+    f = ACTIVATIONS[through] if through else (lambda v: v)
+    centers, counts = h.centers_counts()
+    lo = np.array([h.min, h.min * 0.3, -0.5, h.min * 0.01])
+    hi = np.array([h.max, h.max * 0.2, 4.0, h.max * 0.9])
+    got = hist_mse_loss(h, spec, f if through else None)(lo, hi)
+    for k in range(len(lo)):
+        enc = encoding_from_range(spec, lo[k], hi[k])
+        q = fake_quant_grid(centers, float(enc.scale), float(enc.zero_point), spec.qmin, spec.qmax)
+        want = float(np.sum(counts * (f(centers) - f(q)) ** 2))
+        assert got[k] == pytest.approx(want, rel=1e-7)
