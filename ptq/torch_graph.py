@@ -31,7 +31,8 @@ HEAP_BYTES = 1 << 30  # allocations up to this size come from the heap, and free
 DEFAULT_MMAP, DEFAULT_TRIM = 128 << 10, 128 << 10  # glibc's initial thresholds
 SUPPORTED = LOCAL_OPS | {"Gemm", "MatMul", "AveragePool", "MaxPool", "Flatten", "Reshape", "Transpose", "Concat",
                          "Softmax", "ReduceMean", "Squeeze", "Unsqueeze", "LayerNormalization", "Shape", "Gather",
-                         "Cast", "BatchNormalization", "ConvTranspose", "Resize", "Slice"}
+                         "Cast", "BatchNormalization", "ConvTranspose", "Resize", "Slice", "DepthToSpace",
+                         "SpaceToDepth"}
 
 
 def import_torch():
@@ -211,6 +212,8 @@ class TorchSegment:
             return self._resize(n, a)
         if op == "Slice":
             return self._slice(n, a)
+        if op in ("DepthToSpace", "SpaceToDepth"):
+            return self._depth_space(n, a[0])
         if op == "Gemm":
             x = a[0].transpose(0, 1) if attr(n, "transA", 0) else a[0]
             w = a[1].transpose(0, 1) if attr(n, "transB", 0) else a[1]
@@ -296,6 +299,19 @@ class TorchSegment:
                 idx = t.floor(t.arange(o, dtype=f32) / scale[k]).long().clamp(max=x.shape[k] - 1)
                 x = x.index_select(k, idx)
         return x
+
+    def _depth_space(self, n, x):
+        """DepthToSpace (CRD: channel c·b² + i·b + j to (c, i, j); DCR: (i·b + j)·C + c) and SpaceToDepth (its
+        inverse in DCR order), as reshapes and permutations of [N, C, H, W]."""
+        b, (N, C, H, W) = attr(n, "blocksize"), x.shape
+        if n.op_type == "SpaceToDepth":
+            y = x.reshape(N, C, H // b, b, W // b, b).permute(0, 3, 5, 1, 2, 4)
+            return y.reshape(N, C * b * b, H // b, W // b)
+        if _text(attr(n, "mode", "DCR")) == "CRD":
+            y = x.reshape(N, C // (b * b), b, b, H, W).permute(0, 1, 4, 2, 5, 3)
+        else:
+            y = x.reshape(N, b, b, C // (b * b), H, W).permute(0, 3, 4, 1, 5, 2)
+        return y.reshape(N, C // (b * b), H * b, W * b)
 
     def _slice(self, n, a):
         """Slice: along each listed axis, the indices start, start + step, … before end, with ONNX's clamping

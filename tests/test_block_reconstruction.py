@@ -134,6 +134,19 @@ def test_torch_segment_slices_as_onnxruntime_does(rng):
     np.testing.assert_array_equal(env["y"].numpy(), run(old, {"x": x})[0])
 
 
+def test_torch_segment_moves_depth_and_space_as_onnxruntime_does(rng):
+    """DepthToSpace in both modes (CRD: ptq's sub-pixel ConvTranspose) and SpaceToDepth, exactly."""
+    nodes = [helper.make_node("DepthToSpace", ["x"], ["crd"], "crd", blocksize=2, mode="CRD"),
+             helper.make_node("DepthToSpace", ["x"], ["dcr"], "dcr", blocksize=2, mode="DCR"),
+             helper.make_node("SpaceToDepth", ["crd"], ["back"], "s2d", blocksize=2),
+             helper.make_node("Add", ["crd", "dcr"], ["y"], "sum")]
+    model = make(nodes, [("x", [2, 12, 3, 5])], [("y", [2, 3, 6, 10]), ("back", [2, 12, 3, 5])], [], opset=13)
+    x = rng.normal(0, 1, (2, 12, 3, 5)).astype(np.float32)
+    env = TorchSegment(model.graph.node, Graph(model).const).run({"x": torch.from_numpy(x)})
+    for name, want in zip(("y", "back"), run(model, {"x": x})):
+        np.testing.assert_array_equal(env[name].numpy(), want)
+
+
 def test_other_resize_kinds_are_refused_by_name(rng):
     model = upsampling_ops(rng, dict(mode="linear", coordinate_transformation_mode="half_pixel"))
     assert unsupported(model.graph.node) == ["Resize(linear, half_pixel)"]
