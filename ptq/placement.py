@@ -70,12 +70,18 @@ def _base_name(name: str) -> str:
     return re.sub(r"(_token_\d+|_nchwc|/MatMulAddFusion|_fused.*)$", "", name)
 
 
-def layer_times(state, times: dict) -> dict[str, float]:
-    """{layer name: µs} from ``node_times``: the node named after the layer, its output or its pre-activation."""
+def layer_times(state, times: dict, model=None) -> dict[str, float]:
+    """{layer name: µs} from ``node_times`` of ptq's model, or of ``model`` (the model as given, whose layers may
+    write other tensors: canonicalization makes a layer write what the folded op after it wrote): the node named
+    after the layer, its output or its pre-activation, or after the tensor the layer's node writes in ``model``
+    (onnxruntime names a convolution it moves to its blocked layout after its output)."""
+    writes = {n.output[0]: n.name for n in model.graph.node if n.output} if model is not None else {}
     by_name = {}
     for (name, _), us in times.items():
         base = _base_name(name)
         by_name[base] = by_name.get(base, 0.0) + us
+        if writes.get(base, base) != base:
+            by_name[writes[base]] = by_name.get(writes[base], 0.0) + us
     out = {}
     for l in state.layers:
         for key in (l.name, l.out, l.pre_act):
@@ -199,7 +205,7 @@ def _measure(original, state, qmodel, feed: dict) -> tuple[dict, Timed]:
         return info, Timed(qmodel, first)
     gr = Graph(state.model)
     q_nodes, fp_nodes = node_times(qmodel, feed, PROFILE_RUNS), node_times(original, feed, PROFILE_RUNS)
-    q_us, fp_us = layer_times(state, q_nodes), layer_times(state, fp_nodes)
+    q_us, fp_us = layer_times(state, q_nodes), layer_times(state, fp_nodes, original)
     for l in state.layers:
         if l.name not in state.weights:
             continue

@@ -370,3 +370,18 @@ def test_the_trials_time_open_sessions_of_the_models_they_compare(rng, tmp_path,
     assert len(sessions) == 1 and all(isinstance(s, ort.InferenceSession) for s in sessions[0])
     assert trial["kept"] == (trial["ratio_to_previous"] < 1 - placement.MIN_GAIN)
     assert float_convs(pmodel) == ({"conv1"} if trial["kept"] else set()) and not info["all_float"]
+
+
+def test_a_layers_float_kernel_is_found_by_the_tensor_it_writes_in_the_model_given(rng):
+    """conv1's bias Add is folded into it (canonicalization: conv1 then writes the Add's output), and onnxruntime
+    names the FP32 model's convolution after its output in its blocked layout ("c1_nchwc"): the time is conv1's,
+    found through the model as given; without it the kernel goes unattributed (a pattern never a candidate)."""
+    model = chain3(rng)
+    model.graph.node[0].output[0] = "c1raw"
+    model.graph.node.insert(1, helper.make_node("Add", ["c1raw", "b1"], ["c1"], "bias1"))
+    model.graph.initializer.append(init("b1", rng.normal(0, 0.1, (1, 6, 1, 1)).astype(np.float32)))
+    state = prepare(model, Config(holdout=0))
+    assert next(l for l in state.layers if l.name == "conv1").out != "c1raw"
+    times = {("c1raw_nchwc", "Conv"): 40.0, ("conv2", "Conv"): 7.0, ("ReorderInput", "ReorderInput"): 3.0}
+    assert placement.layer_times(state, times, model) == {"conv1": 40.0, "conv2": 7.0}
+    assert placement.layer_times(state, times) == {"conv2": 7.0}
