@@ -12,7 +12,8 @@ depthwise or not, kernel size); a pattern is measured and placed once for all it
    QuantizeLinear, where onnxruntime would quantize it itself) and the two whole models are timed in paired,
    interleaved rounds (``ptq.speed.paired_ratio``: open sessions, the current model's kept across the trials,
    about ``TRIAL_BUDGET_S`` of rounds and at least 10); the float placement is kept where it is faster
-   (geometric-mean ratio under 1 − ``MIN_GAIN``).
+   (geometric-mean ratio under 1 − ``MIN_GAIN``) with confidence (its 95 % interval under 1): a trial the noise
+   leaves undecided keeps the layers in int8.
 3. The result is timed against FP32 the same way (the first comparison stands where no pattern went float). Where
    it is faster with confidence (the 95 % interval under 1) it is written. Otherwise a second, independent
    comparison is pooled with the first (``ptq.speed.pooled``): where the pooled ratio is 1 or more, no int8
@@ -53,7 +54,7 @@ MIN_GAIN = 0.02  # a float placement is kept where the model gets at least this 
 BUDGET_S = 2.0  # seconds of timing per comparison with FP32 (the rounds follow from the models' latency)
 TRIAL_BUDGET_S = 1.0  # seconds of timing per trial of a pattern in float
 PROFILE_RUNS = 3  # profiled runs of each model for the per-node times
-CACHE_VERSION = 8
+CACHE_VERSION = 9
 
 
 def pattern(gr: Graph, layer) -> str:
@@ -225,7 +226,7 @@ def _measure(original, state, qmodel, feed: dict) -> tuple[dict, Timed]:
         trial_session = _opened(trial, feed)
         r = paired_ratio(current_session, trial_session, feed, _rounds(first["quant_ms"], TRIAL_BUDGET_S),
                          until=_settled)
-        kept = r["ratio"] < 1 - MIN_GAIN
+        kept = r["ratio"] < 1 - MIN_GAIN and r["ratio_ci"][1] < 1  # faster, and with confidence
         info["trials"].append({"pattern": p, "ratio_to_previous": r["ratio"], "ratio_ci": r["ratio_ci"],
                                "rounds": r["runs"], "kept": kept})
         if kept:

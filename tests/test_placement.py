@@ -385,3 +385,20 @@ def test_a_layers_float_kernel_is_found_by_the_tensor_it_writes_in_the_model_giv
     times = {("c1raw_nchwc", "Conv"): 40.0, ("conv2", "Conv"): 7.0, ("ReorderInput", "ReorderInput"): 3.0}
     assert placement.layer_times(state, times, model) == {"conv1": 40.0, "conv2": 7.0}
     assert placement.layer_times(state, times) == {"conv2": 7.0}
+
+
+@pytest.mark.parametrize("ratio,kept", [(0.9, True), (0.96, False)])
+def test_a_trial_keeps_float_only_where_it_is_faster_with_confidence(rng, tmp_path, monkeypatch, ratio, kept):
+    """Floating the 3×3 gives 0.9 (interval 0.855–0.945): kept; 0.96 (0.912–1.008), faster by its point estimate
+    but not with confidence: the layer stays int8."""
+    model, state, qmodel = chain3_with_3x3(rng, tmp_path)
+
+    def trial(a, b):
+        new = float_convs(b) - float_convs(a)
+        return ratio if new == {"conv1"} and a is qmodel else None
+    fake_timings(monkeypatch, {"conv1": (50.0, 10.0), "conv2": (5.0, 10.0), "conv3": (5.0, 10.0)}, trial,
+                 final_lo=0.7)
+    monkeypatch.setattr(placement, "MIN_MS", 0.0)
+    placed, pmodel, info, _ = placement.place(model, state, qmodel, {"x": np.zeros((1, 3, 8, 8), np.float32)})
+    assert [t["pattern"] for t in info["trials"]] == ["Conv conv 3×3"]
+    assert info["trials"][0]["kept"] == kept and (float_convs(pmodel) == {"conv1"}) == kept
