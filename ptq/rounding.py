@@ -197,7 +197,7 @@ class Problem:
         return 0 if self._rows is None else self._rows[0].shape[1 if self.depthwise else 0]
 
     def w_tilde(self, h):
-        return self.s * np.clip(self.floor + h, self.qmin, self.qmax)
+        return soft_rounded(self.s, self.floor, h, self.qmin, self.qmax)
 
     def nearest_q(self):
         """The integers of nearest rounding on the problem's grid."""
@@ -260,6 +260,11 @@ def _gauss_newton_bias(y, t, b, lo, hi, axis: int) -> np.ndarray:
     return delta
 
 
+def soft_rounded(s, floor, h, qmin, qmax):
+    """W̃ = s · clip(⌊W/s⌋ + h, n, p) (eq. 22), in the float type of its arguments (Adam's steps: float32)."""
+    return s * np.clip(floor + h, qmin, qmax)
+
+
 def solve(problem: Problem, iters: int = 500, batch: int = 1024, lam: float = 0.1, warm: float = 0.2,
           beta=(20.0, 2.0), lr: float = 0.01, polish_gram: bool = True) -> np.ndarray:
     """Optimize V by Adam; return the integer weights (⌊W/s⌋ + hard rounding), clipped to the grid.
@@ -289,7 +294,7 @@ def solve(problem: Problem, iters: int = 500, batch: int = 1024, lam: float = 0.
         if n_rows > batch:
             start = ((t - 1) * batch) % n_rows
             sel = slice(start, start + batch)
-        _, g_w = problem.loss_grad(scale * np.clip(floor + h, qmin, qmax), sel, fast=True)  # at W̃ = w_tilde(h)
+        _, g_w = problem.loss_grad(soft_rounded(scale, floor, h, qmin, qmax), sel, fast=True)
         g_w = (g_w / f32(norm)).astype(f32)
         dh_dv = sig * (1 - sig) * zg * ((h_raw > 0) & (h_raw < 1))
         grad = g_w * scale * free * dh_dv
