@@ -100,7 +100,7 @@ def _affine_layer(gr: Graph, node, op: str):
         return None
     if node.op_type == "Conv":
         channels = w.shape[0]
-        fits = _per_channel_shape(c.shape, channels, w.ndim)
+        fits = per_channel_shape(c.shape, channels, w.ndim)
     else:
         if attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0:
             return None
@@ -109,7 +109,7 @@ def _affine_layer(gr: Graph, node, op: str):
     return (nxt, c, channels) if fits else None
 
 
-def _per_channel_shape(shape, channels: int, rank: int) -> bool:
+def per_channel_shape(shape, channels: int, rank: int) -> bool:
     """Whether a constant of ``shape`` adds one value per output channel to a conv output of ``rank`` dims
     ([N, C, spatial…]): scalar, [C], or [1?, C, 1, …, 1] aligned to the channel axis."""
     if len(shape) <= 1:  # numpy aligns a [C] constant with the last axis: only a scalar is per channel then

@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .fuse import per_channel_shape
 from .model import Graph, attr, set_initializer, unique_name
 
 ELEMENTWISE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus"}
@@ -64,8 +65,8 @@ def subpixel_geometry(k: int, s: int, p_begin: int, p_end: int, output_padding: 
     return pad0, pad1, start, tail
 
 
-def _rewritable(gr: Graph, node) -> int | None:
-    """The stride of a ConvTranspose that ``subpixel_conv_transposes`` rewrites, else None."""
+def _rewritable(gr: Graph, node) -> tuple[int, np.ndarray] | None:
+    """(stride, weight) of a ConvTranspose that ``subpixel_conv_transposes`` rewrites, else None."""
     if node.op_type != "ConvTranspose" or len(node.input) < 2:
         return None
     w = gr.const(node.input[1])
@@ -79,7 +80,7 @@ def _rewritable(gr: Graph, node) -> int | None:
             or len(strides) != 2 or strides[0] != strides[1] or strides[0] < 2:
         return None
     s = int(strides[0])
-    return s if w.shape[2] > s and w.shape[3] > s else None
+    return (s, w) if w.shape[2] > s and w.shape[3] > s else None
 
 
 def _movable(gr: Graph, node, channels: int) -> bool:
@@ -91,8 +92,7 @@ def _movable(gr: Graph, node, channels: int) -> bool:
             and all(gr.const(i) is not None for i in node.input[1:5])
     if node.op_type in ("Mul", "Add") and len(node.input) == 2:
         c = gr.const(node.input[1])
-        return c is not None and c.dtype == np.float32 and (
-            c.size == 1 or (c.ndim in (3, 4) and c.shape[-3] == channels and c.size == channels))
+        return c is not None and c.dtype == np.float32 and per_channel_shape(c.shape, channels, 4)
     if node.op_type == "Clip":
         return all(not i or gr.const(i) is not None for i in node.input[1:])
     return False
@@ -106,10 +106,10 @@ def subpixel_conv_transposes(model: onnx.ModelProto) -> int:
     taken = set(gr.inits) | set(gr.producer) | {n.name for n in model.graph.node}
     done = 0
     for node in list(model.graph.node):
-        s = _rewritable(gr, node)
-        if s is None:
+        found = _rewritable(gr, node)
+        if found is None:
             continue
-        w = gr.const(node.input[1])
+        s, w = found
         c_out = w.shape[1]
         k, (my, mx) = subpixel_taps(w, s)
         pads = list(attr(node, "pads", [0, 0, 0, 0]))
