@@ -245,7 +245,7 @@ def _measure(original, state, qmodel, feed: dict) -> tuple[dict, Timed]:
     timed = Timed(current, final, fp_nodes, q_nodes if current is qmodel else None)
     if hopeless or final["ratio"] >= 1:
         info["all_float"] = True
-        why = f"; {hopeless['why']}" if hopeless else "" if "confirmation" not in info else ", two comparisons"
+        why = f"; {hopeless['why']}" if hopeless else ", two comparisons"  # a ratio >= 1 was always confirmed
         info["line"] = (f"no int8 placement ran faster than FP32 on this runtime (the fastest: "
                         f"{final['ratio']:.2f}× FP32, 95 % interval {final['ratio_ci'][0]:.2f}–"
                         f"{final['ratio_ci'][1]:.2f}×{why}): the model is written in float; --placement all writes "
